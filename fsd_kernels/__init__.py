@@ -1,0 +1,13 @@
+"""fsd_kernels: exact, fast sparse-DNN kernels (Graph Challenge semantics).
+
+Y_{l+1} = min(max(Y_l W_l + b_l, 0), ymax), with the bias added to the
+structural nonzeros of Y_l W_l. Public entry points validate their
+arguments; ``fsd_kernels.kernels`` is the raw compiled backend
+(``fsd_kernels.backend`` says which: "native" or "jit").
+"""
+from fsd_kernels._backend import kernels, name as backend
+from fsd_kernels.infer import Activations, infer
+from fsd_kernels.layer import layer
+from fsd_kernels.network import YMAX, PackedNetwork, pack
+
+__all__ = ["Activations", "PackedNetwork", "YMAX", "backend", "infer", "kernels", "layer", "pack"]

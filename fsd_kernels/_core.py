@@ -1,0 +1,229 @@
+"""Serial sparse-DNN kernels with explicit signatures.
+
+Every public kernel here is compiled two ways from this one source: by numba
+JIT on a developer machine, and ahead of time (numba.pycc, see
+``fsd_kernels/_build.py``) into the native module that the Lambda layer
+ships. So: explicit signatures, no closures, no ``parallel=True``; the
+parallel driver lives in :mod:`fsd_kernels.infer`. The raw arrays are
+trusted here; :mod:`fsd_kernels._validate` checks them first.
+
+Exactness: every output Z[i, j] is summed as float32 in ascending order of
+the input neuron k, exactly as scipy's CSR product (Gustavson) does, so the
+results are bit-identical to it. The dense block kernel also adds the
++-0.0 terms of absent inputs, which leaves every float32 sum unchanged.
+
+Layout of a dense activation block: ``block[neuron, column]`` with one
+column per image (neuron-major), so the innermost loop runs over images and
+vectorises without reordering any sum.
+"""
+import numba as nb
+import numpy as np
+
+_OPTS = dict(nogil=True, cache=True, boundscheck=False)
+
+#: kernel name -> numba signature; the AOT build exports exactly these.
+EXPORTS = {
+    "dense_layer": "void(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1])",
+    "csr_rows_to_block": "i8(i8[::1], i4[::1], f4[::1], i8, i8, f4[:, ::1], i8[::1])",
+    "coo_to_block": "void(i4[::1], i4[::1], f4[::1], f4[:, ::1])",
+    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1])",
+    "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
+}
+
+
+def _kernel(fn):
+    return nb.njit(EXPORTS[fn.__name__], **_OPTS)(fn)
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _activate(z, bias, ymax):
+    v = z + bias
+    if v < 0.0:
+        v = np.float32(0.0)
+    if v > ymax:
+        v = ymax
+    return v
+
+
+@_kernel
+def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
+    """One layer on the first ``n`` columns of a dense block.
+
+    ``colptr/rowidx/vals`` is W in CSC form (per output neuron j, its input
+    rows ascending); ``rowidx`` indexes rows of ``block``, which lets a
+    distributed worker pass W remapped to the rows it holds. Writes
+    ``out[j, :n]`` for every output neuron j. A neuron with bias > 0 also
+    tracks structure, because there an absent sum and a zero sum differ.
+    """
+    n_out = colptr.shape[0] - 1
+    for j in range(n_out):
+        acc = out[j]
+        for i in range(n):
+            acc[i] = 0.0
+        start = colptr[j]
+        stop = colptr[j + 1]
+        for t in range(start, stop):
+            w = vals[t]
+            y = block[rowidx[t]]
+            for i in range(n):
+                acc[i] += w * y[i]
+        b = bias[j]
+        if b > 0.0:
+            for i in range(n):
+                structural = False
+                for t in range(start, stop):
+                    if block[rowidx[t], i] != 0.0:
+                        structural = True
+                        break
+                acc[i] = _activate(acc[i], b, ymax) if structural else np.float32(0.0)
+        else:
+            for i in range(n):
+                acc[i] = _activate(acc[i], b, ymax)
+
+
+@_kernel
+def csr_rows_to_block(indptr, indices, data, row_start, row_stop, block, ids):
+    """Scatter the non-empty CSR rows [row_start, row_stop) into block columns.
+
+    Empty rows stay zero through every layer, so they are skipped. Writes
+    the row id of each column into ``ids``; returns the number of columns.
+    """
+    n = 0
+    for r in range(row_start, row_stop):
+        lo = indptr[r]
+        hi = indptr[r + 1]
+        if lo == hi:
+            continue
+        for j in range(block.shape[0]):
+            block[j, n] = 0.0
+        for p in range(lo, hi):
+            block[indices[p], n] = data[p]
+        ids[n] = r
+        n += 1
+    return n
+
+
+@_kernel
+def coo_to_block(rows, cols, vals, block):
+    """Scatter (row, column, value) triples into a zeroed block."""
+    for p in range(rows.shape[0]):
+        block[rows[p], cols[p]] = vals[p]
+
+
+@nb.njit(nogil=True, cache=True)
+def _compact(block, n, ids, ymax, sat_ids, counts):
+    """Drop all-zero columns and move all-``ymax`` columns to ``sat_ids``."""
+    rows = block.shape[0]
+    alive = np.zeros(n, np.bool_)
+    unsat = np.zeros(n, np.bool_)
+    for j in range(rows):
+        r = block[j]
+        for i in range(n):
+            v = r[i]
+            alive[i] |= v != 0.0
+            unsat[i] |= v != ymax
+    keep = np.empty(n, np.int64)
+    m = 0
+    for i in range(n):
+        if alive[i] and unsat[i]:
+            keep[m] = i
+            m += 1
+        elif alive[i]:
+            sat_ids[counts[1]] = ids[i]
+            counts[1] += 1
+    if m == n:
+        return n
+    for j in range(rows):
+        r = block[j]
+        for c in range(m):
+            r[c] = r[keep[c]]
+    for c in range(m):
+        ids[c] = ids[keep[c]]
+    return m
+
+
+@_kernel
+def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
+                keeps_saturated, ymax, sat_ids, counts):
+    """Run one batch of images through every layer, in place.
+
+    ``block`` holds ``counts[0]`` image columns (ids in ``ids``); layer l is
+    the CSC column pointer ``colptrs[l*(N+1):(l+1)*(N+1)]`` (starting at 0)
+    into ``rowidx/vals[layer_ptr[l]:layer_ptr[l+1]]``. Exact shortcuts: an all-zero column is dead for
+    good; an all-``ymax`` column is parked in ``sat_ids`` and skipped for
+    every layer whose ``keeps_saturated`` flag (checked per layer by the
+    caller with this same kernel) says it maps saturation to saturation,
+    and put back as an explicit column before any layer that does not.
+    On return ``block[:, :counts[0]]`` holds the live, unsaturated columns
+    and ``sat_ids[:counts[1]]`` the saturated images.
+    """
+    n_layers = keeps_saturated.shape[0]
+    rows = block.shape[0]
+    counts[1] = 0
+    n = _compact(block, counts[0], ids, ymax, sat_ids, counts)
+    src = block
+    dst = work
+    for layer in range(n_layers):
+        if counts[1] > 0 and not keeps_saturated[layer]:
+            for c in range(counts[1]):
+                for j in range(rows):
+                    src[j, n + c] = ymax
+                ids[n + c] = sat_ids[c]
+            n += counts[1]
+            counts[1] = 0
+        if n == 0:
+            continue
+        base = layer * (rows + 1)
+        cp = colptrs[base:base + rows + 1]
+        lo = layer_ptr[layer]
+        hi = layer_ptr[layer + 1]
+        dense_layer(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst)
+        n = _compact(dst, n, ids, ymax, sat_ids, counts)
+        src, dst = dst, src
+    if src is not block:
+        for j in range(rows):
+            for i in range(n):
+                block[j, i] = src[j, i]
+    counts[0] = n
+
+
+@_kernel
+def sparse_layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data,
+                 bias, ymax, z_indptr, z_indices, z_data):
+    """One layer as a CSR product (Gustavson), for sparse activations.
+
+    Y is images x neurons; W is CSR (rows = input neurons). Output columns
+    come out sorted. ``z_indices``/``z_data`` must hold the structural
+    upper bound (the caller sizes them); returns the nnz written.
+    """
+    n_rows = y_indptr.shape[0] - 1
+    n_cols = bias.shape[0]
+    acc = np.zeros(n_cols, np.float32)
+    seen = np.zeros(n_cols, np.bool_)
+    touched = np.empty(n_cols, np.int32)
+    nnz = 0
+    z_indptr[0] = 0
+    for r in range(n_rows):
+        m = 0
+        for p in range(y_indptr[r], y_indptr[r + 1]):
+            k = y_indices[p]
+            v = y_data[p]
+            for q in range(w_indptr[k], w_indptr[k + 1]):
+                j = w_indices[q]
+                if not seen[j]:
+                    seen[j] = True
+                    touched[m] = j
+                    m += 1
+                acc[j] += v * w_data[q]
+        cols = np.sort(touched[:m])
+        for c in range(m):
+            j = cols[c]
+            v = _activate(acc[j], bias[j], ymax)
+            acc[j] = 0.0
+            seen[j] = False
+            if v != 0.0:
+                z_indices[nnz] = j
+                z_data[nnz] = v
+                nnz += 1
+        z_indptr[r + 1] = nnz
+    return nnz

@@ -1,0 +1,47 @@
+"""The channel contract the worker loop is written against.
+
+A channel moves opaque chunks (bytes made by ``fsd_kernels.codec``) from one
+worker to another. It does no decoding, deduplication or ordering: every
+chunk carries run, step, source, target and chunk index in its header, and
+the worker loop drops duplicates and holds early chunks. A channel may
+deliver a chunk more than once and in any order (SQS does), but must never
+lose one silently: a failed send raises :class:`ChannelError`.
+
+``step`` is the worker loop's round counter (one per batch and layer); the
+object channel keys by it, the others may ignore it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+
+class ChannelError(RuntimeError):
+    """A send or receive failed for good (after the channel's own retries)."""
+
+
+class Channel(ABC):
+    """One worker's end of a channel."""
+
+    #: The largest chunk, in bytes, this channel carries (the codec's ``max_bytes``).
+    max_chunk_bytes: int
+
+    @abstractmethod
+    def send(self, step: int, chunks: Sequence[tuple[int, bytes]]) -> None:
+        """Send every ``(target worker, chunk)`` this worker has for ``step``, in one go
+        so the channel can pack them into as few requests as it can."""
+
+    @abstractmethod
+    def receive(self, step: int, timeout: float) -> list[bytes]:
+        """Chunks that have arrived for this worker, waiting up to ``timeout`` seconds for
+        at least one; ``step`` is the round the caller is waiting for (a hint: chunks of
+        other steps may come back too). Returns ``[]`` on timeout."""
+
+    def close(self) -> None:
+        """Release this end (connections, and for the run's owner the run's resources)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

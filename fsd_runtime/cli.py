@@ -1,0 +1,126 @@
+"""``fsd-inference``: run the Graph Challenge workload serially or distributed."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from fsd_runtime import model
+
+
+def _progress(args, message: str) -> None:
+    if not args.json or sys.stderr.isatty():
+        print(f"[fsd-inference] {message}", file=sys.stderr, flush=True)
+
+
+def load_data(args) -> model.Dataset:
+    """The dataset the data options name: official files, a synthetic net, or the embedded default."""
+    if args.synthetic:
+        try:
+            n, l = (int(x) for x in args.synthetic.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--synthetic expects NxL, e.g. 4096x480, got {args.synthetic!r}")
+        ds = model.synthetic(n, l, args.images or 1000, seed=args.seed)
+    elif args.weights or args.inputs:
+        if not (args.weights and args.inputs):
+            raise SystemExit("--weights and --inputs go together")
+        ds = model.load_dataset(args.weights, args.inputs, args.categories, args.bias)
+    else:
+        ds = model.embedded()
+    if args.images and not args.synthetic and args.images < ds.images.shape[0]:
+        gold = None if ds.categories is None else ds.categories[ds.categories < args.images]
+        ds = model.Dataset(ds.name, ds.network, ds.images.rows(0, args.images), gold)
+    return ds
+
+
+def summary(ds: model.Dataset, categories: np.ndarray, seconds: float) -> dict:
+    """The keys every run reports (categories are 1-based image ids)."""
+    n_images = ds.images.shape[0]
+    golden = None if ds.categories is None else bool(np.array_equal(categories, ds.categories))
+    return {
+        "dataset": ds.name,
+        "images": n_images,
+        "layers": ds.network.n_layers,
+        "neurons": ds.network.n_neurons,
+        "categories": [int(c) + 1 for c in categories],
+        "golden_match": golden,
+        "wall_seconds": seconds,
+        "edges_per_second": n_images * ds.network.nnz / seconds if seconds > 0 else None,
+    }
+
+
+def run_serial(args, ds: model.Dataset) -> dict:
+    import fsd_kernels
+
+    _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
+    net = ds.network.pack()
+    _progress(args, f"inferring {ds.images.shape[0]} images ({fsd_kernels.backend} kernels)")
+    start = time.perf_counter()
+    result = fsd_kernels.infer(*ds.images.arrays, net, batch_size=args.batch_size,
+                               threads=args.threads)
+    seconds = time.perf_counter() - start
+    out = summary(ds, result.categories, seconds)
+    out.update(mode="serial", backend=fsd_kernels.backend)
+    return out
+
+
+def print_human(out: dict) -> None:
+    golden = {True: "yes", False: "NO", None: "no golden file"}[out["golden_match"]]
+    print(f"dataset        {out['dataset']}: {out['neurons']} neurons x {out['layers']} layers, "
+          f"{out['images']} images")
+    print(f"categories     {len(out['categories'])} found; golden match: {golden}")
+    print(f"wall time      {out['wall_seconds']:.3f} s")
+    if out["edges_per_second"]:
+        print(f"nominal rate   {out['edges_per_second'] / 1e9:.1f} billion edges/s")
+    for key in ("workers", "channel", "partition"):
+        if key in out:
+            print(f"{key:<15}{out[key]}")
+    if "traffic" in out:
+        t = out["traffic"]
+        print(f"traffic        {t['bytes']} bytes in {t['messages']} messages, {t['requests']} requests")
+    if "cost" in out:
+        print(f"modelled cost  ${out['cost']['usd']:.6f}")
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (default: the embedded official 1024x120 net, 10,000 images)")
+    g.add_argument("--weights", help="directory of official n{N}-l{k}.tsv layer files")
+    g.add_argument("--inputs", help="official input file (image neuron value), .tsv or .tsv.gz")
+    g.add_argument("--categories", help="official categories file, for the golden check")
+    g.add_argument("--bias", type=float, help="bias for --weights (default: the Graph Challenge one for N)")
+    g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 4096x480")
+    g.add_argument("--images", type=int, help="use only the first K images (synthetic: make K)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsd-inference", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run inference and check the categories")
+    add_data_options(run)
+    run.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    run.add_argument("--batch-size", type=int, default=128, help="images per block")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ds = load_data(args)
+        out = run_serial(args, ds)
+    except (ValueError, OSError) as exc:
+        print(f"fsd-inference: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_human(out)
+    return 0 if out["golden_match"] is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Networks and inputs: the official Graph Challenge formats, the embedded default, synthetic nets.
+
+Everything is held as CSR arrays (indptr int64, indices int32, data float32);
+a network's layer l is W_l with rows = input neurons, as in the official
+``n{N}-l{k}.tsv`` files.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+#: Graph Challenge bias per network width.
+CHALLENGE_BIAS = {1024: -0.3, 4096: -0.35, 16384: -0.4, 65536: -0.45}
+#: Graph Challenge weight value.
+CHALLENGE_WEIGHT = 1.0 / 16.0
+#: Nonzeros per row and per column of a challenge layer.
+CHALLENGE_DEGREE = 32
+EMBEDDED_FILE = "graphchallenge-1024x120-first10000.npz.xz"
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message names the file, the line and what was expected."""
+
+
+@dataclass(frozen=True)
+class Csr:
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def arrays(self):
+        return self.indptr, self.indices, self.data
+
+    def rows(self, start: int, stop: int) -> "Csr":
+        lo, hi = self.indptr[start], self.indptr[stop]
+        return Csr(self.indptr[start:stop + 1] - lo, self.indices[lo:hi], self.data[lo:hi],
+                   (stop - start, self.shape[1]))
+
+
+@dataclass(frozen=True)
+class Network:
+    """An N x N network: ``layers[l]`` is W_l (CSR, rows = inputs), ``biases[l]`` a length-N vector."""
+
+    n_neurons: int
+    layers: list[Csr]
+    biases: list[np.ndarray]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nnz(self) -> int:
+        return sum(w.nnz for w in self.layers)
+
+    def pack(self):
+        from fsd_kernels import pack
+
+        return pack([w.arrays for w in self.layers], self.biases, self.n_neurons)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A network, its inputs (images x neurons) and, when known, the golden categories (0-based)."""
+
+    name: str
+    network: Network
+    images: Csr
+    categories: np.ndarray | None
+
+
+def from_coo(rows, cols, vals, shape, *, where: str) -> Csr:
+    """CSR from 0-based triples; duplicates are an error (the formats never repeat an entry)."""
+    rows = np.asarray(rows, np.int64)
+    cols = np.asarray(cols, np.int64)
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    vals = np.asarray(vals, np.float32)[order]
+    if rows.size > 1:
+        dup = np.flatnonzero((rows[1:] == rows[:-1]) & (cols[1:] == cols[:-1]))
+        if dup.size:
+            r, c = rows[dup[0]] + 1, cols[dup[0]] + 1
+            raise DataError(f"{where}: entry ({r}, {c}) appears more than once")
+    indptr = np.zeros(shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    return Csr(indptr, cols.astype(np.int32), vals, shape)
+
+
+def _open_text(path: str) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+
+
+def _find_bad_line(path, text: bytes, n_fields: int, limits) -> str:
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != n_fields:
+            return f"{path}, line {number}: expected {n_fields} tab-separated fields, got {len(fields)}: {line[:80]!r}"
+        for k, (field, limit) in enumerate(zip(fields, limits)):
+            try:
+                value = float(field)
+            except ValueError:
+                return f"{path}, line {number}, field {k + 1}: expected a number, got {field[:40]!r}"
+            if limit is not None and (value != int(value) or not 1 <= value <= limit):
+                return f"{path}, line {number}, field {k + 1}: expected an integer in 1..{limit}, got {field[:40]!r}"
+            if limit is None and not np.isfinite(value):
+                return f"{path}, line {number}, field {k + 1}: expected a finite value, got {field[:40]!r}"
+    return f"{path}: malformed"
+
+
+def read_triples(path: str, shape: tuple[int, int]) -> Csr:
+    """Read a tab-separated file of 1-based ``row col value`` lines (gzipped or not)."""
+    text = _open_text(path)
+    limits = (shape[0], shape[1], None)
+    tokens = text.split()
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if len(tokens) != 3 * lines:
+        raise DataError(_find_bad_line(path, text, 3, limits))
+    try:
+        triples = np.array(tokens, dtype=np.float64).reshape(-1, 3)
+    except ValueError:
+        raise DataError(_find_bad_line(path, text, 3, limits)) from None
+    r, c, v = triples[:, 0], triples[:, 1], triples[:, 2]
+    bad = ~((r == np.floor(r)) & (r >= 1) & (r <= shape[0]) & (c == np.floor(c)) & (c >= 1)
+            & (c <= shape[1]) & np.isfinite(v))
+    if bad.any():
+        raise DataError(_find_bad_line(path, text, 3, limits))
+    return from_coo(r.astype(np.int64) - 1, c.astype(np.int64) - 1, v, shape, where=path)
+
+
+def read_categories(path: str) -> np.ndarray:
+    """Read a categories file (one 1-based image id a line); return sorted 0-based ids."""
+    text = _open_text(path)
+    ids = []
+    for number, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s:
+            continue
+        if not s.isdigit() or int(s) < 1:
+            raise DataError(f"{path}, line {number}: expected a positive integer image id, got {s[:40]!r}")
+        ids.append(int(s) - 1)
+    return np.unique(np.asarray(ids, np.int64))
+
+
+_LAYER_NAME = re.compile(r"n(\d+)-l(\d+)\.tsv(\.gz)?$")
+
+
+def read_network(directory: str, bias: float | None = None) -> Network:
+    """Read a directory of official ``n{N}-l{k}.tsv`` layer files (k = 1..L, all present)."""
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: not a directory of n{{N}}-l{{k}}.tsv layer files")
+    found = {}
+    for name in os.listdir(directory):
+        m = _LAYER_NAME.match(name)
+        if m:
+            found[int(m.group(2))] = (int(m.group(1)), os.path.join(directory, name))
+    if not found:
+        raise DataError(f"{directory}: no layer files named n{{N}}-l{{k}}.tsv")
+    widths = {n for n, _ in found.values()}
+    if len(widths) != 1:
+        raise DataError(f"{directory}: layer files of several widths {sorted(widths)}")
+    n = widths.pop()
+    missing = sorted(set(range(1, max(found) + 1)) - set(found))
+    if missing:
+        raise DataError(f"{directory}: layer files missing for layers {missing[:10]}")
+    if bias is None:
+        if n not in CHALLENGE_BIAS:
+            raise DataError(f"{directory}: no Graph Challenge bias for N={n}; pass a bias")
+        bias = CHALLENGE_BIAS[n]
+    layers = [read_triples(found[k][1], (n, n)) for k in range(1, len(found) + 1)]
+    return Network(n, layers, [np.full(n, bias, np.float32) for _ in layers])
+
+
+def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
+    """Read an official input file (1-based ``image neuron value``); rows = images."""
+    if n_images is None:
+        text = _open_text(path)
+        tokens = text.split()[0::3]
+        try:
+            n_images = int(max(float(t) for t in tokens)) if tokens else 0
+        except ValueError:
+            raise DataError(_find_bad_line(path, text, 3, (None, n_neurons, None))) from None
+    return read_triples(path, (n_images, n_neurons))
+
+
+def load_dataset(weights: str, inputs: str, categories: str | None = None,
+                 bias: float | None = None) -> Dataset:
+    net = read_network(weights, bias)
+    gold = read_categories(categories) if categories else None
+    images = read_images(inputs, net.n_neurons)
+    if gold is not None:
+        gold = gold[gold < images.shape[0]]
+    return Dataset(os.path.basename(os.path.normpath(weights)), net, images, gold)
+
+
+# --- the embedded default: official 1024x120 network, first 10,000 inputs, categories ---
+
+def _delta(indices: np.ndarray) -> np.ndarray:
+    return np.diff(indices.astype(np.int64), prepend=0).astype(np.uint16)
+
+
+def _undelta(deltas: np.ndarray) -> np.ndarray:
+    return (np.cumsum(deltas.astype(np.int64)) % 65536).astype(np.int32)
+
+
+def write_embedded(dataset: Dataset, path: str) -> None:
+    """Write a dataset as an xz-compressed npz (no pickle); indices delta-coded as uint16."""
+    net = dataset.network
+    if net.n_neurons > 65536:
+        raise ValueError("the embedded format holds at most 65536 neurons")
+    arrays = dict(
+        n_neurons=np.int64(net.n_neurons),
+        w_indptr=np.stack([w.indptr for w in net.layers]),
+        w_indices=_delta(np.concatenate([w.indices for w in net.layers])),
+        w_data=np.concatenate([w.data for w in net.layers]),
+        biases=np.stack(net.biases),
+        y_indptr=dataset.images.indptr,
+        y_indices=_delta(dataset.images.indices),
+        y_data=dataset.images.data,
+        categories=dataset.categories if dataset.categories is not None else np.zeros(0, np.int64),
+    )
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with open(path, "wb") as f:
+        f.write(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+
+
+def read_embedded(path: str, name: str = "embedded") -> Dataset:
+    with open(path, "rb") as f:
+        raw = lzma.decompress(f.read())
+    z = np.load(io.BytesIO(raw), allow_pickle=False)
+    n = int(z["n_neurons"])
+    w_indices, w_data = _undelta(z["w_indices"]), z["w_data"]
+    layers, offset = [], 0
+    for indptr in z["w_indptr"]:
+        nnz = int(indptr[-1])
+        layers.append(Csr(indptr, w_indices[offset:offset + nnz], w_data[offset:offset + nnz], (n, n)))
+        offset += nnz
+    y_indptr = z["y_indptr"]
+    images = Csr(y_indptr, _undelta(z["y_indices"]), z["y_data"], (len(y_indptr) - 1, n))
+    net = Network(n, layers, list(z["biases"]))
+    return Dataset(name, net, images, z["categories"])
+
+
+def embedded() -> Dataset:
+    """The official 1024-neuron, 120-layer network with the first 10,000 official inputs."""
+    ref = resources.files("fsd_runtime").joinpath("data", EMBEDDED_FILE)
+    with resources.as_file(ref) as path:
+        return read_embedded(str(path), "graphchallenge-1024x120")
+
+
+# --- synthetic challenge-like networks and inputs ---
+
+def generate_network(n_neurons: int, n_layers: int, seed: int = 0,
+                     bias: float | None = None) -> Network:
+    """A RadiX-Net-style challenge-like net: 32 nonzeros per row and column, weights 1/16.
+
+    Each layer is a circulant pattern (neuron i feeds i + r*s mod N for r < 32,
+    with the stride s cycling through 1, 32, 32^2 ... as a mixed radix allows)
+    whose rows are permuted by a seeded random permutation, like the official
+    later layers.
+    """
+    d = CHALLENGE_DEGREE
+    if n_neurons < d:
+        raise ValueError(f"n_neurons must be at least {d}, got {n_neurons}")
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be positive, got {n_layers}")
+    if bias is None:
+        bias = CHALLENGE_BIAS.get(n_neurons, -0.3)
+    strides, s = [], 1
+    while s * d <= n_neurons:
+        strides.append(s)
+        s *= d
+    rng = np.random.default_rng(seed)
+    offsets_r = np.arange(d, dtype=np.int64)
+    layers = []
+    for l in range(n_layers):
+        stride = strides[l % len(strides)]
+        base = np.arange(n_neurons, dtype=np.int64)
+        cols = (base[:, None] + offsets_r[None, :] * stride) % n_neurons
+        perm = rng.permutation(n_neurons) if l >= len(strides) else base
+        cols = np.sort(cols[perm], axis=1)
+        indptr = np.arange(0, n_neurons * d + 1, d, dtype=np.int64)
+        layers.append(Csr(indptr, cols.ravel().astype(np.int32),
+                          np.full(n_neurons * d, CHALLENGE_WEIGHT, np.float32), (n_neurons, n_neurons)))
+    return Network(n_neurons, layers, [np.full(n_neurons, bias, np.float32) for _ in layers])
+
+
+def generate_images(n_images: int, n_neurons: int, density: float = 0.1, seed: int = 0) -> Csr:
+    """Binary inputs of the given density, clustered in runs like binarised MNIST strokes."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    rng = np.random.default_rng(seed)
+    dense = np.zeros((n_images, n_neurons), bool)
+    run = max(1, int(np.sqrt(n_neurons)) // 8)
+    starts = rng.random((n_images, n_neurons)) < density / run
+    for k in range(run):
+        dense |= np.roll(starts, k, axis=1)
+    rows, cols = np.nonzero(dense)
+    return from_coo(rows, cols, np.ones(rows.size, np.float32), (n_images, n_neurons), where="synthetic")
+
+
+def synthetic(n_neurons: int, n_layers: int, n_images: int, seed: int = 0) -> Dataset:
+    return Dataset(f"synthetic-{n_neurons}x{n_layers}", generate_network(n_neurons, n_layers, seed),
+                   generate_images(n_images, n_neurons, seed=seed + 1), None)
