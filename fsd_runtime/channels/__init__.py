@@ -1,4 +1,49 @@
-"""Channels carry encoded activation chunks between workers (local processes, SNS+SQS, S3)."""
+"""Channels carry encoded activation chunks between workers (local processes, SNS+SQS, S3).
+
+``make_channel(config, worker_id, n_workers, run_id)`` builds the kind the
+config names. Kinds map to ``"module:Class"`` paths imported on first use,
+so boto3 is only imported when an AWS kind is used; adapters (and tests)
+add kinds with :func:`register_channel`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Mapping
+
 from fsd_runtime.channels.base import Channel, ChannelError
 
-__all__ = ["Channel", "ChannelError"]
+_KINDS: dict[str, type[Channel] | str] = {
+    "local": "fsd_runtime.channels.local:LocalChannel",
+    "queue": "fsd_runtime.channels.queue:QueueChannel",
+    "object": "fsd_runtime.channels.object:ObjectChannel",
+}
+
+
+class ChannelConfigError(ValueError):
+    """A channel config names an unknown kind or lacks what the kind needs."""
+
+
+def register_channel(kind: str, cls: type[Channel] | str) -> None:
+    """Add (or replace) a channel kind: a Channel subclass or a ``"module:Class"`` path."""
+    _KINDS[kind] = cls
+
+
+def channel_class(config: Mapping) -> type[Channel]:
+    """The Channel subclass for ``config["kind"]``."""
+    kind = config.get("kind") if isinstance(config, Mapping) else None
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ChannelConfigError(f"unknown channel kind {kind!r}; known: {sorted(_KINDS)}")
+    if isinstance(cls, str):
+        module, _, name = cls.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def make_channel(config: Mapping, worker_id: int, n_workers: int, run_id: str) -> Channel:
+    """Worker ``worker_id``'s end of the channel ``config`` describes."""
+    return channel_class(config).from_config(config, worker_id, n_workers, run_id)
+
+
+__all__ = ["Channel", "ChannelConfigError", "ChannelError", "channel_class", "make_channel",
+           "register_channel"]

@@ -9,11 +9,19 @@ lose one silently: a failed send raises :class:`ChannelError`.
 
 ``step`` is the worker loop's round counter (one per batch and layer); the
 object channel keys by it, the others may ignore it.
+
+Life cycle: the coordinator calls ``create_run`` once before any worker
+starts (it may create resources and returns the config every worker gets
+in its event) and ``delete_run`` once at the end, also after a failure.
+Each worker builds its end with ``from_config(config, worker_id,
+n_workers, run_id)`` (via ``fsd_runtime.channels.make_channel``) and
+closes it when done. A channel must keep runs apart: chunks of another
+run id are never delivered (the worker loop also drops them).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 class ChannelError(RuntimeError):
@@ -36,6 +44,20 @@ class Channel(ABC):
         """Chunks that have arrived for this worker, waiting up to ``timeout`` seconds for
         at least one; ``step`` is the round the caller is waiting for (a hint: chunks of
         other steps may come back too). Returns ``[]`` on timeout."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Mapping, worker_id: int, n_workers: int, run_id: str) -> "Channel":
+        """Worker ``worker_id``'s end of the run's channel described by ``config``."""
+
+    @classmethod
+    def create_run(cls, config: Mapping, run_id: str, n_workers: int) -> dict:
+        """Coordinator, before launch: set up the run's resources; return the workers' config."""
+        return dict(config)
+
+    @classmethod
+    def delete_run(cls, config: Mapping, run_id: str, n_workers: int) -> None:
+        """Coordinator, at the end (success or not): remove everything the run left behind."""
 
     def close(self) -> None:
         """Release this end (connections, and for the run's owner the run's resources)."""

@@ -1,0 +1,163 @@
+"""Byte storage by key: where shares, results, metrics and errors of a run live.
+
+``LocalStorage`` is a directory (the embedded default); the AWS adapters
+register an S3 kind with :func:`register_storage`. Keys are ``/``-separated
+relative paths of plain characters (see :func:`check_key`); nothing is
+ever unpickled: shares and results are ``np.savez`` archives read with
+``allow_pickle=False`` (:func:`pack_arrays` / :func:`unpack_arrays`).
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from typing import Callable, Mapping
+
+import numpy as np
+
+_KEY = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
+
+
+class StorageError(ValueError):
+    """A key is malformed, missing, or the stored bytes are not what they should be."""
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store (absolute, ``..``, odd characters)."""
+    if not isinstance(key, str) or not _KEY.match(key) or any(p in (".", "..") for p in key.split("/")):
+        raise StorageError(f"bad storage key {key!r}")
+    return key
+
+
+class Storage(ABC):
+    """Bytes by key. Implementations must make ``put`` atomic: a reader sees all or nothing."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key``, replacing what was there."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The bytes at ``key``; :class:`StorageError` if there are none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds bytes."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error if it is already gone."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Every key that starts with ``prefix + '/'``, sorted."""
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every key under ``prefix`` (a run's clean-up)."""
+        for key in self.list(prefix):
+            self.delete(key)
+
+    def config(self) -> dict:
+        """The JSON config that rebuilds this store in another process (``make_storage``)."""
+        raise NotImplementedError
+
+
+class LocalStorage(Storage):
+    """A directory; ``put`` writes a temporary file and renames it into place."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StorageError(f"no stored object at {key!r} (in {self.root})") from None
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        keys = []
+        for dirpath, _, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            keys.extend(f"{rel}/{name}" for name in files if not name.startswith(".tmp-"))
+        return sorted(keys)
+
+    def config(self) -> dict:
+        return {"kind": "local", "root": self.root}
+
+
+def _local(config: Mapping) -> Storage:
+    root = config.get("root")
+    if not isinstance(root, str) or not root:
+        raise StorageError(f"local storage needs a 'root' directory, got {root!r}")
+    return LocalStorage(root)
+
+
+#: kind -> factory(config) or "module:attribute" imported on first use (keeps boto3 off other paths).
+_KINDS: dict[str, Callable[[Mapping], Storage] | str] = {"local": _local}
+
+
+def register_storage(kind: str, factory: Callable[[Mapping], Storage] | str) -> None:
+    """Add a storage kind: a factory taking the config dict, or a ``"module:attribute"`` path to one."""
+    _KINDS[kind] = factory
+
+
+def make_storage(config: Mapping) -> Storage:
+    """Build the store a config names, e.g. ``{"kind": "local", "root": "/tmp/run"}``."""
+    kind = config.get("kind") if isinstance(config, Mapping) else None
+    factory = _KINDS.get(kind) if isinstance(kind, str) else None
+    if factory is None:
+        raise StorageError(f"unknown storage kind {kind!r}; known: {sorted(_KINDS)}")
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory(config)
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Arrays to bytes (an uncompressed npz: no pickle, numeric dtypes only)."""
+    for name, a in arrays.items():
+        if np.asarray(a).dtype.hasobject:
+            raise StorageError(f"array {name!r} has object dtype; only numeric arrays are stored")
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """Bytes from :func:`pack_arrays` back to arrays; anything else is a :class:`StorageError`."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except (ValueError, OSError, EOFError, KeyError) as exc:
+        raise StorageError(f"{where}: not a valid array archive ({exc})") from None
