@@ -6,8 +6,9 @@ arguments; ``fsd_kernels.kernels`` is the raw compiled backend
 (``fsd_kernels.backend`` says which: "native" or "jit").
 """
 from fsd_kernels._backend import kernels, name as backend
+from fsd_kernels import codec
 from fsd_kernels.infer import Activations, infer
 from fsd_kernels.layer import layer
 from fsd_kernels.network import YMAX, PackedNetwork, pack
 
-__all__ = ["Activations", "PackedNetwork", "YMAX", "backend", "infer", "kernels", "layer", "pack"]
+__all__ = ["Activations", "PackedNetwork", "YMAX", "backend", "codec", "infer", "kernels", "layer", "pack"]

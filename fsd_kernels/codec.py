@@ -1,0 +1,496 @@
+"""Compact, safe binary codec for activation messages (format spec: docs/codec.md).
+
+A message is a block of activation rows: the neurons one source worker
+sends one target worker at one layer, over the images of a batch, as COO
+sorted by (neuron, image). It becomes one or more self-describing chunks,
+each no larger than a byte budget. No pickle, no eval: decoding validates
+the header, the checksum and every count before any array is touched, and
+raises :class:`CodecError` (a ``ValueError``) on anything malformed.
+
+API (the runtime and custom handlers use these):
+
+* ``encode(neurons, images, values, *, n_images, layer=0, source=0, target=0,
+  batch=0, run_id=b"", max_bytes=None) -> list[bytes]``: COO in, chunks out.
+* ``encode_rows(row_neurons, row_ptr, images, values, *, n_images, ...)``: the
+  same from CSR (one row per neuron, ``row_ptr`` into images/values).
+* ``encode_dense(block, rows, neurons, *, n_images, ...)``: the nonzeros of
+  ``block[rows[i], :n_images]`` sent as neuron ``neurons[i]`` (the worker loop's
+  dense ``[slot, image-column]`` blocks, no COO in between).
+* ``decode(data) -> Message``: one chunk to COO arrays.
+* ``decode_header(data) -> Header``: header and checksum only (for routing/dedup).
+* ``decode_into(data, block, slot_of_neuron, *, column_offset=0) -> Header``:
+  one chunk scattered straight into ``block[slot_of_neuron[neuron],
+  column_offset + image]`` (nothing is written unless the whole chunk is valid;
+  the caller zeroes the rows first; a neuron whose slot is -1 is an error).
+* ``Assembler``: reassembles chunks (any order, duplicates ignored) into Messages;
+  ``ChunkTracker``: the same bookkeeping for callers who use ``decode_into``.
+* ``to_text``/``from_text``: a text-safe envelope for SNS/SQS bodies;
+  ``max_payload_for_text(limit)``: the ``max_bytes`` that keeps the text within ``limit``.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from fsd_kernels import _codec_core as core
+from fsd_kernels._backend import kernels
+
+MAGIC = b"FSDM"
+VERSION = 1
+#: Flag bit: the payload is zlib-compressed (``raw_len`` is its decompressed size).
+FLAG_ZLIB = 1
+_KNOWN_FLAGS = FLAG_ZLIB
+#: magic, version, flags, run_id length, reserved, run_id, layer, batch, source, target,
+#: chunk, n_chunks, n_images, n_rows, nnz, raw_len, payload_len; then the crc32.
+_HEAD = struct.Struct("<4sBBBB16s11I")
+_CRC = struct.Struct("<I")
+HEADER_SIZE = _HEAD.size + _CRC.size
+RUN_ID_MAX = 16
+#: Most entries one chunk may carry (bounds what a header can make a decoder allocate).
+MAX_CHUNK_NNZ = 1 << 24
+#: Largest image count (columns) a message may address.
+MAX_IMAGES = (1 << 31) - 1
+_U32 = (1 << 32) - 1
+#: Smallest chunk budget accepted: a header and one worst-case entry.
+MIN_MAX_BYTES = HEADER_SIZE + 64
+#: zlib level used when compression pays.
+ZLIB_LEVEL = 6
+
+_KERNEL_ERRORS = {
+    core.E_TRUNCATED: "payload ends inside a field (truncated or a length field lies)",
+    core.E_VARINT: "varint longer than 5 bytes",
+    core.E_NEURON_RANGE: "neuron id out of range",
+    core.E_NO_PREVIOUS: "first row refers to a previous row's images",
+    core.E_IMAGE_RANGE: "image index out of range (>= n_images)",
+    core.E_EMPTY_ROW: "row with no entries",
+    core.E_TOO_MANY: "rows hold more entries than the header's nnz",
+    core.E_VALUE_MODE: "unknown value section mode",
+    core.E_DICT: "value dictionary code out of range",
+    core.E_TRAILING: "trailing bytes after the value section",
+    core.E_UNEXPECTED_NEURON: "neuron not expected by this receiver (no slot)",
+    core.E_TOO_FEW: "rows hold fewer entries than the header's nnz",
+    core.E_ROW_KIND: "unknown row record kind",
+}
+
+
+class CodecError(ValueError):
+    """A chunk is malformed, corrupted or inconsistent; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed fields of one chunk."""
+
+    run_id: bytes
+    layer: int
+    batch: int
+    source: int
+    target: int
+    chunk: int
+    n_chunks: int
+    n_images: int
+    n_rows: int
+    nnz: int
+    flags: int
+    raw_len: int
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the message this chunk belongs to."""
+        return (self.run_id, self.layer, self.batch, self.source, self.target)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded block in COO form, sorted by (neuron, image)."""
+
+    neurons: np.ndarray
+    images: np.ndarray
+    values: np.ndarray
+    n_images: int
+    layer: int
+    source: int
+    target: int
+    batch: int
+    chunk: int
+    n_chunks: int
+    run_id: bytes
+
+
+# ---------------------------------------------------------------- encoding
+
+def _int_array(name: str, a, limit: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= limit):
+        raise ValueError(f"{name} must lie in [0, {limit})")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _float32_bits(values) -> np.ndarray:
+    v = np.asarray(values)
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {v.shape}")
+    if v.dtype != np.float32:
+        if v.size and not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
+            raise ValueError(f"values must be float32, got dtype {v.dtype}")
+        f = v.astype(np.float32)
+        if not np.array_equal(f, v, equal_nan=True):
+            raise ValueError("values must be exactly representable as float32")
+        v = f
+    return np.ascontiguousarray(v).view(np.uint32)
+
+
+def _check_fields(n_images, layer, source, target, batch, run_id, max_bytes):
+    for name, value in (("layer", layer), ("source", source), ("target", target), ("batch", batch)):
+        if not isinstance(value, (int, np.integer)) or not 0 <= value <= _U32:
+            raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+    if not isinstance(n_images, (int, np.integer)) or not 0 <= n_images <= MAX_IMAGES:
+        raise ValueError(f"n_images must be an int in [0, 2**31), got {n_images!r}")
+    if not isinstance(run_id, (bytes, bytearray)) or len(run_id) > RUN_ID_MAX:
+        raise ValueError(f"run_id must be bytes of length <= {RUN_ID_MAX}, got {run_id!r}")
+    if max_bytes is not None and (not isinstance(max_bytes, (int, np.integer)) or max_bytes < MIN_MAX_BYTES):
+        raise ValueError(f"max_bytes must be an int >= {MIN_MAX_BYTES}, got {max_bytes!r}")
+
+
+def _payload(row_neurons, row_ptr, images, bits) -> tuple[bytes, int, int]:
+    """Encode one chunk's rows; return (payload, flags, raw length)."""
+    n_rows = row_neurons.shape[0]
+    nnz = images.shape[0]
+    out = np.empty(16 * n_rows + 9 * nnz + 32, np.uint8)
+    pos = kernels.encode_rows(row_neurons, row_ptr, images, out)
+    pos = kernels.encode_values(bits, out, pos)
+    raw = out[:pos].tobytes()
+    if pos > 64:
+        packed = zlib.compress(raw, ZLIB_LEVEL)
+        if len(packed) < pos:
+            return packed, FLAG_ZLIB, pos
+    return raw, 0, pos
+
+
+def _piece_arrays(row_neurons, row_ptr, images, bits, a: int, b: int):
+    """Rows covering entries [a, b) (a row may be cut at either end)."""
+    r0 = int(np.searchsorted(row_ptr, a, "right")) - 1
+    r1 = int(np.searchsorted(row_ptr, b, "left"))
+    ptr = np.clip(row_ptr[r0:r1 + 1], a, b) - a
+    return row_neurons[r0:r1].copy(), np.ascontiguousarray(ptr), images[a:b].copy(), bits[a:b].copy()
+
+
+def _split_point(row_ptr, a: int, b: int) -> int:
+    """Middle of entries [a, b), moved to a row boundary when there is one inside."""
+    mid = (a + b) // 2
+    i = int(np.searchsorted(row_ptr, mid))
+    candidates = [int(row_ptr[j]) for j in (i - 1, i) if 0 <= j < row_ptr.shape[0] and a < row_ptr[j] < b]
+    return min(candidates, key=lambda x: abs(x - mid)) if candidates else mid
+
+
+def _chunk_payloads(row_neurons, row_ptr, images, bits, budget: Optional[int]):
+    """Payloads of the pieces of a block, each within ``budget`` bytes (None: one piece)."""
+    nnz = images.shape[0]
+    pending = [(0, nnz)]
+    done = []
+    while pending:
+        a, b = pending.pop()
+        arrays = _piece_arrays(row_neurons, row_ptr, images, bits, a, b)
+        payload = _payload(*arrays)
+        if (budget is None or len(payload[0]) <= budget) and b - a <= MAX_CHUNK_NNZ:
+            done.append((a, arrays, payload))
+            continue
+        if b - a <= 1:
+            raise ValueError("max_bytes is too small for a single entry")
+        split = _split_point(row_ptr, a, b)
+        pending += [(split, b), (a, split)]
+    done.sort(key=lambda item: item[0])
+    return [(arrays, payload) for _, arrays, payload in done]
+
+
+def _header(fields: dict, arrays, payload) -> bytes:
+    row_neurons, _, images, _ = arrays
+    body, flags, raw_len = payload
+    rid = bytes(fields["run_id"])
+    head = _HEAD.pack(MAGIC, VERSION, flags, len(rid), 0, rid.ljust(RUN_ID_MAX, b"\0"),
+                      fields["layer"], fields["batch"], fields["source"], fields["target"],
+                      fields["chunk"], fields["n_chunks"], fields["n_images"],
+                      row_neurons.shape[0], images.shape[0], raw_len, len(body))
+    return head + _CRC.pack(zlib.crc32(body, zlib.crc32(head))) + body
+
+
+def _encode_csr(row_neurons, row_ptr, images, bits, *, n_images, layer, source, target, batch,
+                run_id, max_bytes) -> list[bytes]:
+    budget = None if max_bytes is None else max_bytes - HEADER_SIZE
+    pieces = _chunk_payloads(row_neurons, row_ptr, images, bits, budget)
+    fields = dict(run_id=run_id, layer=int(layer), batch=int(batch), source=int(source),
+                  target=int(target), n_chunks=len(pieces), n_images=int(n_images))
+    return [_header({**fields, "chunk": i}, arrays, payload) for i, (arrays, payload) in enumerate(pieces)]
+
+
+def encode(neurons, images, values, *, n_images, layer=0, source=0, target=0, batch=0,
+           run_id=b"", max_bytes=None) -> list[bytes]:
+    """Encode a block given as COO sorted by (neuron, image) into chunks of at most ``max_bytes``."""
+    _check_fields(n_images, layer, source, target, batch, run_id, max_bytes)
+    neurons = _int_array("neurons", neurons, 1 << 31)
+    images = _int_array("images", images, n_images)
+    bits = _float32_bits(values)
+    if not neurons.shape[0] == images.shape[0] == bits.shape[0]:
+        raise ValueError(f"neurons, images and values differ in length: "
+                         f"{neurons.shape[0]}, {images.shape[0]}, {bits.shape[0]}")
+    if neurons.shape[0] > 1:
+        key = neurons.astype(np.int64) * (int(n_images) + 1) + images
+        if np.any(np.diff(key) <= 0):
+            raise ValueError("entries must be sorted by (neuron, image) without duplicates")
+    starts = np.flatnonzero(np.diff(neurons)) + 1 if neurons.size else np.empty(0, np.int64)
+    row_ptr = np.concatenate(([0], starts, [neurons.shape[0]])).astype(np.int64) if neurons.size \
+        else np.zeros(1, np.int64)
+    row_neurons = np.ascontiguousarray(neurons[row_ptr[:-1]])
+    return _encode_csr(row_neurons, row_ptr, images, bits, n_images=n_images, layer=layer,
+                       source=source, target=target, batch=batch, run_id=run_id, max_bytes=max_bytes)
+
+
+def encode_rows(row_neurons, row_ptr, images, values, *, n_images, layer=0, source=0, target=0,
+                batch=0, run_id=b"", max_bytes=None) -> list[bytes]:
+    """Encode a block given as CSR rows: row i is neuron ``row_neurons[i]`` with images
+    ``images[row_ptr[i]:row_ptr[i+1]]`` (strictly increasing). Empty rows are dropped."""
+    _check_fields(n_images, layer, source, target, batch, run_id, max_bytes)
+    row_neurons = _int_array("row_neurons", row_neurons, 1 << 31)
+    images = _int_array("images", images, n_images)
+    bits = _float32_bits(values)
+    row_ptr = np.asarray(row_ptr)
+    if row_ptr.ndim != 1 or row_ptr.shape[0] != row_neurons.shape[0] + 1 or not (
+            row_ptr.size == 0 or np.issubdtype(row_ptr.dtype, np.integer)):
+        raise ValueError("row_ptr must be integers, one more than row_neurons")
+    row_ptr = row_ptr.astype(np.int64)
+    if row_ptr[0] != 0 or row_ptr[-1] != images.shape[0] or np.any(np.diff(row_ptr) < 0):
+        raise ValueError("row_ptr must start at 0, never decrease and end at len(images)")
+    if bits.shape[0] != images.shape[0]:
+        raise ValueError("images and values differ in length")
+    if np.any(np.diff(row_neurons.astype(np.int64)) <= 0):
+        raise ValueError("row_neurons must strictly increase")
+    if images.shape[0] > 1:
+        inside = np.ones(images.shape[0] - 1, bool)
+        bounds = row_ptr[1:-1]
+        inside[bounds[(bounds > 0) & (bounds < images.shape[0])] - 1] = False
+        if np.any(np.diff(images)[inside] <= 0):
+            raise ValueError("images must strictly increase within each row")
+    keep = np.flatnonzero(np.diff(row_ptr))
+    row_neurons = np.ascontiguousarray(row_neurons[keep])
+    row_ptr = np.concatenate(([0], row_ptr[keep + 1])).astype(np.int64)
+    return _encode_csr(row_neurons, row_ptr, images, bits, n_images=n_images, layer=layer,
+                       source=source, target=target, batch=batch, run_id=run_id, max_bytes=max_bytes)
+
+
+def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0, batch=0,
+                 run_id=b"", max_bytes=None) -> list[bytes]:
+    """Encode the nonzeros of ``block[rows[i], :n_images]`` as neuron ``neurons[i]``.
+
+    ``block`` is a float32 C-contiguous ``[slot, image-column]`` array;
+    ``neurons`` must strictly increase. Zeros (either sign) are absent.
+    """
+    _check_fields(n_images, layer, source, target, batch, run_id, max_bytes)
+    if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2 \
+            or not block.flags.c_contiguous:
+        raise ValueError("block must be a C-contiguous 2-D float32 array")
+    if n_images > block.shape[1]:
+        raise ValueError(f"n_images={n_images} exceeds the block's {block.shape[1]} columns")
+    rows = _int_array("rows", rows, max(block.shape[0], 1)).astype(np.int64)
+    neurons = _int_array("neurons", neurons, 1 << 31)
+    if rows.shape[0] != neurons.shape[0]:
+        raise ValueError("rows and neurons differ in length")
+    if np.any(np.diff(neurons.astype(np.int64)) <= 0):
+        raise ValueError("neurons must strictly increase")
+    row_ptr = np.empty(rows.shape[0] + 1, np.int64)
+    images = np.empty(rows.shape[0] * int(n_images), np.int32)
+    bits = np.empty(rows.shape[0] * int(n_images), np.uint32)
+    nnz = kernels.dense_rows_to_csr(block, rows, int(n_images), row_ptr, images, bits)
+    return encode_rows(neurons, row_ptr, images[:nnz], bits[:nnz].view(np.float32), n_images=n_images,
+                       layer=layer, source=source, target=target, batch=batch, run_id=run_id,
+                       max_bytes=max_bytes)
+
+
+# ---------------------------------------------------------------- decoding
+
+def _as_bytes(data) -> bytes:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise CodecError(f"a chunk must be bytes, got {type(data).__name__}")
+
+
+def decode_header(data) -> Header:
+    """Check magic, version, lengths, field consistency and the checksum; return the header."""
+    data = _as_bytes(data)
+    if len(data) < HEADER_SIZE:
+        raise CodecError(f"chunk of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    (magic, version, flags, rid_len, reserved, rid, layer, batch, source, target, chunk, n_chunks,
+     n_images, n_rows, nnz, raw_len, payload_len) = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError(f"bad magic {magic!r} (not an fsd_kernels.codec chunk)")
+    if version != VERSION:
+        raise CodecError(f"unsupported codec version {version} (this reader knows {VERSION})")
+    if flags & ~_KNOWN_FLAGS or reserved:
+        raise CodecError(f"unknown flags {flags:#x} or nonzero reserved byte")
+    if rid_len > RUN_ID_MAX or any(rid[rid_len:]):
+        raise CodecError("bad run id field")
+    if payload_len != len(data) - HEADER_SIZE:
+        raise CodecError(f"header says {payload_len} payload bytes, chunk has {len(data) - HEADER_SIZE}")
+    (crc,) = _CRC.unpack_from(data, _HEAD.size)
+    if zlib.crc32(data[HEADER_SIZE:], zlib.crc32(data[:_HEAD.size])) != crc:
+        raise CodecError("checksum mismatch (chunk corrupted)")
+    if n_chunks == 0 or chunk >= n_chunks:
+        raise CodecError(f"chunk index {chunk} not below chunk count {n_chunks}")
+    if n_images > MAX_IMAGES or nnz > MAX_CHUNK_NNZ:
+        raise CodecError(f"n_images={n_images} or nnz={nnz} beyond the codec's limits")
+    if n_rows > nnz or (nnz and not n_rows) or nnz > n_rows * n_images:
+        raise CodecError(f"{n_rows} rows over {n_images} images cannot hold {nnz} entries")
+    if raw_len > 16 * n_rows + 9 * nnz + 32 or (not flags & FLAG_ZLIB and raw_len != payload_len):
+        raise CodecError(f"raw payload length {raw_len} impossible for {n_rows} rows, {nnz} entries")
+    return Header(rid[:rid_len], layer, batch, source, target, chunk, n_chunks, n_images, n_rows,
+                  nnz, flags, raw_len)
+
+
+def _raw_payload(data: bytes, header: Header) -> np.ndarray:
+    body = memoryview(data)[HEADER_SIZE:]
+    if header.flags & FLAG_ZLIB:
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(body, header.raw_len)
+        except zlib.error as exc:
+            raise CodecError(f"corrupt compressed payload: {exc}") from None
+        if len(raw) != header.raw_len or not inflater.eof or inflater.unused_data:
+            raise CodecError(f"compressed payload does not inflate to the {header.raw_len} bytes declared")
+        return np.frombuffer(bytearray(raw), np.uint8)
+    return np.frombuffer(bytearray(body), np.uint8)
+
+
+def _kernel_error(code: int, header: Header) -> CodecError:
+    what = _KERNEL_ERRORS.get(code, f"error code {code}")
+    return CodecError(f"chunk {header.chunk}/{header.n_chunks} from {header.source} "
+                      f"(layer {header.layer}): {what}")
+
+
+def decode(data) -> Message:
+    """Decode one chunk into a validated COO :class:`Message`."""
+    data = _as_bytes(data)
+    h = decode_header(data)
+    raw = _raw_payload(data, h)
+    neurons = np.empty(h.nnz, np.int32)
+    images = np.empty(h.nnz, np.int32)
+    bits = np.empty(h.nnz, np.uint32)
+    err = kernels.decode_coo(raw, h.n_rows, h.nnz, h.n_images, neurons, images, bits)
+    if err:
+        raise _kernel_error(err, h)
+    return Message(neurons, images, bits.view(np.float32), h.n_images, h.layer, h.source, h.target,
+                   h.batch, h.chunk, h.n_chunks, h.run_id)
+
+
+def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_offset: int = 0) -> Header:
+    """Scatter one chunk into ``block[slot_of_neuron[neuron], column_offset + image]``.
+
+    ``slot_of_neuron`` maps neuron id -> block row (int64; -1 = not expected,
+    an error). The chunk is checked completely before anything is written.
+    """
+    data = _as_bytes(data)
+    if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2 \
+            or not block.flags.c_contiguous or not block.flags.writeable:
+        raise ValueError("block must be a writeable C-contiguous 2-D float32 array")
+    slots = np.asarray(slot_of_neuron)
+    if slots.ndim != 1 or slots.size == 0 or not np.issubdtype(slots.dtype, np.integer):
+        raise ValueError("slot_of_neuron must be a non-empty 1-D integer array")
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    if slots.max() >= block.shape[0]:
+        raise ValueError("slot_of_neuron points past the block's rows")
+    h = decode_header(data)
+    if column_offset < 0 or column_offset + h.n_images > block.shape[1]:
+        raise CodecError(f"chunk addresses {h.n_images} images at offset {column_offset}, "
+                         f"block has {block.shape[1]} columns")
+    raw = _raw_payload(data, h)
+    err = kernels.decode_into_block(raw, h.n_rows, h.nnz, h.n_images, slots, block, int(column_offset))
+    if err:
+        raise _kernel_error(err, h)
+    return h
+
+
+# ---------------------------------------------------------------- reassembly
+
+class ChunkTracker:
+    """Which chunks of which messages have been seen: at-least-once delivery, any order."""
+
+    def __init__(self):
+        self._seen: dict[tuple, set[int]] = {}
+        self._n_chunks: dict[tuple, int] = {}
+
+    def accept(self, header: Header) -> bool:
+        """True the first time a (message, chunk) is offered; False for a duplicate."""
+        n = self._n_chunks.setdefault(header.key, header.n_chunks)
+        if n != header.n_chunks:
+            raise CodecError(f"message {header.key} announced {n} chunks, now {header.n_chunks}")
+        seen = self._seen.setdefault(header.key, set())
+        if header.chunk in seen:
+            return False
+        seen.add(header.chunk)
+        return True
+
+    def complete(self, key: tuple) -> bool:
+        """Whether every chunk of message ``key`` has been accepted."""
+        return key in self._n_chunks and len(self._seen[key]) == self._n_chunks[key]
+
+
+class Assembler:
+    """Reassemble chunks into whole Messages; duplicates (also after completion) are ignored."""
+
+    def __init__(self):
+        self._tracker = ChunkTracker()
+        self._parts: dict[tuple, dict[int, Message]] = {}
+
+    def add(self, data) -> Optional[Message]:
+        """Add one chunk; return the whole message when its last missing chunk arrives."""
+        message = decode(data)
+        header = decode_header(data)
+        if not self._tracker.accept(header):
+            return None
+        parts = self._parts.setdefault(header.key, {})
+        if parts and next(iter(parts.values())).n_images != message.n_images:
+            raise CodecError(f"message {header.key}: chunks disagree on n_images")
+        parts[header.chunk] = message
+        if not self._tracker.complete(header.key):
+            return None
+        del self._parts[header.key]
+        ordered = [parts[i] for i in range(header.n_chunks)]
+        return Message(np.concatenate([m.neurons for m in ordered]),
+                       np.concatenate([m.images for m in ordered]),
+                       np.concatenate([m.values for m in ordered]),
+                       message.n_images, message.layer, message.source, message.target,
+                       message.batch, 0, header.n_chunks, message.run_id)
+
+
+# ---------------------------------------------------------------- text envelope
+
+def to_text(chunk: bytes) -> str:
+    """A chunk as text valid in SNS, SQS and S3 bodies (RFC 1924 base85, 5 chars per 4 bytes)."""
+    import base64
+
+    return base64.b85encode(_as_bytes(chunk)).decode("ascii")
+
+
+def from_text(text: str) -> bytes:
+    """Inverse of :func:`to_text`; malformed text raises :class:`CodecError`."""
+    import base64
+
+    if not isinstance(text, str):
+        raise CodecError(f"text envelope must be str, got {type(text).__name__}")
+    try:
+        return base64.b85decode(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise CodecError(f"malformed text envelope: {exc}") from None
+
+
+def max_payload_for_text(limit: int) -> int:
+    """The largest chunk size whose :func:`to_text` form has at most ``limit`` characters."""
+    if limit < 0:
+        raise ValueError("limit must be non-negative")
+    return 4 * (limit // 5) + max(0, limit % 5 - 1)

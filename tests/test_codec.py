@@ -1,0 +1,256 @@
+"""The activation-message codec: exact round trips, chunking, reassembly, validation, envelope."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from fsd_kernels import codec
+
+FIELDS = dict(layer=7, source=3, target=5, batch=2, run_id=b"run-42")
+
+
+def random_block(rng, n_neurons=40, n_images=300, density=None, values=None):
+    """A random block in COO (sorted by neuron, image) and as a dense [row, image] array."""
+    density = rng.random() if density is None else density
+    ids = np.sort(rng.choice(100_000, n_neurons, replace=False)).astype(np.int32)
+    mask = rng.random((n_neurons, n_images)) < density
+    if values is None:
+        values = rng.standard_normal((n_neurons, n_images)).astype(np.float32)
+    dense = np.where(mask, values, np.float32(0)).astype(np.float32)
+    rows, cols = np.nonzero(mask)
+    return ids, dense, ids[rows], cols.astype(np.int32), values[rows, cols].astype(np.float32)
+
+
+def naive_scatter(neurons, images, values, slot_of_neuron, shape, offset=0):
+    """Reference for decode_into: one entry at a time."""
+    block = np.zeros(shape, np.float32)
+    for n, i, v in zip(neurons, images, values):
+        block[slot_of_neuron[n], offset + i] = v
+    return block
+
+
+def assert_same_bits(a, b):
+    np.testing.assert_array_equal(np.asarray(a, np.float32).view(np.uint32),
+                                  np.asarray(b, np.float32).view(np.uint32))
+
+
+def roundtrip(chunks):
+    assembler = codec.Assembler()
+    done = [m for m in map(assembler.add, chunks) if m is not None]
+    assert len(done) == 1
+    return done[0]
+
+
+@pytest.mark.parametrize("values_kind", ["normal", "constant", "few", "signed_zero"])
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.97, 1.0])
+def test_roundtrip_is_bit_exact(values_kind, density):
+    rng = np.random.default_rng(hash((values_kind, density)) % 2**32)
+    shape = (40, 300)
+    values = {
+        "normal": rng.standard_normal(shape).astype(np.float32),
+        "constant": np.full(shape, 32.0, np.float32),
+        "few": rng.choice(np.float32([0.5, 1.25, 32.0, 7.0]), shape),
+        "signed_zero": rng.choice(np.float32([-0.0, 1.0, np.nan, -np.inf]), shape),
+    }[values_kind]
+    _, _, neurons, images, vals = random_block(rng, density=density, values=values)
+    chunks = codec.encode(neurons, images, vals, n_images=300, **FIELDS)
+    assert len(chunks) == 1
+    m = codec.decode(chunks[0])
+    np.testing.assert_array_equal(m.neurons, neurons)
+    np.testing.assert_array_equal(m.images, images)
+    assert_same_bits(m.values, vals)
+    assert (m.n_images, m.layer, m.source, m.target, m.batch, m.chunk, m.n_chunks, m.run_id) == (
+        300, 7, 3, 5, 2, 0, 1, b"run-42")
+
+
+def test_empty_block_is_one_chunk():
+    chunks = codec.encode([], [], [], n_images=10, **FIELDS)
+    assert len(chunks) == 1 and len(chunks[0]) == codec.HEADER_SIZE
+    m = codec.decode(chunks[0])
+    assert m.neurons.size == m.images.size == m.values.size == 0
+    assert m.n_chunks == 1 and m.target == 5
+
+
+@pytest.mark.parametrize("max_bytes", [codec.MIN_MAX_BYTES, 300, 1000, 5000])
+def test_chunks_respect_budget_and_reassemble_in_any_order(max_bytes):
+    rng = np.random.default_rng(max_bytes)
+    _, _, neurons, images, vals = random_block(rng, n_neurons=30, n_images=400, density=0.4)
+    chunks = codec.encode(neurons, images, vals, n_images=400, max_bytes=max_bytes, **FIELDS)
+    assert len(chunks) > 1
+    assert all(len(c) <= max_bytes for c in chunks)
+    headers = [codec.decode_header(c) for c in chunks]
+    assert [h.chunk for h in headers] == list(range(len(chunks)))
+    assert {h.n_chunks for h in headers} == {len(chunks)}
+    order = rng.permutation(len(chunks))
+    with_duplicates = [chunks[i] for i in order] + [chunks[order[0]]]
+    assembler = codec.Assembler()
+    results = [assembler.add(c) for c in with_duplicates]
+    done = [m for m in results if m is not None]
+    assert len(done) == 1
+    np.testing.assert_array_equal(done[0].neurons, neurons)
+    np.testing.assert_array_equal(done[0].images, images)
+    assert_same_bits(done[0].values, vals)
+
+
+def test_a_row_longer_than_the_budget_is_split():
+    images = np.arange(0, 20_000, 2, dtype=np.int32)
+    vals = np.random.default_rng(0).standard_normal(images.size).astype(np.float32)
+    neurons = np.full(images.size, 9, np.int32)
+    chunks = codec.encode(neurons, images, vals, n_images=20_000, max_bytes=4096)
+    assert len(chunks) >= 10 and all(len(c) <= 4096 for c in chunks)
+    m = roundtrip(chunks)
+    np.testing.assert_array_equal(m.images, images)
+    assert_same_bits(m.values, vals)
+
+
+def test_decode_into_matches_naive_scatter():
+    rng = np.random.default_rng(5)
+    ids, _, neurons, images, vals = random_block(rng, n_neurons=25, n_images=200, density=0.3)
+    slot_of_neuron = np.full(100_000, -1, np.int64)
+    slot_of_neuron[ids] = rng.permutation(25) + 3
+    block = np.zeros((30, 210), np.float32)
+    for chunk in codec.encode(neurons, images, vals, n_images=200, max_bytes=700):
+        h = codec.decode_into(chunk, block, slot_of_neuron, column_offset=10)
+        assert h.n_images == 200
+    assert_same_bits(block, naive_scatter(neurons, images, vals, slot_of_neuron, (30, 210), 10))
+
+
+def test_decode_into_refuses_unexpected_neuron_without_writing():
+    chunk = codec.encode([1, 2, 5], [0, 1, 2], [1.0, 2.0, 3.0], n_images=3)[0]
+    slot_of_neuron = np.array([-1, 0, 1, -1, -1, -1])  # neuron 5 has no slot
+    block = np.zeros((2, 3), np.float32)
+    with pytest.raises(codec.CodecError, match="not expected"):
+        codec.decode_into(chunk, block, slot_of_neuron)
+    assert not block.any()
+    with pytest.raises(codec.CodecError, match="columns"):
+        codec.decode_into(chunk, np.zeros((2, 2), np.float32), np.arange(6) % 2)
+
+
+def test_encode_dense_and_encode_rows_equal_encode():
+    rng = np.random.default_rng(11)
+    ids, dense, neurons, images, vals = random_block(rng, n_neurons=20, n_images=150, density=0.5)
+    block = np.zeros((25, 160), np.float32)
+    rows = rng.permutation(25)[:20]
+    block[rows] = np.pad(dense, ((0, 0), (0, 10)))
+    want = codec.encode(neurons, images, vals, n_images=150, **FIELDS)
+    assert codec.encode_dense(block, rows, ids, n_images=150, **FIELDS) == want
+    row_ptr = np.concatenate(([0], np.cumsum((dense != 0).sum(axis=1))))
+    assert codec.encode_rows(ids, row_ptr, images, vals, n_images=150, **FIELDS) == want
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(neurons=[2, 1], images=[0, 0], values=[1, 1]), "sorted"),
+    (dict(neurons=[1, 1], images=[1, 1], values=[1, 1]), "sorted"),
+    (dict(neurons=[1, 1], images=[0, 9], values=[1, 1]), "images must lie"),
+    (dict(neurons=[-1], images=[0], values=[1]), "neurons must lie"),
+    (dict(neurons=[1], images=[0], values=[0.1]), "float32"),
+    (dict(neurons=[1], images=[0], values=["x"]), "float32"),
+    (dict(neurons=[1, 2], images=[0], values=[1]), "length"),
+])
+def test_encode_rejects_bad_blocks(bad, match):
+    with pytest.raises(ValueError, match=match):
+        codec.encode(**bad, n_images=5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(layer=-1), dict(batch=2**32), dict(run_id=b"x" * 17),
+                                    dict(run_id="text"), dict(max_bytes=10), dict(n_images=-3)])
+def test_encode_rejects_bad_fields(kwargs):
+    args = dict(n_images=5) | kwargs
+    with pytest.raises(ValueError):
+        codec.encode([1], [0], [1.0], **args)
+
+
+def valid_chunk():
+    rng = np.random.default_rng(2)
+    _, _, neurons, images, vals = random_block(rng, n_neurons=10, n_images=64, density=0.5)
+    return codec.encode(neurons, images, vals, n_images=64, **FIELDS)[0]
+
+
+def reseal(head_fields: dict, payload: bytes) -> bytes:
+    """A chunk with chosen header fields and a correct checksum (a well-formed lie)."""
+    head = codec._HEAD.pack(*head_fields.values())
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def fields_of(chunk: bytes) -> dict:
+    names = ["magic", "version", "flags", "rid_len", "reserved", "rid", "layer", "batch", "source",
+             "target", "chunk", "n_chunks", "n_images", "n_rows", "nnz", "raw_len", "payload_len"]
+    return dict(zip(names, codec._HEAD.unpack_from(chunk)))
+
+
+def uncompressed_chunk():
+    chunk = codec.encode([1, 1, 4], [0, 2, 1], [1.5, 2.5, 3.5], n_images=3)[0]
+    assert not codec.decode_header(chunk).flags & codec.FLAG_ZLIB
+    return chunk
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda c: c[:10], "shorter"),
+    (lambda c: b"XXXX" + c[4:], "magic"),
+    (lambda c: c[:4] + b"\x09" + c[5:], "version"),
+    (lambda c: c[:-1], "payload bytes"),
+    (lambda c: c + b"\0", "payload bytes"),
+    (lambda c: c[:-1] + bytes([c[-1] ^ 1]), "checksum"),
+    (lambda c: c[:30] + bytes([c[30] ^ 4]) + c[31:], "checksum"),
+])
+def test_decode_rejects_damaged_chunks(mutate, match):
+    with pytest.raises(codec.CodecError, match=match):
+        codec.decode(mutate(valid_chunk()))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(chunk=1, n_chunks=1), "chunk index"),
+    (dict(nnz=4), "more entries|fewer entries|cannot hold|raw payload"),
+    (dict(nnz=2), "more entries"),
+    (dict(n_rows=1), "neuron|entries|trailing|truncated"),
+    (dict(n_images=2), "image index out of range"),
+    (dict(nnz=2**30), "limits"),
+    (dict(flags=0x80), "flags"),
+    (dict(rid_len=20), "run id"),
+])
+def test_decode_rejects_consistent_lies(change, match):
+    chunk = uncompressed_chunk()
+    fields = fields_of(chunk) | change
+    with pytest.raises(codec.CodecError, match=match):
+        codec.decode(reseal(fields, chunk[codec.HEADER_SIZE:]))
+
+
+def test_decode_rejects_lying_compressed_length():
+    chunk = valid_chunk()
+    fields = fields_of(chunk)
+    assert fields["flags"] & codec.FLAG_ZLIB
+    for raw_len in (fields["raw_len"] - 1, fields["raw_len"] + 1):
+        with pytest.raises(codec.CodecError, match="inflate"):
+            codec.decode(reseal(fields | dict(raw_len=raw_len), chunk[codec.HEADER_SIZE:]))
+    with pytest.raises(codec.CodecError, match="corrupt compressed"):
+        codec.decode(reseal(fields, b"\x00" * fields["payload_len"]))
+
+
+def test_tracker_counts_chunks_and_refuses_changed_count():
+    chunks = codec.encode(np.repeat(np.arange(50), 8), np.tile(np.arange(8), 50),
+                          np.arange(400, dtype=np.float32), n_images=8, max_bytes=400)
+    tracker = codec.ChunkTracker()
+    headers = [codec.decode_header(c) for c in chunks]
+    assert all(tracker.accept(h) for h in headers[:-1])
+    assert not tracker.complete(headers[0].key)
+    assert not tracker.accept(headers[0])
+    assert tracker.accept(headers[-1]) and tracker.complete(headers[0].key)
+    liar = headers[0].__class__(**{**headers[0].__dict__, "n_chunks": 99})
+    with pytest.raises(codec.CodecError, match="announced"):
+        tracker.accept(liar)
+
+
+def test_text_envelope_roundtrip_is_sqs_safe_and_budgeted():
+    allowed = {9, 10, 13} | set(range(0x20, 0x7F))
+    for chunk in [valid_chunk(), uncompressed_chunk(), bytes(range(256)) * 3]:
+        text = codec.to_text(chunk)
+        assert set(text.encode("utf-8")) <= allowed
+        assert '"' not in text and "\\" not in text
+        assert codec.from_text(text) == chunk
+    for limit in range(0, 40):
+        n = codec.max_payload_for_text(limit)
+        assert len(codec.to_text(b"\xff" * n)) <= limit < len(codec.to_text(b"\xff" * (n + 1)))
+    for bad in ["~~~~~", "ab\u00e9cd", 5]:
+        with pytest.raises(codec.CodecError):
+            codec.from_text(bad)
