@@ -93,6 +93,9 @@ class ProcessLauncher(Launcher):
     parent dies before its children.
     """
 
+    #: The module each worker process runs (``python -m``); it reads the event JSON on stdin.
+    entry_module = "fsd_runtime.worker"
+
     def __init__(self, config: Mapping | None = None, *, own_group: bool = False):
         self.config = dict(config or {"kind": "process"})
         self.own_group = own_group
@@ -102,7 +105,7 @@ class ProcessLauncher(Launcher):
         for event in events:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "fsd_runtime.worker"], stdin=subprocess.PIPE,
+                    [sys.executable, "-m", self.entry_module], stdin=subprocess.PIPE,
                     start_new_session=self.own_group, env=os.environ.copy())
                 proc.stdin.write(event.to_json().encode())
                 proc.stdin.close()

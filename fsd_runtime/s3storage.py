@@ -1,0 +1,88 @@
+"""S3 as the run store: shares, results, metrics and errors of a run live in the deployment's bucket.
+
+Config (what a worker event carries): ``{"kind": "s3", "bucket": NAME,
+"aws": AwsSettings.to_dict()}``. Every call goes through
+:class:`fsd_runtime.aws.Caller` (backoff on throttling, attempts counted);
+a missing key is a :class:`~fsd_runtime.storage.StorageError`, any other
+final failure too, so the worker loop sees one error kind for storage.
+S3 PUTs are atomic, which is the contract :class:`Storage` asks for.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from fsd_runtime import aws
+from fsd_runtime.channels.base import ChannelError
+from fsd_runtime.storage import Storage, StorageError, check_key
+
+#: delete_objects takes at most this many keys a call.
+_DELETE_BATCH = 1000
+
+
+class S3Storage(Storage):
+    """Keys of one bucket; ``list`` and ``delete_prefix`` work by prefix, 1000 keys a request."""
+
+    def __init__(self, bucket: str, settings: aws.AwsSettings | None = None):
+        if not isinstance(bucket, str) or not 3 <= len(bucket) <= 63:
+            raise StorageError(f"s3 storage needs a bucket name of 3..63 characters, got {bucket!r}")
+        self.bucket = bucket
+        self.settings = settings or aws.AwsSettings()
+        self.s3 = aws.client("s3", self.settings)
+        self.call = aws.Caller(self.settings)
+
+    def _call(self, name: str, key: str, operation, **kwargs):
+        try:
+            return self.call(name, operation, Bucket=self.bucket, **kwargs)
+        except ChannelError as exc:
+            raise StorageError(f"s3://{self.bucket}/{key}: {exc}") from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("PutObject", key, self.s3.put_object, Key=check_key(key), Body=data)
+
+    def get(self, key: str) -> bytes:
+        response = self._call("GetObject", key, self.s3.get_object, Key=check_key(key))
+        if response is None:
+            raise StorageError(f"no stored object at s3://{self.bucket}/{key}")
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        response = self._call("ListObjectsV2", key, self.s3.list_objects_v2,
+                              Prefix=check_key(key), MaxKeys=1)
+        return any(o["Key"] == key for o in (response or {}).get("Contents", []))
+
+    def delete(self, key: str) -> None:
+        self._call("DeleteObject", key, self.s3.delete_object, Key=check_key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        token: dict = {}
+        while True:
+            page = self._call("ListObjectsV2", prefix, self.s3.list_objects_v2,
+                              Prefix=check_key(prefix) + "/", **token)
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return sorted(keys)
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = [{"Key": k} for k in keys[start:start + _DELETE_BATCH]]
+            response = self._call("DeleteObjects", prefix, self.s3.delete_objects,
+                                  Delete={"Objects": batch, "Quiet": True})
+            if response and response.get("Errors"):
+                first = response["Errors"][0]
+                raise StorageError(f"s3://{self.bucket}/{first.get('Key')}: delete failed "
+                                   f"({first.get('Code')}: {first.get('Message')})")
+
+    def config(self) -> dict:
+        return {"kind": "s3", "bucket": self.bucket, "aws": self.settings.to_dict()}
+
+
+def from_config(config: Mapping) -> S3Storage:
+    """The store a ``{"kind": "s3", "bucket": ..., "aws": {...}}`` config names."""
+    try:
+        settings = aws.AwsSettings.from_dict(config.get("aws"))
+    except (TypeError, ValueError) as exc:
+        raise StorageError(f"s3 storage config: {exc}") from None
+    return S3Storage(config.get("bucket"), settings)
