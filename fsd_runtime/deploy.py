@@ -1,18 +1,27 @@
 """``fsd-inference deploy`` / ``teardown``: the standing AWS resources of a deployment, idempotently.
 
-A deployment named ``NAME`` is: an S3 bucket (shares, results, object-channel
-chunks), SNS topics ``NAME-t{i}``, one SQS queue per worker slot ``NAME-w{j}``
-whose policy admits only this deployment's topics, raw-delivery subscriptions
-filtered on the target worker, the kernels layer (zip from ``layer.zip.sh``),
-the worker function and an IAM role whose inline policy reaches only these
-resources. Every step first reads what exists and changes only what differs,
-so a second ``deploy`` changes nothing and ``teardown`` may run any number of
-times. :mod:`fsd_runtime.template` emits the same set as a SAM template.
+A deployment named ``NAME`` is: the S3 bucket ``NAME-{account}-{region}``
+(shares, results, metrics, object-channel chunks), the SNS topics
+``NAME-t{i}`` the queue channel publishes to, and, unless ``lambda_function``
+is off (local and RIE invokers need only bucket and topics): the kernels
+layer (zip from ``layer.zip.sh``), the worker function and its IAM role with
+a least-privilege inline policy.
+
+Queues and their subscriptions are *run-scoped*: the coordinator creates one
+queue per worker for each run (``QueueChannel.create_run``: policy admitting
+only this deployment's topics, raw delivery, filter on run and target) and
+deletes them at the end, so concurrent runs never share a queue and no run
+reads another's stale messages. ``teardown`` also sweeps run queues a
+crashed coordinator left behind (those whose policy names this deployment's
+topics).
+
+Every step reads what exists first and changes only what differs: a second
+``deploy`` changes nothing; ``teardown`` may run any number of times.
+:mod:`fsd_runtime.template` emits the same resources as a SAM template.
 """
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import io
 import json
@@ -20,19 +29,17 @@ import os
 import re
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
-#: ``clients("s3")`` -> a boto3 client (see :func:`fsd_runtime.aws.client`).
-ClientFactory = Callable[[str], Any]
+from fsd_runtime import aws
+from fsd_runtime.channels.queue import QueueConfig, QueueResources, topic_name
 
 ARCHITECTURES = ("x86_64", "arm64")
 HANDLER = "fsd_runtime.handler.handler"
-#: The message attribute the queue channel sets to the target worker (subscriptions filter on it).
-TARGET_ATTRIBUTE = "target"
-_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,22}[a-z0-9]$")
 
 
 class DeployError(ValueError):
@@ -49,15 +56,17 @@ class DeploySettings:
     memory_mb: int = 2048
     timeout_s: int = 900
     topics: int = 4
-    workers: int = 8
+    #: Off: only bucket and topics (enough for the local and RIE invokers).
+    lambda_function: bool = True
     layer_zip: str | None = None
 
     def __post_init__(self):
-        if not _NAME_PATTERN.match(self.name):
-            raise DeployError(f"deployment name must be 3-32 of [a-z0-9-], starting with a letter: {self.name!r}")
+        if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
+            raise DeployError("deployment name must be 3-24 of [a-z0-9-], starting with a letter "
+                              f"(it prefixes bucket, topic and queue names): {self.name!r}")
         if self.architecture not in ARCHITECTURES:
             raise DeployError(f"architecture must be one of {ARCHITECTURES}, not {self.architecture!r}")
-        if not re.fullmatch(r"3\.\d{1,2}", self.python):
+        if not re.fullmatch(r"3\.\d{1,2}", str(self.python)):
             raise DeployError(f"python must look like 3.13, not {self.python!r}")
         if not 128 <= self.memory_mb <= 10240:
             raise DeployError(f"memory_mb must be in 128..10240 (Lambda's range), not {self.memory_mb}")
@@ -65,8 +74,6 @@ class DeploySettings:
             raise DeployError(f"timeout_s must be in 1..900 (Lambda's range), not {self.timeout_s}")
         if not 1 <= self.topics <= 100:
             raise DeployError(f"topics must be in 1..100, not {self.topics}")
-        if not 1 <= self.workers <= 1000:
-            raise DeployError(f"workers must be in 1..1000, not {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -77,13 +84,6 @@ class Names:
     account: str
     region: str
     partition: str = "aws"
-    topics: list[str] = field(init=False)
-    queues: list[str] = field(init=False)
-
-    def __post_init__(self):
-        s = self.settings
-        object.__setattr__(self, "topics", [f"{s.name}-t{i}" for i in range(s.topics)])
-        object.__setattr__(self, "queues", [f"{s.name}-w{j}" for j in range(s.workers)])
 
     @property
     def function(self) -> str:
@@ -106,25 +106,25 @@ class Names:
     def bucket(self) -> str:
         return f"{self.settings.name}-{self.account}-{self.region}"
 
+    @property
+    def topics(self) -> list[str]:
+        return [topic_name(self.settings.name, i) for i in range(self.settings.topics)]
+
     def arn(self, service: str, resource: str) -> str:
         return f"arn:{self.partition}:{service}:{self.region}:{self.account}:{resource}"
 
     def topic_arns(self) -> list[str]:
         return [self.arn("sns", t) for t in self.topics]
 
-    def queue_arn(self, queue: str) -> str:
-        return self.arn("sqs", queue)
-
     def function_arn(self) -> str:
         return self.arn("lambda", f"function:{self.function}")
 
 
-def names_for(settings: DeploySettings, clients: ClientFactory) -> Names:
-    """Names in the account and region the clients point at."""
-    sts = clients("sts")
+def names_for(settings: DeploySettings, aws_settings: aws.AwsSettings) -> Names:
+    """Names in the account and region the AWS settings point at."""
+    sts = aws.client("sts", aws_settings)
     identity = sts.get_caller_identity()
-    arn_partition = identity["Arn"].split(":")[1]
-    return Names(settings, identity["Account"], sts.meta.region_name, arn_partition)
+    return Names(settings, identity["Account"], sts.meta.region_name, identity["Arn"].split(":")[1])
 
 
 def trust_policy() -> dict:
@@ -135,44 +135,32 @@ def trust_policy() -> dict:
 
 
 def least_privilege_policy(names: Names) -> dict:
-    """What a worker does and nothing more: its own logs, the deployment's bucket, publishing to
-    its topics, reading its queues, and invoking its own function (the tree launch). Run-scoped
-    queues are named ``NAME-...`` too, so the queue statements cover them by prefix."""
+    """What a worker does and nothing more: write its own logs; read, write and list the
+    deployment's bucket; publish to the deployment's topics; receive from and delete in the
+    run queues (named ``NAME-{run}-{worker}``); invoke its own function (the tree launch)."""
     prefix = names.settings.name
     return {"Version": "2012-10-17", "Statement": [
         {"Sid": "Logs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
          "Resource": [names.arn("logs", f"log-group:/aws/lambda/{names.function}"),
                       names.arn("logs", f"log-group:/aws/lambda/{names.function}:*")]},
-        {"Sid": "Bucket", "Effect": "Allow", "Action": ["s3:ListBucket"],
+        {"Sid": "ListBucket", "Effect": "Allow", "Action": ["s3:ListBucket"],
          "Resource": [f"arn:{names.partition}:s3:::{names.bucket}"]},
         {"Sid": "Objects", "Effect": "Allow",
          "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
          "Resource": [f"arn:{names.partition}:s3:::{names.bucket}/*"]},
         {"Sid": "Publish", "Effect": "Allow", "Action": ["sns:Publish"],
-         "Resource": [names.arn("sns", f"{prefix}-*")]},
-        {"Sid": "Receive", "Effect": "Allow",
-         "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueUrl",
-                    "sqs:GetQueueAttributes"],
+         "Resource": names.topic_arns()},
+        {"Sid": "RunQueues", "Effect": "Allow", "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
          "Resource": [names.arn("sqs", f"{prefix}-*")]},
         {"Sid": "TreeLaunch", "Effect": "Allow", "Action": ["lambda:InvokeFunction"],
          "Resource": [names.function_arn()]},
     ]}
 
 
-def queue_policy(names: Names, queue: str) -> dict:
-    """SNS may deliver into ``queue`` only from this deployment's topics."""
-    return {"Version": "2012-10-17", "Statement": [{
-        "Sid": "FromDeploymentTopics", "Effect": "Allow",
-        "Principal": {"Service": "sns.amazonaws.com"}, "Action": "sqs:SendMessage",
-        "Resource": names.queue_arn(queue),
-        "Condition": {"ArnEquals": {"aws:SourceArn": names.topic_arns()}}}]}
-
-
-def subscription_attributes(worker: int) -> dict[str, str]:
-    """Raw delivery (no SNS JSON envelope) and only the messages addressed to ``worker``."""
-    return {"RawMessageDelivery": "true",
-            "FilterPolicy": json.dumps({TARGET_ATTRIBUTE: [str(worker)]})}
+def queue_config(names: Names, aws_settings: aws.AwsSettings) -> QueueConfig:
+    """The queue channel's config for runs of this deployment."""
+    return QueueConfig(prefix=names.settings.name, topics=names.settings.topics, aws=aws_settings)
 
 
 def function_zip() -> bytes:
@@ -192,15 +180,11 @@ def code_sha256(blob: bytes) -> str:
 
 def find_layer_zip(settings: DeploySettings, dist: str = "dist") -> str:
     """The layer zip ``layer.zip.sh`` built for this architecture and Python."""
-    if settings.layer_zip:
-        path = settings.layer_zip
-    else:
-        path = os.path.join(dist, f"fsd-inference-layer-{settings.architecture}-py{settings.python}.zip")
+    path = settings.layer_zip or os.path.join(
+        dist, f"fsd-inference-layer-{settings.architecture}-py{settings.python}.zip")
     if not os.path.isfile(path):
-        found = sorted(glob.glob(os.path.join(dist, "fsd-inference-layer-*.zip")))
-        raise DeployError(
-            f"layer zip {path} not found: build it with ./layer.zip.sh --arch {settings.architecture} "
-            f"--python {settings.python} (or pass --layer-zip); zips in {dist}/: {found or 'none'}")
+        raise DeployError(f"layer zip {path} not found: build it with ./layer.zip.sh --arch "
+                          f"{settings.architecture} --python {settings.python} (or pass --layer-zip)")
     return path
 
 
@@ -214,26 +198,50 @@ def _absent(exc: ClientError, *codes: str) -> bool:
 
 
 class _Deployer:
-    """Brings one resource kind at a time to its wanted state and logs what it changed."""
+    """Brings one resource kind at a time to its wanted state and notes what it changed."""
 
-    def __init__(self, settings: DeploySettings, clients: ClientFactory, layer_zip: bytes):
+    def __init__(self, settings: DeploySettings, aws_settings: aws.AwsSettings, layer_zip: bytes | None):
         self.settings = settings
-        self.names = names_for(settings, clients)
-        self.clients = clients
+        self.aws_settings = aws_settings
+        self.names = names_for(settings, aws_settings)
         self.layer_zip = layer_zip
         self.changes: list[str] = []
 
+    def client(self, service: str):
+        return aws.client(service, self.aws_settings)
+
     def run(self) -> list[str]:
-        role_arn = self.role()
         self.bucket()
-        topic_arns = self.topics()
-        self.queues_and_subscriptions(topic_arns)
-        layer_arn = self.layer()
-        self.function(role_arn, layer_arn)
+        self.topics()
+        if self.settings.lambda_function:
+            role_arn = self.role()
+            self.function(role_arn, self.layer())
         return self.changes
 
+    def bucket(self) -> None:
+        s3, n = self.client("s3"), self.names
+        try:
+            s3.head_bucket(Bucket=n.bucket)
+            return
+        except ClientError as exc:
+            if not _absent(exc, "NoSuchBucket", "404"):
+                raise
+        location = {} if n.region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": n.region}}
+        s3.create_bucket(Bucket=n.bucket, **location)
+        s3.put_public_access_block(Bucket=n.bucket, PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True, "IgnorePublicAcls": True,
+            "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
+        self.changes.append(f"created bucket {n.bucket}")
+
+    def topics(self) -> None:
+        resources = QueueResources(queue_config(self.names, self.aws_settings))
+        before = set(resources.existing_topics())
+        created = [arn for arn in resources.ensure_topics() if arn not in before]
+        self.changes.extend(f"created topic {arn.rsplit(':', 1)[1]}" for arn in created)
+
     def role(self) -> str:
-        iam, n = self.clients("iam"), self.names
+        iam, n = self.client("iam"), self.names
         try:
             arn = iam.get_role(RoleName=n.role)["Role"]["Arn"]
         except ClientError as exc:
@@ -255,58 +263,11 @@ class _Deployer:
             self.changes.append(f"set policy {n.policy} on role {n.role}")
         return arn
 
-    def bucket(self) -> None:
-        s3, n = self.clients("s3"), self.names
-        try:
-            s3.head_bucket(Bucket=n.bucket)
-            return
-        except ClientError as exc:
-            if not _absent(exc, "NoSuchBucket", "404"):
-                raise
-        args = {} if n.region == "us-east-1" else {
-            "CreateBucketConfiguration": {"LocationConstraint": n.region}}
-        s3.create_bucket(Bucket=n.bucket, **args)
-        s3.put_public_access_block(Bucket=n.bucket, PublicAccessBlockConfiguration={
-            "BlockPublicAcls": True, "IgnorePublicAcls": True,
-            "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
-        self.changes.append(f"created bucket {n.bucket}")
-
-    def topics(self) -> list[str]:
-        sns, n = self.clients("sns"), self.names
-        existing = set(_all_topic_arns(sns))
-        for name, arn in zip(n.topics, n.topic_arns()):
-            if arn not in existing:
-                sns.create_topic(Name=name)
-                self.changes.append(f"created topic {name}")
-        return n.topic_arns()
-
-    def queues_and_subscriptions(self, topic_arns: list[str]) -> None:
-        sqs, sns, n = self.clients("sqs"), self.clients("sns"), self.names
-        subscribed = {arn: {s["Endpoint"] for s in _subscriptions(sns, arn)} for arn in topic_arns}
-        for worker, queue in enumerate(n.queues):
-            policy = queue_policy(n, queue)
-            try:
-                url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
-                current = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])
-                if json.loads(current.get("Attributes", {}).get("Policy", "null")) != policy:
-                    sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(policy)})
-                    self.changes.append(f"set policy of queue {queue}")
-            except ClientError as exc:
-                if not _absent(exc, "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-                    raise
-                sqs.create_queue(QueueName=queue, Attributes={
-                    "Policy": json.dumps(policy), "MessageRetentionPeriod": "3600",
-                    "ReceiveMessageWaitTimeSeconds": "20"})
-                self.changes.append(f"created queue {queue}")
-            queue_arn = n.queue_arn(queue)
-            for topic_arn in topic_arns:
-                if queue_arn not in subscribed[topic_arn]:
-                    sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn,
-                                  Attributes=subscription_attributes(worker))
-                    self.changes.append(f"subscribed {queue} to {topic_arn.rsplit(':', 1)[1]}")
-
     def layer(self) -> str:
-        lam, n = self.clients("lambda"), self.names
+        lam, n = self.client("lambda"), self.names
+        if self.layer_zip is None:
+            with open(find_layer_zip(self.settings), "rb") as f:
+                self.layer_zip = f.read()
         latest = _latest_layer_version(lam, n.layer)
         if latest is not None:
             content = lam.get_layer_version(LayerName=n.layer, VersionNumber=latest["Version"])
@@ -327,7 +288,7 @@ class _Deployer:
                 "Environment": {"Variables": {"FSD_KERNELS_BACKEND": "native"}}}
 
     def function(self, role_arn: str, layer_arn: str) -> None:
-        lam, n, s = self.clients("lambda"), self.names, self.settings
+        lam, n, s = self.client("lambda"), self.names, self.settings
         wanted = self.function_config(role_arn, layer_arn)
         code = function_zip()
         try:
@@ -339,30 +300,36 @@ class _Deployer:
                 FunctionName=n.function, Code={"ZipFile": code}, Architectures=[s.architecture],
                 Description="FSD-Inference worker", **wanted))
             self.changes.append(f"created function {n.function}")
-            return
-        have = {"Runtime": current.get("Runtime"), "Handler": current.get("Handler"),
-                "Role": current.get("Role"), "MemorySize": current.get("MemorySize"),
-                "Timeout": current.get("Timeout"),
-                "Layers": [layer["Arn"] for layer in current.get("Layers", [])],
-                "Environment": {"Variables": current.get("Environment", {}).get("Variables", {})}}
-        if have != wanted:
-            lam.update_function_configuration(FunctionName=n.function, **wanted)
-            _wait_updated(lam, n.function)
-            self.changes.append(f"updated configuration of function {n.function}")
-        if (current.get("CodeSha256") != code_sha256(code)
-                or current.get("Architectures", ["x86_64"]) != [s.architecture]):
-            lam.update_function_code(FunctionName=n.function, ZipFile=code,
-                                     Architectures=[s.architecture])
-            self.changes.append(f"updated code of function {n.function}")
+            current = None
+        if current is not None:
+            have = {"Runtime": current.get("Runtime"), "Handler": current.get("Handler"),
+                    "Role": current.get("Role"), "MemorySize": current.get("MemorySize"),
+                    "Timeout": current.get("Timeout"),
+                    "Layers": [layer["Arn"] for layer in current.get("Layers", [])],
+                    "Environment": {"Variables": current.get("Environment", {}).get("Variables", {})}}
+            if have != wanted:
+                lam.update_function_configuration(FunctionName=n.function, **wanted)
+                _wait_updated(lam, n.function)
+                self.changes.append(f"updated configuration of function {n.function}")
+            if (current.get("CodeSha256") != code_sha256(code)
+                    or current.get("Architectures", ["x86_64"]) != [s.architecture]):
+                lam.update_function_code(FunctionName=n.function, ZipFile=code,
+                                         Architectures=[s.architecture])
+                self.changes.append(f"updated code of function {n.function}")
+        self.no_async_retries(lam)
 
-
-def _all_topic_arns(sns) -> list[str]:
-    return [t["TopicArn"] for page in sns.get_paginator("list_topics").paginate() for t in page["Topics"]]
-
-
-def _subscriptions(sns, topic_arn: str) -> list[dict]:
-    pages = sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn)
-    return [s for page in pages for s in page["Subscriptions"]]
+    def no_async_retries(self, lam) -> None:
+        """Lambda retries a failed Event invoke twice; a retried worker would run its share twice."""
+        name = self.names.function
+        try:
+            current = lam.get_function_event_invoke_config(FunctionName=name).get("MaximumRetryAttempts")
+        except ClientError as exc:
+            if not _absent(exc, "ResourceNotFoundException"):
+                raise
+            current = None
+        if current != 0:
+            lam.put_function_event_invoke_config(FunctionName=name, MaximumRetryAttempts=0)
+            self.changes.append(f"turned off async retries of function {name}")
 
 
 def _latest_layer_version(lam, layer: str) -> dict | None:
@@ -400,53 +367,70 @@ def _wait_updated(lam, function: str, timeout: float = 60.0) -> None:
     raise DeployError(f"function {function} still updating after {timeout:.0f} s")
 
 
-def deploy(settings: DeploySettings, clients: ClientFactory, layer_zip: bytes | None = None) -> list[str]:
-    """Create or update everything of the deployment; returns what changed (empty when up to date)."""
-    if layer_zip is None:
-        with open(find_layer_zip(settings), "rb") as f:
-            layer_zip = f.read()
-    return _Deployer(settings, clients, layer_zip).run()
+def deploy(settings: DeploySettings, aws_settings: aws.AwsSettings | None = None,
+           layer_zip: bytes | None = None) -> list[str]:
+    """Create or update everything of the deployment; returns what changed (empty when up to date).
+    ``layer_zip`` defaults to the zip :func:`find_layer_zip` names."""
+    return _Deployer(settings, aws_settings or aws.AwsSettings(), layer_zip).run()
 
 
-def teardown(settings: DeploySettings, clients: ClientFactory) -> list[str]:
+def teardown(settings: DeploySettings, aws_settings: aws.AwsSettings | None = None) -> list[str]:
     """Delete everything of the deployment that exists; returns what was deleted."""
-    n = names_for(settings, clients)
+    aws_settings = aws_settings or aws.AwsSettings()
+    n = names_for(settings, aws_settings)
+    lam, iam = aws.client("lambda", aws_settings), aws.client("iam", aws_settings)
     removed: list[str] = []
-    lam, sns, sqs, s3, iam = (clients(s) for s in ("lambda", "sns", "sqs", "s3", "iam"))
-    if _ignore_absent(lambda: lam.delete_function(FunctionName=n.function), "ResourceNotFoundException"):
+    if _delete_if_there(lambda: lam.delete_function(FunctionName=n.function), "ResourceNotFoundException"):
         removed.append(f"function {n.function}")
     latest = _latest_layer_version(lam, n.layer)
     while latest is not None:
         lam.delete_layer_version(LayerName=n.layer, VersionNumber=latest["Version"])
         removed.append(f"layer {n.layer} version {latest['Version']}")
         latest = _latest_layer_version(lam, n.layer)
-    existing_topics = set(_all_topic_arns(sns))
-    for topic_arn in n.topic_arns():
-        if topic_arn in existing_topics:
-            for sub in _subscriptions(sns, topic_arn):
-                if sub["SubscriptionArn"].startswith("arn:"):
-                    sns.unsubscribe(SubscriptionArn=sub["SubscriptionArn"])
-            sns.delete_topic(TopicArn=topic_arn)
-            removed.append(f"topic {topic_arn.rsplit(':', 1)[1]} and its subscriptions")
-    for queue in n.queues:
-        try:
-            url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
-        except ClientError as exc:
-            if _absent(exc, "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
-                continue
-            raise
-        sqs.delete_queue(QueueUrl=url)
-        removed.append(f"queue {queue}")
-    if _empty_and_delete_bucket(s3, n.bucket):
+    removed.extend(f"leftover run queue {q}" for q in _delete_run_queues(n, aws_settings))
+    resources = QueueResources(queue_config(n, aws_settings))
+    topics = resources.existing_topics()
+    resources.delete_topics()
+    removed.extend(f"topic {arn.rsplit(':', 1)[1]}" for arn in topics)
+    if _empty_and_delete_bucket(aws.client("s3", aws_settings), n.bucket):
         removed.append(f"bucket {n.bucket}")
-    if _ignore_absent(lambda: iam.delete_role_policy(RoleName=n.role, PolicyName=n.policy), "NoSuchEntity"):
+    if _delete_if_there(lambda: iam.delete_role_policy(RoleName=n.role, PolicyName=n.policy), "NoSuchEntity"):
         removed.append(f"policy {n.policy}")
-    if _ignore_absent(lambda: iam.delete_role(RoleName=n.role), "NoSuchEntity"):
+    if _delete_if_there(lambda: iam.delete_role(RoleName=n.role), "NoSuchEntity"):
         removed.append(f"IAM role {n.role}")
     return removed
 
 
-def _ignore_absent(call: Callable[[], Any], *codes: str) -> bool:
+def _delete_run_queues(names: Names, aws_settings: aws.AwsSettings) -> list[str]:
+    """Queues of runs that never cleaned up: named ``NAME-...`` with a policy naming our topics."""
+    sqs = aws.client("sqs", aws_settings)
+    ours = set(names.topic_arns())
+    deleted = []
+    urls = [u for page in sqs.get_paginator("list_queues").paginate(QueueNamePrefix=f"{names.settings.name}-")
+            for u in page.get("QueueUrls", [])]
+    for url in urls:
+        try:
+            policy = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])
+        except ClientError as exc:
+            if _absent(exc, "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+                continue
+            raise
+        statements = json.loads(policy.get("Attributes", {}).get("Policy", "{}")).get("Statement", [])
+        sources = {arn for st in statements
+                   for arn in _as_list(st.get("Condition", {}).get("ArnEquals", {}).get("aws:SourceArn"))}
+        if sources and sources <= ours:
+            sqs.delete_queue(QueueUrl=url)
+            deleted.append(url.rsplit("/", 1)[1])
+    return deleted
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _delete_if_there(call: Callable[[], Any], *codes: str) -> bool:
     """Run a delete; False if the thing was already gone."""
     try:
         call()
