@@ -26,31 +26,11 @@ EXPORTS = {
     "decode_into_block": "i8(u1[::1], i8, i8, i8, i8[::1], f4[:, ::1], i8)",
 }
 
-# Row record kinds (low two bits of a row tag; tag 0 alone = "same images as the previous row").
-KIND_LIST = 1
-KIND_BITMAP = 2
-KIND_RUN = 3
-# Value section modes (first byte of the section).
-VALUES_RAW = 0
-VALUES_CONST = 1
-VALUES_DICT = 2
-#: Largest value dictionary.
-DICT_MAX = 256
-
-# Error codes returned by the decoding kernels (see codec._KERNEL_ERRORS).
-E_TRUNCATED = -1
-E_VARINT = -2
-E_NEURON_RANGE = -3
-E_NO_PREVIOUS = -4
-E_IMAGE_RANGE = -5
-E_EMPTY_ROW = -6
-E_TOO_MANY = -7
-E_VALUE_MODE = -8
-E_DICT = -9
-E_TRAILING = -10
-E_UNEXPECTED_NEURON = -11
-E_TOO_FEW = -12
-E_ROW_KIND = -13
+from fsd_kernels._codec_codes import (  # noqa: F401  (the kernels read them as globals)
+    KIND_LIST, KIND_BITMAP, KIND_RUN, VALUES_RAW, VALUES_CONST, VALUES_DICT,
+    DICT_MAX, E_TRUNCATED, E_VARINT, E_NEURON_RANGE, E_NO_PREVIOUS, E_IMAGE_RANGE, E_EMPTY_ROW,
+    E_TOO_MANY, E_VALUE_MODE, E_DICT, E_TRAILING, E_UNEXPECTED_NEURON, E_TOO_FEW, E_ROW_KIND,
+)
 
 _NEURON_LIMIT = 2 ** 31
 

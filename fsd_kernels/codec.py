@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from fsd_kernels import _codec_core as core
+from fsd_kernels import _codec_codes as core
 from fsd_kernels._backend import kernels
 
 MAGIC = b"FSDM"
