@@ -12,6 +12,7 @@ numba, scipy or boto3 (those live behind the kinds the configs name).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -21,11 +22,26 @@ from typing import Any
 
 import numpy as np
 
+from fsd_kernels import codec
+from fsd_kernels._backend import kernels
 from fsd_runtime import events as ev
-from fsd_runtime.channels import Channel, make_channel
+from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import Launcher, launch_children, make_launcher
+from fsd_runtime.metrics import LayerMetrics
 from fsd_runtime.plan import WorkerShare
 from fsd_runtime.storage import Storage, make_storage, pack_arrays
+
+
+#: Status rows a worker adds to every message: neuron id N + ZERO_FLAG marks images whose rows
+#: this worker owns are all zero, N + YMAX_FLAG those where they are all ymax (value 1.0).
+ZERO_FLAG = 0
+YMAX_FLAG = 1
+_EMPTY = np.zeros(0, np.int64)
+
+
+def wire_run_id(run_id: str) -> bytes:
+    """The codec's 16-byte run id field for a run id (a digest: run ids may be longer)."""
+    return hashlib.blake2b(run_id.encode(), digest_size=codec.RUN_ID_MAX).digest()
 
 
 class WorkerError(RuntimeError):
@@ -54,10 +70,246 @@ class WorkerResult:
                             "active": self.active, "rows": self.rows, "saturated": self.saturated})
 
 
+class _Batch:
+    """One batch's state, the same on every worker: live unsaturated image columns, parked images."""
+
+    def __init__(self, active: np.ndarray, parked: np.ndarray):
+        self.active = active      # int64 image ids, one per column of ``own``
+        self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
+        self.own = None           # float32 [my outputs of the last layer computed, len(active)]
+        self.flags = None         # (all-my-rows-zero, all-my-rows-ymax) per active image
+
+
+class WorkerLoop:
+    """One worker's layers over its batches; module notes: ``docs/runtime.md`` ("worker loop").
+
+    Per layer and batch: receive the input rows this worker lacks (plus
+    every peer's per-image status), drop images that are globally dead and
+    park the globally saturated ones (exactly what ``infer_block`` does, so
+    an image stops costing traffic and compute once its fate is known),
+    compute the owned outputs with ``dense_layer`` on the assembled block,
+    and immediately send the next layer's rows for this batch so they
+    travel while the other batches compute. Every peer hears from every
+    other at each step where images are active (an empty marker when there
+    is nothing else), so no one waits for a message that never comes.
+    """
+
+    def __init__(self, share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
+                 batch_size: int | None = None):
+        self.share = share
+        self.channel = channel
+        self.me = share.worker
+        self.n_peers = share.n_workers
+        self.receive_timeout = receive_timeout
+        self.wire_run_id = wire_run_id(run_id)
+        self.metrics = LayerMetrics(share.worker, share.n_layers)
+        self.tracker = codec.ChunkTracker()
+        self.pending: dict[tuple[int, int], list[bytes]] = {}
+        self.slot_maps: dict[int, list[np.ndarray]] = {}
+        active = share.active
+        size = batch_size or max(active.shape[0], 1)
+        starts = range(0, max(active.shape[0], 1), size)
+        self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY)
+                        for i, s in enumerate(starts)]
+
+    def step(self, layer: int, batch: int) -> int:
+        return layer * len(self.batches) + batch
+
+    def run(self) -> WorkerResult:
+        for layer in range(self.share.n_layers):
+            for b, state in enumerate(self.batches):
+                self._layer(layer, b, state)
+        last = self.share.n_layers - 1
+        return WorkerResult(
+            worker=self.me, neurons=self.share.out_neurons[last],
+            active=np.concatenate([s.active for s in self.batches]),
+            rows=np.ascontiguousarray(np.hstack([s.own for s in self.batches])),
+            saturated=np.concatenate([s.parked for s in self.batches]),
+            metrics=self.metrics.to_dict())
+
+    def _layer(self, layer: int, b: int, state: _Batch) -> None:
+        share = self.share
+        n_slots = share.in_neurons[layer].shape[0]
+        if layer == 0:
+            block = self._input_block(state.active)
+        elif state.active.size:
+            block = self._status_compact(self._receive(layer, b, state), n_slots, state)
+        else:
+            block = np.zeros((n_slots, 0), np.float32)
+        if state.parked.size and not share.keeps_saturated[layer]:
+            full = np.full((n_slots, state.parked.shape[0]), share.ymax, np.float32)
+            block = np.ascontiguousarray(np.hstack([block[:n_slots], full]))
+            state.active = np.concatenate([state.active, state.parked])
+            state.parked = _EMPTY
+        n = state.active.shape[0]
+        self.metrics.add(layer, "images_active", n)
+        out = np.empty((share.out_neurons[layer].shape[0], n), np.float32)
+        if n:
+            start = time.perf_counter()
+            kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
+                                share.bias[layer], share.ymax, out)
+            self.metrics.add(layer, "compute_s", time.perf_counter() - start)
+        state.own = out
+        if layer + 1 < share.n_layers and n:
+            self._send(layer + 1, b, state)
+
+    def _input_block(self, images: np.ndarray) -> np.ndarray:
+        """Layer 0's input rows (the slots this worker needs) for ``images``, from the share."""
+        s = self.share
+        block = np.zeros((s.in_neurons[0].shape[0], images.shape[0]), np.float32)
+        starts, lengths = s.x_indptr[images], np.diff(s.x_indptr)[images]
+        gather = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        block[s.x_slots[gather], np.repeat(np.arange(images.shape[0]), lengths)] = s.x_data[gather]
+        return block
+
+    def _send(self, layer: int, b: int, state: _Batch) -> None:
+        """Encode the rows each peer needs at ``layer`` (CSR made once), plus this worker's status."""
+        s, own = self.share, state.own
+        start = time.perf_counter()
+        n_rows, n = own.shape
+        row_ptr = np.empty(n_rows + 1, np.int64)
+        images = np.empty(n_rows * n, np.int32)
+        bits = np.empty(n_rows * n, np.uint32)
+        nnz = kernels.dense_rows_to_csr(own, np.arange(n_rows, dtype=np.int64), n, row_ptr, images, bits)
+        values = bits[:nnz].view(np.float32)
+        zero = ~np.any(own != 0, axis=0)
+        full = np.all(own == s.ymax, axis=0)
+        state.flags = (zero, full)
+        flag_images = [np.flatnonzero(zero).astype(np.int32), np.flatnonzero(full).astype(np.int32)]
+        flag_neurons = np.array([s.n_neurons + ZERO_FLAG, s.n_neurons + YMAX_FLAG], np.int32)
+        neurons = s.out_neurons[layer - 1]
+        outgoing = []
+        for target in range(self.n_peers):
+            if target == self.me:
+                continue
+            pos = s.send_pos[layer][target]
+            lengths = row_ptr[pos + 1] - row_ptr[pos]
+            gather = np.repeat(row_ptr[pos] - np.cumsum(lengths) + lengths, lengths) \
+                + np.arange(lengths.sum())
+            ptr = np.concatenate([[0], np.cumsum(lengths),
+                                  gather.shape[0] + np.cumsum([f.shape[0] for f in flag_images])])
+            chunks = codec.encode_rows(
+                np.concatenate([neurons[pos], flag_neurons]), ptr,
+                np.concatenate([images[gather], *flag_images]),
+                np.concatenate([values[gather], np.ones(ptr[-1] - gather.shape[0], np.float32)]),
+                n_images=n, layer=layer, source=self.me, target=target, batch=b,
+                run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
+            outgoing += [(target, c) for c in chunks]
+            m = self.metrics
+            m.add(layer, "messages_sent", 1)
+            m.add(layer, "chunks_sent", len(chunks))
+            m.add(layer, "bytes_sent", sum(len(c) for c in chunks))
+            m.add(layer, "rows_sent", pos.shape[0])
+            m.add(layer, "nnz_sent", gather.shape[0])
+        self.metrics.add(layer, "encode_s", time.perf_counter() - start)
+        try:
+            self.channel.send(self.step(layer, b), outgoing)
+        except ChannelError as exc:
+            raise WorkerError(self.me, layer, f"batch {b}: send failed: {exc}") from exc
+
+    def _slot_map(self, layer: int) -> list[np.ndarray]:
+        """Per source: neuron id -> block row (-1: that source must not send it); status rows last."""
+        maps = self.slot_maps.get(layer)
+        if maps is None:
+            s = self.share
+            n_slots = s.in_neurons[layer].shape[0]
+            maps = []
+            for source in range(self.n_peers):
+                m = np.full(s.n_neurons + 2, -1, np.int64)
+                slots = s.recv_slots[layer][source]
+                m[s.in_neurons[layer][slots]] = slots
+                m[s.n_neurons + ZERO_FLAG] = n_slots + 2 * source + ZERO_FLAG
+                m[s.n_neurons + YMAX_FLAG] = n_slots + 2 * source + YMAX_FLAG
+                maps.append(m)
+            self.slot_maps = {layer: maps}
+        return maps
+
+    def _receive(self, layer: int, b: int, state: _Batch) -> np.ndarray:
+        """The input block of ``layer``: own rows, every peer's rows and status rows."""
+        s = self.share
+        n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
+        block = np.zeros((n_slots + 2 * self.n_peers, n), np.float32)
+        block[s.local_slots[layer]] = state.own[s.local_pos[layer]]
+        zero, full = state.flags
+        block[n_slots + 2 * self.me + ZERO_FLAG] = zero
+        block[n_slots + 2 * self.me + YMAX_FLAG] = full
+        maps = self._slot_map(layer)
+        missing = set(range(self.n_peers)) - {self.me}
+        step = self.step(layer, b)
+        backlog = self.pending.pop((layer, b), [])
+        deadline = time.monotonic() + self.receive_timeout
+        while missing:
+            chunks, backlog = backlog, []
+            if not chunks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WorkerError(self.me, layer, f"batch {b}: no complete message from worker(s) "
+                                                      f"{sorted(missing)} within {self.receive_timeout} s")
+                start = time.perf_counter()
+                try:
+                    chunks = self.channel.receive(step, remaining)
+                except ChannelError as exc:
+                    raise WorkerError(self.me, layer, f"batch {b}: receive failed: {exc}") from exc
+                self.metrics.add(layer, "wait_s", time.perf_counter() - start)
+            start = time.perf_counter()
+            for chunk in chunks:
+                source = self._route(chunk, layer, b, block, maps)
+                if source is not None:
+                    missing.discard(source)
+                    self.metrics.add(layer, "messages_received", 1)
+                    self.metrics.add(layer, "rows_received", s.recv_slots[layer][source].shape[0])
+            self.metrics.add(layer, "decode_s", time.perf_counter() - start)
+        return block
+
+    def _route(self, chunk: bytes, layer: int, b: int, block: np.ndarray, maps) -> int | None:
+        """Decode a chunk of the current step into ``block``, hold an early one, drop a duplicate or
+        another run's. Returns the source whose message this chunk completed, else None."""
+        try:
+            h = codec.decode_header(chunk)
+        except codec.CodecError as exc:
+            raise WorkerError(self.me, layer, f"batch {b}: malformed chunk: {exc}") from exc
+        if h.run_id != self.wire_run_id:
+            self.metrics.add(layer, "duplicates", 1)
+            return None
+        if (h.target != self.me or not 0 <= h.source < self.n_peers or h.source == self.me
+                or not 1 <= h.layer < self.share.n_layers or h.batch >= len(self.batches)):
+            raise WorkerError(self.me, layer, f"batch {b}: chunk from worker {h.source} for worker "
+                                              f"{h.target}, layer {h.layer}, batch {h.batch} is misaddressed")
+        here, theirs = self.step(layer, b), self.step(h.layer, h.batch)
+        if theirs > here:
+            self.pending.setdefault((h.layer, h.batch), []).append(chunk)
+            return None
+        if theirs < here or not self.tracker.accept(h):
+            self.metrics.add(layer, "duplicates", 1)
+            return None
+        if h.n_images != block.shape[1]:
+            raise WorkerError(self.me, layer, f"batch {b}: worker {h.source} sent {h.n_images} image "
+                                              f"columns, {block.shape[1]} are active")
+        try:
+            codec.decode_into(chunk, block, maps[h.source])
+        except codec.CodecError as exc:
+            raise WorkerError(self.me, layer, f"batch {b}: bad chunk from worker {h.source}: {exc}") from exc
+        self.metrics.add(layer, "chunks_received", 1)
+        self.metrics.add(layer, "bytes_received", len(chunk))
+        self.metrics.add(layer, "nnz_received", h.nnz)
+        return h.source if self.tracker.complete(h.key) else None
+
+    def _status_compact(self, block: np.ndarray, n_slots: int, state: _Batch) -> np.ndarray:
+        """Drop globally dead images, park globally saturated ones (every worker decides alike)."""
+        status = block[n_slots:]
+        dead = np.all(status[ZERO_FLAG::2] == 1.0, axis=0)
+        saturated = np.all(status[YMAX_FLAG::2] == 1.0, axis=0) & ~dead
+        keep = ~(dead | saturated)
+        state.parked = np.concatenate([state.parked, state.active[saturated]])
+        state.active = state.active[keep]
+        return np.ascontiguousarray(block[:n_slots, keep])
+
+
 def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
                batch_size: int | None = None) -> WorkerResult:
-    """Run this worker's part of every layer for every batch (the loop lands in the next commit)."""
-    raise NotImplementedError("the worker loop is being written (issue 4)")
+    """Run this worker's part of every layer for every batch (see :class:`WorkerLoop`)."""
+    return WorkerLoop(share, channel, run_id=run_id, receive_timeout=receive_timeout,
+                      batch_size=batch_size).run()
 
 
 def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) -> None:
@@ -73,6 +325,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     ``storage``, ``channel`` and ``launcher`` default to what the event's
     configs name; adapters pass ready-made ones (e.g. a shared boto3 client).
     """
+    started = time.time()
     event = ev.parse(event)
     storage = storage or make_storage(event.storage)
     try:
@@ -83,6 +336,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
                                 f"worker {event.worker_id}/{event.n_workers}")
         own_channel = channel is None
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)
+        ready = time.time()
         try:
             result = run_worker(share, channel, run_id=event.run_id,
                                 receive_timeout=event.receive_timeout,
@@ -90,6 +344,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         finally:
             if own_channel:
                 channel.close()
+        result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time()}
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())
         return result

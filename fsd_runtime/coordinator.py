@@ -1,0 +1,176 @@
+"""The coordinator: partition, store the shares, launch the tree, wait, gather, clean up.
+
+Used by the CLI and the AWS handler alike: what differs is only the
+storage, channel and launcher configs. Every run gets a fresh run id, its
+own storage prefix and its own channel resources, all removed at the end,
+also after a failure. A run fails (``RunError``, naming worker and layer)
+as soon as a worker reports an error, a launched process dies, or the run
+timeout passes; the launcher then stops whatever still runs.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fsd_kernels.infer import Activations
+from fsd_runtime import events as ev
+from fsd_runtime import metrics as mx
+from fsd_runtime.channels import channel_class
+from fsd_runtime.launch import LaunchError, ProcessLauncher, make_launcher, tree_depth
+from fsd_runtime.partition import make_partition
+from fsd_runtime.plan import build_shares
+from fsd_runtime.storage import LocalStorage, Storage, StorageError, unpack_arrays
+
+
+class RunError(RuntimeError):
+    """A distributed run failed; the message names the failing workers and layers."""
+
+
+@dataclass
+class RunResult:
+    activations: Activations
+    metrics: list[dict]
+    timings: dict
+    traffic: dict
+    run_id: str
+    partition: str
+    n_workers: int
+    metrics_paths: dict = field(default_factory=dict)
+
+    @property
+    def categories(self) -> np.ndarray:
+        return self.activations.categories
+
+
+def _coordinator_launcher(config: dict):
+    """The coordinator's own launcher: local processes get their own process groups (no orphans)."""
+    if config.get("kind") == "process":
+        return ProcessLauncher(config, own_group=True)
+    return make_launcher(config)
+
+
+def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: float) -> None:
+    """Until every worker has a result; raise RunError on the first error record or dead process."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        errors = storage.list(f"{prefix}/errors")
+        failed = launcher.failures()
+        if errors or failed:
+            time.sleep(0.2)  # let the workers that noticed the same failure report too
+            raise RunError(_failure_message(storage, prefix, launcher))
+        if len(storage.list(f"{prefix}/results")) == n_workers:
+            return
+        if time.monotonic() > deadline:
+            done = {int(k.rsplit("/", 1)[1].split(".")[0]) for k in storage.list(f"{prefix}/results")}
+            missing = sorted(set(range(n_workers)) - done)
+            raise RunError(f"workers {missing} did not finish within {timeout} s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def _failure_message(storage: Storage, prefix: str, launcher) -> str:
+    lines = []
+    for key in storage.list(f"{prefix}/errors"):
+        try:
+            record = json.loads(storage.get(key))
+            lines.append(str(record["error"]))
+        except (ValueError, KeyError, StorageError):
+            lines.append(f"{key}: unreadable error record")
+    for worker, reason in sorted(launcher.failures().items()):
+        lines.append(f"worker {worker}: {reason}")
+    return "distributed run failed: " + "; ".join(lines)
+
+
+def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neurons: int, ymax):
+    """Final activations from every worker's result (checked: results come from outside)."""
+    final = np.zeros((n_images, n_neurons), np.float32)
+    owned = np.zeros(n_neurons, np.int64)
+    for w in range(n_workers):
+        z = unpack_arrays(storage.get(ev.result_key(prefix, w)), f"result of worker {w}")
+        try:
+            neurons, active, rows, saturated = z["neurons"], z["active"], z["rows"], z["saturated"]
+        except KeyError as exc:
+            raise RunError(f"result of worker {w} lacks {exc}") from None
+        if rows.shape != (neurons.shape[0], active.shape[0]) or rows.dtype != np.float32 \
+                or any(a.size and (a.min() < 0 or a.max() >= hi)
+                       for a, hi in ((neurons, n_neurons), (active, n_images), (saturated, n_images))):
+            raise RunError(f"result of worker {w} is malformed")
+        owned[neurons] += 1
+        final[np.ix_(active, neurons)] = rows.T
+        final[saturated] = ymax
+    if not np.all(owned == 1):
+        raise RunError("worker results do not cover every output neuron exactly once")
+    nz = final != 0
+    indptr = np.zeros(n_images + 1, np.int64)
+    np.cumsum(nz.sum(axis=1), out=indptr[1:])
+    rows_idx, cols = np.nonzero(nz)
+    return Activations(indptr, cols.astype(np.int32), final[rows_idx, cols], n_neurons)
+
+
+def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph",
+                    channel: dict | None = None, launcher: dict | None = None,
+                    storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
+                    receive_timeout: float = 60.0, run_timeout: float = 900.0,
+                    metrics_dir: str | None = None, owners: np.ndarray | None = None) -> RunResult:
+    """Run ``images`` (CSR arrays: indptr, indices, data) through ``net`` (a PackedNetwork) on
+    ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``."""
+    channel = dict(channel or {"kind": "local"})
+    launcher_config = dict(launcher or {"kind": "process"})
+    tree_depth(n_workers, fanout)  # validates the tree before anything is created
+    indptr, indices, data = images
+    timings = {}
+    start = time.perf_counter()
+    if owners is None:
+        owners = make_partition(net, n_workers, partition)
+    timings["partition_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    shares = build_shares(net, indptr, indices, data, owners)
+    if len(shares) != n_workers:
+        raise ValueError(f"the partition uses {len(shares)} workers, not {n_workers}")
+    run_id = uuid.uuid4().hex[:16]
+    prefix = f"runs/{run_id}"
+    own_storage = storage is None
+    storage = storage or LocalStorage(tempfile.mkdtemp(prefix="fsd-store-"))
+    for share in shares:
+        storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+    timings["plan_upload_s"] = time.perf_counter() - start
+    kind = channel_class(channel)
+    run_channel = kind.create_run(channel, run_id, n_workers)
+    event = ev.WorkerEvent(run_id=run_id, worker_id=0, n_workers=n_workers, fanout=fanout,
+                           storage=storage.config(), prefix=prefix, channel=run_channel,
+                           launcher=launcher_config, receive_timeout=receive_timeout,
+                           run_timeout=run_timeout, batch_size=batch_size)
+    coordinator_launcher = _coordinator_launcher(launcher_config)
+    try:
+        launched = time.time()
+        start = time.perf_counter()
+        coordinator_launcher.launch([event])
+        _wait(storage, prefix, n_workers, coordinator_launcher, run_timeout)
+        timings["launch_to_done_s"] = time.perf_counter() - start
+        worker_metrics = [json.loads(storage.get(ev.metrics_key(prefix, w))) for w in range(n_workers)]
+        activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, net.n_neurons, net.ymax)
+    finally:
+        coordinator_launcher.close()
+        kind.delete_run(run_channel, run_id, n_workers)
+        storage.delete_prefix(prefix)
+        if own_storage:
+            import shutil
+
+            shutil.rmtree(storage.root, ignore_errors=True)
+    times = [m["times"] for m in worker_metrics]
+    timings["startup_s"] = max(t["ready"] for t in times) - launched
+    timings["run_s"] = max(t["finished"] for t in times) - max(t["ready"] for t in times)
+    rows = mx.merge(worker_metrics)
+    total = mx.totals(rows)
+    traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
+               "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"])}
+    result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
+    if metrics_dir:
+        result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic})
+    return result
