@@ -2,6 +2,8 @@ import pytest
 
 from fsd_runtime import model
 
+pytest_plugins = ["aws_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def official():
