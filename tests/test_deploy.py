@@ -1,0 +1,155 @@
+"""deploy / teardown against the local AWS-API server, and the SAM template through cfn-lint."""
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+
+import pytest
+
+from fsd_runtime import deploy, template
+from fsd_runtime import aws
+
+client = functools.lru_cache(maxsize=None)(aws.client)  # a boto3 client costs ~0.3 s to make
+from fsd_runtime.channels.queue import QueueResources
+
+LAYER = b"PK\x05\x06" + bytes(18)  # an empty zip: moto stores layers without unpacking them
+
+
+def _settings(**kw) -> deploy.DeploySettings:
+    return deploy.DeploySettings(name=f"fsd-{uuid.uuid4().hex[:8]}", topics=2, **kw)
+
+
+def _inventory(names: deploy.Names, settings) -> dict:
+    """What exists of a deployment, read back through the public APIs."""
+    lam, iam, s3, sns, sqs = (client(s, settings) for s in ("lambda", "iam", "s3", "sns", "sqs"))
+    prefix = names.settings.name + "-"
+    topics = sorted(t["TopicArn"].rsplit(":", 1)[1] for t in sns.list_topics()["Topics"]
+                    if t["TopicArn"].rsplit(":", 1)[1].startswith(prefix))
+    try:
+        layers = lam.list_layer_versions(LayerName=names.layer)["LayerVersions"]
+    except lam.exceptions.ResourceNotFoundException:
+        layers = []
+    return {
+        "topics": topics,
+        "functions": [f for f in lam.list_functions()["Functions"] if f["FunctionName"] == names.function],
+        "layers": layers,
+        "roles": [r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"] == names.role],
+        "buckets": [b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"] == names.bucket],
+        "queues": sqs.list_queues(QueueNamePrefix=prefix).get("QueueUrls", []),
+    }
+
+
+EMPTY = {"topics": [], "functions": [], "layers": [], "roles": [], "buckets": [], "queues": []}
+
+
+def test_deploy_creates_everything_once_and_teardown_removes_it(aws_settings):
+    settings = _settings()
+    names = deploy.names_for(settings, aws_settings)
+
+    changes = deploy.deploy(settings, aws_settings, LAYER)
+    assert f"created function {names.function}" in changes
+    have = _inventory(names, aws_settings)
+    assert have["topics"] == [f"{settings.name}-t0", f"{settings.name}-t1"]
+    assert have["buckets"] == [names.bucket] and have["roles"] == [names.role]
+    assert len(have["layers"]) == 1
+    (function,) = have["functions"]
+    assert function["Handler"] == "fsd_runtime.handler.handler"
+    assert function["Runtime"] == "python3.13" and function["MemorySize"] == 2048
+    assert [layer["Arn"] for layer in function["Layers"]] == [have["layers"][0]["LayerVersionArn"]]
+    lam, iam = client("lambda", aws_settings), client("iam", aws_settings)
+    assert lam.get_function_event_invoke_config(FunctionName=names.function)["MaximumRetryAttempts"] == 0
+    policy = iam.get_role_policy(RoleName=names.role, PolicyName=names.policy)["PolicyDocument"]
+    assert (json.loads(policy) if isinstance(policy, str) else policy) == deploy.least_privilege_policy(names)
+
+    assert deploy.deploy(settings, aws_settings, LAYER) == []
+    assert _inventory(names, aws_settings) == have
+
+    removed = deploy.teardown(settings, aws_settings)
+    assert f"function {names.function}" in removed and f"bucket {names.bucket}" in removed
+    assert _inventory(names, aws_settings) == EMPTY
+    assert deploy.teardown(settings, aws_settings) == []
+
+
+def test_redeploy_changes_only_what_differs(aws_settings):
+    settings = _settings()
+    deploy.deploy(settings, aws_settings, LAYER)
+    try:
+        bigger = deploy.DeploySettings(name=settings.name, topics=3, memory_mb=3008)
+        changes = deploy.deploy(bigger, aws_settings, LAYER)
+        assert sorted(changes) == sorted([  # the policy names the topics, so it follows them
+            f"created topic {settings.name}-t2",
+            f"set policy {settings.name}-least-privilege on role {settings.name}-worker",
+            f"updated configuration of function {settings.name}"])
+        new_layer = LAYER[:-1] + b"\x01"
+        assert deploy.deploy(bigger, aws_settings, new_layer) == [
+            f"published layer {deploy.names_for(bigger, aws_settings).layer} version 2",
+            f"updated configuration of function {settings.name}"]
+    finally:
+        deploy.teardown(deploy.DeploySettings(name=settings.name, topics=3), aws_settings)
+
+
+def test_storage_only_deployment_and_leftover_run_queues_are_swept(aws_settings):
+    settings = _settings(lambda_function=False)
+    names = deploy.names_for(settings, aws_settings)
+    assert sorted(deploy.deploy(settings, aws_settings)) == sorted(
+        [f"created bucket {names.bucket}", f"created topic {settings.name}-t0",
+         f"created topic {settings.name}-t1"])
+    resources = QueueResources(deploy.queue_config(names, aws_settings))
+    resources.create_run("crashed", 2)  # a coordinator that died before delete_run
+    other = _settings()  # another deployment's run queue must survive our teardown
+    other_names = deploy.names_for(other, aws_settings)
+    QueueResources(deploy.queue_config(other_names, aws_settings)).create_run("alive", 1)
+    try:
+        removed = deploy.teardown(settings, aws_settings)
+        assert {f"leftover run queue {settings.name}-crashed-{w}" for w in (0, 1)} <= set(removed)
+        assert _inventory(names, aws_settings) == EMPTY
+        assert len(_inventory(other_names, aws_settings)["queues"]) == 1
+    finally:
+        deploy.teardown(other, aws_settings)
+
+
+@pytest.mark.parametrize("bad", [
+    {"name": "Has_Upper"}, {"name": "x"}, {"architecture": "sparc"}, {"python": "3"},
+    {"memory_mb": 64}, {"timeout_s": 901}, {"topics": 0},
+])
+def test_bad_settings_are_clear_errors(bad):
+    with pytest.raises(deploy.DeployError):
+        deploy.DeploySettings(**bad)
+
+
+def test_missing_layer_zip_names_the_build_command(tmp_path):
+    settings = deploy.DeploySettings(layer_zip=str(tmp_path / "nope.zip"))
+    with pytest.raises(deploy.DeployError, match="layer.zip.sh"):
+        deploy.find_layer_zip(settings)
+
+
+def test_policy_reaches_only_the_deployment():
+    names = deploy.Names(deploy.DeploySettings(name="fsd-a", topics=2), "123456789012", "eu-west-1")
+    policy = deploy.least_privilege_policy(names)
+    resources = [r for st in policy["Statement"] for r in st["Resource"]]
+    assert all("*" not in r or r.endswith(("fsd-a-*", "fsd-a-123456789012-eu-west-1/*", ":*"))
+               for r in resources), resources
+    assert all(st["Effect"] == "Allow" and "*" not in st["Action"] for st in policy["Statement"])
+    actions = {a for st in policy["Statement"] for a in st["Action"]}
+    assert not {a for a in actions if a.startswith(("iam:", "sqs:Create", "sns:Create", "s3:Create"))}
+
+
+def test_sam_template_passes_cfn_lint_and_matches_deploy():
+    from cfnlint.api import ManualArgs, lint
+
+    settings = deploy.DeploySettings(name="fsd-t", architecture="arm64", topics=3)
+    text = template.render(settings)
+    assert [str(m) for m in lint(text, config=ManualArgs(regions=["eu-west-1"]))] == []
+    doc = json.loads(text)
+    resources = doc["Resources"]
+    assert sorted(k for k in resources if k.startswith("Topic")) == ["Topic0", "Topic1", "Topic2"]
+    function = resources["WorkerFunction"]["Properties"]
+    assert function["Architectures"] == ["arm64"] and function["Handler"] == deploy.HANDLER
+    assert function["EventInvokeConfig"] == {"MaximumRetryAttempts": 0}
+    statements = resources["WorkerRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    names = deploy.Names(settings, "${AWS::AccountId}", "${AWS::Region}", "${AWS::Partition}")
+    assert [st["Sid"] for st in statements] == [st["Sid"] for st in deploy.least_privilege_policy(names)["Statement"]]
+    broken = json.loads(text)
+    broken["Resources"]["WorkerFunction"]["Properties"]["Runtime"] = "python9.9"
+    assert lint(json.dumps(broken), config=ManualArgs(regions=["eu-west-1"]))
