@@ -49,9 +49,10 @@ class RunResult:
 
 def _coordinator_launcher(config: dict):
     """The coordinator's own launcher: local processes get their own process groups (no orphans)."""
-    if config.get("kind") == "process":
-        return ProcessLauncher(config, own_group=True)
-    return make_launcher(config)
+    launcher = make_launcher(config)
+    if isinstance(launcher, ProcessLauncher):  # also the AWS 'local' invoker, a ProcessLauncher
+        launcher.own_group = True
+    return launcher
 
 
 def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: float) -> None:
@@ -71,7 +72,7 @@ def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: floa
             missing = sorted(set(range(n_workers)) - done)
             raise RunError(f"workers {missing} did not finish within {timeout} s")
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
+        delay = min(delay * 1.5, getattr(storage, "poll_seconds", 0.05))  # S3: LISTs are billed
 
 
 def _failure_message(storage: Storage, prefix: str, launcher) -> str:

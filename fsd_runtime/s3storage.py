@@ -22,6 +22,9 @@ _DELETE_BATCH = 1000
 class S3Storage(Storage):
     """Keys of one bucket; ``list`` and ``delete_prefix`` work by prefix, 1000 keys a request."""
 
+    #: How often the coordinator may poll for results: each poll is two billed LISTs.
+    poll_seconds = 0.5
+
     def __init__(self, bucket: str, settings: aws.AwsSettings | None = None):
         if not isinstance(bucket, str) or not 3 <= len(bucket) <= 63:
             raise StorageError(f"s3 storage needs a bucket name of 3..63 characters, got {bucket!r}")
