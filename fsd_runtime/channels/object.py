@@ -1,0 +1,352 @@
+"""S3 channel (FSD-Inf-Object): a worker writes ONE object per step, the others read their part of it.
+
+Keys of a run, all under ``{prefix}/{run}/`` so nothing of another run is ever
+listed or read::
+
+    {prefix}/{run}/s{step:08d}/w{source:05d}/p{part:03d}
+
+``part`` counts the ``send`` calls a worker makes for one step (normally one).
+S3 bills per request (PUT/LIST ten times a GET), not per byte, so a worker
+PUTs all its chunks of a step, for every target, as one object: a small index
+(below) then the distinct chunks, each stored once with the list of targets
+that need it. A receiver reads the index with a ranged GET of the first
+``probe_bytes`` and fetches its own chunks with one more ranged GET when they
+lie beyond. To learn what has arrived it either GETs each source's next part
+directly (a missing key is one cheap GET) or, when that many GETs would cost
+more than one LIST, LISTs the step's prefix first (``poll="auto"``).
+
+Object layout (little-endian), validated before anything is used::
+
+    magic b"FSDO" | version u8 = 1 | 3 zero bytes | n_workers u32 | n_chunks u32
+    n_chunks x (offset u32, length u32, n_targets u32)      -- chunk table
+    sum(n_targets) x target u32                             -- targets, chunk by chunk
+    chunk bytes at their offsets (from the object's start)
+
+``delete_run`` removes every key under the run's prefix (the coordinator calls
+it at the end, also after a failure).
+"""
+from __future__ import annotations
+
+import re
+import struct
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+from fsd_runtime.aws import AwsSettings, Caller, client
+from fsd_runtime.channels.base import Channel, ChannelError
+
+MAGIC = b"FSDO"
+VERSION = 1
+_HEAD = struct.Struct("<4sB3xII")
+_ENTRY = struct.Struct("<III")
+#: Prices that decide between probing by GET and listing (USD per request; fsd_runtime.cost has the table).
+GET_PRICE, LIST_PRICE = 0.0004e-3, 0.005e-3
+_DELETE_BATCH = 1000
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64})*$")
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+class ObjectFormatError(ChannelError, ValueError):
+    """An object in the run's prefix is not a well-formed channel object."""
+
+
+def pack_object(chunks: Sequence[tuple[int, bytes]], n_workers: int) -> bytes:
+    """The object for one ``send``: each distinct chunk once, with the targets that need it."""
+    targets_of: dict[bytes, list[int]] = {}
+    for target, chunk in chunks:
+        if not 0 <= int(target) < n_workers:
+            raise ChannelError(f"target {target} is not a worker of 0..{n_workers - 1}")
+        targets_of.setdefault(bytes(chunk), []).append(int(target))
+    payloads = list(targets_of)
+    n_targets = [len(set(targets_of[p])) for p in payloads]
+    offset = _HEAD.size + _ENTRY.size * len(payloads) + 4 * sum(n_targets)
+    table, target_words = [], []
+    for payload, count in zip(payloads, n_targets):
+        table.append(_ENTRY.pack(offset, len(payload), count))
+        target_words.extend(sorted(set(targets_of[payload])))
+        offset += len(payload)
+    if offset >= 1 << 32:
+        raise ChannelError(f"a step's object of {offset} bytes exceeds the 4 GiB format limit")
+    return b"".join([_HEAD.pack(MAGIC, VERSION, n_workers, len(payloads)), *table,
+                     struct.pack(f"<{len(target_words)}I", *target_words), *payloads])
+
+
+@dataclass(frozen=True)
+class ObjectIndex:
+    """The parsed index of an object: where the chunks for one worker lie."""
+
+    size_needed: int                  # bytes from the start the index itself needs
+    ranges: list[tuple[int, int]]     # (offset, length) of the chunks addressed to the reader
+
+
+def read_index(head: bytes, object_size: int, n_workers: int, reader: int, where: str) -> ObjectIndex:
+    """Parse the index at the start of an object (``head`` may be a prefix of it).
+
+    Returns ``size_needed > len(head)`` when the index continues beyond ``head``."""
+    if len(head) < _HEAD.size:
+        raise ObjectFormatError(f"{where}: {object_size}-byte object is too short for a channel object")
+    magic, version, workers, n_chunks = _HEAD.unpack_from(head)
+    if magic != MAGIC or version != VERSION:
+        raise ObjectFormatError(f"{where}: not a channel object (magic {magic!r}, version {version})")
+    if workers != n_workers:
+        raise ObjectFormatError(f"{where}: written for {workers} workers, this run has {n_workers}")
+    table_end = _HEAD.size + _ENTRY.size * n_chunks
+    if table_end > object_size:
+        raise ObjectFormatError(f"{where}: {n_chunks} chunks do not fit in {object_size} bytes")
+    if table_end > len(head):
+        return ObjectIndex(table_end, [])
+    entries = [_ENTRY.unpack_from(head, _HEAD.size + _ENTRY.size * i) for i in range(n_chunks)]
+    index_end = table_end + 4 * sum(e[2] for e in entries)
+    if index_end > object_size:
+        raise ObjectFormatError(f"{where}: target lists overrun the {object_size}-byte object")
+    if index_end > len(head):
+        return ObjectIndex(index_end, [])
+    ranges, pos = [], table_end
+    for offset, length, count in entries:
+        targets = struct.unpack_from(f"<{count}I", head, pos)
+        pos += 4 * count
+        if any(t >= n_workers for t in targets) or not index_end <= offset <= offset + length <= object_size:
+            raise ObjectFormatError(f"{where}: chunk table entry out of range")
+        if reader in targets:
+            ranges.append((offset, length))
+    return ObjectIndex(index_end, ranges)
+
+
+@dataclass(frozen=True)
+class ObjectConfig:
+    """The object channel's settings (the ``{"kind": "object", ...}`` channel config)."""
+
+    bucket: str
+    prefix: str = "fsd-runs"
+    aws: AwsSettings = AwsSettings()
+    #: "auto" (cheaper of GET-probing and LIST), "get" or "list".
+    poll: str = "auto"
+    poll_interval: float = 0.025
+    max_poll_interval: float = 0.4
+    probe_bytes: int = 64 * 1024
+    max_chunk_bytes: int = 64 * 1024 * 1024
+    create_bucket: bool = True
+
+    @classmethod
+    def parse(cls, config: Mapping) -> "ObjectConfig":
+        """Validate a channel config dict; ValueError names the field."""
+        fields = dict(config)
+        fields.pop("kind", None)
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"object channel config has unknown fields {unknown}")
+        if "bucket" not in fields:
+            raise ValueError("object channel config needs a 'bucket'")
+        parsed = cls(**{**fields, "aws": AwsSettings.from_dict(fields.get("aws"))})
+        if not isinstance(parsed.bucket, str) or not _BUCKET.match(parsed.bucket):
+            raise ValueError(f"object channel 'bucket' is not a valid S3 bucket name: {parsed.bucket!r}")
+        if not isinstance(parsed.prefix, str) or not _PREFIX.match(parsed.prefix):
+            raise ValueError(f"object channel 'prefix' must match {_PREFIX.pattern}, got {parsed.prefix!r}")
+        if parsed.poll not in ("auto", "get", "list"):
+            raise ValueError(f"object channel 'poll' must be auto, get or list, got {parsed.poll!r}")
+        for name in ("poll_interval", "max_poll_interval"):
+            value = getattr(parsed, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 60:
+                raise ValueError(f"object channel {name!r} must be seconds in (0, 60], got {value!r}")
+        for name, low in (("probe_bytes", _HEAD.size), ("max_chunk_bytes", 1024)):
+            value = getattr(parsed, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 1 << 32:
+                raise ValueError(f"object channel {name!r} must be an integer in {low}..2**32-1, got {value!r}")
+        return parsed
+
+    def to_dict(self) -> dict:
+        return {"kind": "object", **{k: getattr(self, k) for k in self.__dataclass_fields__ if k != "aws"},
+                "aws": self.aws.to_dict()}
+
+    def run_prefix(self, run_id: str) -> str:
+        return f"{self.prefix}/{run_id}/"
+
+
+def step_prefix(config: ObjectConfig, run_id: str, step: int) -> str:
+    return f"{config.run_prefix(run_id)}s{step:08d}/"
+
+
+def object_key(config: ObjectConfig, run_id: str, step: int, source: int, part: int) -> str:
+    return f"{step_prefix(config, run_id, step)}w{source:05d}/p{part:03d}"
+
+
+def list_keys(call: Caller, s3, bucket: str, prefix: str) -> list[str]:
+    """Every key under ``prefix`` (ListObjectsV2, 1000 a page); [] if the bucket is gone."""
+    keys, token = [], {}
+    while True:
+        page = call("ListObjectsV2", s3.list_objects_v2, absent=frozenset({"NoSuchBucket"}),
+                    Bucket=bucket, Prefix=prefix, **token)
+        if page is None:
+            return keys
+        keys.extend(o["Key"] for o in page.get("Contents", []))
+        if not page.get("IsTruncated"):
+            return keys
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+
+
+class ObjectResources:
+    """Bucket set-up and run clean-up (coordinator, deploy/teardown); idempotent."""
+
+    def __init__(self, config: ObjectConfig, caller: Caller | None = None):
+        self.config = config
+        self.call = caller or Caller(config.aws)
+        self.s3 = client("s3", config.aws)
+
+    def ensure_bucket(self) -> None:
+        if self.call("HeadBucket", self.s3.head_bucket, absent=_MISSING, Bucket=self.config.bucket) is None:
+            region = self.s3.meta.region_name
+            where = {} if region in (None, "us-east-1") else {
+                "CreateBucketConfiguration": {"LocationConstraint": region}}
+            self.call("CreateBucket", self.s3.create_bucket, absent=frozenset({"BucketAlreadyOwnedByYou"}),
+                      Bucket=self.config.bucket, **where)
+
+    def keys(self, prefix: str) -> list[str]:
+        return list_keys(self.call, self.s3, self.config.bucket, prefix)
+
+    def delete_run(self, run_id: str) -> int:
+        """Delete every object of the run; the number deleted."""
+        keys = self.keys(self.config.run_prefix(run_id))
+        for start in range(0, len(keys), _DELETE_BATCH):
+            answer = self.call("DeleteObjects", self.s3.delete_objects, Bucket=self.config.bucket,
+                               Delete={"Objects": [{"Key": k} for k in keys[start:start + _DELETE_BATCH]],
+                                       "Quiet": True})
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise ChannelError(f"s3://{self.config.bucket}/{first.get('Key')}: delete failed "
+                                   f"({first.get('Code')}: {first.get('Message')})")
+        return len(keys)
+
+
+class ObjectChannel(Channel):
+    """One worker's end: one PUT per step, ranged GETs of the others' objects."""
+
+    def __init__(self, config: ObjectConfig, worker_id: int, n_workers: int, run_id: str,
+                 caller: Caller | None = None):
+        self.config = config
+        self.worker = worker_id
+        self.n_workers = n_workers
+        self.run_id = run_id
+        self.max_chunk_bytes = config.max_chunk_bytes
+        self.call = caller or Caller(config.aws)
+        self.s3 = client("s3", config.aws)
+        self.counts: Counter[str] = Counter()
+        self._parts_sent: Counter[int] = Counter()
+        self._parts_read: dict[int, Counter[int]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"s3-w{worker_id}")
+
+    @classmethod
+    def from_config(cls, config: Mapping, worker_id: int, n_workers: int, run_id: str) -> "ObjectChannel":
+        return cls(ObjectConfig.parse(config), worker_id, n_workers, run_id)
+
+    @classmethod
+    def create_run(cls, config: Mapping, run_id: str, n_workers: int) -> dict:
+        parsed = ObjectConfig.parse(config)
+        if parsed.create_bucket:
+            ObjectResources(parsed).ensure_bucket()
+        return replace(parsed, create_bucket=False).to_dict()
+
+    @classmethod
+    def delete_run(cls, config: Mapping, run_id: str, n_workers: int) -> None:
+        ObjectResources(ObjectConfig.parse(config)).delete_run(run_id)
+
+    def send(self, step: int, chunks: Sequence[tuple[int, bytes]]) -> None:
+        for _, chunk in chunks:
+            if len(chunk) > self.max_chunk_bytes:
+                raise ChannelError(f"chunk of {len(chunk)} bytes exceeds max_chunk_bytes={self.max_chunk_bytes}")
+        body = pack_object(chunks, self.n_workers)
+        key = object_key(self.config, self.run_id, step, self.worker, self._parts_sent[step])
+        self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body)
+        self._parts_sent[step] += 1
+        self.counts["s3_put_requests"] += 1
+        self.counts["messages_sent"] += len(chunks)
+        self.counts["bytes_sent"] += len(body)
+
+    def receive(self, step: int, timeout: float) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        interval = self.config.poll_interval
+        parts = self._parts_read.setdefault(step, Counter())
+        while True:
+            found = self._poll(step, parts)
+            if found:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(interval, remaining))
+            interval = min(interval * 2, self.config.max_poll_interval)
+
+    def _use_list(self, n_probes: int) -> bool:
+        if self.config.poll != "auto":
+            return self.config.poll == "list"
+        return n_probes * GET_PRICE > LIST_PRICE
+
+    def _poll(self, step: int, parts: Counter[int]) -> list[bytes]:
+        """Chunks of every new object of ``step``; marks them read."""
+        sources = [s for s in range(self.n_workers) if s != self.worker]
+        if self._use_list(len(sources)):
+            self.counts["s3_list_requests"] += 1
+            present = set(list_keys(self.call, self.s3, self.config.bucket,
+                                    step_prefix(self.config, self.run_id, step)))
+            sources = [s for s in sources
+                       if object_key(self.config, self.run_id, step, s, parts[s]) in present]
+        results = list(self._pool.map(lambda s: self._fetch(step, s, parts[s]), sources))
+        chunks: list[bytes] = []
+        for source, result in zip(sources, results):
+            if result is not None:
+                parts[source] += 1
+                chunks.extend(result)
+        return chunks
+
+    def _get(self, key: str, first: int, last: int) -> tuple[bytes, int] | None:
+        """Bytes ``first..last`` (inclusive) of ``key`` and the object's size; None if absent."""
+        answer = self.call("GetObject", self.s3.get_object, absent=_MISSING, Bucket=self.config.bucket,
+                           Key=key, Range=f"bytes={first}-{last}")
+        self.counts["s3_get_requests"] += 1
+        if answer is None:
+            return None
+        size = int(answer["ContentRange"].rsplit("/", 1)[-1]) if "ContentRange" in answer else answer["ContentLength"]
+        data = answer["Body"].read()
+        self.counts["s3_bytes_read"] += len(data)
+        return data, size
+
+    def _get_present(self, key: str, first: int, last: int) -> bytes:
+        got = self._get(key, first, last)
+        if got is None:
+            raise ChannelError(f"s3://{self.config.bucket}/{key} vanished while being read")
+        return got[0]
+
+    def _fetch(self, step: int, source: int, part: int) -> list[bytes] | None:
+        """The chunks for this worker in one object, or None if it is not there yet."""
+        key = object_key(self.config, self.run_id, step, source, part)
+        got = self._get(key, 0, self.config.probe_bytes - 1)
+        if got is None:
+            return None
+        head, size = got
+        index = read_index(head, size, self.n_workers, self.worker, key)
+        while index.size_needed > len(head):  # at most twice: chunk table, then target lists
+            head = self._get_present(key, 0, index.size_needed - 1)
+            index = read_index(head, size, self.n_workers, self.worker, key)
+        if not index.ranges:
+            return []
+        low = min(o for o, _ in index.ranges)
+        high = max(o + n for o, n in index.ranges)
+        if high > len(head):
+            body = self._get_present(key, low, high - 1)
+            base = low
+        else:
+            body, base = head, 0
+        self.counts["bytes_received"] += high - low
+        self.counts["messages_received"] += len(index.ranges)
+        return [body[o - base:o - base + n] for o, n in index.ranges]
+
+    def requests(self) -> dict[str, int]:
+        """Billed-request and traffic counters (merged into the run's metrics and cost)."""
+        return {**self.counts, "aws_retries": sum(self.call.retries.values())}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.s3.close()

@@ -1,0 +1,196 @@
+"""ObjectChannel (S3) against the local AWS-API server, and its object format against a naive twin."""
+from __future__ import annotations
+
+import random
+import uuid
+
+import boto3
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fsd_runtime.channels import ChannelError, make_channel
+from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, pack_object,
+                                         read_index)
+
+
+def naive_addressed(chunks: list[tuple[int, bytes]], reader: int) -> list[bytes]:
+    """The chunks ``reader`` should get: each distinct payload once, in first-seen order."""
+    distinct = list(dict.fromkeys(c for _, c in chunks))
+    return [c for c in distinct if any(t == reader and p == c for t, p in chunks)]
+
+
+def read_for(obj: bytes, n_workers: int, reader: int) -> list[bytes]:
+    index = read_index(obj, len(obj), n_workers, reader, "test")
+    return [obj[o:o + n] for o, n in index.ranges]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.binary(max_size=40)), max_size=12))))
+def test_object_format_gives_each_reader_exactly_its_chunks(case):
+    n_workers, chunks = case
+    obj = pack_object(chunks, n_workers)
+    for reader in range(n_workers):
+        assert read_for(obj, n_workers, reader) == naive_addressed(chunks, reader)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 300))
+def test_hostile_objects_raise_format_errors_only(data, cut):
+    good = pack_object([(0, b"abc"), (1, b"defg"), (2, b"abc")], 3)
+    for blob in (data, good[:cut], bytearray(good)):
+        if isinstance(blob, bytearray) and blob:
+            blob[cut % len(blob)] ^= 0x5A
+        blob = bytes(blob)
+        try:
+            index = read_index(blob, len(blob), 3, 1, "fuzz")
+        except ObjectFormatError:
+            continue
+        assert all(0 <= o and o + n <= len(blob) for o, n in index.ranges)
+
+
+def test_a_short_head_asks_for_more_instead_of_guessing():
+    obj = pack_object([(t, bytes([t]) * 10) for t in range(5)], 5)
+    index = read_index(obj[:20], len(obj), 5, 3, "head")
+    assert index.ranges == [] and index.size_needed > 20
+    with pytest.raises(ObjectFormatError, match="workers"):
+        read_index(obj, len(obj), 4, 0, "wrong run size")
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="bucket"):
+        ObjectConfig.parse({"kind": "object"})
+    with pytest.raises(ValueError, match="poll"):
+        ObjectConfig.parse({"kind": "object", "bucket": "fsd-test", "poll": "sometimes"})
+    with pytest.raises(ValueError, match="prefix"):
+        ObjectConfig.parse({"kind": "object", "bucket": "fsd-test", "prefix": "../x"})
+
+
+@pytest.fixture
+def run(aws, aws_settings):
+    made = []
+
+    def make(n_workers: int, bucket: str = "fsd-object-tests", run_id: str | None = None, **options):
+        run_id = run_id or f"r{uuid.uuid4().hex[:12]}"
+        base = {"kind": "object", "bucket": bucket, "aws": aws_settings.to_dict(), **options}
+        config = ObjectChannel.create_run(base, run_id, n_workers)
+        channels = [make_channel(config, w, n_workers, run_id) for w in range(n_workers)]
+        made.append((config, run_id, n_workers, channels))
+        return config, run_id, channels
+
+    yield make
+    for config, run_id, n_workers, channels in made:
+        for channel in channels:
+            channel.close()
+        ObjectChannel.delete_run(config, run_id, n_workers)
+
+
+def receive_all(channel: ObjectChannel, expected: int, step: int) -> list[bytes]:
+    got: list[bytes] = []
+    for _ in range(20):
+        if len(got) >= expected:
+            break
+        got.extend(channel.receive(step, timeout=2))
+    return sorted(got)
+
+
+def all_to_all(channels, step: int) -> dict[int, list[bytes]]:
+    n = len(channels)
+    sent = {w: [] for w in range(n)}
+    for source, channel in enumerate(channels):
+        shared = f"shared {source} {step}".encode()
+        outgoing = [(t, shared) for t in range(n) if t != source]
+        outgoing += [(t, f"{source}->{t} @{step}".encode() * (t + 1)) for t in range(n) if t != source]
+        channel.send(step, outgoing)
+        for t, c in outgoing:
+            sent[t].append(c)
+    return sent
+
+
+@pytest.mark.parametrize("poll", ["get", "list"])
+def test_round_trip_one_put_per_worker_and_step(run, aws, poll):
+    _, _, channels = run(3, poll=poll)
+    for step in (0, 1):
+        sent = all_to_all(channels, step)
+        for w, channel in enumerate(channels):
+            assert receive_all(channel, len(sent[w]), step) == sorted(sent[w])
+    assert aws.requests["PutObject"] == 3 * 2
+    assert sum(c.counts["s3_put_requests"] for c in channels) == 6
+    assert (aws.requests["ListObjects"] > 0) == (poll == "list")
+
+
+def test_a_second_send_in_a_step_is_a_new_part(run):
+    _, _, channels = run(2, poll="get")
+    channels[0].send(4, [(1, b"first")])
+    assert channels[1].receive(4, timeout=2) == [b"first"]
+    channels[0].send(4, [(1, b"second")])
+    assert channels[1].receive(4, timeout=2) == [b"second"]
+    assert channels[1].receive(4, timeout=0.2) == []
+
+
+def test_an_index_larger_than_the_probe_is_read_in_full(run, aws):
+    _, _, channels = run(2, probe_bytes=16)
+    payloads = [bytes([i]) * 100 for i in range(5)]
+    channels[0].send(0, [(1, p) for p in payloads])
+    assert sorted(channels[1].receive(0, timeout=2)) == sorted(payloads)
+    assert channels[1].counts["s3_get_requests"] == 4   # probe, chunk table, target lists, own chunks
+
+
+def test_throttled_puts_and_gets_are_retried(run, aws):
+    _, _, channels = run(2, poll="get")
+    aws.throttle("PutObject", 2)
+    aws.throttle("GetObject", 2)
+    channels[0].send(0, [(1, b"payload")])
+    assert receive_all(channels[1], 1, 0) == [b"payload"]
+    assert channels[0].call.retries["PutObject"] == 2 and channels[1].call.retries["GetObject"] == 2
+
+
+def test_two_concurrent_runs_do_not_see_each_other(run):
+    _, _, run_a = run(2)
+    _, _, run_b = run(2)
+    run_a[0].send(0, [(1, b"from a")])
+    run_b[0].send(0, [(1, b"from b")])
+    assert run_a[1].receive(0, timeout=2) == [b"from a"]
+    assert run_b[1].receive(0, timeout=2) == [b"from b"]
+
+
+def test_a_foreign_object_in_the_run_is_a_clear_error(run, aws_settings):
+    config, run_id, channels = run(2, poll="get")
+    s3 = boto3.client("s3", endpoint_url=aws_settings.endpoint_url)
+    s3.put_object(Bucket=config["bucket"], Key=f"{config['prefix']}/{run_id}/s00000000/w00000/p000",
+                  Body=b"\x00" * 64)
+    with pytest.raises(ObjectFormatError, match="not a channel object"):
+        channels[1].receive(0, timeout=1)
+
+
+def test_everything_of_a_failed_run_is_deleted_and_other_runs_survive(aws, aws_settings):
+    base = {"kind": "object", "bucket": "fsd-cleanup-tests", "aws": aws_settings.to_dict()}
+    s3 = boto3.client("s3", endpoint_url=aws_settings.endpoint_url)
+    keep = ObjectChannel.create_run(base, "keep", 2)
+    make_channel(keep, 0, 2, "keep").send(0, [(1, b"kept")])
+
+    def failing_run():
+        config = ObjectChannel.create_run(base, "doomed", 3)
+        try:
+            channels = [make_channel(config, w, 3, "doomed") for w in range(3)]
+            for step in range(random.randint(2, 4)):
+                all_to_all(channels, step)
+            raise RuntimeError("worker 2 died")
+        finally:
+            ObjectChannel.delete_run(config, "doomed", 3)
+
+    with pytest.raises(RuntimeError, match="worker 2 died"):
+        failing_run()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="fsd-cleanup-tests").get("Contents", [])]
+    assert keys and all(k.startswith("fsd-runs/keep/") for k in keys)
+    ObjectChannel.delete_run(keep, "keep", 2)
+    ObjectChannel.delete_run(keep, "keep", 2)                  # idempotent
+    assert s3.list_objects_v2(Bucket="fsd-cleanup-tests").get("KeyCount", 0) == 0
+
+
+def test_oversized_chunks_and_bad_targets_are_refused(run):
+    _, _, channels = run(2, max_chunk_bytes=1024)
+    with pytest.raises(ChannelError, match="max_chunk_bytes"):
+        channels[0].send(0, [(1, b"x" * 1025)])
+    with pytest.raises(ChannelError, match="not a worker"):
+        channels[0].send(0, [(2, b"x")])
