@@ -45,6 +45,56 @@ def _activate(z, bias, ymax):
     return v
 
 
+#: Image columns one pass of ``dense_layer`` works on: the 32 input rows of
+#: that width an output neuron reads stay in L1/L2 while it is summed, so a
+#: block may be far wider (and hold many batches' survivors) at no cost.
+COLUMN_TILE = 256
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out):
+    # Row slices indexed from 0 (not range(c0, c1)): numba then knows the
+    # index is never negative, skips wrap-around and the loops vectorise.
+    m = c1 - c0
+    for j in range(colptr.shape[0] - 1):
+        acc = out[j, c0:c1]
+        for i in range(m):
+            acc[i] = 0.0
+        start = colptr[j]
+        stop = colptr[j + 1]
+        t = start
+        while t + 8 <= stop:
+            # Eight terms per pass, still added one by one in ascending k.
+            w0, w1, w2, w3 = vals[t], vals[t + 1], vals[t + 2], vals[t + 3]
+            w4, w5, w6, w7 = vals[t + 4], vals[t + 5], vals[t + 6], vals[t + 7]
+            y0, y1 = block[rowidx[t], c0:c1], block[rowidx[t + 1], c0:c1]
+            y2, y3 = block[rowidx[t + 2], c0:c1], block[rowidx[t + 3], c0:c1]
+            y4, y5 = block[rowidx[t + 4], c0:c1], block[rowidx[t + 5], c0:c1]
+            y6, y7 = block[rowidx[t + 6], c0:c1], block[rowidx[t + 7], c0:c1]
+            for i in range(m):
+                acc[i] = ((((((((acc[i] + w0 * y0[i]) + w1 * y1[i]) + w2 * y2[i]) + w3 * y3[i])
+                             + w4 * y4[i]) + w5 * y5[i]) + w6 * y6[i]) + w7 * y7[i])
+            t += 8
+        while t < stop:
+            w = vals[t]
+            y = block[rowidx[t], c0:c1]
+            for i in range(m):
+                acc[i] += w * y[i]
+            t += 1
+        b = bias[j]
+        if b > 0.0:
+            for i in range(m):
+                structural = False
+                for t in range(start, stop):
+                    if block[rowidx[t], c0 + i] != 0.0:
+                        structural = True
+                        break
+                acc[i] = _activate(acc[i], b, ymax) if structural else np.float32(0.0)
+        else:
+            for i in range(m):
+                acc[i] = _activate(acc[i], b, ymax)
+
+
 @_kernel
 def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     """One layer on the first ``n`` columns of a dense block.
@@ -52,50 +102,34 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     ``colptr/rowidx/vals`` is W in CSC form (per output neuron j, its input
     rows ascending); ``rowidx`` indexes rows of ``block``, which lets a
     distributed worker pass W remapped to the rows it holds. Writes
-    ``out[j, :n]`` for every output neuron j. A neuron with bias > 0 also
-    tracks structure, because there an absent sum and a zero sum differ.
+    ``out[j, :n]`` for every output neuron j, ``COLUMN_TILE`` columns at a
+    time. A neuron with bias > 0 also tracks structure, because there an
+    absent sum and a zero sum differ.
     """
-    n_out = colptr.shape[0] - 1
-    for j in range(n_out):
-        acc = out[j]
-        for i in range(n):
-            acc[i] = 0.0
-        start = colptr[j]
-        stop = colptr[j + 1]
-        for t in range(start, stop):
-            w = vals[t]
-            y = block[rowidx[t]]
-            for i in range(n):
-                acc[i] += w * y[i]
-        b = bias[j]
-        if b > 0.0:
-            for i in range(n):
-                structural = False
-                for t in range(start, stop):
-                    if block[rowidx[t], i] != 0.0:
-                        structural = True
-                        break
-                acc[i] = _activate(acc[i], b, ymax) if structural else np.float32(0.0)
-        else:
-            for i in range(n):
-                acc[i] = _activate(acc[i], b, ymax)
+    for c0 in range(0, n, COLUMN_TILE):
+        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out)
 
 
 @_kernel
 def csr_rows_to_block(indptr, indices, data, row_start, row_stop, block, ids):
     """Scatter the non-empty CSR rows [row_start, row_stop) into block columns.
 
-    Empty rows stay zero through every layer, so they are skipped. Writes
-    the row id of each column into ``ids``; returns the number of columns.
+    Empty rows stay zero through every layer, so they are skipped. Zeroes
+    ``block[:, :row_stop - row_start]`` row by row first (a column-wise
+    clear touches a new cache line per element and cost more than a layer).
+    Writes the row id of each column into ``ids``; returns the number of columns.
     """
+    width = row_stop - row_start
+    for j in range(block.shape[0]):
+        r = block[j]
+        for i in range(width):
+            r[i] = 0.0
     n = 0
     for r in range(row_start, row_stop):
         lo = indptr[r]
         hi = indptr[r + 1]
         if lo == hi:
             continue
-        for j in range(block.shape[0]):
-            block[j, n] = 0.0
         for p in range(lo, hi):
             block[indices[p], n] = data[p]
         ids[n] = r

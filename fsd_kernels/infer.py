@@ -13,8 +13,19 @@ from fsd_kernels import _validate
 from fsd_kernels._backend import kernels
 from fsd_kernels.network import PackedNetwork
 
-#: Images per dense block: two N x B float32 blocks stay in a core's L2 at N=1024.
-DEFAULT_BATCH = 128
+#: Most bytes one dense N x B float32 block may take (each thread holds two).
+BLOCK_BYTES = 16 * 2**20
+#: Batches per thread at least, so threads finish at about the same time.
+BATCHES_PER_THREAD = 4
+
+
+def default_batch(n_images: int, n_neurons: int, threads: int) -> int:
+    """Images per block: wide blocks keep many survivors together in the late layers
+    (a layer costs per output neuron per call, so a few live columns per block waste
+    it), bounded by ``BLOCK_BYTES`` and cut so that every thread gets several batches."""
+    by_memory = max(1, BLOCK_BYTES // (4 * n_neurons))
+    by_balance = -(-n_images // (threads * BATCHES_PER_THREAD))
+    return max(1, min(by_memory, by_balance))
 
 
 class Activations(NamedTuple):
@@ -67,18 +78,23 @@ def _assemble(n_images, n, pieces, ymax):
     return Activations(indptr, indices, data, n)
 
 
-def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int = DEFAULT_BATCH,
+def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None = None,
           threads: int | None = None) -> Activations:
-    """Run images (CSR, images x neurons) through ``net``; exact Graph Challenge semantics."""
+    """Run images (CSR, images x neurons) through ``net``; exact Graph Challenge semantics.
+
+    ``threads`` defaults to all cores, ``batch_size`` to :func:`default_batch`.
+    """
     if not isinstance(net, PackedNetwork):
         raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")
     n_images = np.asarray(indptr).shape[0] - 1
     indptr, indices, data = _validate.csr("images", indptr, indices, data, (n_images, net.n_neurons))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    threads = threads or os.cpu_count() or 1
+    threads = (os.cpu_count() or 1) if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be positive, got {threads}")
+    if batch_size is None:
+        batch_size = default_batch(n_images, net.n_neurons, threads)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     spans = [(s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
     if threads == 1 or len(spans) <= 1:
         pieces = [_run_batch(net, indptr, indices, data, s, e) for s, e in spans]

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run inference and check the categories")
     add_data_options(run)
     run.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
-    run.add_argument("--batch-size", type=int, default=128, help="images per block")
+    run.add_argument("--batch-size", type=int, default=None, help="images per block (default: by size)")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
