@@ -13,6 +13,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,6 +172,7 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     total = mx.totals(rows)
     traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
                "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"])}
+    traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     if metrics_dir:
         result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic})

@@ -59,6 +59,11 @@ class Channel(ABC):
     def delete_run(cls, config: Mapping, run_id: str, n_workers: int) -> None:
         """Coordinator, at the end (success or not): remove everything the run left behind."""
 
+    def requests(self) -> dict[str, int]:
+        """Billed requests and traffic this end has counted (AWS channels; see fsd_runtime.cost),
+        stored in the worker's metrics as ``requests`` and summed by the coordinator."""
+        return {}
+
     def close(self) -> None:
         """Release this end (connections, and for the run's owner the run's resources)."""
 
