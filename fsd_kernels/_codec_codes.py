@@ -13,8 +13,10 @@ KIND_RUN = 3
 VALUES_RAW = 0
 VALUES_CONST = 1
 VALUES_DICT = 2
-#: Largest value dictionary.
-DICT_MAX = 256
+#: Largest value dictionary (codes are one byte up to 256 entries, two above).
+DICT_MAX = 65536
+#: A dictionary is used only when every entry serves this many values on average.
+DICT_MIN_USES = 4
 
 # Error codes returned by the decoding kernels (see codec._KERNEL_ERRORS).
 E_TRUNCATED = -1
@@ -30,3 +32,4 @@ E_TRAILING = -10
 E_UNEXPECTED_NEURON = -11
 E_TOO_FEW = -12
 E_ROW_KIND = -13
+E_DICT_ORDER = -14

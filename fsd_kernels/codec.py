@@ -36,14 +36,20 @@ from typing import Optional
 
 import numpy as np
 
+try:
+    import zstandard
+except ImportError:  # zlib then, and zstd chunks cannot be read here
+    zstandard = None
+
 from fsd_kernels import _codec_codes as core
 from fsd_kernels._backend import kernels
 
 MAGIC = b"FSDM"
 VERSION = 1
-#: Flag bit: the payload is zlib-compressed (``raw_len`` is its decompressed size).
+#: Flag values (low two bits): how the payload is compressed (``raw_len`` is its inflated size).
 FLAG_ZLIB = 1
-_KNOWN_FLAGS = FLAG_ZLIB
+FLAG_ZSTD = 2
+_COMPRESSION = 3
 #: magic, version, flags, run_id length, reserved, run_id, layer, batch, source, target,
 #: chunk, n_chunks, n_images, n_rows, nnz, raw_len, payload_len; then the crc32.
 _HEAD = struct.Struct("<4sBBBB16s11I")
@@ -57,8 +63,11 @@ MAX_IMAGES = (1 << 31) - 1
 _U32 = (1 << 32) - 1
 #: Smallest chunk budget accepted: a header and one worst-case entry.
 MIN_MAX_BYTES = HEADER_SIZE + 64
-#: zlib level used when compression pays.
+#: Compression levels used when compression pays (zstd when installed, else zlib).
+ZSTD_LEVEL = 9
 ZLIB_LEVEL = 6
+#: Payloads shorter than this are sent as they are.
+MIN_COMPRESS = 64
 
 _KERNEL_ERRORS = {
     core.E_TRUNCATED: "payload ends inside a field (truncated or a length field lies)",
@@ -74,6 +83,7 @@ _KERNEL_ERRORS = {
     core.E_UNEXPECTED_NEURON: "neuron not expected by this receiver (no slot)",
     core.E_TOO_FEW: "rows hold fewer entries than the header's nnz",
     core.E_ROW_KIND: "unknown row record kind",
+    core.E_DICT_ORDER: "value dictionary not strictly ascending",
 }
 
 
@@ -123,6 +133,11 @@ class Message:
 
 # ---------------------------------------------------------------- encoding
 
+def _raw_bound(n_rows: int, nnz: int) -> int:
+    """Most bytes a raw payload of ``n_rows`` rows and ``nnz`` entries can take."""
+    return 16 * n_rows + 9 * nnz + 32
+
+
 def _int_array(name: str, a, limit: int) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim != 1:
@@ -164,15 +179,21 @@ def _payload(row_neurons, row_ptr, images, bits) -> tuple[bytes, int, int]:
     """Encode one chunk's rows; return (payload, flags, raw length)."""
     n_rows = row_neurons.shape[0]
     nnz = images.shape[0]
-    out = np.empty(16 * n_rows + 9 * nnz + 32, np.uint8)
+    out = np.empty(_raw_bound(n_rows, nnz), np.uint8)
     pos = kernels.encode_rows(row_neurons, row_ptr, images, out)
     pos = kernels.encode_values(bits, out, pos)
     raw = out[:pos].tobytes()
-    if pos > 64:
-        packed = zlib.compress(raw, ZLIB_LEVEL)
+    if pos >= MIN_COMPRESS:
+        packed, flag = _compress(raw)
         if len(packed) < pos:
-            return packed, FLAG_ZLIB, pos
+            return packed, flag, pos
     return raw, 0, pos
+
+
+def _compress(raw: bytes) -> tuple[bytes, int]:
+    if zstandard is not None:
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw), FLAG_ZSTD
+    return zlib.compress(raw, ZLIB_LEVEL), FLAG_ZLIB
 
 
 def _piece_arrays(row_neurons, row_ptr, images, bits, a: int, b: int):
@@ -332,7 +353,7 @@ def decode_header(data) -> Header:
         raise CodecError(f"bad magic {magic!r} (not an fsd_kernels.codec chunk)")
     if version != VERSION:
         raise CodecError(f"unsupported codec version {version} (this reader knows {VERSION})")
-    if flags & ~_KNOWN_FLAGS or reserved:
+    if flags & ~_COMPRESSION or flags == _COMPRESSION or reserved:
         raise CodecError(f"unknown flags {flags:#x} or nonzero reserved byte")
     if rid_len > RUN_ID_MAX or any(rid[rid_len:]):
         raise CodecError("bad run id field")
@@ -347,7 +368,7 @@ def decode_header(data) -> Header:
         raise CodecError(f"n_images={n_images} or nnz={nnz} beyond the codec's limits")
     if n_rows > nnz or (nnz and not n_rows) or nnz > n_rows * n_images:
         raise CodecError(f"{n_rows} rows over {n_images} images cannot hold {nnz} entries")
-    if raw_len > 16 * n_rows + 9 * nnz + 32 or (not flags & FLAG_ZLIB and raw_len != payload_len):
+    if raw_len > _raw_bound(n_rows, nnz) or (not flags and raw_len != payload_len):
         raise CodecError(f"raw payload length {raw_len} impossible for {n_rows} rows, {nnz} entries")
     return Header(rid[:rid_len], layer, batch, source, target, chunk, n_chunks, n_images, n_rows,
                   nnz, flags, raw_len)
@@ -355,16 +376,33 @@ def decode_header(data) -> Header:
 
 def _raw_payload(data: bytes, header: Header) -> np.ndarray:
     body = memoryview(data)[HEADER_SIZE:]
-    if header.flags & FLAG_ZLIB:
+    if header.flags == FLAG_ZLIB:
         inflater = zlib.decompressobj()
         try:
             raw = inflater.decompress(body, header.raw_len)
         except zlib.error as exc:
             raise CodecError(f"corrupt compressed payload: {exc}") from None
-        if len(raw) != header.raw_len or not inflater.eof or inflater.unused_data:
+        if not inflater.eof or inflater.unused_data:
             raise CodecError(f"compressed payload does not inflate to the {header.raw_len} bytes declared")
-        return np.frombuffer(bytearray(raw), np.uint8)
-    return np.frombuffer(bytearray(body), np.uint8)
+    elif header.flags == FLAG_ZSTD:
+        raw = _unzstd(body, header.raw_len)
+    else:
+        raw = body
+    if len(raw) != header.raw_len:
+        raise CodecError(f"compressed payload does not inflate to the {header.raw_len} bytes declared")
+    return np.frombuffer(bytearray(raw), np.uint8)
+
+
+def _unzstd(body, raw_len: int) -> bytes:
+    if zstandard is None:
+        raise CodecError("chunk is zstd-compressed but the zstandard package is not installed")
+    try:
+        params = zstandard.get_frame_parameters(body)
+        if params.content_size != raw_len:
+            raise CodecError(f"compressed payload does not inflate to the {raw_len} bytes declared")
+        return zstandard.ZstdDecompressor().decompress(body, max_output_size=raw_len)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt compressed payload: {exc}") from None
 
 
 def _kernel_error(code: int, header: Header) -> CodecError:

@@ -216,15 +216,26 @@ def test_decode_rejects_consistent_lies(change, match):
         codec.decode(reseal(fields, chunk[codec.HEADER_SIZE:]))
 
 
-def test_decode_rejects_lying_compressed_length():
+@pytest.mark.parametrize("zstd", [True, False])
+def test_decode_rejects_lying_compressed_length(zstd, monkeypatch):
+    if not zstd:
+        monkeypatch.setattr(codec, "zstandard", None)
     chunk = valid_chunk()
     fields = fields_of(chunk)
-    assert fields["flags"] & codec.FLAG_ZLIB
+    assert fields["flags"] == (codec.FLAG_ZSTD if zstd else codec.FLAG_ZLIB)
+    assert codec.decode(chunk).values.size == fields["nnz"]
     for raw_len in (fields["raw_len"] - 1, fields["raw_len"] + 1):
         with pytest.raises(codec.CodecError, match="inflate"):
             codec.decode(reseal(fields | dict(raw_len=raw_len), chunk[codec.HEADER_SIZE:]))
     with pytest.raises(codec.CodecError, match="corrupt compressed"):
         codec.decode(reseal(fields, b"\x00" * fields["payload_len"]))
+
+
+def test_zstd_chunk_without_zstandard_is_a_clear_error(monkeypatch):
+    chunk = valid_chunk()
+    monkeypatch.setattr(codec, "zstandard", None)
+    with pytest.raises(codec.CodecError, match="zstandard"):
+        codec.decode(chunk)
 
 
 def test_tracker_counts_chunks_and_refuses_changed_count():
