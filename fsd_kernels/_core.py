@@ -242,6 +242,8 @@ def sparse_layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data,
         for p in range(y_indptr[r], y_indptr[r + 1]):
             k = y_indices[p]
             v = y_data[p]
+            if v == 0.0:
+                continue  # a stored zero is no structure, as in the dense kernel
             for q in range(w_indptr[k], w_indptr[k + 1]):
                 j = w_indices[q]
                 if not seen[j]:

@@ -14,8 +14,8 @@ def as_array(name, a, dtype, ndim=1):
             info = np.iinfo(dtype)
             if a.min() < info.min or a.max() > info.max:
                 raise ValueError(f"{name} has values outside the {np.dtype(dtype).name} range")
-        elif a.size and not np.issubdtype(a.dtype, np.number):
-            raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+        elif a.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
         a = a.astype(dtype)
     return np.ascontiguousarray(a)
 

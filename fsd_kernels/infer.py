@@ -5,7 +5,7 @@ whole parallel driver; with the native (AOT) kernels it degrades to serial.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -66,27 +66,34 @@ def _assemble(n_images, n, pieces, ymax):
     np.cumsum(row_nnz, out=indptr[1:])
     indices = np.empty(indptr[-1], np.int32)
     data = np.empty(indptr[-1], np.float32)
-    full = np.arange(n, dtype=np.int32)
     for ids, rows, sat in pieces:
-        for r, i in zip(rows, ids):
-            nz = np.flatnonzero(r)
-            indices[indptr[i]:indptr[i + 1]] = nz
-            data[indptr[i]:indptr[i + 1]] = r[nz]
-        for i in sat:
-            indices[indptr[i]:indptr[i + 1]] = full
-            data[indptr[i]:indptr[i + 1]] = ymax
+        r, c = np.nonzero(rows)  # row-major: each image's neurons ascending
+        counts = row_nnz[ids]
+        first = np.cumsum(counts) - counts
+        dest = np.repeat(indptr[ids] - first, counts) + np.arange(r.size)
+        indices[dest] = c
+        data[dest] = rows[r, c]
+        if sat.size:
+            dest = (indptr[sat][:, None] + np.arange(n)).ravel()
+            indices[dest] = np.tile(np.arange(n, dtype=np.int32), sat.size)
+            data[dest] = ymax
     return Activations(indptr, indices, data, n)
 
 
 def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None = None,
-          threads: int | None = None) -> Activations:
+          threads: int | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Activations:
     """Run images (CSR, images x neurons) through ``net``; exact Graph Challenge semantics.
 
-    ``threads`` defaults to all cores, ``batch_size`` to :func:`default_batch`.
+    ``threads`` defaults to all cores, ``batch_size`` to :func:`default_batch`;
+    ``progress(images_done, n_images)`` is called from this thread as batches finish.
     """
     if not isinstance(net, PackedNetwork):
         raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")
-    n_images = np.asarray(indptr).shape[0] - 1
+    indptr = _validate.as_array("images indptr", indptr, np.int64)
+    if indptr.shape[0] < 1:
+        raise ValueError("images indptr must have at least one entry")
+    n_images = indptr.shape[0] - 1
     indptr, indices, data = _validate.csr("images", indptr, indices, data, (n_images, net.n_neurons))
     threads = (os.cpu_count() or 1) if threads is None else threads
     if threads < 1:
@@ -96,9 +103,12 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     spans = [(s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
-    if threads == 1 or len(spans) <= 1:
-        pieces = [_run_batch(net, indptr, indices, data, s, e) for s, e in spans]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            pieces = list(pool.map(lambda span: _run_batch(net, indptr, indices, data, *span), spans))
+    pieces, done = [], 0
+    with ThreadPoolExecutor(min(threads, max(1, len(spans)))) as pool:
+        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e) for s, e in spans]
+        for future, (s, e) in zip(futures, spans):
+            pieces.append(future.result())
+            done += e - s
+            if progress is not None:
+                progress(done, n_images)
     return _assemble(n_images, net.n_neurons, pieces, net.ymax)

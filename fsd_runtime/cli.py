@@ -16,6 +16,19 @@ def _progress(args, message: str) -> None:
         print(f"[fsd-inference] {message}", file=sys.stderr, flush=True)
 
 
+def _batch_progress():
+    """A ``progress(done, total)`` callback redrawing one stderr line, on a terminal only."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r[fsd-inference] {done}/{total} images ({100 * done // max(total, 1)}%)",
+              end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
 def load_data(args) -> model.Dataset:
     """The dataset the data options name: official files, a synthetic net, or the embedded default."""
     if args.synthetic:
@@ -60,7 +73,7 @@ def run_serial(args, ds: model.Dataset) -> dict:
     _progress(args, f"inferring {ds.images.shape[0]} images ({fsd_kernels.backend} kernels)")
     start = time.perf_counter()
     result = fsd_kernels.infer(*ds.images.arrays, net, batch_size=args.batch_size,
-                               threads=args.threads)
+                               threads=args.threads, progress=_batch_progress())
     seconds = time.perf_counter() - start
     out = summary(ds, result.categories, seconds)
     out.update(mode="serial", backend=fsd_kernels.backend)
