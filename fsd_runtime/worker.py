@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from fsd_kernels import codec
-from fsd_kernels._backend import kernels
 from fsd_runtime import events as ev
 from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import Launcher, launch_children, make_launcher
@@ -39,9 +37,13 @@ YMAX_FLAG = 1
 _EMPTY = np.zeros(0, np.int64)
 
 
+#: The codec's run id field holds 16 bytes; run ids may be longer, so it carries a digest.
+WIRE_RUN_ID_BYTES = 16
+
+
 def wire_run_id(run_id: str) -> bytes:
-    """The codec's 16-byte run id field for a run id (a digest: run ids may be longer)."""
-    return hashlib.blake2b(run_id.encode(), digest_size=codec.RUN_ID_MAX).digest()
+    """The codec's run id field for a run id."""
+    return hashlib.blake2b(run_id.encode(), digest_size=WIRE_RUN_ID_BYTES).digest()
 
 
 class WorkerError(RuntimeError):
@@ -96,6 +98,12 @@ class WorkerLoop:
 
     def __init__(self, share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
                  batch_size: int | None = None):
+        # Imported here, not at module level: a worker starts its tree children before it pays
+        # for loading the compiled kernels.
+        from fsd_kernels import codec
+        from fsd_kernels._backend import kernels
+
+        self.codec, self.kernels = codec, kernels
         self.share = share
         self.channel = channel
         self.me = share.worker
@@ -146,7 +154,7 @@ class WorkerLoop:
         out = np.empty((share.out_neurons[layer].shape[0], n), np.float32)
         if n:
             start = time.perf_counter()
-            kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
+            self.kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
                                 share.bias[layer], share.ymax, out)
             self.metrics.add(layer, "compute_s", time.perf_counter() - start)
         state.own = out
@@ -170,7 +178,7 @@ class WorkerLoop:
         row_ptr = np.empty(n_rows + 1, np.int64)
         images = np.empty(n_rows * n, np.int32)
         bits = np.empty(n_rows * n, np.uint32)
-        nnz = kernels.dense_rows_to_csr(own, np.arange(n_rows, dtype=np.int64), n, row_ptr, images, bits)
+        nnz = self.kernels.dense_rows_to_csr(own, np.arange(n_rows, dtype=np.int64), n, row_ptr, images, bits)
         values = bits[:nnz].view(np.float32)
         zero = ~np.any(own != 0, axis=0)
         full = np.all(own == s.ymax, axis=0)
@@ -188,7 +196,7 @@ class WorkerLoop:
                 + np.arange(lengths.sum())
             ptr = np.concatenate([[0], np.cumsum(lengths),
                                   gather.shape[0] + np.cumsum([f.shape[0] for f in flag_images])])
-            chunks = codec.encode_rows(
+            chunks = self.codec.encode_rows(
                 np.concatenate([neurons[pos], flag_neurons]), ptr,
                 np.concatenate([images[gather], *flag_images]),
                 np.concatenate([values[gather], np.ones(ptr[-1] - gather.shape[0], np.float32)]),
@@ -265,8 +273,8 @@ class WorkerLoop:
         """Decode a chunk of the current step into ``block``, hold an early one, drop a duplicate or
         another run's. Returns the source whose message this chunk completed, else None."""
         try:
-            h = codec.decode_header(chunk)
-        except codec.CodecError as exc:
+            h = self.codec.decode_header(chunk)
+        except self.codec.CodecError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: malformed chunk: {exc}") from exc
         if h.run_id != self.wire_run_id:
             self.metrics.add(layer, "duplicates", 1)
@@ -286,8 +294,8 @@ class WorkerLoop:
             raise WorkerError(self.me, layer, f"batch {b}: worker {h.source} sent {h.n_images} image "
                                               f"columns, {block.shape[1]} are active")
         try:
-            codec.decode_into(chunk, block, maps[h.source])
-        except codec.CodecError as exc:
+            self.codec.decode_into(chunk, block, maps[h.source])
+        except self.codec.CodecError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: bad chunk from worker {h.source}: {exc}") from exc
         self.metrics.add(layer, "chunks_received", 1)
         self.metrics.add(layer, "bytes_received", len(chunk))
@@ -330,6 +338,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     storage = storage or make_storage(event.storage)
     try:
         launch_children(event, launcher or make_launcher(event.launcher))
+        import fsd_kernels.codec  # noqa: F401  (load the kernels now: start-up, not run time)
         share = WorkerShare.from_bytes(storage.get(ev.share_key(event.prefix, event.worker_id)))
         if share.worker != event.worker_id or share.n_workers != event.n_workers:
             raise ev.EventError(f"share of worker {share.worker}/{share.n_workers} given to "
@@ -345,6 +354,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
             if own_channel:
                 channel.close()
         result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time()}
+        result.metrics["requests"] = channel.requests()
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())
         return result
