@@ -131,7 +131,7 @@ class WorkerLoop:
         return WorkerResult(
             worker=self.me, neurons=self.share.out_neurons[last],
             active=np.concatenate([s.active for s in self.batches]),
-            rows=np.ascontiguousarray(np.hstack([s.own for s in self.batches])),
+            rows=np.ascontiguousarray(np.hstack([s.own[:-2] for s in self.batches])),
             saturated=np.concatenate([s.parked for s in self.batches]),
             metrics=self.metrics.to_dict())
 
@@ -151,7 +151,7 @@ class WorkerLoop:
             state.parked = _EMPTY
         n = state.active.shape[0]
         self.metrics.add(layer, "images_active", n)
-        out = np.empty((share.out_neurons[layer].shape[0], n), np.float32)
+        out = np.empty((share.out_neurons[layer].shape[0] + 2, n), np.float32)  # + status rows
         if n:
             start = time.perf_counter()
             self.kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
@@ -171,35 +171,31 @@ class WorkerLoop:
         return block
 
     def _send(self, layer: int, b: int, state: _Batch) -> None:
-        """Encode the rows each peer needs at ``layer`` (CSR made once), plus this worker's status."""
+        """Send each peer the rows it needs at ``layer`` plus this worker's per-image status.
+
+        ``state.own`` has two extra rows after the outputs: the status rows (1.0 where all this
+        worker's rows of an image are zero / ymax), encoded like any row as neurons N and N+1.
+        """
         s, own = self.share, state.own
         start = time.perf_counter()
-        n_rows, n = own.shape
-        row_ptr = np.empty(n_rows + 1, np.int64)
-        images = np.empty(n_rows * n, np.int32)
-        bits = np.empty(n_rows * n, np.uint32)
-        nnz = self.kernels.dense_rows_to_csr(own, np.arange(n_rows, dtype=np.int64), n, row_ptr, images, bits)
-        values = bits[:nnz].view(np.float32)
-        zero = ~np.any(own != 0, axis=0)
-        full = np.all(own == s.ymax, axis=0)
+        n_out, n = own.shape[0] - 2, own.shape[1]
+        rows = own[:n_out]
+        zero = rows.max(axis=0, initial=0.0) == 0.0    # activations are >= 0 (ReLU)
+        full = rows.min(axis=0, initial=s.ymax) == s.ymax  # and <= ymax (clipped)
+        own[n_out + ZERO_FLAG] = zero
+        own[n_out + YMAX_FLAG] = full
         state.flags = (zero, full)
-        flag_images = [np.flatnonzero(zero).astype(np.int32), np.flatnonzero(full).astype(np.int32)]
-        flag_neurons = np.array([s.n_neurons + ZERO_FLAG, s.n_neurons + YMAX_FLAG], np.int32)
+        status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
+        status_neurons = np.array([s.n_neurons + ZERO_FLAG, s.n_neurons + YMAX_FLAG], np.int32)
+        status_nnz = int(zero.sum() + full.sum())
         neurons = s.out_neurons[layer - 1]
         outgoing = []
         for target in range(self.n_peers):
             if target == self.me:
                 continue
             pos = s.send_pos[layer][target]
-            lengths = row_ptr[pos + 1] - row_ptr[pos]
-            gather = np.repeat(row_ptr[pos] - np.cumsum(lengths) + lengths, lengths) \
-                + np.arange(lengths.sum())
-            ptr = np.concatenate([[0], np.cumsum(lengths),
-                                  gather.shape[0] + np.cumsum([f.shape[0] for f in flag_images])])
-            chunks = self.codec.encode_rows(
-                np.concatenate([neurons[pos], flag_neurons]), ptr,
-                np.concatenate([images[gather], *flag_images]),
-                np.concatenate([values[gather], np.ones(ptr[-1] - gather.shape[0], np.float32)]),
+            chunks = self.codec.encode_dense(
+                own, np.concatenate([pos, status_rows]), np.concatenate([neurons[pos], status_neurons]),
                 n_images=n, layer=layer, source=self.me, target=target, batch=b,
                 run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
             outgoing += [(target, c) for c in chunks]
@@ -208,7 +204,7 @@ class WorkerLoop:
             m.add(layer, "chunks_sent", len(chunks))
             m.add(layer, "bytes_sent", sum(len(c) for c in chunks))
             m.add(layer, "rows_sent", pos.shape[0])
-            m.add(layer, "nnz_sent", gather.shape[0])
+            m.add(layer, "nnz_sent", sum(self.codec.decode_header(c).nnz for c in chunks) - status_nnz)
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
         try:
             self.channel.send(self.step(layer, b), outgoing)
@@ -308,9 +304,11 @@ class WorkerLoop:
         dead = np.all(status[ZERO_FLAG::2] == 1.0, axis=0)
         saturated = np.all(status[YMAX_FLAG::2] == 1.0, axis=0) & ~dead
         keep = ~(dead | saturated)
+        if keep.all():
+            return block
         state.parked = np.concatenate([state.parked, state.active[saturated]])
         state.active = state.active[keep]
-        return np.ascontiguousarray(block[:n_slots, keep])
+        return np.compress(keep, block[:n_slots], axis=1)
 
 
 def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
