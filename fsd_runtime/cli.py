@@ -80,6 +80,35 @@ def run_serial(args, ds: model.Dataset) -> dict:
     return out
 
 
+def channel_config(args) -> dict:
+    """The channel config the run options name (AWS kinds add their settings here)."""
+    return {"kind": args.channel}
+
+
+def launcher_config(args) -> dict:
+    """The launcher config the run options name (local processes by default)."""
+    return {"kind": "process"}
+
+
+def run_distributed(args, ds: model.Dataset) -> dict:
+    """``run --workers P``: the distributed runtime; wall_seconds excludes worker start-up."""
+    from fsd_runtime.coordinator import run_distributed as run
+
+    _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
+    net = ds.network.pack()
+    _progress(args, f"partitioning over {args.workers} workers ({args.partition}), "
+                    f"launching them ({args.channel} channel)")
+    result = run(net, ds.images.arrays, args.workers, partition=args.partition,
+                 channel=channel_config(args), launcher=launcher_config(args), fanout=args.fanout,
+                 batch_size=args.batch_size, receive_timeout=args.receive_timeout,
+                 run_timeout=args.run_timeout, metrics_dir=args.metrics_dir)
+    out = summary(ds, result.categories, result.timings["run_s"])
+    out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
+               traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),
+               startup_seconds=result.timings["startup_s"], timings=result.timings)
+    return out
+
+
 def print_human(out: dict) -> None:
     golden = {True: "yes", False: "NO", None: "no golden file"}[out["golden_match"]]
     print(f"dataset        {out['dataset']}: {out['neurons']} neurons x {out['layers']} layers, "
@@ -91,6 +120,9 @@ def print_human(out: dict) -> None:
     for key in ("workers", "channel", "partition"):
         if key in out:
             print(f"{key:<15}{out[key]}")
+    if "startup_seconds" in out:
+        print(f"start-up       {out['startup_seconds']:.3f} s (workers launched until all ready; "
+              f"not in the wall time)")
     if "traffic" in out:
         t = out["traffic"]
         print(f"traffic        {t['bytes']} bytes in {t['messages']} messages, {t['requests']} requests")
@@ -117,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     run.add_argument("--batch-size", type=int, default=None, help="images per block (default: by size)")
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    dist = run.add_argument_group("distributed (with --workers)")
+    dist.add_argument("--workers", type=int, help="run on P workers (default: serial, in this process)")
+    dist.add_argument("--channel", default="local", help="how workers talk: local (default)")
+    dist.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
+                      help="how neurons are split over workers (default: hypergraph)")
+    dist.add_argument("--fanout", type=int, default=2, help="children per worker in the launch tree")
+    dist.add_argument("--receive-timeout", type=float, default=60.0,
+                      help="seconds a worker waits for a peer's message before the run fails")
+    dist.add_argument("--run-timeout", type=float, default=900.0, help="seconds the whole run may take")
+    dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV, PNG) here")
     return parser
 
 
@@ -124,7 +166,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ds = load_data(args)
-        out = run_serial(args, ds)
+        out = run_distributed(args, ds) if args.workers else run_serial(args, ds)
     except (ValueError, OSError) as exc:
         print(f"fsd-inference: error: {exc}", file=sys.stderr)
         return 2
