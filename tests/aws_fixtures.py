@@ -50,3 +50,31 @@ def aws_settings(aws_server) -> AwsSettings:
     """Settings pointing at the local server, with short backoff so retry tests stay fast."""
     return AwsSettings(region="us-east-1", endpoint_url=aws_server.endpoint_url,
                        backoff_base=0.01, backoff_cap=0.1)
+
+
+@pytest.fixture(scope="session")
+def serial_official(official, official_packed):
+    """The serial result every distributed run must reproduce bit for bit."""
+    from fsd_kernels import infer
+
+    return infer(*official.images.arrays, official_packed)
+
+
+@pytest.fixture
+def distributed_official(official, official_packed, serial_official):
+    """Run the official 1024x120 x 10k images over a channel config with worker threads
+    (the worker loop and channel code of a Lambda worker); assert the result is the serial
+    one, bit for bit, with the 337 golden categories; return the RunResult."""
+    import numpy as np
+
+    from fsd_runtime.coordinator import run_distributed
+
+    def run(channel: dict, n_workers: int = 3):
+        result = run_distributed(official_packed, official.images.arrays, n_workers, partition="contiguous",
+                                 channel=channel, launcher={"kind": "thread"}, receive_timeout=60)
+        assert np.array_equal(result.categories, official.categories) and len(result.categories) == 337
+        for got, want in zip(result.activations[:3], serial_official[:3]):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+        return result
+
+    return run

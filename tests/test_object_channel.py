@@ -194,3 +194,13 @@ def test_oversized_chunks_and_bad_targets_are_refused(run):
         channels[0].send(0, [(1, b"x" * 1025)])
     with pytest.raises(ChannelError, match="not a worker"):
         channels[0].send(0, [(2, b"x")])
+
+
+def test_official_run_over_s3_is_bit_exact_and_leaves_nothing_behind(aws, aws_settings, distributed_official):
+    config = {"kind": "object", "bucket": "fsd-e2e-object", "aws": aws_settings.to_dict()}
+    result = distributed_official(config)
+    counted = result.traffic["channel_requests"]
+    assert counted["s3_put_requests"] == aws.requests["PutObject"]
+    assert counted["messages_received"] == counted["messages_sent"] == result.traffic["chunks"]
+    s3 = boto3.client("s3", endpoint_url=aws_settings.endpoint_url)
+    assert s3.list_objects_v2(Bucket="fsd-e2e-object").get("KeyCount", 0) == 0

@@ -267,3 +267,17 @@ def test_delete_run_removes_queues_and_subscriptions_and_is_idempotent(aws, aws_
     assert subscribed() == 0
     names = [u.rsplit("/", 1)[-1] for u in sqs.list_queues().get("QueueUrls", [])]
     assert not any(n == queue_name(base["prefix"], "gone", w) for n in names for w in range(3))
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+def test_official_run_over_sns_sqs_is_bit_exact_despite_duplicates_and_reordering(
+        aws, aws_settings, distributed_official):
+    aws.mangle_receives(40)                                     # every message twice, in reverse
+    result = distributed_official({"kind": "queue", "prefix": "e2e", "aws": aws_settings.to_dict()})
+    counted = result.traffic["channel_requests"]
+    assert counted["sns_publish_calls"] == aws.requests["PublishBatch"]
+    assert counted["sqs_receive_calls"] == aws.requests["ReceiveMessage"]
+    assert counted["messages_received"] > counted["messages_sent"]          # duplicates were delivered
+    assert aws.requests["DeleteMessageBatch"] == 0                          # deletes are off by default
+    assert aws.requests["DeleteQueue"] == 3 and aws.requests["Unsubscribe"] == 3 * 4
