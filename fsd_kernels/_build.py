@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import warnings
 
 from fsd_kernels._backend import CORE_MODULES
 
@@ -65,7 +66,10 @@ def default_cpu() -> str:
 
 
 def _compiler(out_dir: str, cpu: str, extra_sources: list[str]):
-    from numba.pycc import CC
+    with warnings.catch_warnings():
+        # pycc is "pending deprecation" with no replacement yet; it is the proven AOT path.
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        from numba.pycc import CC
 
     class _CompatCC(CC):
         def _get_mixin_sources(self):

@@ -5,7 +5,12 @@ official images (embedded in fsd_runtime) through all 120 layers and says
 whether the compiled kernels were used (``native``), whether numba got
 imported (``numba_loaded``; it must not be on the Lambda path), whether the
 categories match the official ones (``golden_match``), and the cold start:
-seconds from the process start to the finished inference.
+seconds from the process start until the kernels are loaded and a first
+challenge-sized layer (1024 neurons, 100 images) is computed. Decoding the
+embedded data and the golden run are timed apart (``load_seconds``,
+``infer_seconds``): they are this check's work, not a worker's start.
+``cold_start_cpu_seconds`` is the CPU time of that cold start (user +
+system): the wall clock also counts waiting for a busy machine.
 
 ``handler`` runs the same check as a Lambda function, so a layer can be
 proved under the Lambda runtime interface before any other handler exists.
@@ -35,8 +40,19 @@ def process_age_seconds() -> float | None:
         return None
 
 
+def first_layer(n_images: int = 100) -> int:
+    """One challenge-sized layer (1024 neurons, 32 weights a neuron) through the kernels; its nnz."""
+    import fsd_kernels
+    from fsd_runtime import model
+
+    data = model.synthetic(1024, 1, n_images)
+    w, bias = data.network.layers[0], data.network.biases[0]
+    _, indices, _ = fsd_kernels.layer(*data.images.arrays, *w.arrays, bias)
+    return int(indices.shape[0])
+
+
 def run(n_images: int = DEFAULT_IMAGES) -> dict:
-    """Infer the first ``n_images`` official images; return the report dict."""
+    """Cold start to the first layer, then the first ``n_images`` official images; the report dict."""
     if not 1 <= n_images <= 10_000:
         raise ValueError(f"n_images must be in 1..10000 (the embedded images), got {n_images}")
     start = time.perf_counter()
@@ -46,6 +62,10 @@ def run(n_images: int = DEFAULT_IMAGES) -> dict:
     from fsd_runtime import model
 
     imported = time.perf_counter()
+    first_layer()
+    cold_start = process_age_seconds()
+    cold_start_cpu = sum(os.times()[:2])
+    first = time.perf_counter()
     data = model.embedded()
     images = data.images.rows(0, n_images)
     golden = data.categories[data.categories < n_images]
@@ -53,7 +73,6 @@ def run(n_images: int = DEFAULT_IMAGES) -> dict:
     loaded = time.perf_counter()
     result = fsd_kernels.infer(*images.arrays, net, threads=1)
     done = time.perf_counter()
-    age = process_age_seconds()
     return {
         "native": fsd_kernels.backend == "native",
         "backend": fsd_kernels.backend,
@@ -61,9 +80,11 @@ def run(n_images: int = DEFAULT_IMAGES) -> dict:
         "golden_match": bool(np.array_equal(result.categories, golden)),
         "images": n_images,
         "categories": len(golden),
-        "cold_start_seconds": round(age, 3) if age is not None else None,
+        "cold_start_seconds": None if cold_start is None else round(cold_start, 3),
+        "cold_start_cpu_seconds": round(cold_start_cpu, 3),
         "import_seconds": round(imported - start, 3),
-        "load_seconds": round(loaded - imported, 3),
+        "first_layer_seconds": round(first - imported, 3),
+        "load_seconds": round(loaded - first, 3),
         "infer_seconds": round(done - loaded, 3),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
