@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 ARCHITECTURES = ("x86_64", "arm64")
+#: Lambda memory size that comes with one full vCPU.
+FULL_VCPU_MB = 1769
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,16 @@ class LatencyModel:
 LATENCY = LatencyModel()
 
 
-def modelled_worker_seconds(rows: Iterable[Mapping], channel_kind: str,
-                            latency: LatencyModel = LATENCY) -> list[float]:
-    """Per worker: measured compute + encode + decode, plus ``hop_s`` per layer with traffic,
-    plus ``init_s``. ``rows`` are the coordinator's merged metrics (fsd_runtime.metrics)."""
+def cpu_share(memory_mb: int) -> float:
+    """The vCPU share Lambda gives a function of ``memory_mb`` (one full vCPU at 1,769 MB)."""
+    return min(1.0, memory_mb / FULL_VCPU_MB)
+
+
+def modelled_worker_seconds(rows: Iterable[Mapping], channel_kind: str, latency: LatencyModel = LATENCY,
+                            memory_mb: int = FULL_VCPU_MB) -> list[float]:
+    """Per worker: measured compute + encode + decode (on one core; slowed by the CPU share of
+    ``memory_mb``), plus ``hop_s`` per layer with traffic, plus ``init_s``. ``rows`` are the
+    coordinator's merged metrics (fsd_runtime.metrics)."""
     if channel_kind not in latency.hop_s:
         raise ValueError(f"no latency model for channel kind {channel_kind!r}; known: {sorted(latency.hop_s)}")
     compute: dict[int, float] = {}
@@ -79,7 +87,8 @@ def modelled_worker_seconds(rows: Iterable[Mapping], channel_kind: str,
         compute[w] = compute.get(w, 0.0) + row["compute_s"] + row["encode_s"] + row["decode_s"]
         talked = row["messages_sent"] > 0 or row["messages_received"] > 0
         hops[w] = hops.get(w, 0) + int(talked)
-    return [compute[w] + hops[w] * latency.hop_s[channel_kind] + latency.init_s for w in sorted(compute)]
+    slow = 1.0 / cpu_share(memory_mb)
+    return [compute[w] * slow + hops[w] * latency.hop_s[channel_kind] + latency.init_s for w in sorted(compute)]
 
 
 def billed_requests(requests: Mapping[str, float]) -> dict[str, int]:

@@ -59,6 +59,8 @@ def test_modelled_duration_is_compute_plus_one_hop_per_talking_layer():
     latency = cost.LatencyModel(hop_s={"queue": 0.1}, init_s=1.0)
     seconds = cost.modelled_worker_seconds(rows, "queue", latency)
     assert seconds == pytest.approx([1.0 + 0.06 + 1 * 0.1 + 1.0, 0.5 + 0.06 + 2 * 0.1 + 1.0])
+    half_cpu = cost.modelled_worker_seconds(rows, "queue", latency, memory_mb=884)
+    assert half_cpu[0] == pytest.approx(1.06 * 1769 / 884 + 0.1 + 1.0)   # compute slows, waiting does not
     with pytest.raises(ValueError, match="latency model"):
         cost.modelled_worker_seconds(rows, "carrier-pigeon", latency)
 
