@@ -16,7 +16,8 @@ def as_array(name, a, dtype, ndim=1):
                 raise ValueError(f"{name} has values outside the {np.dtype(dtype).name} range")
         elif a.dtype.kind not in "biuf":
             raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
-        a = a.astype(dtype)
+        with np.errstate(over="ignore"):  # too large for float32 -> inf -> "must be finite"
+            a = a.astype(dtype)
     return np.ascontiguousarray(a)
 
 
