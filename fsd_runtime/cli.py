@@ -92,20 +92,34 @@ def launcher_config(args) -> dict:
 
 def run_distributed(args, ds: model.Dataset) -> dict:
     """``run --workers P``: the distributed runtime; wall_seconds excludes worker start-up."""
+    from contextlib import nullcontext
+
     from fsd_runtime.coordinator import run_distributed as run
+
+    aws_run = None
+    if args.channel != "local" or args.invoker:
+        from fsd_runtime.awsrun import AwsRun
+
+        aws_run = AwsRun(args, args.workers)
 
     _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
     net = ds.network.pack()
     _progress(args, f"partitioning over {args.workers} workers ({args.partition}), "
                     f"launching them ({args.channel} channel)")
-    result = run(net, ds.images.arrays, args.workers, partition=args.partition,
-                 channel=channel_config(args), launcher=launcher_config(args), fanout=args.fanout,
-                 batch_size=args.batch_size, receive_timeout=args.receive_timeout,
-                 run_timeout=args.run_timeout, metrics_dir=args.metrics_dir)
+    with aws_run or nullcontext():
+        result = run(net, ds.images.arrays, args.workers, partition=args.partition,
+                     channel=aws_run.channel_config() if aws_run else channel_config(args),
+                     launcher=aws_run.launcher_config() if aws_run else launcher_config(args),
+                     storage=aws_run.storage if aws_run else None, fanout=args.fanout,
+                     batch_size=args.batch_size, receive_timeout=args.receive_timeout,
+                     run_timeout=args.run_timeout, metrics_dir=args.metrics_dir)
     out = summary(ds, result.categories, result.timings["run_s"])
     out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
                traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),
                startup_seconds=result.timings["startup_s"], timings=result.timings)
+    if aws_run:
+        out.update(invoker=aws_run.invoker,
+                   cost=aws_run.cost(result.traffic, result.metrics, ds.images.shape[0]))
     return out
 
 
@@ -151,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object")
     dist = run.add_argument_group("distributed (with --workers)")
     dist.add_argument("--workers", type=int, help="run on P workers (default: serial, in this process)")
-    dist.add_argument("--channel", default="local", help="how workers talk: local (default)")
+    dist.add_argument("--channel", default="local", choices=("local", "queue", "object"),
+                      help="how workers talk: local (default), queue (SNS+SQS), object (S3)")
     dist.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
                       help="how neurons are split over workers (default: hypergraph)")
     dist.add_argument("--fanout", type=int, default=2, help="children per worker in the launch tree")
@@ -159,11 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a worker waits for a peer's message before the run fails")
     dist.add_argument("--run-timeout", type=float, default=900.0, help="seconds the whole run may take")
     dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV, PNG) here")
+    from fsd_runtime import awsrun
+
+    awsrun.add_run_options(run)
+    awsrun.add_commands(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("deploy", "teardown"):
+        from fsd_runtime import awsrun
+
+        return awsrun.cli_command(args)
     try:
         ds = load_data(args)
         out = run_distributed(args, ds) if args.workers else run_serial(args, ds)

@@ -11,7 +11,7 @@ the coordinator looks) and returned as ``{"ok": false, "error": ...}``.
 Imports numpy, the compiled kernels and fsd_runtime only (boto3 inside the
 AWS kinds the event names): this module runs inside the kernels layer.
 ``python -m fsd_runtime.handler`` runs it on an event read from stdin (the
-``local`` invoker), exiting 1 when the worker fails.
+``local`` invoker), logging to stderr and exiting 1 when the worker fails.
 """
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ invokers.register()
 
 
 def log(level: str, message: str, **fields: Any) -> None:
-    """One JSON line on stdout (CloudWatch keeps it as one searchable record)."""
-    print(json.dumps({"level": level, "message": message, **fields}, default=str), flush=True)
+    """One JSON line on stderr: CloudWatch keeps it as one searchable record, and a local
+    worker's log never mixes with the coordinator's stdout (``--json``)."""
+    print(json.dumps({"level": level, "message": message, **fields}, default=str),
+          file=sys.stderr, flush=True)
 
 
 def request_id(context: Any) -> str | None:
@@ -72,7 +74,7 @@ def handler(event: Any, context: Any) -> dict:
 
 
 def main() -> int:
-    """``python -m fsd_runtime.handler``: the event JSON on stdin, the answer on stdout."""
+    """``python -m fsd_runtime.handler``: the event JSON on stdin; stdout stays the caller's."""
     answer = handler(sys.stdin.buffer.read(), None)
     return 0 if answer["ok"] else 1
 

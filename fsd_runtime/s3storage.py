@@ -23,13 +23,17 @@ class S3Storage(Storage):
     """Keys of one bucket; ``list`` and ``delete_prefix`` work by prefix, 1000 keys a request."""
 
     #: How often the coordinator may poll for results: each poll is two billed LISTs.
-    poll_seconds = 0.5
+    poll_seconds = 1.0
 
-    def __init__(self, bucket: str, settings: aws.AwsSettings | None = None):
+    def __init__(self, bucket: str, settings: aws.AwsSettings | None = None, *,
+                 worker_settings: aws.AwsSettings | None = None):
+        """``worker_settings`` go into :meth:`config` instead of ``settings`` when the workers
+        reach AWS differently (on Lambda: no profile, no local endpoint)."""
         if not isinstance(bucket, str) or not 3 <= len(bucket) <= 63:
             raise StorageError(f"s3 storage needs a bucket name of 3..63 characters, got {bucket!r}")
         self.bucket = bucket
         self.settings = settings or aws.AwsSettings()
+        self.worker_settings = worker_settings or self.settings
         self.s3 = aws.client("s3", self.settings)
         self.call = aws.Caller(self.settings)
 
@@ -79,7 +83,7 @@ class S3Storage(Storage):
                                    f"({first.get('Code')}: {first.get('Message')})")
 
     def config(self) -> dict:
-        return {"kind": "s3", "bucket": self.bucket, "aws": self.settings.to_dict()}
+        return {"kind": "s3", "bucket": self.bucket, "aws": self.worker_settings.to_dict()}
 
 
 def from_config(config: Mapping) -> S3Storage:
