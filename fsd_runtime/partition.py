@@ -19,7 +19,7 @@ preset .ini and its objective has no pinned owners, which is what the
 chain needs): outputs with identical input sets are grouped, and groups,
 in lexicographic order of their inputs, go greedily to the worker that
 would receive the fewest new remote rows for them, with every worker
-holding at most (1+eps) N/P outputs. (Fiduccia-Mattheyses passes moving
+holding at most (1+eps) N/P outputs (or ceil(N/P) if that is more). (Fiduccia-Mattheyses passes moving
 single outputs afterwards were tried and gained nothing on the official
 net, so they are not here.) On the official net it cuts the volume of
 layers 1-19 from 7 N rows a layer (contiguous ranges: everyone needs
@@ -71,7 +71,7 @@ def _layer(colptr, rowidx, in_owner: np.ndarray | None, n_workers: int, imbalanc
     spills its remaining outputs to the next best worker.
     """
     n = colptr.shape[0] - 1
-    high = math.ceil(n / n_workers * (1 + imbalance))
+    high = max(math.floor(n / n_workers * (1 + imbalance)), math.ceil(n / n_workers))
     # remote[k, p]: row k would have to be sent to p (p is not k's owner); layer 0: every copy counts.
     remote = np.ones((n, n_workers), bool)
     if in_owner is not None:
@@ -118,10 +118,11 @@ def volume(net, owners: np.ndarray) -> dict:
         if l:
             colptr, rowidx, _, _ = net.layer_csc(l)
             col_of = np.repeat(np.arange(net.n_neurons), np.diff(colptr))
-            need = np.unique(np.stack([rowidx, owners[l][col_of]]), axis=1)  # (row k, worker needing it)
-            src = owners[l - 1][need[0]]
-            remote = src != need[1]
-            np.add.at(pairs, (src[remote], need[1][remote]), 1)
+            need = np.unique(rowidx.astype(np.int64) * n_workers + owners[l][col_of])  # (row, needer)
+            row, dst = need // n_workers, need % n_workers
+            src = owners[l - 1][row]
+            remote = src != dst
+            np.add.at(pairs, (src[remote], dst[remote]), 1)
         report["rows"].append(pairs.tolist())
         report["volume"].append(int(pairs.sum()))
     return report

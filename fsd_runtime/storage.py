@@ -13,6 +13,7 @@ import io
 import os
 import re
 import tempfile
+import zipfile
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping
 
@@ -159,5 +160,5 @@ def unpack_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
-    except (ValueError, OSError, EOFError, KeyError) as exc:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise StorageError(f"{where}: not a valid array archive ({exc})") from None
