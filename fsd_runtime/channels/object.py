@@ -37,13 +37,12 @@ from typing import Mapping, Sequence
 
 from fsd_runtime.aws import AwsSettings, Caller, client
 from fsd_runtime.channels.base import Channel, ChannelError
+from fsd_runtime.cost import PRICES
 
 MAGIC = b"FSDO"
 VERSION = 1
 _HEAD = struct.Struct("<4sB3xII")
 _ENTRY = struct.Struct("<III")
-#: Prices that decide between probing by GET and listing (USD per request; fsd_runtime.cost has the table).
-GET_PRICE, LIST_PRICE = 0.0004e-3, 0.005e-3
 _DELETE_BATCH = 1000
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64})*$")
@@ -126,7 +125,7 @@ class ObjectConfig:
     #: "auto" (cheaper of GET-probing and LIST), "get" or "list".
     poll: str = "auto"
     poll_interval: float = 0.025
-    max_poll_interval: float = 0.4
+    max_poll_interval: float = 1.0
     probe_bytes: int = 64 * 1024
     max_chunk_bytes: int = 64 * 1024 * 1024
     create_bucket: bool = True
@@ -282,7 +281,7 @@ class ObjectChannel(Channel):
     def _use_list(self, n_probes: int) -> bool:
         if self.config.poll != "auto":
             return self.config.poll == "list"
-        return n_probes * GET_PRICE > LIST_PRICE
+        return n_probes * PRICES.s3_get > PRICES.s3_put  # a LIST is billed like a PUT
 
     def _poll(self, step: int, parts: Counter[int]) -> list[bytes]:
         """Chunks of every new object of ``step``; marks them read."""
