@@ -110,22 +110,27 @@ def _open_text(path: str) -> bytes:
         raise DataError(f"{path}: cannot be read ({exc})") from None
 
 
+def _shown(raw: bytes, limit: int = 40) -> str:
+    """A piece of a data file, quoted for an error message."""
+    return repr(raw[:limit].decode("utf-8", errors="replace"))
+
+
 def _find_bad_line(path, text: bytes, n_fields: int, limits) -> str:
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) != n_fields:
-            return f"{path}, line {number}: expected {n_fields} tab-separated fields, got {len(fields)}: {line[:80]!r}"
+            return f"{path}, line {number}: expected {n_fields} tab-separated fields, got {len(fields)}: {_shown(line, 80)}"
         for k, (field, limit) in enumerate(zip(fields, limits)):
             try:
                 value = float(field)
             except ValueError:
-                return f"{path}, line {number}, field {k + 1}: expected a number, got {field[:40]!r}"
-            if limit is not None and (value != int(value) or not 1 <= value <= limit):
-                return f"{path}, line {number}, field {k + 1}: expected an integer in 1..{limit}, got {field[:40]!r}"
+                return f"{path}, line {number}, field {k + 1}: expected a number, got {_shown(field)}"
+            if limit is not None and not (np.isfinite(value) and value == int(value) and 1 <= value <= limit):
+                return f"{path}, line {number}, field {k + 1}: expected an integer in 1..{limit}, got {_shown(field)}"
             if limit is None and not np.isfinite(value):
-                return f"{path}, line {number}, field {k + 1}: expected a finite value, got {field[:40]!r}"
+                return f"{path}, line {number}, field {k + 1}: expected a finite value, got {_shown(field)}"
     return f"{path}: malformed"
 
 
@@ -158,7 +163,7 @@ def read_categories(path: str) -> np.ndarray:
         if not s:
             continue
         if not s.isdigit() or int(s) < 1:
-            raise DataError(f"{path}, line {number}: expected a positive integer image id, got {s[:40]!r}")
+            raise DataError(f"{path}, line {number}: expected a positive integer image id, got {_shown(s)}")
         ids.append(int(s) - 1)
     return np.unique(np.asarray(ids, np.int64))
 
@@ -199,8 +204,8 @@ def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
         tokens = text.split()[0::3]
         try:
             n_images = int(max(float(t) for t in tokens)) if tokens else 0
-        except ValueError:
-            raise DataError(_find_bad_line(path, text, 3, (None, n_neurons, None))) from None
+        except (ValueError, OverflowError):
+            raise DataError(_find_bad_line(path, text, 3, (2**62, n_neurons, None))) from None
     return read_triples(path, (n_images, n_neurons))
 
 

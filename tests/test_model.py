@@ -1,0 +1,210 @@
+"""Data: official file formats (round trips, clear errors), the embedded copy, the synthetic generator."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+import fsd_kernels
+from fsd_runtime import model
+
+
+def write_triples(path, csr: model.Csr, gz=False, fmt="%d\t%d\t%s\n"):
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr)) + 1
+    text = "".join(fmt % (r, c + 1, repr(float(v))) for r, c, v in zip(rows, csr.indices, csr.data))
+    opener = gzip.open if gz else open
+    with opener(path, "wt") as f:
+        f.write(text)
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+@pytest.fixture(scope="module")
+def official_files(official, tmp_path_factory):
+    """The first 3 layers, 200 images and their categories, written in the official formats."""
+    root = tmp_path_factory.mktemp("official")
+    net_dir = root / "neuron1024"
+    net_dir.mkdir()
+    for k, w in enumerate(official.network.layers[:3], 1):
+        write_triples(net_dir / f"n1024-l{k}.tsv{'.gz' if k == 2 else ''}", w, gz=k == 2)
+    write_triples(root / "images.tsv.gz", official.images.rows(0, 200), gz=True)
+    write_lines(root / "categories.tsv", [str(c + 1) for c in official.categories])
+    return root
+
+
+def test_official_formats_round_trip_to_the_embedded_data(official, official_files):
+    ds = model.load_dataset(str(official_files / "neuron1024"), str(official_files / "images.tsv.gz"),
+                            str(official_files / "categories.tsv"))
+    assert ds.network.n_neurons == 1024 and ds.network.n_layers == 3
+    for got, want in zip(ds.network.layers, official.network.layers):
+        for a, b in zip(got.arrays, want.arrays):
+            np.testing.assert_array_equal(a, b)
+    assert all(np.all(b == np.float32(-0.3)) for b in ds.network.biases)
+    want_images = official.images.rows(0, 200)
+    assert ds.images.shape == want_images.shape
+    for a, b in zip(ds.images.arrays, want_images.arrays):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ds.categories, official.categories[official.categories < 200])
+    truncated = model.Network(1024, official.network.layers[:3], official.network.biases[:3])
+    got = fsd_kernels.infer(*ds.images.arrays, ds.network.pack())
+    want = fsd_kernels.infer(*want_images.arrays, truncated.pack())
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_embedded_format_round_trips(tmp_path):
+    ds = model.synthetic(64, 3, 20, seed=5)
+    ds = model.Dataset(ds.name, ds.network, ds.images, np.array([1, 4], np.int64))
+    path = tmp_path / "small.npz.xz"
+    model.write_embedded(ds, str(path))
+    back = model.read_embedded(str(path))
+    for got, want in zip(back.network.layers, ds.network.layers):
+        for a, b in zip(got.arrays, want.arrays):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(back.images.arrays, ds.images.arrays):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(back.categories, [1, 4])
+
+
+# --- malformed files: a DataError (ValueError) naming the file, the line and what was expected ---
+
+@pytest.mark.parametrize("lines, match", [
+    (["1\t1\t0.0625", "1\t2"], r"line 2: expected 3 tab-separated fields, got 2"),
+    (["1\t1\t0.0625", "1\t2\t0.5\t7"], r"line 2: expected 3 tab-separated fields, got 4"),
+    (["1\tx\t0.0625"], r"line 1, field 2: expected a number, got 'x'"),
+    (["1\t1\t0.5", "", "5\t1\t0.5"], r"line 3, field 1: expected an integer in 1..4, got '5'"),
+    (["0\t1\t0.5"], r"line 1, field 1: expected an integer in 1..4"),
+    (["1\t1.5\t0.5"], r"line 1, field 2: expected an integer in 1..4"),
+    (["1\t1\tnan"], r"line 1, field 3: expected a finite value"),
+    (["inf\t1\t0.5"], r"line 1, field 1: expected an integer in 1..4, got 'inf'"),
+    (["1\t2\t0.5", "3\t1\t0.5", "1\t2\t0.25"], r"entry \(1, 2\) appears more than once"),
+])
+def test_malformed_layer_files_name_file_and_line(tmp_path, lines, match):
+    path = tmp_path / "n4-l1.tsv"
+    write_lines(path, lines)
+    with pytest.raises(model.DataError, match=match) as err:
+        model.read_network(str(tmp_path), bias=-0.3)
+    assert str(path) in str(err.value)
+
+
+def test_network_directory_errors(tmp_path):
+    with pytest.raises(model.DataError, match="not a directory"):
+        model.read_network(str(tmp_path / "missing"))
+    with pytest.raises(model.DataError, match="no layer files"):
+        model.read_network(str(tmp_path))
+    for k in (1, 2, 4):
+        write_lines(tmp_path / f"n1024-l{k}.tsv", ["1\t1\t0.0625"])
+    with pytest.raises(model.DataError, match=r"missing for layers \[3\]"):
+        model.read_network(str(tmp_path))
+    write_lines(tmp_path / "n1024-l3.tsv", ["1\t1\t0.0625"])
+    assert model.read_network(str(tmp_path)).n_layers == 4
+    write_lines(tmp_path / "n2048-l5.tsv", ["1\t1\t0.0625"])
+    with pytest.raises(model.DataError, match="several widths"):
+        model.read_network(str(tmp_path))
+
+
+def test_unknown_width_needs_a_bias(tmp_path):
+    write_lines(tmp_path / "n5-l1.tsv", ["1\t1\t1"])
+    with pytest.raises(model.DataError, match="no Graph Challenge bias for N=5"):
+        model.read_network(str(tmp_path))
+    assert model.read_network(str(tmp_path), bias=0.5).biases[0].tolist() == [0.5] * 5
+
+
+def test_broken_gzip_is_a_data_error(tmp_path):
+    path = tmp_path / "images.tsv.gz"
+    path.write_bytes(gzip.compress(b"1\t1\t1\n" * 100)[:30])
+    with pytest.raises(model.DataError, match="cannot be read"):
+        model.read_images(str(path), 4)
+
+
+def test_images_file_errors(tmp_path):
+    path = tmp_path / "images.tsv"
+    write_lines(path, ["1\t1\t1", "2\t9\t1"])
+    with pytest.raises(model.DataError, match=r"images.tsv, line 2, field 2: expected an integer in 1..4"):
+        model.read_images(str(path), 4)
+    write_lines(path, ["1\t1\t1", "two\t1\t1"])
+    with pytest.raises(model.DataError, match=r"line 2, field 1: expected a number"):
+        model.read_images(str(path), 4)
+    write_lines(path, ["1\t1\t1", "inf\t1\t1"])
+    with pytest.raises(model.DataError, match=r"line 2, field 1: expected an integer in 1\.\.\d+, got 'inf'"):
+        model.read_images(str(path), 4)
+
+
+@pytest.mark.parametrize("lines, match", [
+    (["3", "x7"], r"line 2: expected a positive integer image id, got 'x7'"),
+    (["0"], r"line 1: expected a positive integer image id, got '0'"),
+    (["-3"], r"line 1: expected a positive integer image id"),
+    (["2.5"], r"line 1: expected a positive integer image id"),
+])
+def test_bad_categories_file(tmp_path, lines, match):
+    path = tmp_path / "categories.tsv"
+    write_lines(path, lines)
+    with pytest.raises(model.DataError, match=match) as err:
+        model.read_categories(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_categories_are_sorted_zero_based(tmp_path):
+    path = tmp_path / "categories.tsv"
+    write_lines(path, ["9", "2", "", "5"])
+    assert model.read_categories(str(path)).tolist() == [1, 4, 8]
+
+
+# --- the synthetic generator ---
+
+@pytest.mark.parametrize("n", [1024, 4096, 16384, 65536])
+def test_synthetic_layers_are_challenge_like(n):
+    net = model.generate_network(n, 3, seed=1)
+    for w, b in zip(net.layers, net.biases):
+        assert np.all(np.diff(w.indptr) == 32), "32 per row"
+        assert np.all(np.bincount(w.indices, minlength=n) == 32), "32 per column"
+        rows = np.repeat(np.arange(n), 32)
+        assert np.unique(rows.astype(np.int64) * n + w.indices).size == w.nnz, "no duplicates"
+        assert np.all(w.data == np.float32(1 / 16))
+        assert np.all(b == np.float32(model.CHALLENGE_BIAS[n]))
+
+
+def test_synthetic_first_layers_follow_the_official_rule(official):
+    """For N=1024 the generator's unpermuted layers are the official layers 1-6 exactly."""
+    net = model.generate_network(1024, 7, seed=0)
+    for got, want in zip(net.layers[:6], official.network.layers[:6]):
+        np.testing.assert_array_equal(got.indices, want.indices)
+    assert not np.array_equal(net.layers[6].indices, net.layers[0].indices)
+    assert sorted(map(tuple, net.layers[6].indices.reshape(-1, 32))) == \
+        sorted(map(tuple, net.layers[0].indices.reshape(-1, 32))), "a row permutation of layer 1"
+
+
+def test_synthetic_data_is_seeded_and_deterministic():
+    a, b, c = (model.synthetic(1024, 8, 50, seed=s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(a.images.indices, b.images.indices)
+    np.testing.assert_array_equal(a.network.layers[7].indices, b.network.layers[7].indices)
+    assert not np.array_equal(a.images.indptr, c.images.indptr)
+    assert not np.array_equal(a.network.layers[7].indices, c.network.layers[7].indices)
+
+
+@pytest.mark.parametrize("n, layers, images", [(1024, 120, 1000), (4096, 60, 400)])
+def test_some_synthetic_images_survive_deep_nets(n, layers, images):
+    """Like the official data (about 3% survive), not all dead and not all alive."""
+    ds = model.synthetic(n, layers, images, seed=0)
+    assert 0.01 < ds.images.nnz / (n * images) < 0.2, "sparse binary inputs"
+    survivors = fsd_kernels.infer(*ds.images.arrays, ds.network.pack()).categories.size
+    assert 0.002 * images <= survivors <= 0.15 * images
+
+
+def test_synthetic_generator_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model.generate_network(1000, 2)
+    with pytest.raises(ValueError, match="n_layers"):
+        model.generate_network(1024, 0)
+    with pytest.raises(ValueError, match="n_images"):
+        model.generate_images(-1, 1024)
+
+
+def test_embedded_resource_is_shipped_with_the_package():
+    import fsd_runtime
+
+    path = os.path.join(os.path.dirname(fsd_runtime.__file__), "data", model.EMBEDDED_FILE)
+    assert os.path.getsize(path) < 5 * 2**20
