@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import boto3
 from botocore.config import Config
@@ -62,6 +62,17 @@ class AwsSettings:
         if not isinstance(settings.max_attempts, int) or settings.max_attempts < 1:
             raise ValueError(f"max_attempts must be a positive integer, got {settings.max_attempts!r}")
         return settings
+
+
+def adapter_fields(config: Mapping[str, Any], known: Iterable[str], what: str) -> dict:
+    """An adapter config dict's fields without ``kind``, unknown fields refused, ``aws`` parsed."""
+    fields = dict(config)
+    fields.pop("kind", None)
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"{what} config has unknown fields {unknown}")
+    fields["aws"] = AwsSettings.from_dict(fields.get("aws"))
+    return fields
 
 
 def billed_chunks(payload_bytes: int) -> int:

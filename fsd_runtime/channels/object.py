@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from fsd_runtime.aws import AwsSettings, Caller, client
+from fsd_runtime.aws import AwsSettings, Caller, adapter_fields, client
 from fsd_runtime.channels.base import Channel, ChannelError
 from fsd_runtime.cost import PRICES
 
@@ -133,14 +133,10 @@ class ObjectConfig:
     @classmethod
     def parse(cls, config: Mapping) -> "ObjectConfig":
         """Validate a channel config dict; ValueError names the field."""
-        fields = dict(config)
-        fields.pop("kind", None)
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"object channel config has unknown fields {unknown}")
+        fields = adapter_fields(config, cls.__dataclass_fields__, "object channel")
         if "bucket" not in fields:
             raise ValueError("object channel config needs a 'bucket'")
-        parsed = cls(**{**fields, "aws": AwsSettings.from_dict(fields.get("aws"))})
+        parsed = cls(**fields)
         if not isinstance(parsed.bucket, str) or not _BUCKET.match(parsed.bucket):
             raise ValueError(f"object channel 'bucket' is not a valid S3 bucket name: {parsed.bucket!r}")
         if not isinstance(parsed.prefix, str) or not _PREFIX.match(parsed.prefix):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from fsd_kernels import codec
-from fsd_runtime.aws import AwsSettings, Caller, billed_chunks, client
+from fsd_runtime.aws import AwsSettings, Caller, adapter_fields, billed_chunks, client
 from fsd_runtime.channels.base import Channel, ChannelError
 
 #: SNS/SQS limits this channel packs against.
@@ -66,13 +66,8 @@ class QueueConfig:
     @classmethod
     def parse(cls, config: Mapping) -> "QueueConfig":
         """Validate a channel config dict (``{"kind": "queue", ...}``); ValueError names the field."""
-        fields = dict(config)
-        fields.pop("kind", None)
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"queue channel config has unknown fields {unknown}")
-        parsed = cls(**{**fields, "aws": AwsSettings.from_dict(fields.get("aws")),
-                        "topic_arns": tuple(fields.get("topic_arns", ())),
+        fields = adapter_fields(config, cls.__dataclass_fields__, "queue channel")
+        parsed = cls(**{**fields, "topic_arns": tuple(fields.get("topic_arns", ())),
                         "queue_urls": tuple(fields.get("queue_urls", ()))})
         if not isinstance(parsed.prefix, str) or not _NAME.match(parsed.prefix):
             raise ValueError(f"queue channel 'prefix' must match {_NAME.pattern}, got {parsed.prefix!r}")
