@@ -5,10 +5,12 @@ numba, which the Lambda layer does not ship: the codec reads these numbers
 on the worker path, the kernels come from the compiled native module there.
 """
 
-# Row record kinds (low two bits of a row tag; tag 0 alone = "same images as the previous row").
+# Row record kinds (low three bits of a row tag; tag 0 alone = "same images as the previous row").
 KIND_LIST = 1
 KIND_BITMAP = 2
 KIND_RUN = 3
+KIND_COPY = 4
+KIND_BITS = 3
 # Value section modes (first byte of the section).
 VALUES_RAW = 0
 VALUES_CONST = 1
@@ -33,3 +35,4 @@ E_UNEXPECTED_NEURON = -11
 E_TOO_FEW = -12
 E_ROW_KIND = -13
 E_DICT_ORDER = -14
+E_COPY = -15

@@ -18,7 +18,8 @@ import numpy as np
 from fsd_kernels._codec_codes import (  # noqa: F401  (the kernels read them as globals)
     DICT_MAX, DICT_MIN_USES, E_DICT, E_DICT_ORDER, E_EMPTY_ROW, E_IMAGE_RANGE, E_NEURON_RANGE,
     E_NO_PREVIOUS, E_ROW_KIND, E_TOO_FEW, E_TOO_MANY, E_TRAILING, E_TRUNCATED,
-    E_UNEXPECTED_NEURON, E_VALUE_MODE, E_VARINT, KIND_BITMAP, KIND_LIST, KIND_RUN, VALUES_CONST,
+    E_UNEXPECTED_NEURON, E_VALUE_MODE, E_VARINT, E_COPY, KIND_BITMAP, KIND_BITS, KIND_COPY, KIND_LIST,
+    KIND_RUN, VALUES_CONST,
     VALUES_DICT, VALUES_RAW,
 )
 
@@ -28,7 +29,7 @@ _INLINE = dict(nogil=True, cache=True, inline="always")
 #: kernel name -> numba signature; the AOT build exports exactly these.
 EXPORTS = {
     "dense_rows_to_csr": "i8(f4[:, ::1], i8[::1], i8, i8[::1], i4[::1], u4[::1])",
-    "encode_rows": "i8(i4[::1], i8[::1], i4[::1], u1[::1])",
+    "encode_rows": "i8(i4[::1], i8[::1], i4[::1], u4[::1], u1[::1], u4[::1], i8[::1])",
     "encode_values": "i8(u4[::1], u1[::1], i8)",
     "decode_coo": "i8(u1[::1], i8, i8, i8, i4[::1], i4[::1], u4[::1])",
     "decode_into_block": "i8(u1[::1], i8, i8, i8, i8[::1], f4[:, ::1], i8)",
@@ -83,22 +84,22 @@ def _put_row(out, pos, images, lo, hi):
     first = np.int64(images[lo])
     last = np.int64(images[hi - 1])
     if last - first + 1 == count:
-        pos = _put_varint(out, pos, (count << 2) | KIND_RUN)
+        pos = _put_varint(out, pos, (count << KIND_BITS) | KIND_RUN)
         return _put_varint(out, pos, first)
     nbytes = (last - first) // 8 + 1
-    bitmap_cost = _varint_size((nbytes << 2) | KIND_BITMAP) + _varint_size(first) + nbytes
-    list_cost = _varint_size((count << 2) | KIND_LIST) + _varint_size(first)
+    bitmap_cost = _varint_size((nbytes << KIND_BITS) | KIND_BITMAP) + _varint_size(first) + nbytes
+    list_cost = _varint_size((count << KIND_BITS) | KIND_LIST) + _varint_size(first)
     for p in range(lo + 1, hi):
         list_cost += _varint_size(images[p] - images[p - 1] - 1)
         if list_cost > bitmap_cost:
             break
     if list_cost <= bitmap_cost:
-        pos = _put_varint(out, pos, (count << 2) | KIND_LIST)
+        pos = _put_varint(out, pos, (count << KIND_BITS) | KIND_LIST)
         pos = _put_varint(out, pos, first)
         for p in range(lo + 1, hi):
             pos = _put_varint(out, pos, images[p] - images[p - 1] - 1)
         return pos
-    pos = _put_varint(out, pos, (nbytes << 2) | KIND_BITMAP)
+    pos = _put_varint(out, pos, (nbytes << KIND_BITS) | KIND_BITMAP)
     pos = _put_varint(out, pos, first)
     for b in range(nbytes):
         out[pos + b] = 0
@@ -108,12 +109,67 @@ def _put_row(out, pos, images, lo, hi):
     return pos + nbytes
 
 
+@nb.njit(nogil=True, cache=True)
+def _row_hashes(row_ptr, images, bits):
+    """A 64-bit FNV-style hash of each row's images and value bits."""
+    n_rows = row_ptr.shape[0] - 1
+    hashes = np.empty(n_rows, np.uint64)
+    prime = np.uint64(1099511628211)
+    for r in range(n_rows):
+        h = np.uint64(14695981039346656037)
+        for p in range(row_ptr[r], row_ptr[r + 1]):
+            h = (h ^ np.uint64(images[p])) * prime
+            h = (h ^ np.uint64(bits[p])) * prime
+        hashes[r] = h
+    return hashes
+
+
+@nb.njit(nogil=True, cache=True)
+def _same_row(row_ptr, images, bits, a, b):
+    if not _same_images(images, row_ptr[a], row_ptr[a + 1], row_ptr[b], row_ptr[b + 1]):
+        return False
+    for k in range(row_ptr[a + 1] - row_ptr[a]):
+        if bits[row_ptr[a] + k] != bits[row_ptr[b] + k]:
+            return False
+    return True
+
+
+@nb.njit(nogil=True, cache=True)
+def _copy_sources(row_ptr, images, bits):
+    """For each row, the earlier row with the same images and values (-1: none).
+
+    Only rows that are not copies themselves are sources, so a copy is one hop.
+    """
+    n_rows = row_ptr.shape[0] - 1
+    source = np.full(n_rows, -1, np.int64)
+    hashes = _row_hashes(row_ptr, images, bits)
+    size = 16
+    while size < 2 * n_rows:
+        size *= 2
+    mask = size - 1
+    table = np.full(size, -1, np.int64)
+    for r in range(n_rows):
+        h = np.int64(hashes[r] >> np.uint64(1)) & mask
+        while table[h] >= 0:
+            other = table[h]
+            if hashes[other] == hashes[r] and _same_row(row_ptr, images, bits, other, r):
+                source[r] = other
+                break
+            h = (h + 1) & mask
+        if source[r] < 0:
+            table[h] = r
+    return source
+
+
 @_kernel
-def encode_rows(row_neurons, row_ptr, images, out):
+def encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts):
     """Write the neuron section and the row section; return the bytes written.
 
-    Rows must be non-empty. ``out`` must hold ``16 * n_rows + 5 * nnz + 16``
-    bytes (the worst case). A row equal to the previous one costs one byte.
+    Rows must be non-empty. A row equal (images and values) to an earlier
+    row is a copy of it; a row with the previous row's images costs one
+    byte. The values of the rows that are not copies go to ``kept_bits``
+    (their number to ``counts[0]``) for :func:`encode_values`. ``out`` must
+    hold ``16 * n_rows + 5 * nnz + 16`` bytes (the worst case).
     """
     n_rows = row_neurons.shape[0]
     pos = 0
@@ -121,14 +177,23 @@ def encode_rows(row_neurons, row_ptr, images, out):
     for r in range(n_rows):
         pos = _put_varint(out, pos, row_neurons[r] - prev - 1 if r else row_neurons[r])
         prev = row_neurons[r]
+    source = _copy_sources(row_ptr, images, bits)
+    n_kept = 0
     for r in range(n_rows):
         lo = row_ptr[r]
         hi = row_ptr[r + 1]
+        if source[r] >= 0:
+            pos = _put_varint(out, pos, ((r - source[r]) << KIND_BITS) | KIND_COPY)
+            continue
         if r and _same_images(images, lo, hi, row_ptr[r - 1], row_ptr[r]):
             out[pos] = 0
             pos += 1
         else:
             pos = _put_row(out, pos, images, lo, hi)
+        for p in range(lo, hi):
+            kept_bits[n_kept] = bits[p]
+            n_kept += 1
+    counts[0] = n_kept
     return pos
 
 
@@ -269,19 +334,10 @@ def _get_varint(data, pos):
 
 
 @nb.njit(**_INLINE)
-def _value(data, mode, vpos, width, dictionary, nnz, k):
-    """Bits of value ``k`` from a checked value section."""
-    if mode == VALUES_CONST:
-        return (np.uint32(data[vpos]) | (np.uint32(data[vpos + 1]) << np.uint32(8))
-                | (np.uint32(data[vpos + 2]) << np.uint32(16)) | (np.uint32(data[vpos + 3]) << np.uint32(24)))
-    if mode == VALUES_RAW:
-        return (np.uint32(data[vpos + k]) | (np.uint32(data[vpos + nnz + k]) << np.uint32(8))
-                | (np.uint32(data[vpos + 2 * nnz + k]) << np.uint32(16))
-                | (np.uint32(data[vpos + 3 * nnz + k]) << np.uint32(24)))
-    code = np.int64(data[vpos + k])
-    if width == 2:
-        code = (code << 8) | np.int64(data[vpos + nnz + k])
-    return dictionary[code]
+def _u32(data, pos, stride):
+    """Four bytes ``stride`` apart, least significant first."""
+    return np.uint32(np.int64(data[pos]) | (np.int64(data[pos + stride]) << 8)
+                     | (np.int64(data[pos + 2 * stride]) << 16) | (np.int64(data[pos + 3 * stride]) << 24))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -350,22 +406,20 @@ def _highest_bit(byte):
 
 @nb.njit(**_INLINE)
 def _popcount(byte):
-    c = 0
-    while byte:
-        byte &= byte - 1
-        c += 1
-    return c
+    c = byte - ((byte >> 1) & 0x55)
+    c = (c & 0x33) + ((c >> 2) & 0x33)
+    return (c + (c >> 4)) & 0x0F
 
 
 @nb.njit(nogil=True, cache=True)
 def _record(data, pos, n_images):
-    """Parse a row record's fixed part: ``(error or next pos, kind, count or nbytes, first)``."""
+    """Parse an explicit row record's fixed part: ``(error or next pos, kind, count or nbytes, first)``."""
     tag, pos = _get_varint(data, pos)
     if pos < 0:
         return pos, 0, 0, 0
-    kind = tag & 3
-    count = tag >> 2
-    if kind == 0:
+    kind = tag & 7
+    count = tag >> KIND_BITS
+    if kind != KIND_LIST and kind != KIND_BITMAP and kind != KIND_RUN:
         return E_ROW_KIND, 0, 0, 0
     if count == 0:
         return E_EMPTY_ROW, 0, 0, 0
@@ -378,167 +432,193 @@ def _record(data, pos, n_images):
 
 
 @nb.njit(nogil=True, cache=True)
-def _check_rows(data, n_rows, nnz, n_images, slot_of_neuron):
-    """Walk the neuron and row sections without writing; return where values start or an error.
+def _check_record(data, pos, n_images):
+    """Check an explicit row record; return ``(error or next pos, entries)``. O(bytes)."""
+    pos, kind, count, first = _record(data, pos, n_images)
+    if pos < 0:
+        return pos, 0
+    if kind == KIND_RUN:
+        if count > n_images - first:
+            return E_IMAGE_RANGE, 0
+        return pos, count
+    if kind == KIND_LIST:
+        if count > n_images - first:
+            return E_IMAGE_RANGE, 0
+        img = first
+        for i in range(1, count):
+            gap, pos = _get_varint(data, pos)
+            if pos < 0:
+                return pos, 0
+            img += gap + 1
+            if img >= n_images:
+                return E_IMAGE_RANGE, 0
+        return pos, count
+    nbytes = count
+    if nbytes > data.shape[0] - pos:
+        return E_TRUNCATED, 0
+    count = 0
+    for b in range(nbytes):
+        count += _popcount(np.int64(data[pos + b]))
+    if count == 0:
+        return E_EMPTY_ROW, 0
+    b = nbytes - 1
+    while data[pos + b] == 0:
+        b -= 1
+    last = 8 * b + _highest_bit(np.int64(data[pos + b]))
+    if first + last >= n_images:
+        return E_IMAGE_RANGE, 0
+    return pos + nbytes, count
 
-    Costs O(bytes): bitmaps are counted a byte at a time, repeated rows by their stored count.
+
+@nb.njit(nogil=True, cache=True)
+def _check_rows(data, n_rows, nnz, n_images, slot_of_neuron, rec, vstart):
+    """Walk the neuron and row sections without writing; return ``(values pos or error, n values, longest row)``.
+
+    Fills, per row, the position of the explicit record that holds its
+    images (``rec``) and the index of its first value (``vstart``), which
+    resolves repeats and copies for the writing pass. O(bytes), not O(nnz).
     """
     pos = 0
     neuron = np.int64(-1)
     for r in range(n_rows):
         v, pos = _get_varint(data, pos)
         if pos < 0:
-            return pos
+            return pos, 0, 0
         neuron = v if r == 0 else neuron + v + 1
         if neuron >= _NEURON_LIMIT:
-            return E_NEURON_RANGE
+            return E_NEURON_RANGE, 0, 0
         if slot_of_neuron.shape[0]:
             if neuron >= slot_of_neuron.shape[0] or slot_of_neuron[neuron] < 0:
-                return E_UNEXPECTED_NEURON
+                return E_UNEXPECTED_NEURON, 0, 0
     k = np.int64(0)
-    prev_count = np.int64(-1)
+    n_values = np.int64(0)
+    count = np.int64(0)
+    max_count = np.int64(0)
+    counts = np.empty(n_rows, np.int64)
     for r in range(n_rows):
         if pos >= data.shape[0]:
-            return E_TRUNCATED
+            return E_TRUNCATED, 0, 0
         if data[pos] == 0:
-            if prev_count < 0:
-                return E_NO_PREVIOUS
+            if r == 0:
+                return E_NO_PREVIOUS, 0, 0
             pos += 1
-            count = prev_count
-        else:
-            pos, kind, count, first = _record(data, pos, n_images)
+            rec[r] = rec[r - 1]
+            count = counts[r - 1]
+            vstart[r] = n_values
+            n_values += count
+        elif data[pos] & 7 == KIND_COPY:
+            back, pos = _get_varint(data, pos)
             if pos < 0:
-                return pos
-            if kind == KIND_RUN:
-                if count > n_images - first:
-                    return E_IMAGE_RANGE
-            elif kind == KIND_LIST:
-                if count > n_images - first:
-                    return E_IMAGE_RANGE
-                img = first
-                for i in range(1, count):
-                    gap, pos = _get_varint(data, pos)
-                    if pos < 0:
-                        return pos
-                    img += gap + 1
-                    if img >= n_images:
-                        return E_IMAGE_RANGE
-            else:
-                nbytes = count
-                if nbytes > data.shape[0] - pos:
-                    return E_TRUNCATED
-                count = 0
-                last = np.int64(-1)
-                for b in range(nbytes):
-                    byte = np.int64(data[pos + b])
-                    if byte:
-                        count += _popcount(byte)
-                        last = 8 * b + _highest_bit(byte)
-                pos += nbytes
-                if count == 0:
-                    return E_EMPTY_ROW
-                if first + last >= n_images:
-                    return E_IMAGE_RANGE
+                return pos, 0, 0
+            back >>= KIND_BITS
+            if back < 1 or back > r:
+                return E_COPY, 0, 0
+            rec[r] = rec[r - back]
+            vstart[r] = vstart[r - back]
+            count = counts[r - back]
+        else:
+            rec[r] = pos
+            pos, count = _check_record(data, pos, n_images)
+            if pos < 0:
+                return pos, 0, 0
+            vstart[r] = n_values
+            n_values += count
         if count > nnz - k:
-            return E_TOO_MANY
+            return E_TOO_MANY, 0, 0
+        counts[r] = count
         k += count
-        prev_count = count
+        max_count = max(max_count, count)
     if k != nnz:
-        return E_TOO_FEW
-    return pos
+        return E_TOO_FEW, 0, 0
+    return pos, n_values, max_count
 
 
 @nb.njit(nogil=True, cache=True)
-def _emit_rows(data, n_rows, nnz, write_coo, neurons_out, images_out, slot_of_neuron, block, col_off,
-               mode, vpos, width, dictionary):
+def _row_images(data, pos, out):
+    """Images of a checked explicit record into ``out``; returns how many."""
+    p, kind, count, first = _record(data, pos, 1 << 62)
+    if kind == KIND_RUN:
+        for i in range(count):
+            out[i] = first + i
+        return count
+    if kind == KIND_LIST:
+        img = first
+        out[0] = img
+        for i in range(1, count):
+            gap, p = _get_varint(data, p)
+            img += gap + 1
+            out[i] = img
+        return count
+    n = 0
+    for b in range(count):
+        byte = np.int64(data[p + b])
+        if byte == 0:
+            continue
+        base = first + 8 * b
+        for bit in range(8):  # branch-free: always write, advance on a set bit (out has 8 spare)
+            out[n] = base + bit
+            n += (byte >> bit) & 1
+    return n
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_values(data, mode, vpos, width, dictionary, n_values):
+    """All values of a checked value section, as float32 bits."""
+    values = np.empty(n_values, np.uint32)
+    if mode == VALUES_CONST:
+        values[:] = _u32(data, vpos, 1)
+    elif mode == VALUES_RAW:
+        for k in range(n_values):
+            values[k] = _u32(data, vpos + k, n_values)
+    elif width == 1:
+        for k in range(n_values):
+            values[k] = dictionary[data[vpos + k]]
+    else:
+        for k in range(n_values):
+            values[k] = dictionary[(np.int64(data[vpos + k]) << 8) | np.int64(data[vpos + n_values + k])]
+    return values
+
+
+@nb.njit(nogil=True, cache=True)
+def _emit_rows(data, n_rows, write_coo, neurons_out, images_out, bits_out, slot_of_neuron, block, col_off,
+               rec, vstart, max_count, values):
     """Second pass over checked sections: fill COO arrays or scatter value bits into ``block`` (uint32)."""
-    pos = 0
-    for r in range(n_rows):
-        _, pos = _get_varint(data, pos)
+    row_images = np.empty(max_count + 8, np.int64)
     npos = 0
     neuron = np.int64(-1)
     k = np.int64(0)
-    prev_rec = np.int64(-1)
-    prev_start = np.int64(0)
     for r in range(n_rows):
         v, npos = _get_varint(data, npos)
         neuron = v if r == 0 else neuron + v + 1
-        start = k
-        if data[pos] == 0:
-            pos += 1
-            if write_coo:
-                count = k - prev_start
-                for i in range(count):
-                    images_out[k + i] = images_out[prev_start + i]
-                    neurons_out[k + i] = neuron
-                prev_start = start
-                k += count
-                continue
-            rec = prev_rec
-        else:
-            rec = pos
-            prev_rec = pos
-        p, kind, count, first = _record(data, rec, 1 << 62)
-        dst = block[slot_of_neuron[neuron]] if not write_coo else block[0]
-        if kind == KIND_RUN:
+        count = _row_images(data, rec[r], row_images)
+        vi = vstart[r]
+        if write_coo:
             for i in range(count):
-                if write_coo:
-                    neurons_out[k] = neuron
-                    images_out[k] = first + i
-                else:
-                    dst[col_off + first + i] = _value(data, mode, vpos, width, dictionary, nnz, k)
-                k += 1
-        elif kind == KIND_LIST:
-            img = first
-            for i in range(count):
-                if i:
-                    gap, p = _get_varint(data, p)
-                    img += gap + 1
-                if write_coo:
-                    neurons_out[k] = neuron
-                    images_out[k] = img
-                else:
-                    dst[col_off + img] = _value(data, mode, vpos, width, dictionary, nnz, k)
-                k += 1
+                neurons_out[k + i] = neuron
+                images_out[k + i] = row_images[i]
+                bits_out[k + i] = values[vi + i]
         else:
-            for b in range(count):
-                byte = np.int64(data[p + b])
-                base = first + 8 * b
-                for bit in range(8):
-                    if not (byte >> bit) & 1:
-                        continue
-                    img = base + bit
-                    if write_coo:
-                        neurons_out[k] = neuron
-                        images_out[k] = img
-                    else:
-                        dst[col_off + img] = _value(data, mode, vpos, width, dictionary, nnz, k)
-                    k += 1
-            p += count
-        if rec == pos:
-            pos = p
-        prev_start = start
+            dst = block[slot_of_neuron[neuron]]
+            for i in range(count):
+                dst[col_off + row_images[i]] = values[vi + i]
+        k += count
 
 
 @_kernel
 def decode_coo(data, n_rows, nnz, n_images, neurons, images, bits):
     """Check a raw payload, then decode it into COO arrays of length ``nnz``; 0 or an error code."""
     no_slots = np.empty(0, np.int64)
-    end = _check_rows(data, n_rows, nnz, n_images, no_slots)
+    rec = np.empty(n_rows, np.int64)
+    vstart = np.empty(n_rows, np.int64)
+    end, n_values, max_count = _check_rows(data, n_rows, nnz, n_images, no_slots, rec, vstart)
     if end < 0:
         return end
-    err, mode, vpos, width, dictionary = _check_values(data, end, nnz)
+    err, mode, vpos, width, dictionary = _check_values(data, end, n_values)
     if err:
         return err
     no_block = np.empty((1, 1), np.uint32)
-    _emit_rows(data, n_rows, nnz, True, neurons, images, no_slots, no_block, 0, mode, vpos, width, dictionary)
-    if mode == VALUES_CONST:
-        v = _value(data, mode, vpos, width, dictionary, nnz, 0)
-        for k in range(nnz):
-            bits[k] = v
-    else:
-        for k in range(nnz):
-            bits[k] = _value(data, mode, vpos, width, dictionary, nnz, k)
+    _emit_rows(data, n_rows, True, neurons, images, bits, no_slots, no_block, 0, rec, vstart,
+               max_count, _decode_values(data, mode, vpos, width, dictionary, n_values))
     return 0
 
 
@@ -552,13 +632,16 @@ def decode_into_block(data, n_rows, nnz, n_images, slot_of_neuron, block, col_of
     """
     if slot_of_neuron.shape[0] == 0:
         return E_UNEXPECTED_NEURON if n_rows else 0
-    end = _check_rows(data, n_rows, nnz, n_images, slot_of_neuron)
+    rec = np.empty(n_rows, np.int64)
+    vstart = np.empty(n_rows, np.int64)
+    end, n_values, max_count = _check_rows(data, n_rows, nnz, n_images, slot_of_neuron, rec, vstart)
     if end < 0:
         return end
-    err, mode, vpos, width, dictionary = _check_values(data, end, nnz)
+    err, mode, vpos, width, dictionary = _check_values(data, end, n_values)
     if err:
         return err
     no_idx = np.empty(0, np.int32)
-    _emit_rows(data, n_rows, nnz, False, no_idx, no_idx, slot_of_neuron, block.view(np.uint32), col_off,
-               mode, vpos, width, dictionary)
+    no_bits = np.empty(0, np.uint32)
+    _emit_rows(data, n_rows, False, no_idx, no_idx, no_bits, slot_of_neuron, block.view(np.uint32), col_off,
+               rec, vstart, max_count, _decode_values(data, mode, vpos, width, dictionary, n_values))
     return 0

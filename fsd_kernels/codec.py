@@ -84,6 +84,7 @@ _KERNEL_ERRORS = {
     core.E_TOO_FEW: "rows hold fewer entries than the header's nnz",
     core.E_ROW_KIND: "unknown row record kind",
     core.E_DICT_ORDER: "value dictionary not strictly ascending",
+    core.E_COPY: "row copies a row that is not before it",
 }
 
 
@@ -180,8 +181,10 @@ def _payload(row_neurons, row_ptr, images, bits) -> tuple[bytes, int, int]:
     n_rows = row_neurons.shape[0]
     nnz = images.shape[0]
     out = np.empty(_raw_bound(n_rows, nnz), np.uint8)
-    pos = kernels.encode_rows(row_neurons, row_ptr, images, out)
-    pos = kernels.encode_values(bits, out, pos)
+    kept_bits = np.empty(nnz, np.uint32)
+    counts = np.zeros(1, np.int64)
+    pos = kernels.encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts)
+    pos = kernels.encode_values(kept_bits[:counts[0]], out, pos)
     raw = out[:pos].tobytes()
     if pos >= MIN_COMPRESS:
         packed, flag = _compress(raw)

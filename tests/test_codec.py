@@ -72,6 +72,36 @@ def test_empty_block_is_one_chunk():
     assert m.n_chunks == 1 and m.target == 5
 
 
+def encode_dense_rows(block):
+    """COO of a dense block (neuron ids 3*row+1) and its single chunk."""
+    rows, cols = np.nonzero(block)
+    neurons = (rows * 3 + 1).astype(np.int32)
+    values = block[rows, cols]
+    return rows, neurons, cols, values, codec.encode(neurons, cols, values, n_images=block.shape[1])[0]
+
+
+def test_repeated_rows_cost_almost_nothing_and_decode_exactly():
+    rng = np.random.default_rng(3)
+    _, dense, _, _, _ = random_block(rng, n_neurons=30, n_images=500, density=0.3)
+    doubled = np.repeat(dense, 2, axis=0)  # every row twice: copies
+    same_images = np.repeat(dense, 2, axis=0)
+    same_images[1::2] = np.where(dense != 0, np.float32(7.5), np.float32(0))  # repeated image sets
+    base_len = codec.decode_header(encode_dense_rows(dense)[-1]).raw_len
+    # a copy costs its neuron and a tag byte; a repeated image set one byte plus its values
+    for block, extra in [(doubled, 2 * 30), (same_images, 2 * 30 + 4 * np.count_nonzero(dense))]:
+        rows, neurons, cols, values, chunk = encode_dense_rows(block)
+        m = codec.decode(chunk)
+        np.testing.assert_array_equal(m.neurons, neurons)
+        np.testing.assert_array_equal(m.images, cols)
+        assert_same_bits(m.values, values)
+        slot_of_neuron = np.full(neurons.max() + 1, -1)
+        slot_of_neuron[neurons] = rows
+        out = np.zeros(block.shape, np.float32)
+        codec.decode_into(chunk, out, slot_of_neuron)
+        assert_same_bits(out, block)
+        assert codec.decode_header(chunk).raw_len <= base_len + extra
+
+
 @pytest.mark.parametrize("max_bytes", [codec.MIN_MAX_BYTES, 300, 1000, 5000])
 def test_chunks_respect_budget_and_reassemble_in_any_order(max_bytes):
     rng = np.random.default_rng(max_bytes)
