@@ -26,7 +26,8 @@ from typing import Any, Mapping
 EVENT_VERSION = 1
 #: Run ids become file names, S3 keys and SNS attribute values: keep them plain.
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_./-]{1,512}$")
+#: A relative storage key prefix: plain segments joined by '/' (checked for '..' separately).
+_PREFIX = re.compile(r"^[A-Za-z0-9_.=-]{1,128}(/[A-Za-z0-9_.=-]{1,128}){0,8}$")
 
 
 class EventError(ValueError):

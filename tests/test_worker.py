@@ -1,0 +1,195 @@
+"""Worker events, storage and the worker loop (in-process: threads and a queue hub as channel)."""
+import json
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+import fsd_kernels
+from fsd_kernels import codec
+from fsd_runtime import events as ev
+from fsd_runtime import model, partition
+from fsd_runtime.channels import Channel, ChannelConfigError, make_channel
+from fsd_runtime.plan import build_shares
+from fsd_runtime.storage import LocalStorage, StorageError, check_key, make_storage
+from fsd_runtime.worker import WorkerError, WorkerLoop, wire_run_id
+
+EVENT = dict(run_id="r-1", worker_id=1, n_workers=4, fanout=2, storage={"kind": "local", "root": "/tmp/x"},
+             prefix="runs/r-1", channel={"kind": "local", "dir": "/tmp/y"}, launcher={"kind": "process"})
+
+
+def test_event_round_trips_through_json():
+    event = ev.parse(EVENT)
+    assert ev.parse(event.to_json()) == event
+    assert event.for_worker(3).worker_id == 3 and event.for_worker(3).run_id == "r-1"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"worker_id": 4}, "worker_id"), ({"n_workers": 0}, "n_workers"), ({"fanout": 0}, "fanout"),
+    ({"run_id": "a/b"}, "run_id"), ({"prefix": "../etc"}, "prefix"), ({"prefix": "/abs"}, "prefix"),
+    ({"channel": {"dir": "x"}}, "channel"), ({"launcher": "process"}, "launcher"),
+    ({"receive_timeout": 0}, "receive_timeout"), ({"batch_size": 0}, "batch_size"),
+    ({"worker_id": True}, "worker_id"), ({"surprise": 1}, "unknown"), ({"version": 9}, "version"),
+])
+def test_bad_events_name_the_field(change, field):
+    with pytest.raises(ev.EventError, match=field):
+        ev.parse({**EVENT, **change})
+
+
+def test_missing_fields_and_non_objects_are_refused():
+    with pytest.raises(ev.EventError, match="lacks"):
+        ev.parse({k: v for k, v in EVENT.items() if k != "storage"})
+    for bad in ("[1, 2]", "{not json", 42):
+        with pytest.raises(ev.EventError):
+            ev.parse(bad)
+
+
+def test_local_storage_put_get_list_delete(tmp_path):
+    store = make_storage({"kind": "local", "root": str(tmp_path)})
+    store.put("runs/a/shares/0.npz", b"zero")
+    store.put("runs/a/shares/1.npz", b"one")
+    store.put("runs/b/x", b"other run")
+    assert store.get("runs/a/shares/1.npz") == b"one"
+    assert store.list("runs/a") == ["runs/a/shares/0.npz", "runs/a/shares/1.npz"]
+    store.delete_prefix("runs/a")
+    assert store.list("runs/a") == [] and store.exists("runs/b/x")
+    with pytest.raises(StorageError, match="no stored object"):
+        store.get("runs/a/shares/0.npz")
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a//b", "a/./b", "a b", ""])
+def test_storage_refuses_keys_that_escape(key):
+    with pytest.raises(StorageError):
+        check_key(key)
+
+
+def test_unknown_kinds_are_clear_errors():
+    with pytest.raises(StorageError, match="unknown storage kind"):
+        make_storage({"kind": "tape"})
+    with pytest.raises(ChannelConfigError, match="unknown channel kind"):
+        make_channel({"kind": "pigeon"}, 0, 1, "r")
+
+
+class Hub:
+    """In-process mailboxes: one queue per worker."""
+
+    def __init__(self, n):
+        self.boxes = [queue.Queue() for _ in range(n)]
+
+
+class HubChannel(Channel):
+    max_chunk_bytes = 4096   # small, so messages really are split into chunks
+
+    def __init__(self, hub, me):
+        self.hub, self.me = hub, me
+
+    @classmethod
+    def from_config(cls, config, worker_id, n_workers, run_id):
+        raise NotImplementedError
+
+    def send(self, step, chunks):
+        for target, chunk in chunks:
+            self.hub.boxes[target].put(chunk)
+
+    def receive(self, step, timeout):
+        try:
+            out = [self.hub.boxes[self.me].get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self.hub.boxes[self.me].empty():
+            out.append(self.hub.boxes[self.me].get())
+        return out
+
+
+def run_threads(shares, channels, receive_timeout=20, **kwargs):
+    results, errors = [None] * len(shares), []
+
+    def work(p):
+        try:
+            results[p] = WorkerLoop(shares[p], channels[p], run_id="t", receive_timeout=receive_timeout,
+                                    **kwargs).run()
+        except Exception as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(p,)) for p in range(len(shares))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results, errors
+
+
+def assemble(results, n_images, n_neurons, ymax):
+    final = np.zeros((n_images, n_neurons), np.float32)
+    for r in results:
+        final[np.ix_(r.active, r.neurons)] = r.rows.T
+        final[r.saturated] = ymax
+    return final
+
+
+@pytest.mark.parametrize("n_workers, batch_size", [(1, None), (2, None), (3, 70), (5, 33)])
+def test_worker_loop_is_bit_identical_to_serial_on_a_synthetic_net(n_workers, batch_size):
+    ds = model.synthetic(1024, 24, 300, seed=5)
+    net = ds.network.pack()
+    shares = build_shares(net, *ds.images.arrays, partition.hypergraph(net, n_workers))
+    hub = Hub(n_workers)
+    results, errors = run_threads(shares, [HubChannel(hub, p) for p in range(n_workers)],
+                                  batch_size=batch_size)
+    assert not errors
+    serial = fsd_kernels.infer(*ds.images.arrays, net)
+    expected = np.zeros((300, 1024), np.float32)
+    rows = np.repeat(np.arange(300), np.diff(serial.indptr))
+    expected[rows, serial.indices] = serial.data
+    got = assemble(results, 300, 1024, net.ymax)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert 0 < serial.categories.size       # the check means something: some images survive
+
+
+class Tamper(HubChannel):
+    """Worker 0's end: before its first real receive, slip in one crafted chunk."""
+
+    def __init__(self, hub, me, chunk):
+        super().__init__(hub, me)
+        self.chunk = chunk
+
+    def receive(self, step, timeout):
+        if self.chunk is not None:
+            chunk, self.chunk = self.chunk, None
+            return [chunk] + super().receive(step, timeout)
+        return super().receive(step, timeout)
+
+
+def _two_workers():
+    ds = model.synthetic(1024, 8, 60, seed=2)
+    net = ds.network.pack()
+    return build_shares(net, *ds.images.arrays, partition.contiguous(1024, 8, 2))
+
+
+#: Images active at layer 1 (what every message of layer 1 must address).
+N1 = _two_workers()[0].active.shape[0]
+
+
+def test_another_runs_chunk_is_ignored():
+    shares = _two_workers()
+    foreign = codec.encode([], [], [], n_images=N1, layer=1, source=1, target=0,
+                           run_id=wire_run_id("another-run"))[0]
+    hub = Hub(2)
+    results, errors = run_threads(shares, [Tamper(hub, 0, foreign), HubChannel(hub, 1)])
+    assert not errors and all(results)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: b"\x00" * 100, "worker 0, layer 1: batch 0: malformed chunk"),
+    (lambda: codec.encode([5], [0], [1.0], n_images=N1, layer=1, source=0, target=0,
+                          run_id=wire_run_id("t"))[0], "misaddressed"),
+    # neuron 1 belongs to worker 0: worker 1 must not send it
+    (lambda: codec.encode([1], [0], [1.0], n_images=N1, layer=1, source=1, target=0,
+                          run_id=wire_run_id("t"))[0], "bad chunk from worker 1"),
+    (lambda: codec.encode([600], [0], [1.0], n_images=N1 + 1, layer=1, source=1, target=0,
+                          run_id=wire_run_id("t"))[0], "image columns"),
+])
+def test_hostile_chunks_fail_the_worker_with_worker_and_layer(make, match):
+    shares = _two_workers()
+    hub = Hub(2)
+    results, errors = run_threads(shares, [Tamper(hub, 0, make()), HubChannel(hub, 1)], receive_timeout=2)
+    assert any(isinstance(e, WorkerError) and match in str(e) for e in errors), errors
