@@ -31,6 +31,7 @@ EXPORTS = {
     "dense_rows_to_csr": "i8(f4[:, ::1], i8[::1], i8, i8[::1], i4[::1], u4[::1])",
     "encode_rows": "i8(i4[::1], i8[::1], i4[::1], u4[::1], u1[::1], u4[::1], i8[::1])",
     "encode_values": "i8(u4[::1], u1[::1], i8)",
+    "check_payload": "i8(u1[::1], i8, i8, i8)",
     "decode_coo": "i8(u1[::1], i8, i8, i8, i4[::1], i4[::1], u4[::1])",
     "decode_into_block": "i8(u1[::1], i8, i8, i8, i8[::1], f4[:, ::1], i8)",
 }
@@ -602,6 +603,18 @@ def _emit_rows(data, n_rows, write_coo, neurons_out, images_out, bits_out, slot_
             for i in range(count):
                 dst[col_off + row_images[i]] = values[vi + i]
         k += count
+
+
+@_kernel
+def check_payload(data, n_rows, nnz, n_images):
+    """0 if a raw payload is a valid encoding of ``nnz`` entries in ``n_rows`` rows, else an
+    error code. O(bytes): lets the caller allocate for ``nnz`` only once it is proven."""
+    rec = np.empty(n_rows, np.int64)
+    vstart = np.empty(n_rows, np.int64)
+    end, n_values, _ = _check_rows(data, n_rows, nnz, n_images, np.empty(0, np.int64), rec, vstart)
+    if end < 0:
+        return end
+    return _check_values(data, end, n_values)[0]
 
 
 @_kernel

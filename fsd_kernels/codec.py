@@ -419,6 +419,11 @@ def decode(data) -> Message:
     data = _as_bytes(data)
     h = decode_header(data)
     raw = _raw_payload(data, h)
+    if h.n_rows > raw.shape[0]:
+        raise CodecError(f"{h.n_rows} rows cannot fit in {raw.shape[0]} payload bytes")
+    err = kernels.check_payload(raw, h.n_rows, h.nnz, h.n_images)
+    if err:
+        raise _kernel_error(err, h)
     neurons = np.empty(h.nnz, np.int32)
     images = np.empty(h.nnz, np.int32)
     bits = np.empty(h.nnz, np.uint32)
@@ -450,6 +455,8 @@ def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_o
         raise CodecError(f"chunk addresses {h.n_images} images at offset {column_offset}, "
                          f"block has {block.shape[1]} columns")
     raw = _raw_payload(data, h)
+    if h.n_rows > raw.shape[0]:
+        raise CodecError(f"{h.n_rows} rows cannot fit in {raw.shape[0]} payload bytes")
     err = kernels.decode_into_block(raw, h.n_rows, h.nnz, h.n_images, slots, block, int(column_offset))
     if err:
         raise _kernel_error(err, h)
