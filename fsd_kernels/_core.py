@@ -251,9 +251,16 @@ def sparse_layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data,
                     touched[m] = j
                     m += 1
                 acc[j] += v * w_data[q]
-        cols = np.sort(touched[:m])
+        if m * 16 > n_cols:  # many outputs: one scan of the flags beats a sort
+            m = 0
+            for j in range(n_cols):
+                if seen[j]:
+                    touched[m] = j
+                    m += 1
+        else:
+            touched[:m].sort()
         for c in range(m):
-            j = cols[c]
+            j = touched[c]
             v = _activate(acc[j], bias[j], ymax)
             acc[j] = 0.0
             seen[j] = False
