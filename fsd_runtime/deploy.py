@@ -163,6 +163,23 @@ def queue_config(names: Names, aws_settings: aws.AwsSettings) -> QueueConfig:
     return QueueConfig(prefix=names.settings.name, topics=names.settings.topics, aws=aws_settings)
 
 
+#: Key prefixes of run-scoped objects: the run store's and the object channel's (defaults).
+RUN_PREFIXES = ("runs/", "fsd-runs/")
+
+
+def lifecycle_rules() -> list[dict]:
+    """Run objects expire after a day: the coordinator deletes them at the end of every run, but
+    a Lambda worker still running after a failed run may write its error record later."""
+    return [{"ID": f"expire-{prefix.rstrip('/')}", "Filter": {"Prefix": prefix}, "Status": "Enabled",
+             "Expiration": {"Days": 1}} for prefix in RUN_PREFIXES]
+
+
+def _rule_keys(rules: list[dict]) -> set[tuple]:
+    """What matters of lifecycle rules (AWS may add fields of its own when it returns them)."""
+    return {(r.get("ID"), r.get("Filter", {}).get("Prefix"), r.get("Status"),
+             r.get("Expiration", {}).get("Days")) for r in rules}
+
+
 def function_zip() -> bytes:
     """The function's own code: only a marker, since fsd_runtime and the kernels come from the layer.
     Built byte-for-byte the same every time (fixed timestamp) so redeploying changes nothing."""
@@ -226,17 +243,26 @@ class _Deployer:
         s3, n = self.client("s3"), self.names
         try:
             s3.head_bucket(Bucket=n.bucket)
-            return
         except ClientError as exc:
             if not _absent(exc, "NoSuchBucket", "404"):
                 raise
-        location = {} if n.region == "us-east-1" else {
-            "CreateBucketConfiguration": {"LocationConstraint": n.region}}
-        s3.create_bucket(Bucket=n.bucket, **location)
-        s3.put_public_access_block(Bucket=n.bucket, PublicAccessBlockConfiguration={
-            "BlockPublicAcls": True, "IgnorePublicAcls": True,
-            "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
-        self.changes.append(f"created bucket {n.bucket}")
+            location = {} if n.region == "us-east-1" else {
+                "CreateBucketConfiguration": {"LocationConstraint": n.region}}
+            s3.create_bucket(Bucket=n.bucket, **location)
+            s3.put_public_access_block(Bucket=n.bucket, PublicAccessBlockConfiguration={
+                "BlockPublicAcls": True, "IgnorePublicAcls": True,
+                "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
+            self.changes.append(f"created bucket {n.bucket}")
+        try:
+            rules = s3.get_bucket_lifecycle_configuration(Bucket=n.bucket).get("Rules", [])
+        except ClientError as exc:
+            if _error_code(exc) != "NoSuchLifecycleConfiguration":
+                raise
+            rules = []
+        if _rule_keys(rules) != _rule_keys(lifecycle_rules()):
+            s3.put_bucket_lifecycle_configuration(Bucket=n.bucket,
+                                                  LifecycleConfiguration={"Rules": lifecycle_rules()})
+            self.changes.append(f"set expiry of run objects in bucket {n.bucket}")
 
     def topics(self) -> None:
         resources = QueueResources(queue_config(self.names, self.aws_settings))

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from fsd_runtime.deploy import (HANDLER, DeploySettings, Names, least_privilege_policy,
-                                trust_policy)
+                                lifecycle_rules, trust_policy)
 
 
 def _placeholder_names(settings: DeploySettings) -> Names:
@@ -41,6 +41,9 @@ def sam_template(settings: DeploySettings, layer_zip: str | None = None) -> dict
     resources: dict[str, Any] = {
         "Bucket": {"Type": "AWS::S3::Bucket", "Properties": {
             "BucketName": _sub(names.bucket),
+            "LifecycleConfiguration": {"Rules": [
+                {"Id": r["ID"], "Prefix": r["Filter"]["Prefix"], "Status": r["Status"],
+                 "ExpirationInDays": r["Expiration"]["Days"]} for r in lifecycle_rules()]},
             "PublicAccessBlockConfiguration": {
                 "BlockPublicAcls": True, "IgnorePublicAcls": True,
                 "BlockPublicPolicy": True, "RestrictPublicBuckets": True}}},

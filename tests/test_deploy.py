@@ -52,6 +52,8 @@ def test_deploy_creates_everything_once_and_teardown_removes_it(aws_settings):
     have = _inventory(names, aws_settings)
     assert have["topics"] == [f"{settings.name}-t0", f"{settings.name}-t1"]
     assert have["buckets"] == [names.bucket] and have["roles"] == [names.role]
+    rules = client("s3", aws_settings).get_bucket_lifecycle_configuration(Bucket=names.bucket)["Rules"]
+    assert sorted(r["Filter"]["Prefix"] for r in rules) == ["fsd-runs/", "runs/"]
     assert len(have["layers"]) == 1
     (function,) = have["functions"]
     assert function["Handler"] == "fsd_runtime.handler.handler"
@@ -93,8 +95,8 @@ def test_storage_only_deployment_and_leftover_run_queues_are_swept(aws_settings)
     settings = _settings(lambda_function=False)
     names = deploy.names_for(settings, aws_settings)
     assert sorted(deploy.deploy(settings, aws_settings)) == sorted(
-        [f"created bucket {names.bucket}", f"created topic {settings.name}-t0",
-         f"created topic {settings.name}-t1"])
+        [f"created bucket {names.bucket}", f"set expiry of run objects in bucket {names.bucket}",
+         f"created topic {settings.name}-t0", f"created topic {settings.name}-t1"])
     resources = QueueResources(deploy.queue_config(names, aws_settings))
     resources.create_run("crashed", 2)  # a coordinator that died before delete_run
     other = _settings()  # another deployment's run queue must survive our teardown
