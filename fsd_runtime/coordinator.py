@@ -61,15 +61,17 @@ def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: floa
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
-        errors = storage.list(f"{prefix}/errors")
+        keys = storage.list(prefix)  # one listing a poll: on S3 each LIST is billed
+        errors = [k for k in keys if k.startswith(f"{prefix}/errors/")]
+        results = [k for k in keys if k.startswith(f"{prefix}/results/")]
         failed = launcher.failures()
         if errors or failed:
             time.sleep(0.2)  # let the workers that noticed the same failure report too
             raise RunError(_failure_message(storage, prefix, launcher))
-        if len(storage.list(f"{prefix}/results")) == n_workers:
+        if len(results) == n_workers:
             return
         if time.monotonic() > deadline:
-            done = {int(k.rsplit("/", 1)[1].split(".")[0]) for k in storage.list(f"{prefix}/results")}
+            done = {int(k.rsplit("/", 1)[1].split(".")[0]) for k in results}
             missing = sorted(set(range(n_workers)) - done)
             raise RunError(f"workers {missing} did not finish within {timeout} s")
         time.sleep(delay)

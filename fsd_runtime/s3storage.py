@@ -22,7 +22,7 @@ _DELETE_BATCH = 1000
 class S3Storage(Storage):
     """Keys of one bucket; ``list`` and ``delete_prefix`` work by prefix, 1000 keys a request."""
 
-    #: How often the coordinator may poll for results: each poll is two billed LISTs.
+    #: How often the coordinator may poll for results: each poll is a billed LIST.
     poll_seconds = 1.0
 
     def __init__(self, bucket: str, settings: aws.AwsSettings | None = None, *,
