@@ -1,0 +1,70 @@
+"""End to end: coordinator, local channel (Unix sockets), launch tree: bit-identical to the serial run."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fsd_kernels
+from fsd_runtime import model
+from fsd_runtime.coordinator import RunError, run_distributed
+
+
+@pytest.fixture(scope="module")
+def serial(official, official_packed):
+    return fsd_kernels.infer(*official.images.arrays, official_packed)
+
+
+def assert_same(result, serial):
+    a = result.activations
+    np.testing.assert_array_equal(a.indptr, serial.indptr)
+    np.testing.assert_array_equal(a.indices, serial.indices)
+    np.testing.assert_array_equal(a.data.view(np.uint32), serial.data.view(np.uint32))
+
+
+@pytest.mark.parametrize("partition", ["contiguous", "hypergraph"])
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 8])
+def test_official_run_is_bit_identical_and_golden(official, official_packed, serial, n_workers, partition):
+    result = run_distributed(official_packed, official.images.arrays, n_workers, partition=partition,
+                             launcher={"kind": "thread"}, receive_timeout=60)
+    assert_same(result, serial)
+    np.testing.assert_array_equal(result.categories, official.categories)     # the 337
+    t = result.traffic
+    assert (t["messages"] == 0) == (n_workers == 1)
+    assert t["messages"] <= 19 * n_workers * (n_workers - 1)    # early exit: ~19 rounds, not 120
+
+
+def test_synthetic_run_in_batches_is_bit_identical():
+    ds = model.synthetic(1024, 30, 400, seed=7)
+    net = ds.network.pack()
+    serial = fsd_kernels.infer(*ds.images.arrays, net)
+    result = run_distributed(net, ds.images.arrays, 3, launcher={"kind": "thread"}, batch_size=150,
+                             receive_timeout=60, channel={"kind": "local", "max_chunk_bytes": 256})
+    assert_same(result, serial)
+    assert serial.categories.size > 0
+    assert result.traffic["chunks"] > result.traffic["messages"]    # small chunks really split
+
+
+def test_bad_partition_and_tree_fail_before_anything_starts(official_packed, official):
+    with pytest.raises(ValueError, match="partition"):
+        run_distributed(official_packed, official.images.arrays, 2, partition="random")
+    with pytest.raises(ValueError, match="fan-out"):
+        run_distributed(official_packed, official.images.arrays, 2, fanout=0)
+
+
+def test_cli_runs_a_tree_of_worker_processes_with_metrics(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "run", "--workers", "4", "--json",
+                          "--metrics-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["golden_match"] is True and len(report["categories"]) == 337
+    assert report["workers"] == 4 and report["channel"] == "local" and report["partition"] == "hypergraph"
+    assert set(report["traffic"]) >= {"messages", "bytes", "requests"}
+    assert 0 < report["traffic"]["bytes"] < 10.4e6
+    assert report["startup_seconds"] > 0 and report["wall_seconds"] > 0
+    with open(report["metrics_path"]) as f:
+        metrics = json.load(f)
+    assert len(metrics["rows"]) == 4 * 120
+    assert metrics["totals"]["bytes_sent"] == report["traffic"]["bytes"]
+    assert (tmp_path / "metrics.csv").read_text().startswith("worker,layer,")
