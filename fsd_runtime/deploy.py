@@ -232,6 +232,9 @@ class _Deployer:
         return self._clients[service]
 
     def run(self) -> list[str]:
+        if self.settings.lambda_function and self.layer_zip is None:  # fail before changing anything
+            with open(find_layer_zip(self.settings), "rb") as f:
+                self.layer_zip = f.read()
         self.bucket()
         self.topics()
         if self.settings.lambda_function:
@@ -295,9 +298,6 @@ class _Deployer:
 
     def layer(self) -> str:
         lam, n = self.client("lambda"), self.names
-        if self.layer_zip is None:
-            with open(find_layer_zip(self.settings), "rb") as f:
-                self.layer_zip = f.read()
         latest = _latest_layer_version(lam, n.layer)
         if latest is not None:
             content = lam.get_layer_version(LayerName=n.layer, VersionNumber=latest["Version"])

@@ -155,3 +155,26 @@ def test_sam_template_passes_cfn_lint_and_matches_deploy():
     broken = json.loads(text)
     broken["Resources"]["WorkerFunction"]["Properties"]["Runtime"] = "python9.9"
     assert lint(json.dumps(broken), config=ManualArgs(regions=["eu-west-1"]))
+
+
+def test_cli_deploy_teardown_and_template(aws_settings, capsys):
+    from fsd_runtime import cli
+
+    name = f"fsd-{uuid.uuid4().hex[:8]}"
+    where = ["--deployment", name, "--endpoint-url", aws_settings.endpoint_url, "--region", "us-east-1",
+             "--topics", "1"]
+    assert cli.main(["deploy", "--no-lambda", *where]) == 0
+    assert f"created topic {name}-t0" in capsys.readouterr().out
+    assert cli.main(["deploy", "--no-lambda", *where]) == 0
+    assert capsys.readouterr().out == "up to date: nothing changed\n"
+    assert cli.main(["deploy", *where, "--layer-zip", "/nonexistent/layer.zip"]) == 2
+    assert "layer.zip.sh" in capsys.readouterr().err
+    names = deploy.names_for(deploy.DeploySettings(name=name), aws_settings)
+    assert [r for r in client("iam", aws_settings).list_roles()["Roles"] if r["RoleName"] == names.role] == []
+    assert cli.main(["teardown", *where]) == 0
+    assert f"deleted topic {name}-t0" in capsys.readouterr().out
+    assert cli.main(["teardown", *where]) == 0
+    assert capsys.readouterr().out == "nothing to delete\n"
+    assert cli.main(["deploy", "--template-only", "--deployment", name, "--architecture", "arm64"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["Resources"]["WorkerFunction"]["Properties"]["FunctionName"] == name
