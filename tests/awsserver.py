@@ -13,7 +13,9 @@ what AWS would send and their real retry code runs:
 * :meth:`AwsServer.fail_batch_entries` — the next *n* SNS ``PublishBatch`` calls
   publish all but their first *k* entries and report those as ``Failed``;
 * :meth:`AwsServer.mangle_receives` — the next *n* SQS ``ReceiveMessage`` answers
-  come back reversed and with every message twice (at-least-once, any order).
+  come back reversed and with every message twice (at-least-once, any order);
+* :meth:`AwsServer.swallow_publishes` — the next *n* SNS ``PublishBatch`` calls are
+  answered "all published" but go nowhere (a subscription that does not deliver yet).
 
 ``requests`` counts every call by operation (faulted ones included).
 """
@@ -94,6 +96,15 @@ def _add_failed_entries(xml: bytes, ids: Iterable[str]) -> bytes:
     if "<Failed>" in text:
         return text.replace("<Failed>", f"<Failed>{members}", 1).encode()
     return text.replace("</PublishBatchResult>", f"<Failed>{members}</Failed></PublishBatchResult>").encode()
+
+
+def _swallowed_batch(body: bytes) -> Response:
+    ids = [v for k, v in parse_qsl(body.decode("utf-8")) if (m := _ENTRY_FIELD.match(k)) and m.group(2) == "Id"]
+    members = "".join(f"<member><Id>{i}</Id><MessageId>swallowed-{i}</MessageId></member>" for i in ids)
+    xml = (f'<PublishBatchResponse xmlns="http://sns.amazonaws.com/doc/2010-03-31/"><PublishBatchResult>'
+           f"<Successful>{members}</Successful><Failed/></PublishBatchResult>"
+           f"<ResponseMetadata><RequestId>fault</RequestId></ResponseMetadata></PublishBatchResponse>")
+    return Response(xml, status=200, content_type="text/xml")
 
 
 def _mangle_messages(body: bytes) -> bytes:
@@ -195,6 +206,9 @@ class AwsServer:
             return answer
 
         self.faults.add(_Rule("PublishBatch", times, apply))
+
+    def swallow_publishes(self, times: int) -> None:
+        self.faults.add(_Rule("PublishBatch", times, lambda service, request, body, forward: _swallowed_batch(body)))
 
     def mangle_receives(self, times: int) -> None:
         def apply(service, request, body, forward):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import random
 import uuid
 
-import boto3
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from fsd_runtime.aws import client as aws_client
 from fsd_runtime.channels import ChannelError, make_channel
 from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, pack_object,
                                          read_index)
@@ -156,7 +156,7 @@ def test_two_concurrent_runs_do_not_see_each_other(run):
 
 def test_a_foreign_object_in_the_run_is_a_clear_error(run, aws_settings):
     config, run_id, channels = run(2, poll="get")
-    s3 = boto3.client("s3", endpoint_url=aws_settings.endpoint_url)
+    s3 = aws_client("s3", aws_settings)
     s3.put_object(Bucket=config["bucket"], Key=f"{config['prefix']}/{run_id}/s00000000/w00000/p000",
                   Body=b"\x00" * 64)
     with pytest.raises(ObjectFormatError, match="not a channel object"):
@@ -165,7 +165,7 @@ def test_a_foreign_object_in_the_run_is_a_clear_error(run, aws_settings):
 
 def test_everything_of_a_failed_run_is_deleted_and_other_runs_survive(aws, aws_settings):
     base = {"kind": "object", "bucket": "fsd-cleanup-tests", "aws": aws_settings.to_dict()}
-    s3 = boto3.client("s3", endpoint_url=aws_settings.endpoint_url)
+    s3 = aws_client("s3", aws_settings)
     keep = ObjectChannel.create_run(base, "keep", 2)
     make_channel(keep, 0, 2, "keep").send(0, [(1, b"kept")])
 
@@ -202,5 +202,5 @@ def test_official_run_over_s3_is_bit_exact_and_leaves_nothing_behind(aws, aws_se
     counted = result.traffic["channel_requests"]
     assert counted["s3_put_requests"] == aws.requests["PutObject"]
     assert counted["messages_received"] == counted["messages_sent"] == result.traffic["chunks"]
-    s3 = boto3.client("s3", endpoint_url=aws_settings.endpoint_url)
+    s3 = aws_client("s3", aws_settings)
     assert s3.list_objects_v2(Bucket="fsd-e2e-object").get("KeyCount", 0) == 0

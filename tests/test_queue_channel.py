@@ -1,21 +1,20 @@
 """QueueChannel (SNS+SQS) against the local AWS-API server: real HTTP, real retries."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import time
 import uuid
 
-import boto3
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from fsd_kernels import codec
+from fsd_runtime.aws import client as aws_client
 from fsd_runtime.channels import ChannelError, make_channel
-from fsd_runtime.channels.queue import (MAX_BATCH_ENTRIES, QueueChannel, QueueConfig, pack_batches,
-                                        queue_name)
+from fsd_runtime.channels.queue import (MAX_BATCH_ENTRIES, QueueChannel, QueueConfig, QueueResources,
+                                        pack_batches, queue_name)
 
 
 def chunks_for(source: int, target: int, *, run: str, layer: int = 0, rows: int = 3, images: int = 50,
@@ -55,6 +54,7 @@ def run(aws, aws_settings):
         config = QueueChannel.create_run(base, run_id, n_workers)
         channels = [make_channel(config, w, n_workers, run_id) for w in range(n_workers)]
         made.append((config, run_id, n_workers, channels))
+        aws.requests.clear()                                    # count what the channels do
         return config, channels
 
     yield make
@@ -209,12 +209,43 @@ def test_failed_batch_entries_are_resent_with_their_payload(run, aws):
     assert receive_all(channels[1], len(chunks)) == sorted(chunks)
 
 
-def test_a_foreign_message_in_the_queue_is_a_clear_error(run, aws_settings):
+def test_foreign_messages_are_skipped_and_a_malformed_chunk_is_a_clear_error(run, aws_settings):
     config, channels = run(2)
-    sqs = boto3.client("sqs", endpoint_url=aws_settings.endpoint_url)
-    sqs.send_message(QueueUrl=config["queue_urls"][1], MessageBody="not base85 ~~~ {")
+    sqs = aws_client("sqs", aws_settings)
+    queue = config["queue_urls"][1]
+    attributes = lambda run_id, targets: {  # noqa: E731
+        "run": {"DataType": "String", "StringValue": run_id},
+        "target": {"DataType": "String.Array", "StringValue": json.dumps(targets)}}
+    sqs.send_message(QueueUrl=queue, MessageBody="no attributes at all")
+    sqs.send_message(QueueUrl=queue, MessageBody="other run", MessageAttributes=attributes("other", ["1"]))
+    sqs.send_message(QueueUrl=queue, MessageBody="other target", MessageAttributes=attributes(
+        channels[1].run_id, ["0"]))
+    sqs.send_message(QueueUrl=queue, MessageBody=".probe 0")
+    assert channels[1].receive(0, timeout=1) == []
+    assert channels[1].counts["foreign_skipped"] == 3 and channels[1].counts["probes_skipped"] == 1
+    sqs.send_message(QueueUrl=queue, MessageBody="not base85 ~~~ {",
+                     MessageAttributes=attributes(channels[1].run_id, ["1"]))
     with pytest.raises(ChannelError, match="not an encoded chunk"):
         channels[1].receive(0, timeout=2)
+
+
+def test_a_run_starts_only_once_every_subscription_delivers(aws, aws_settings):
+    config = QueueConfig.parse({"kind": "queue", "prefix": f"p{uuid.uuid4().hex[:6]}", "topics": 2,
+                                "aws": aws_settings.to_dict()})
+    resources = QueueResources(config)
+    try:
+        aws.swallow_publishes(2)                     # the first probe of each topic goes nowhere
+        made = resources.create_run("probed", 3, probe_resend=1)
+        assert aws.requests["PublishBatch"] == 4     # 2 swallowed, 2 sent again
+        channel = QueueChannel(made, 0, 3, "probed")
+        assert channel.receive(0, timeout=0.2) == [] # the probes were consumed by create_run
+        channel.close()
+        aws.swallow_publishes(100)
+        with pytest.raises(ChannelError, match="still not delivering"):
+            resources.create_run("never", 2, probe_timeout=2, probe_resend=1)
+    finally:
+        resources.delete_run("probed", 3)
+        resources.delete_run("never", 2)
 
 
 def test_receive_times_out_empty_and_in_time(run):
@@ -257,8 +288,8 @@ def test_delete_run_removes_queues_and_subscriptions_and_is_idempotent(aws, aws_
     config = QueueChannel.create_run(base, "gone", 3)
     again = QueueChannel.create_run(base, "gone", 3)            # idempotent set-up
     assert again["queue_urls"] == config["queue_urls"] and again["topic_arns"] == config["topic_arns"]
-    sns = boto3.client("sns", endpoint_url=aws_settings.endpoint_url)
-    sqs = boto3.client("sqs", endpoint_url=aws_settings.endpoint_url)
+    sns = aws_client("sns", aws_settings)
+    sqs = aws_client("sqs", aws_settings)
     subscribed = lambda: sum(len(sns.list_subscriptions_by_topic(TopicArn=t)["Subscriptions"])
                              for t in config["topic_arns"])
     assert subscribed() == 2 * 3
@@ -276,8 +307,8 @@ def test_official_run_over_sns_sqs_is_bit_exact_despite_duplicates_and_reorderin
     aws.mangle_receives(40)                                     # every message twice, in reverse
     result = distributed_official({"kind": "queue", "prefix": "e2e", "aws": aws_settings.to_dict()})
     counted = result.traffic["channel_requests"]
-    assert counted["sns_publish_calls"] == aws.requests["PublishBatch"]
-    assert counted["sqs_receive_calls"] == aws.requests["ReceiveMessage"]
+    assert counted["sns_publish_calls"] + 4 == aws.requests["PublishBatch"]     # + one probe batch a topic
+    assert counted["sqs_receive_calls"] + 3 <= aws.requests["ReceiveMessage"]  # + the probes' receives
     assert counted["messages_received"] > counted["messages_sent"]          # duplicates were delivered
     assert aws.requests["DeleteMessageBatch"] == 0                          # deletes are off by default
     assert aws.requests["DeleteQueue"] == 3 and aws.requests["Unsubscribe"] == 3 * 4

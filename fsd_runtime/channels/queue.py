@@ -6,6 +6,10 @@ created if missing) and, for this run only, one standard queue per worker
 delivery and the filter policy ``{"run": [run], "target": ["{worker}"]}``.
 Topics are shared by concurrent runs; the filter keeps runs apart, and a
 worker spreads its publishes over the topics by ``(worker + step) % topics``.
+New subscriptions and filter policies are eventually consistent on AWS, so
+``create_run`` returns only once a probe went through every (topic, queue)
+path, and ``receive`` also checks the ``run``/``target`` attributes itself,
+skipping (and counting) anything a settling filter lets through.
 
 Every request counts, because AWS bills each call per started 64 KiB:
 
@@ -48,6 +52,10 @@ MAX_WAIT_SECONDS = 20
 #: Longest SQS visibility timeout: a received message stays hidden for the rest of the run.
 VISIBILITY_SECONDS = 43200
 DEFAULT_TOPICS = 4
+#: Bodies starting with this are set-up probes, never chunks (base85 has no '.').
+PROBE_PREFIX = ".probe "
+#: How long create_run waits for new subscriptions to deliver (AWS: up to 15 minutes).
+SUBSCRIPTION_WAIT_SECONDS = 900
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
@@ -100,6 +108,23 @@ def _attribute_bytes(name: str, data_type: str, value: str) -> int:
     return len(name) + len(data_type) + len(value.encode())
 
 
+def _message_attributes(run_id: str, targets: Sequence[int]) -> dict:
+    """What the subscriptions' filter policies match on: the run and the targets (a String.Array)."""
+    return {"run": {"DataType": "String", "StringValue": run_id},
+            "target": {"DataType": "String.Array", "StringValue": _targets_text(targets)}}
+
+
+def _targets_text(targets: Sequence[int]) -> str:
+    return json.dumps([str(t) for t in targets], separators=(",", ":"))
+
+
+def _received_bytes(message: dict) -> int:
+    """A received message's billed size: body plus the attributes asked for."""
+    return len(message["Body"].encode()) + sum(
+        _attribute_bytes(name, a.get("DataType", ""), a.get("StringValue", ""))
+        for name, a in message.get("MessageAttributes", {}).items())
+
+
 def _queue_policy(queue_arn: str, topic_arns: Sequence[str]) -> str:
     """Only this deployment's topics may send to the queue."""
     return json.dumps({"Version": "2012-10-17", "Statement": [{
@@ -141,8 +166,10 @@ class QueueResources:
         for arn in self.existing_topics():
             self.call("DeleteTopic", self.sns.delete_topic, TopicArn=arn)
 
-    def create_run(self, run_id: str, n_workers: int) -> QueueConfig:
-        """Topics (if missing), then one queue per worker subscribed to every topic."""
+    def create_run(self, run_id: str, n_workers: int, *, probe_timeout: float = SUBSCRIPTION_WAIT_SECONDS,
+                   probe_resend: float = MAX_WAIT_SECONDS) -> QueueConfig:
+        """Topics (if missing), then one queue per worker subscribed to every topic; returns once
+        every subscription delivers (see :meth:`await_subscriptions`)."""
         topic_arns = self.config.topic_arns or tuple(self.ensure_topics())
         queue_urls = []
         for worker in range(n_workers):
@@ -160,8 +187,42 @@ class QueueResources:
                           Attributes={"RawMessageDelivery": "true", "FilterPolicy": policy},
                           ReturnSubscriptionArn=True)
             queue_urls.append(url)
+        self.await_subscriptions(run_id, topic_arns, queue_urls, probe_timeout, probe_resend)
         return QueueConfig(**{**self.config.__dict__, "topic_arns": tuple(topic_arns),
                               "queue_urls": tuple(queue_urls)})
+
+    def await_subscriptions(self, run_id: str, topic_arns: Sequence[str], queue_urls: Sequence[str],
+                            timeout: float = SUBSCRIPTION_WAIT_SECONDS,
+                            resend_every: float = MAX_WAIT_SECONDS) -> None:
+        """Publish a probe through every (topic, queue) subscription and wait until each arrived.
+
+        New SNS subscriptions and filter policies are eventually consistent ("up to 15
+        minutes"): a run must not start before every path delivers. Probes go out again every
+        ``resend_every`` seconds until all are seen; the probes are consumed here (a late duplicate is skipped by
+        the channel's receive)."""
+        missing = {(t, w) for t in range(len(topic_arns)) for w in range(len(queue_urls))}
+        deadline = time.monotonic() + timeout
+        while missing:
+            for t, topic in enumerate(topic_arns):
+                workers = sorted(w for tt, w in missing if tt == t)
+                for start in range(0, len(workers), MAX_BATCH_ENTRIES):
+                    entries = [{"Id": str(w), "Message": f"{PROBE_PREFIX}{t}",
+                                "MessageAttributes": _message_attributes(run_id, [w])}
+                               for w in workers[start:start + MAX_BATCH_ENTRIES]]
+                    self.call("PublishBatch", self.sns.publish_batch, TopicArn=topic,
+                              PublishBatchRequestEntries=entries)
+            round_end = min(deadline, time.monotonic() + resend_every)
+            for w, url in enumerate(queue_urls):
+                while any(ww == w for _, ww in missing) and time.monotonic() < round_end:
+                    answer = self.call("ReceiveMessage", self.sqs.receive_message, QueueUrl=url,
+                                       MaxNumberOfMessages=MAX_BATCH_ENTRIES, WaitTimeSeconds=1)
+                    for message in answer.get("Messages", []):
+                        body = message["Body"]
+                        if body.startswith(PROBE_PREFIX) and body[len(PROBE_PREFIX):].isdigit():
+                            missing.discard((int(body[len(PROBE_PREFIX):]), w))
+            if missing and time.monotonic() >= deadline:
+                raise ChannelError(f"run {run_id}: {len(missing)} SNS->SQS subscriptions still not "
+                                   f"delivering after {timeout:.0f} s, e.g. topic/worker {sorted(missing)[0]}")
 
     def _queue_arn(self, url: str) -> str:
         answer = self.call("GetQueueAttributes", self.sqs.get_queue_attributes, QueueUrl=url,
@@ -272,18 +333,13 @@ class QueueChannel(Channel):
         for chunk, targets in by_payload.items():
             text = codec.to_text(chunk)
             size = (len(text.encode()) + self._run_attribute
-                    + _attribute_bytes("target", "String.Array", self._targets(targets)))
+                    + _attribute_bytes("target", "String.Array", _targets_text(sorted(set(targets)))))
             entries.append(_Entry(text, sorted(set(targets)), size))
         return entries
 
-    @staticmethod
-    def _targets(targets: Sequence[int]) -> str:
-        return json.dumps([str(t) for t in targets], separators=(",", ":"))
-
     def _request_entry(self, index: int, entry: _Entry) -> dict:
-        return {"Id": str(index), "Message": entry.text, "MessageAttributes": {
-            "run": {"DataType": "String", "StringValue": self.run_id},
-            "target": {"DataType": "String.Array", "StringValue": self._targets(entry.targets)}}}
+        return {"Id": str(index), "Message": entry.text,
+                "MessageAttributes": _message_attributes(self.run_id, entry.targets)}
 
     def send(self, step: int, chunks: Sequence[tuple[int, bytes]]) -> None:
         entries = self._entries(chunks)
@@ -320,25 +376,42 @@ class QueueChannel(Channel):
     # -- receiving -----------------------------------------------------------------------------
 
     def receive(self, step: int, timeout: float) -> list[bytes]:
-        """Long polls (whole seconds, SQS's unit) until a message arrives or ``timeout`` is spent;
-        a timeout under half a second makes one short poll."""
+        """Long polls (whole seconds, SQS's unit) until a chunk for this worker arrives or
+        ``timeout`` is spent; a timeout under half a second makes one short poll."""
         deadline = time.monotonic() + timeout
         while True:
             wait = max(0, min(MAX_WAIT_SECONDS, round(deadline - time.monotonic())))
             answer = self.call("ReceiveMessage", self.sqs.receive_message, QueueUrl=self.queue_url,
-                               MaxNumberOfMessages=MAX_BATCH_ENTRIES, WaitTimeSeconds=wait)
+                               MaxNumberOfMessages=MAX_BATCH_ENTRIES, WaitTimeSeconds=wait,
+                               MessageAttributeNames=["run", "target"])
             messages = answer.get("Messages", [])
-            payload = sum(len(m["Body"].encode()) for m in messages)
+            payload = sum(_received_bytes(m) for m in messages)
             self.counts["sqs_receive_calls"] += 1
             self.counts["sqs_billed_requests"] += billed_chunks(payload)
-            if messages:
-                self.counts["messages_received"] += len(messages)
-                self.counts["bytes_received"] += payload
-                if self.config.delete_messages:
-                    self._delete(messages)
-                return [self._chunk(m) for m in messages]
-            if deadline - time.monotonic() < 0.5:
-                return []
+            self.counts["messages_received"] += len(messages)
+            self.counts["bytes_received"] += payload
+            if messages and self.config.delete_messages:
+                self._delete(messages)
+            chunks = [self._chunk(m) for m in messages if self._addressed_here(m)]
+            if chunks or deadline - time.monotonic() < 0.5:
+                return chunks
+
+    def _addressed_here(self, message: dict) -> bool:
+        """Whether a message is a chunk of this run for this worker. Probes, and deliveries a
+        filter policy still settling let through, are skipped (and counted), not errors."""
+        if message["Body"].startswith(PROBE_PREFIX):
+            self.counts["probes_skipped"] += 1
+            return False
+        attributes = message.get("MessageAttributes", {})
+        run = attributes.get("run", {}).get("StringValue")
+        try:
+            targets = json.loads(attributes.get("target", {}).get("StringValue", "[]"))
+        except ValueError:
+            targets = []
+        if run != self.run_id or not isinstance(targets, list) or str(self.worker) not in targets:
+            self.counts["foreign_skipped"] += 1
+            return False
+        return True
 
     def _chunk(self, message: dict) -> bytes:
         try:
