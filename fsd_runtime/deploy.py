@@ -136,8 +136,9 @@ def trust_policy() -> dict:
 
 def least_privilege_policy(names: Names) -> dict:
     """What a worker does and nothing more: write its own logs; read, write and list the
-    deployment's bucket; publish to the deployment's topics; receive from and delete in the
-    run queues (named ``NAME-{run}-{worker}``); invoke its own function (the tree launch)."""
+    deployment's bucket (deleting a run's objects is the coordinator's job); publish to the
+    deployment's topics; receive from the run queues (``NAME-{run}-{worker}``; DeleteMessage
+    for the channel's ``delete_messages`` option); invoke its own function (the tree launch)."""
     prefix = names.settings.name
     return {"Version": "2012-10-17", "Statement": [
         {"Sid": "Logs", "Effect": "Allow",
@@ -147,7 +148,7 @@ def least_privilege_policy(names: Names) -> dict:
         {"Sid": "ListBucket", "Effect": "Allow", "Action": ["s3:ListBucket"],
          "Resource": [f"arn:{names.partition}:s3:::{names.bucket}"]},
         {"Sid": "Objects", "Effect": "Allow",
-         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+         "Action": ["s3:GetObject", "s3:PutObject"],
          "Resource": [f"arn:{names.partition}:s3:::{names.bucket}/*"]},
         {"Sid": "Publish", "Effect": "Allow", "Action": ["sns:Publish"],
          "Resource": names.topic_arns()},
