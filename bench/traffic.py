@@ -1,0 +1,97 @@
+"""Traffic and local wall time of the distributed runtime on the official 1024x120 net, 10k images.
+
+    python bench/traffic.py [--workers 8] [--launcher process|thread] [--json]
+
+For each partitioner: the static volume (rows crossing workers, all layers
+and layers 1-19), and one real run over the local channel: encoded bytes,
+messages, chunks and requests beside the seed's (104.1 MB, 6,774
+messages), whether the categories are the golden 337 and the result is
+bit-identical to the serial run, worker start-up and run time (start-up =
+launch until every worker has loaded its share, kernels and channel; run =
+from then until the last worker finished), next to the serial run's time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import fsd_kernels
+from fsd_runtime import model, partition
+from fsd_runtime.coordinator import run_distributed
+
+SEED_BYTES = 104.1e6
+SEED_MESSAGES = 6774
+
+
+def serial_seconds(ds, net, repeat: int = 3) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fsd_kernels.infer(*ds.images.arrays, net)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def identical(a, b) -> bool:
+    return (np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
+            and np.array_equal(a.data.view(np.uint32), b.data.view(np.uint32)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--launcher", default="process", choices=("process", "thread"))
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    ds = model.embedded()
+    net = ds.network.pack()
+    serial_s, serial = serial_seconds(ds, net)
+    report = {"dataset": ds.name, "images": int(ds.images.shape[0]), "workers": args.workers,
+              "launcher": args.launcher, "serial_seconds": serial_s, "backend": fsd_kernels.backend,
+              "seed": {"bytes": SEED_BYTES, "messages": SEED_MESSAGES}, "partitions": {}}
+    for method in partition.METHODS:
+        start = time.perf_counter()
+        owners = partition.make_partition(net, args.workers, method)
+        partition_s = time.perf_counter() - start
+        volume = partition.volume(net, owners)
+        result = run_distributed(net, ds.images.arrays, args.workers, owners=owners, partition=method,
+                                 launcher={"kind": args.launcher}, batch_size=args.batch_size)
+        rows = result.metrics
+        report["partitions"][method] = {
+            "partition_seconds": partition_s,
+            "volume_rows_all_layers": int(sum(volume["volume"])),
+            "volume_rows_layers_1_19": int(sum(volume["volume"][1:20])),
+            "max_imbalance": max(volume["imbalance"]),
+            "traffic": result.traffic,
+            "rows_sent": int(sum(r["rows_sent"] for r in rows)),
+            "nnz_sent": int(sum(r["nnz_sent"] for r in rows)),
+            "layers_with_traffic": len({r["layer"] for r in rows if r["messages_sent"]}),
+            "bytes_vs_seed": result.traffic["bytes"] / SEED_BYTES,
+            "golden_match": bool(np.array_equal(result.categories, ds.categories)),
+            "bit_identical": identical(result.activations, serial),
+            "startup_seconds": result.timings["startup_s"],
+            "run_seconds": result.timings["run_s"],
+            "run_vs_serial": result.timings["run_s"] / serial_s,
+        }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"serial: {serial_s:.3f} s ({fsd_kernels.backend} kernels); seed: {SEED_BYTES / 1e6:.1f} MB, "
+              f"{SEED_MESSAGES} messages")
+        print(f"{'partition':<11}{'vol rows':>9}{'MB':>8}{'msgs':>6}{'chunks':>7}{'layers':>7}"
+              f"{'start s':>8}{'run s':>7}{'x serial':>9}  exact")
+        for method, r in report["partitions"].items():
+            t = r["traffic"]
+            print(f"{method:<11}{r['volume_rows_all_layers']:>9}{t['bytes'] / 1e6:>8.2f}{t['messages']:>6}"
+                  f"{t['chunks']:>7}{r['layers_with_traffic']:>7}{r['startup_seconds']:>8.2f}"
+                  f"{r['run_seconds']:>7.2f}{r['run_vs_serial']:>9.1f}  "
+                  f"{r['bit_identical'] and r['golden_match']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
