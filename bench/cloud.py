@@ -6,7 +6,8 @@ Runs the official 1024x120 network on the embedded 10,000 images with the queue
 (SNS+SQS) and object (S3) channels against the local AWS-API server (moto on
 127.0.0.1, started here), checks the 337 golden categories, and prices the
 measured counts with fsd_runtime.cost: channel requests as counted by the
-channels, run-store requests of an S3 store (3 PUTs and 3 GETs per worker: share,
+channels, the run's set-up/tear-down calls seen by the server (one request each),
+run-store requests of an S3 store (3 PUTs and 3 GETs per worker: share,
 result, metrics; the coordinator's 2 LISTs per 0.5 s poll), one invocation per worker,
 and durations modelled as measured compute + per-hop latency + INIT (no Lambda here).
 """
@@ -35,6 +36,30 @@ TARGETS = {"queue_usd_per_10k": 0.002, "bytes": 10.4e6,
 STORE_POLL_SECONDS = 0.5
 
 
+#: Calls the channels count themselves, by server operation name -> channel counter.
+CHANNEL_COUNTED = {"PublishBatch": "sns_publish_calls", "ReceiveMessage": "sqs_receive_calls",
+                   "DeleteMessageBatch": "sqs_delete_calls", "PutObject": "s3_put_requests",
+                   "GetObject": "s3_get_requests", "ListObjects": "s3_list_requests"}
+#: Billing unit of every other (set-up / tear-down) call the server saw; DELETEs on S3 are free.
+SETUP_UNIT = {**{op: "sns_billed_requests" for op in ("CreateTopic", "ListTopics", "Subscribe", "Unsubscribe",
+                                                       "ListSubscriptionsByTopic", "PublishBatch")},
+              **{op: "sqs_billed_requests" for op in ("CreateQueue", "GetQueueAttributes", "SetQueueAttributes",
+                                                       "GetQueueUrl", "DeleteQueue", "ReceiveMessage",
+                                                       "DeleteMessageBatch")},
+              **{op: "s3_put_requests" for op in ("CreateBucket", "PutObject", "ListObjects")},
+              **{op: "s3_get_requests" for op in ("HEADBucket", "GetObject")}}
+
+
+def setup_requests(server_requests: dict, channel_requests: dict) -> dict[str, int]:
+    """The run's set-up and tear-down calls (probes included), priced as one request each."""
+    units: dict[str, int] = {}
+    for op, n in server_requests.items():
+        extra = n - channel_requests.get(CHANNEL_COUNTED.get(op, ""), 0)
+        if op in SETUP_UNIT and extra > 0:
+            units[SETUP_UNIT[op]] = units.get(SETUP_UNIT[op], 0) + extra
+    return units
+
+
 def store_requests(n_workers: int, run_seconds: float) -> dict[str, int]:
     """Requests an S3 run store adds to a run (see the module notes)."""
     return {"s3_put_requests": 3 * n_workers, "s3_get_requests": 3 * n_workers,
@@ -59,6 +84,7 @@ def run_channel(kind: str, settings, dataset, packed, n_workers: int, launcher: 
             "wire_bytes": int(counted.get("bytes_sent", 0)), "messages": result.traffic["messages"],
             "chunks": result.traffic["chunks"], "channel_requests": counted,
             "server_requests": dict(server.requests), "rows": result.metrics,
+            "setup_requests": setup_requests(dict(server.requests), counted),
             "billed_channel_requests": sum(cost.billed_requests(counted).values())}
 
 
@@ -68,8 +94,9 @@ def price(run: dict, n_workers: int, n_images: int, memory_mb: int) -> dict:
 
     seconds = cost.modelled_worker_seconds(run["rows"], run["channel"], memory_mb=memory_mb)
     counts = dict(run["channel_requests"])
-    for key, value in store_requests(n_workers, max(seconds)).items():
-        counts[key] = counts.get(key, 0) + value
+    for extra in (store_requests(n_workers, max(seconds)), run["setup_requests"]):
+        for key, value in extra.items():
+            counts[key] = counts.get(key, 0) + value
     bills = {arch: cost.run_cost(counts, seconds, n_images=n_images, memory_mb=memory_mb, architecture=arch)
              for arch in cost.ARCHITECTURES}
     seed_priced = cost.run_cost(counts, seconds, n_images=n_images, memory_mb=memory_mb,
