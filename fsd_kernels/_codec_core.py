@@ -34,6 +34,8 @@ EXPORTS = {
     "check_payload": "i8(u1[::1], i8, i8, i8)",
     "decode_coo": "i8(u1[::1], i8, i8, i8, i4[::1], i4[::1], u4[::1])",
     "decode_into_block": "i8(u1[::1], i8, i8, i8, i8[::1], f4[:, ::1], i8)",
+    "base85_encode": "i8(u1[::1], u1[::1])",
+    "base85_decode": "i8(u1[::1], u1[::1])",
 }
 
 _NEURON_LIMIT = 2 ** 31
@@ -658,3 +660,54 @@ def decode_into_block(data, n_rows, nnz, n_images, slot_of_neuron, block, col_of
     _emit_rows(data, n_rows, False, no_idx, no_idx, no_bits, slot_of_neuron, block.view(np.uint32), col_off,
                rec, vstart, max_count, _decode_values(data, mode, vpos, width, dictionary, n_values))
     return 0
+
+
+# ---------------------------------------------------------------- text envelope (RFC 1924 base85)
+
+_B85_ALPHABET = np.frombuffer(
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz!#$%&()*+-;<=>?@^_`{|}~", np.uint8)
+_B85_VALUE = np.full(256, -1, np.int64)
+_B85_VALUE[_B85_ALPHABET] = np.arange(85)
+
+
+@_kernel
+def base85_encode(src, out):
+    """RFC 1924 base85 of ``src`` into ``out`` (``5 * ceil(n / 4)`` bytes of room), exactly as
+    Python's ``base64.b85encode``: 5 characters per 4 bytes, big-endian, a short last group
+    padded with zeros and cut to (its bytes + 1) characters. Returns the length."""
+    n = src.shape[0]
+    pos = 0
+    for start in range(0, n, 4):
+        word = np.int64(0)
+        for j in range(4):
+            word = (word << 8) | (np.int64(src[start + j]) if start + j < n else 0)
+        for j in range(4, -1, -1):
+            out[pos + j] = _B85_ALPHABET[word % 85]
+            word //= 85
+        pos += 5 if start + 4 <= n else n - start + 1
+    return pos
+
+
+@_kernel
+def base85_decode(src, out):
+    """Inverse of :func:`base85_encode` into ``out`` (``4 * ceil(n / 5)`` bytes of room);
+    returns the length, or -1 for a character outside the alphabet, a group above 2**32 - 1
+    or a one-character last group."""
+    n = src.shape[0]
+    if n % 5 == 1:
+        return -1
+    pos = 0
+    for start in range(0, n, 5):
+        word = np.int64(0)
+        for j in range(5):
+            v = _B85_VALUE[src[start + j]] if start + j < n else 84
+            if v < 0:
+                return -1
+            word = word * 85 + v
+        if word > 0xFFFFFFFF:
+            return -1
+        take = 4 if start + 5 <= n else n - start - 1
+        for j in range(take):
+            out[pos + j] = np.uint8((word >> (24 - 8 * j)) & 255)
+        pos += take
+    return pos

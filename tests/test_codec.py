@@ -292,6 +292,18 @@ def test_text_envelope_roundtrip_is_sqs_safe_and_budgeted():
     for limit in range(0, 40):
         n = codec.max_payload_for_text(limit)
         assert len(codec.to_text(b"\xff" * n)) <= limit < len(codec.to_text(b"\xff" * (n + 1)))
-    for bad in ["~~~~~", "ab\u00e9cd", 5]:
+    for bad in ["~~~~~", "ab\u00e9cd", 'ab"cd', "0", "012345", 5]:
         with pytest.raises(codec.CodecError):
             codec.from_text(bad)
+
+
+def test_text_envelope_is_rfc1924_base85():
+    """The kernel twin of ``base64.b85encode``/``b85decode`` (the naive reference)."""
+    import base64
+
+    rng = np.random.default_rng(4)
+    for n in list(range(0, 17)) + [1000, 4097]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        text = codec.to_text(data)
+        assert text.encode("ascii") == base64.b85encode(data)
+        assert codec.from_text(text) == base64.b85decode(text) == data
