@@ -23,8 +23,8 @@ def assert_same(result, serial):
     np.testing.assert_array_equal(a.data.view(np.uint32), serial.data.view(np.uint32))
 
 
-@pytest.mark.parametrize("partition", ["contiguous", "hypergraph"])
-@pytest.mark.parametrize("n_workers", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_workers, partition", [(1, "contiguous")] + [
+    (p, method) for p in (2, 3, 8) for method in ("contiguous", "hypergraph")])  # P=1: one partition
 def test_official_run_is_bit_identical_and_golden(official, official_packed, serial, n_workers, partition):
     result = run_distributed(official_packed, official.images.arrays, n_workers, partition=partition,
                              launcher={"kind": "thread"}, receive_timeout=60)
