@@ -123,6 +123,18 @@ def test_chunks_respect_budget_and_reassemble_in_any_order(max_bytes):
     assert_same_bits(done[0].values, vals)
 
 
+def test_chunking_is_not_wasteful():
+    """Cutting a block for a budget costs few chunks beyond its size over the budget."""
+    rng = np.random.default_rng(8)
+    _, _, neurons, images, vals = random_block(rng, n_neurons=60, n_images=1000, density=0.5)
+    whole = len(codec.encode(neurons, images, vals, n_images=1000)[0]) - codec.HEADER_SIZE
+    for max_bytes in (2_000, 10_000, 50_000):
+        chunks = codec.encode(neurons, images, vals, n_images=1000, max_bytes=max_bytes)
+        assert all(len(c) <= max_bytes for c in chunks)
+        needed = -(-whole // (max_bytes - codec.HEADER_SIZE))
+        assert needed <= len(chunks) <= 1.25 * needed + 1
+
+
 def test_a_row_longer_than_the_budget_is_split():
     images = np.arange(0, 20_000, 2, dtype=np.int32)
     vals = np.random.default_rng(0).standard_normal(images.size).astype(np.float32)
@@ -193,7 +205,8 @@ def test_encode_rejects_bad_fields(kwargs):
 
 def valid_chunk():
     rng = np.random.default_rng(2)
-    _, _, neurons, images, vals = random_block(rng, n_neurons=10, n_images=64, density=0.5)
+    pool = rng.choice(np.float32([0.5, 1.5, 3.0]), (10, 64))
+    _, _, neurons, images, vals = random_block(rng, n_neurons=10, n_images=64, density=0.5, values=pool)
     return codec.encode(neurons, images, vals, n_images=64, **FIELDS)[0]
 
 
