@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,10 +227,15 @@ def rie_binary(arch: str | None = None, *, fetch: bool = True) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_port(taken: set[int]) -> int:
+    """A free loopback port not in ``taken`` (which it joins)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> None:
@@ -242,6 +248,22 @@ def _wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> None:
         except OSError:
             time.sleep(0.05)
     raise LaunchError(f"aws-lambda-rie did not listen on 127.0.0.1:{port} in time")
+
+
+def _children(pid: int) -> list[int]:
+    """Ids of the processes whose parent is ``pid`` (from /proc; empty where there is none)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 class RiePool:
@@ -263,15 +285,17 @@ class RiePool:
         self.handler = handler
         self.env = {**os.environ, **(env or {}), "AWS_LAMBDA_FUNCTION_TIMEOUT": str(timeout_s),
                     "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb)}
+        self._own_log_dir = log_dir is None
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="fsd-rie-")
         self.endpoints: list[str] = []
         self._procs: list[subprocess.Popen] = []
 
     def start(self) -> "RiePool":
         deadline = time.monotonic() + 30
+        taken: set[int] = set()
         try:
             for index in range(self.size):
-                invoke_port, runtime_port = _free_port(), _free_port()
+                invoke_port, runtime_port = _free_port(taken), _free_port(taken)
                 log = open(os.path.join(self.log_dir, f"rie-{index}.log"), "wb")
                 with log:
                     proc = subprocess.Popen(
@@ -301,15 +325,19 @@ class RiePool:
         return "\n".join(texts)
 
     def close(self) -> None:
-        """Stop every RIE and the runtime it started (each is its own process group)."""
+        """Stop every RIE and the runtime it started (RIE puts the runtime in a process group
+        of its own, so both groups are killed); remove the log directory if the pool made it."""
         for proc in self._procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            for group in [proc.pid, *_children(proc.pid)]:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             proc.wait()
         self._procs.clear()
         self.endpoints.clear()
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> "RiePool":
         return self.start()

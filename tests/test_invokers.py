@@ -111,3 +111,15 @@ def test_rie_pool_runs_the_handler_under_awslambdaric(rie_binary, tmp_path):
         assert time.monotonic() - started < 5
         failures = _wait_for(launcher.failures, 60)
         assert list(failures) == [1] and "no stored object" in failures[1], pool.logs()
+        runtimes = [child for proc in pool._procs for child in invokers._children(proc.pid)]
+        assert len(runtimes) == 2  # one awslambdaric per RIE, in process groups of their own
+    time.sleep(0.2)
+    assert all(_state(pid) in (None, "Z") for pid in runtimes)  # killed (a zombie until reaped)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
