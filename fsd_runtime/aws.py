@@ -32,7 +32,7 @@ THROTTLING_CODES = frozenset({
     "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
     "SlowDown", "KMSThrottlingException", "AWS.SimpleQueueService.RequestThrottled",
 })
-#: SNS, SQS and S3 bill every started 64 KiB of a request's payload as one request.
+#: SNS and SQS bill every started 64 KiB of a call's payload as one request (S3 bills per call).
 BILLING_CHUNK_BYTES = 64 * 1024
 
 
@@ -59,6 +59,9 @@ class AwsSettings:
         if unknown:
             raise ValueError(f"unknown AWS settings {unknown}")
         settings = cls(**config)
+        for name in ("region", "profile", "endpoint_url"):
+            if not isinstance(getattr(settings, name), (str, type(None))):
+                raise ValueError(f"AWS setting {name!r} must be a string or null, got {getattr(settings, name)!r}")
         if not isinstance(settings.max_attempts, int) or settings.max_attempts < 1:
             raise ValueError(f"max_attempts must be a positive integer, got {settings.max_attempts!r}")
         return settings

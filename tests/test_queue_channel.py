@@ -199,6 +199,24 @@ def test_throttling_that_never_ends_is_a_channel_error(aws, aws_settings, run):
     channel.close()
 
 
+def test_an_unreachable_endpoint_is_retried_then_a_channel_error():
+    import socket
+
+    from fsd_runtime.aws import AwsSettings, Caller
+
+    with socket.socket() as probe:                      # a free port on 127.0.0.1 nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = AwsSettings(region="us-east-1", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=3,
+                           backoff_base=0.001)
+    call = Caller(settings)
+    with pytest.raises(ChannelError, match="ListTopics still failing after 3 attempts"):
+        call("ListTopics", aws_client("sns", settings).list_topics)
+    assert call.attempts["ListTopics"] == 3 and call.retries["ListTopics"] == 2
+    with pytest.raises(ValueError, match="region"):
+        AwsSettings.from_dict({"region": 5})
+
+
 def test_failed_batch_entries_are_resent_with_their_payload(run, aws):
     _, channels = run(2)
     chunks = [c for layer in range(5) for c in chunks_for(0, 1, run="f", layer=layer)]
