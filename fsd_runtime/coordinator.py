@@ -92,9 +92,12 @@ def _failure_message(storage: Storage, prefix: str, launcher) -> str:
 
 
 def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neurons: int, ymax):
-    """Final activations from every worker's result (checked: results come from outside)."""
-    final = np.zeros((n_images, n_neurons), np.float32)
+    """Final activations (CSR) from every worker's result, checked: results come from outside.
+
+    Built from nonzeros only, so memory follows nnz, not images x neurons.
+    """
     owned = np.zeros(n_neurons, np.int64)
+    keys, values, saturated_sets = [], [], []
     for w in range(n_workers):
         z = unpack_arrays(storage.get(ev.result_key(prefix, w)), f"result of worker {w}")
         try:
@@ -106,15 +109,25 @@ def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neur
                        for a, hi in ((neurons, n_neurons), (active, n_images), (saturated, n_images))):
             raise RunError(f"result of worker {w} is malformed")
         owned[neurons] += 1
-        final[np.ix_(active, neurons)] = rows.T
-        final[saturated] = ymax
+        r, c = np.nonzero(rows)
+        keys.append(active[c].astype(np.int64) * n_neurons + neurons[r])
+        values.append(rows[r, c])
+        saturated_sets.append(np.sort(saturated))
     if not np.all(owned == 1):
         raise RunError("worker results do not cover every output neuron exactly once")
-    nz = final != 0
+    saturated = saturated_sets[0]
+    if any(not np.array_equal(s, saturated) for s in saturated_sets[1:]):
+        raise RunError("workers disagree on which images are saturated")
+    keys.append((saturated[:, None] * n_neurons + np.arange(n_neurons)).ravel())
+    values.append(np.full(keys[-1].shape[0], ymax, np.float32))
+    keys, values = np.concatenate(keys), np.concatenate(values)
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    if keys.size > 1 and np.any(np.diff(keys) == 0):
+        raise RunError("worker results give some activation twice")
     indptr = np.zeros(n_images + 1, np.int64)
-    np.cumsum(nz.sum(axis=1), out=indptr[1:])
-    rows_idx, cols = np.nonzero(nz)
-    return Activations(indptr, cols.astype(np.int32), final[rows_idx, cols], n_neurons)
+    np.cumsum(np.bincount(keys // n_neurons, minlength=n_images), out=indptr[1:])
+    return Activations(indptr, (keys % n_neurons).astype(np.int32), values, n_neurons)
 
 
 def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph",
