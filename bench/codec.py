@@ -197,7 +197,7 @@ def summary(total: Totals, by_layer: dict, text: dict, levels) -> dict:
         "throughput_unit": "MB of decoded int32+float32 (8 B per nonzero) per CPU-second of one thread",
         "text_envelope": text,
         "zstd": zstandard.__version__,
-        "codec_zstd_level": codec.ZSTD_LEVEL,
+        "codec_compressor": f"zstd level {codec.ZSTD_LEVEL}" if codec.zstandard else f"zlib level {codec.ZLIB_LEVEL}",
         "layers": {str(k): {"nonzeros": v.nnz, "bytes": v.bytes, "reference_bytes": v.reference_bytes,
                             "generic_best_bytes": v.generic_bytes} for k, v in by_layer.items()},
     }
@@ -256,8 +256,11 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", default="19", help="zstd levels for the generic baseline (best wins)")
     parser.add_argument("--max-bytes", type=int, default=None, help="chunk budget passed to the codec")
     parser.add_argument("--zstd-level", type=int, default=codec.ZSTD_LEVEL, help="the codec's zstd level")
+    parser.add_argument("--zlib", action="store_true", help="make the codec use zlib (as without zstandard)")
     args = parser.parse_args(argv)
     codec.ZSTD_LEVEL = args.zstd_level
+    if args.zlib:
+        codec.zstandard = None
     result = run(args.layers, tuple(int(x) for x in args.levels.split(",")), args.max_bytes)
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.json:

@@ -6,8 +6,8 @@ Each input is turned into a chunk one of three ways: taken as it is; a
 header built from fuzzed fields over a fuzzed payload (checksum made
 valid, so the bytes reach the payload kernels); or a valid chunk (from a
 pool covering every row and value encoding) with fuzzed bytes overwritten
-and the checksum made valid again. Both ``decode`` and ``decode_into``
-must either succeed with a well-formed result or raise ``CodecError``;
+and the checksum made valid again. ``decode``, ``decode_into`` and
+``from_text`` must either succeed with a well-formed result or raise ``CodecError``;
 anything else (another exception, a crash) stops the fuzzer. The numba
 kernels are not coverage-instrumented (only :mod:`fsd_kernels.codec` is),
 so inside them this is a mutation fuzzer. libFuzzer's last line ("Done N
@@ -98,6 +98,10 @@ def test_one_input(data: bytes) -> None:
     chunk = _chunk(atheris.FuzzedDataProvider(data))
     try:
         _check(codec.decode(chunk))
+    except codec.CodecError:
+        pass
+    try:
+        codec.from_text(chunk.decode("latin-1"))
     except codec.CodecError:
         pass
     block = np.zeros((8, 3001), np.float32)

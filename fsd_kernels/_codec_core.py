@@ -172,7 +172,8 @@ def encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts):
     row is a copy of it; a row with the previous row's images costs one
     byte. The values of the rows that are not copies go to ``kept_bits``
     (their number to ``counts[0]``) for :func:`encode_values`. ``out`` must
-    hold ``16 * n_rows + 5 * nnz + 16`` bytes (the worst case).
+    hold ``16 * n_rows + 5 * nnz + 16`` bytes (the worst case; with the
+    value section, ``codec._raw_bound``).
     """
     n_rows = row_neurons.shape[0]
     pos = 0
@@ -607,33 +608,36 @@ def _emit_rows(data, n_rows, write_coo, neurons_out, images_out, bits_out, slot_
         k += count
 
 
+@nb.njit(nogil=True, cache=True)
+def _check_payload(data, n_rows, nnz, n_images, slot_of_neuron):
+    """Check a whole raw payload: ``(error or 0, rec, vstart, longest row, mode, values pos,
+    code width, dictionary, n values)`` (see :func:`_check_rows`, :func:`_check_values`)."""
+    rec = np.empty(n_rows, np.int64)
+    vstart = np.empty(n_rows, np.int64)
+    end, n_values, max_count = _check_rows(data, n_rows, nnz, n_images, slot_of_neuron, rec, vstart)
+    if end < 0:
+        return end, rec, vstart, max_count, 0, 0, 0, np.empty(0, np.uint32), n_values
+    err, mode, vpos, width, dictionary = _check_values(data, end, n_values)
+    return err, rec, vstart, max_count, mode, vpos, width, dictionary, n_values
+
+
 @_kernel
 def check_payload(data, n_rows, nnz, n_images):
     """0 if a raw payload is a valid encoding of ``nnz`` entries in ``n_rows`` rows, else an
     error code. O(bytes): lets the caller allocate for ``nnz`` only once it is proven."""
-    rec = np.empty(n_rows, np.int64)
-    vstart = np.empty(n_rows, np.int64)
-    end, n_values, _ = _check_rows(data, n_rows, nnz, n_images, np.empty(0, np.int64), rec, vstart)
-    if end < 0:
-        return end
-    return _check_values(data, end, n_values)[0]
+    return _check_payload(data, n_rows, nnz, n_images, np.empty(0, np.int64))[0]
 
 
 @_kernel
 def decode_coo(data, n_rows, nnz, n_images, neurons, images, bits):
     """Check a raw payload, then decode it into COO arrays of length ``nnz``; 0 or an error code."""
     no_slots = np.empty(0, np.int64)
-    rec = np.empty(n_rows, np.int64)
-    vstart = np.empty(n_rows, np.int64)
-    end, n_values, max_count = _check_rows(data, n_rows, nnz, n_images, no_slots, rec, vstart)
-    if end < 0:
-        return end
-    err, mode, vpos, width, dictionary = _check_values(data, end, n_values)
+    err, rec, vstart, max_count, mode, vpos, width, dictionary, n_values = _check_payload(
+        data, n_rows, nnz, n_images, no_slots)
     if err:
         return err
-    no_block = np.empty((1, 1), np.uint32)
-    _emit_rows(data, n_rows, True, neurons, images, bits, no_slots, no_block, 0, rec, vstart,
-               max_count, _decode_values(data, mode, vpos, width, dictionary, n_values))
+    _emit_rows(data, n_rows, True, neurons, images, bits, no_slots, np.empty((1, 1), np.uint32), 0,
+               rec, vstart, max_count, _decode_values(data, mode, vpos, width, dictionary, n_values))
     return 0
 
 
@@ -647,18 +651,14 @@ def decode_into_block(data, n_rows, nnz, n_images, slot_of_neuron, block, col_of
     """
     if slot_of_neuron.shape[0] == 0:
         return E_UNEXPECTED_NEURON if n_rows else 0
-    rec = np.empty(n_rows, np.int64)
-    vstart = np.empty(n_rows, np.int64)
-    end, n_values, max_count = _check_rows(data, n_rows, nnz, n_images, slot_of_neuron, rec, vstart)
-    if end < 0:
-        return end
-    err, mode, vpos, width, dictionary = _check_values(data, end, n_values)
+    err, rec, vstart, max_count, mode, vpos, width, dictionary, n_values = _check_payload(
+        data, n_rows, nnz, n_images, slot_of_neuron)
     if err:
         return err
     no_idx = np.empty(0, np.int32)
-    no_bits = np.empty(0, np.uint32)
-    _emit_rows(data, n_rows, False, no_idx, no_idx, no_bits, slot_of_neuron, block.view(np.uint32), col_off,
-               rec, vstart, max_count, _decode_values(data, mode, vpos, width, dictionary, n_values))
+    _emit_rows(data, n_rows, False, no_idx, no_idx, np.empty(0, np.uint32), slot_of_neuron,
+               block.view(np.uint32), col_off, rec, vstart, max_count,
+               _decode_values(data, mode, vpos, width, dictionary, n_values))
     return 0
 
 
