@@ -36,9 +36,12 @@ def _kernel_hash() -> str:
     import numba
 
     digest.update(f"{sys.version}|{numba.__version__}|{np.__version__}|{platform.machine()}".encode())
-    for name in sorted(os.listdir(os.path.join(REPO, "fsd_kernels"))):
-        if name.endswith(".py"):
-            with open(os.path.join(REPO, "fsd_kernels", name), "rb") as f:
+    # What the module is compiled from: the kernel modules (and what they import) and the build.
+    names = [m.rsplit(".", 1)[1] + ".py" for m in _backend.CORE_MODULES] + ["_build.py", "_codec_codes.py"]
+    for name in sorted(names):
+        path = os.path.join(REPO, "fsd_kernels", name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
                 digest.update(name.encode() + f.read())
     return digest.hexdigest()[:16]
 
