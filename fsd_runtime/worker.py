@@ -97,7 +97,7 @@ class WorkerLoop:
     """
 
     def __init__(self, share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, run_timeout: float | None = None):
         # Imported here, not at module level: a worker starts its tree children before it pays
         # for loading the compiled kernels.
         from fsd_kernels import codec
@@ -109,6 +109,7 @@ class WorkerLoop:
         self.me = share.worker
         self.n_peers = share.n_workers
         self.receive_timeout = receive_timeout
+        self.run_deadline = time.monotonic() + (run_timeout or float("inf"))
         self.wire_run_id = wire_run_id(run_id)
         self.metrics = LayerMetrics(share.worker, share.n_layers)
         self.tracker = codec.ChunkTracker()
@@ -241,14 +242,16 @@ class WorkerLoop:
         missing = set(range(self.n_peers)) - {self.me}
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
-        deadline = time.monotonic() + self.receive_timeout
+        deadline = min(time.monotonic() + self.receive_timeout, self.run_deadline)
         while missing:
             chunks, backlog = backlog, []
             if not chunks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    why = "the run's time is up" if deadline == self.run_deadline \
+                        else f"within {self.receive_timeout} s"
                     raise WorkerError(self.me, layer, f"batch {b}: no complete message from worker(s) "
-                                                      f"{sorted(missing)} within {self.receive_timeout} s")
+                                                      f"{sorted(missing)} ({why})")
                 start = time.perf_counter()
                 try:
                     chunks = self.channel.receive(step, remaining)
@@ -312,10 +315,10 @@ class WorkerLoop:
 
 
 def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
-               batch_size: int | None = None) -> WorkerResult:
+               batch_size: int | None = None, run_timeout: float | None = None) -> WorkerResult:
     """Run this worker's part of every layer for every batch (see :class:`WorkerLoop`)."""
     return WorkerLoop(share, channel, run_id=run_id, receive_timeout=receive_timeout,
-                      batch_size=batch_size).run()
+                      batch_size=batch_size, run_timeout=run_timeout).run()
 
 
 def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) -> None:
@@ -347,6 +350,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         try:
             result = run_worker(share, channel, run_id=event.run_id,
                                 receive_timeout=event.receive_timeout,
+                                run_timeout=event.run_timeout - (time.time() - started),
                                 batch_size=event.batch_size)
         finally:
             if own_channel:
