@@ -68,3 +68,29 @@ def test_cli_runs_a_tree_of_worker_processes_with_metrics(tmp_path):
     assert len(metrics["rows"]) == 4 * 120
     assert metrics["totals"]["bytes_sent"] == report["traffic"]["bytes"]
     assert (tmp_path / "metrics.csv").read_text().startswith("worker,layer,")
+
+
+def test_metrics_merge_totals_and_files(tmp_path, monkeypatch):
+    from fsd_runtime import metrics as mx
+
+    a, b = mx.LayerMetrics(0, 3), mx.LayerMetrics(1, 3)
+    a.add(1, "bytes_sent", 100)
+    a.add(1, "compute_s", 0.5)
+    b.add(1, "bytes_sent", 50)
+    b.add(1, "compute_s", 0.2)
+    rows = mx.merge([a.to_dict(), b.to_dict()])
+    assert len(rows) == 6 and mx.totals(rows)["bytes_sent"] == 150
+    layer1 = mx.per_layer(rows)[1]
+    assert layer1["bytes_sent"] == 150 and layer1["compute_s"] == 0.5     # times: the slowest worker
+    with pytest.raises(ValueError, match="unexpected fields"):
+        mx.merge([{"worker": 0, "fields": ["bytes"], "layers": [[1]]}])
+    paths = mx.write(rows, str(tmp_path / "m"))
+    assert set(paths) >= {"json", "csv"}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "png" not in paths
+    else:
+        assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)              # the optional extra missing
+    assert "png" not in mx.write(rows, str(tmp_path / "n"))
