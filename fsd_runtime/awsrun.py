@@ -66,6 +66,8 @@ def add_commands(sub) -> None:
             p.add_argument("--layer-zip", help="layer zip (default: dist/ from ./layer.zip.sh)")
             p.add_argument("--no-lambda", action="store_true",
                            help="bucket and topics only (enough for --invoker local|rie)")
+            p.add_argument("--coordinator-mode", action="store_true",
+                           help="let the function also coordinate runs ({\"coordinate\": ...} events)")
             p.add_argument("--template-only", action="store_true",
                            help="print the SAM/CloudFormation template instead of calling AWS")
         else:
@@ -82,6 +84,7 @@ def deploy_settings(args) -> deploy.DeploySettings:
         name=args.deployment, architecture=args.architecture, python=args.python,
         memory_mb=getattr(args, "memory_mb", 2048), timeout_s=getattr(args, "timeout", 900),
         topics=args.topics, lambda_function=not getattr(args, "no_lambda", False),
+        coordinator_mode=getattr(args, "coordinator_mode", False),
         layer_zip=getattr(args, "layer_zip", None))
 
 
@@ -200,3 +203,36 @@ class AwsRun:
         out["duration"] = "modelled"
         return out
 
+
+
+#: ``run`` options a ``{"coordinate": {...}}`` event may set (no file paths: the data is the
+#: embedded default or a synthetic net; AWS settings come from the function's environment).
+COORDINATE_OPTIONS = frozenset({
+    "workers", "channel", "invoker", "deployment", "images", "synthetic", "seed", "partition",
+    "fanout", "batch_size", "receive_timeout", "run_timeout", "memory_mb", "architecture"})
+
+
+def coordinate(options: Mapping) -> dict:
+    """The handler's coordinator mode: ``fsd-inference run`` with ``options`` (its long options
+    without dashes, e.g. ``{"workers": 8, "channel": "queue"}``; invoker ``lambda`` unless
+    given), answering the run's JSON."""
+    from fsd_runtime import cli
+
+    if not isinstance(options, Mapping):
+        raise ValueError(f"'coordinate' must be an object of run options, got {options!r}")
+    unknown = sorted(set(options) - COORDINATE_OPTIONS)
+    if unknown:
+        raise ValueError(f"'coordinate' has options a coordinator event may not set: {unknown}; "
+                         f"allowed: {sorted(COORDINATE_OPTIONS)}")
+    argv = ["run", "--invoker", "lambda"]
+    for key, value in options.items():
+        if isinstance(value, (dict, list, bool)) or value is None:
+            raise ValueError(f"'coordinate' option {key!r} must be a number or a string, got {value!r}")
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    try:
+        args = cli.build_parser().parse_args(argv)
+    except SystemExit:
+        raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
+    if not args.workers or args.channel not in AWS_CHANNELS:
+        raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
+    return cli.run_distributed(args, cli.load_data(args))

@@ -58,6 +58,9 @@ class DeploySettings:
     topics: int = 4
     #: Off: only bucket and topics (enough for the local and RIE invokers).
     lambda_function: bool = True
+    #: Also let the function coordinate runs (the handler's ``{"coordinate": ...}`` mode), which
+    #: needs the rights to create and delete run queues and subscriptions and to clean up.
+    coordinator_mode: bool = False
     layer_zip: str | None = None
 
     def __post_init__(self):
@@ -156,7 +159,25 @@ def least_privilege_policy(names: Names) -> dict:
          "Resource": [names.arn("sqs", f"{prefix}-*")]},
         {"Sid": "TreeLaunch", "Effect": "Allow", "Action": ["lambda:InvokeFunction"],
          "Resource": [names.function_arn()]},
-    ]}
+    ] + (coordinator_statements(names) if names.settings.coordinator_mode else [])}
+
+
+def coordinator_statements(names: Names) -> list[dict]:
+    """What a coordinator adds (only with ``coordinator_mode``): run queues and their
+    subscriptions created and deleted, the deployment's topics found, run objects deleted."""
+    prefix = names.settings.name
+    return [
+        {"Sid": "RunQueueLifecycle", "Effect": "Allow",
+         "Action": ["sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueUrl", "sqs:GetQueueAttributes",
+                    "sqs:SetQueueAttributes"],
+         "Resource": [names.arn("sqs", f"{prefix}-*")]},
+        {"Sid": "RunSubscriptions", "Effect": "Allow",
+         "Action": ["sns:Subscribe", "sns:Unsubscribe", "sns:ListSubscriptionsByTopic"],
+         "Resource": names.topic_arns()},
+        {"Sid": "FindTopics", "Effect": "Allow", "Action": ["sns:ListTopics"], "Resource": ["*"]},
+        {"Sid": "RunCleanup", "Effect": "Allow", "Action": ["s3:DeleteObject"],
+         "Resource": [f"arn:{names.partition}:s3:::{names.bucket}/*"]},
+    ]
 
 
 def queue_config(names: Names, aws_settings: aws.AwsSettings) -> QueueConfig:

@@ -46,14 +46,32 @@ def remaining_seconds(context: Any) -> float | None:
 
 def _failure(stage: str, exc: BaseException, worker: int | None, started: float) -> dict:
     error = f"{type(exc).__name__}: {exc}"
-    log("ERROR", f"worker failed during {stage}", worker=worker, error=error)
+    log("ERROR", f"failed during {stage}", worker=worker, error=error)
     return {"ok": False, "worker": worker, "stage": stage, "error": error,
             "seconds": time.perf_counter() - started}
 
 
+def coordinate(request: Any) -> dict:
+    """The coordinator mode: a whole run (partition, upload, launch the workers on this function,
+    wait, gather, clean up) from ``{"coordinate": {run options}}``; see awsrun.coordinate."""
+    from fsd_runtime.awsrun import coordinate as run  # boto3: only in this mode
+
+    return run(request)
+
+
 def handler(event: Any, context: Any) -> dict:
-    """Run one worker from its event; answer ``{"ok": true, "worker", "seconds"}`` or an error."""
+    """Run one worker from its event; answer ``{"ok": true, "worker", "seconds"}`` or an error.
+    An event ``{"coordinate": {...}}`` runs a whole run instead and answers its JSON."""
     started = time.perf_counter()
+    if isinstance(event, dict) and "coordinate" in event:
+        log("INFO", "coordinating a run", request_id=request_id(context), options=event["coordinate"])
+        try:
+            if len(event) != 1:
+                raise events.EventError(f"a coordinate event has no other fields, got {sorted(event)}")
+            result = coordinate(event["coordinate"])
+        except (Exception, SystemExit) as exc:  # answered, not raised (see the module notes)
+            return _failure("coordinate", exc, None, started)
+        return {"ok": True, "result": result, "seconds": time.perf_counter() - started}
     try:
         parsed = events.parse(event)
     except events.EventError as exc:

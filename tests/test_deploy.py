@@ -137,6 +137,17 @@ def test_policy_reaches_only_the_deployment():
     assert not {a for a in actions if a.startswith(("iam:", "sqs:Create", "sns:Create", "s3:Create"))}
 
 
+def test_coordinator_mode_adds_only_run_management_rights(aws_settings):
+    names = deploy.Names(deploy.DeploySettings(name="fsd-c", coordinator_mode=True), "123456789012", "eu-west-1")
+    worker_only = deploy.Names(deploy.DeploySettings(name="fsd-c"), "123456789012", "eu-west-1")
+    policy = deploy.least_privilege_policy(names)
+    added = policy["Statement"][len(deploy.least_privilege_policy(worker_only)["Statement"]):]
+    assert [st["Sid"] for st in added] == ["RunQueueLifecycle", "RunSubscriptions", "FindTopics", "RunCleanup"]
+    assert [st["Resource"] for st in added if "*" in st["Resource"]] == [["*"]]  # ListTopics only
+    client("iam", aws_settings).create_policy(PolicyName=f"fsd-{uuid.uuid4().hex[:8]}",
+                                              PolicyDocument=json.dumps(policy))  # valid IAM syntax
+
+
 def test_sam_template_passes_cfn_lint_and_matches_deploy():
     from cfnlint.api import ManualArgs, lint
 

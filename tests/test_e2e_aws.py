@@ -130,6 +130,18 @@ def test_cli_without_a_deployment_says_how_to_make_one(aws_settings, capsys):
     assert code == 2 and "fsd-inference deploy --no-lambda" in capsys.readouterr().err
 
 
+def test_handler_coordinator_mode_runs_a_whole_run(deployment):
+    from fsd_runtime.handler import handler
+
+    name, _ = deployment  # the server's endpoint reaches boto3 through AWS_ENDPOINT_URL, as on Lambda
+    answer = handler({"coordinate": {"workers": 2, "channel": "object", "images": 120, "invoker": "local",
+                                     "partition": "contiguous", "deployment": name}}, None)
+    assert answer["ok"] is True, answer
+    result = answer["result"]
+    assert result["golden_match"] is True and result["images"] == 120 and result["cost"]["usd"] > 0
+    assert _leftovers(deployment) == {"objects": [], "queues": []}
+
+
 def test_rie_end_to_end_is_bit_identical(deployment, official, official_packed):
     pytest.importorskip("awslambdaric")
     try:

@@ -103,3 +103,21 @@ def test_handler_imports_neither_scipy_nor_boto3():
     if loaded["scipy_importers"] is not None:  # only numba itself may pull scipy in (JIT backend)
         first_non_import = [f for f in loaded["scipy_importers"] if "importlib" not in f and "<frozen" not in f]
         assert any(os.sep + "numba" + os.sep in f for f in first_non_import), first_non_import
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"workers": 2, "channel": "queue", "weights": "/etc"}, "may not set: ['weights']"),
+    ({"workers": 2, "channel": "local"}, "(queue or object)"),
+    ({"workers": "two", "channel": "queue"}, "not valid run options"),
+    ({"workers": 2, "channel": "queue", "images": [1]}, "number or a string"),
+    ({"channel": "queue"}, "needs 'workers'"),
+    ("--workers 2", "must be an object"),
+])
+def test_bad_coordinate_requests_are_answered(request_, message):
+    answer = handler({"coordinate": request_}, None)
+    assert answer["ok"] is False and answer["stage"] == "coordinate" and message in answer["error"]
+
+
+def test_coordinate_event_takes_no_other_fields():
+    answer = handler({"coordinate": {"workers": 2, "channel": "queue"}, "worker_id": 0}, None)
+    assert answer["ok"] is False and "no other fields" in answer["error"]
