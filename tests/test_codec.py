@@ -64,6 +64,17 @@ def test_roundtrip_is_bit_exact(values_kind, density):
         300, 7, 3, 5, 2, 0, 1, b"run-42")
 
 
+def test_far_apart_images_take_the_sorting_path():
+    """Images spread over a huge range (value order then comes from a merge sort)."""
+    n_images = 2**31 - 1
+    neurons = np.int32([1, 1, 1, 2, 2, 7])
+    images = np.int32([0, 5, n_images - 1, 3, n_images - 2, 5])
+    values = np.float32([1.5, -2.0, 3.0, 4.0, 5.5, 6.0])
+    m = codec.decode(codec.encode(neurons, images, values, n_images=n_images)[0])
+    np.testing.assert_array_equal(m.images, images)
+    assert_same_bits(m.values, values)
+
+
 def test_empty_block_is_one_chunk():
     chunks = codec.encode([], [], [], n_images=10, **FIELDS)
     assert len(chunks) == 1 and len(chunks[0]) == codec.HEADER_SIZE
