@@ -42,6 +42,8 @@ class RunResult:
     partition: str
     n_workers: int
     metrics_paths: dict = field(default_factory=dict)
+    #: Per layer and worker pair: rows, nonzeros and bytes sent (``metrics.merge_pairs``).
+    pairs: list[dict] = field(default_factory=list)
 
     @property
     def categories(self) -> np.ndarray:
@@ -189,6 +191,8 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
                "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"])}
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
+    result.pairs = mx.merge_pairs(worker_metrics)
     if metrics_dir:
-        result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic})
+        result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},
+                                        result.pairs)
     return result

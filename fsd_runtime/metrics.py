@@ -18,18 +18,41 @@ FIELDS = ("messages_sent", "chunks_sent", "bytes_sent", "rows_sent", "nnz_sent",
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
-class LayerMetrics:
-    """One worker's counters, one row per layer."""
+#: Per layer and target worker: what this worker sent that target.
+PAIR_FIELDS = ("rows", "nnz", "bytes")
 
-    def __init__(self, worker: int, n_layers: int):
+
+class LayerMetrics:
+    """One worker's counters, one row per layer, plus what it sent each target per layer."""
+
+    def __init__(self, worker: int, n_layers: int, n_workers: int = 1):
         self.worker = worker
         self.table = np.zeros((n_layers, len(FIELDS)), np.float64)
+        self.pairs = np.zeros((n_layers, n_workers, len(PAIR_FIELDS)), np.int64)
 
     def add(self, layer: int, field: str, value: float) -> None:
         self.table[layer, _INDEX[field]] += value
 
+    def add_pair(self, layer: int, target: int, rows: int, nnz: int, nbytes: int) -> None:
+        self.pairs[layer, target] += (rows, nnz, nbytes)
+
     def to_dict(self) -> dict:
-        return {"worker": self.worker, "fields": list(FIELDS), "layers": self.table.tolist()}
+        return {"worker": self.worker, "fields": list(FIELDS), "layers": self.table.tolist(),
+                "pair_fields": list(PAIR_FIELDS), "pairs": self.pairs.tolist()}
+
+
+def merge_pairs(worker_metrics: list[dict]) -> list[dict]:
+    """Rows ``{layer, source, target, rows, nnz, bytes}`` for every pair that exchanged rows."""
+    out = []
+    for m in worker_metrics:
+        if m.get("pair_fields") != list(PAIR_FIELDS):
+            raise ValueError(f"metrics of worker {m.get('worker')!r} have unexpected pair fields")
+        for layer, targets in enumerate(m["pairs"]):
+            for target, values in enumerate(targets):
+                if any(values):
+                    out.append({"layer": layer, "source": int(m["worker"]), "target": target,
+                                **{f: int(v) for f, v in zip(PAIR_FIELDS, values)}})
+    return out
 
 
 def merge(worker_metrics: list[dict]) -> list[dict]:
@@ -59,15 +82,16 @@ def per_layer(rows: list[dict]) -> list[dict]:
     return [layers[k] for k in sorted(layers)]
 
 
-def write(rows: list[dict], directory: str, summary: dict | None = None) -> dict:
-    """Write ``metrics.json``, ``metrics.csv`` and (if matplotlib is there) ``metrics.png``.
-
-    Returns the paths written, by kind.
+def write(rows: list[dict], directory: str, summary: dict | None = None,
+          pairs: list[dict] | None = None) -> dict:
+    """Write ``metrics.json`` (with the per-pair rows), ``metrics.csv`` and (if matplotlib is
+    there) ``metrics.png``. Returns the paths written, by kind.
     """
     os.makedirs(directory, exist_ok=True)
     paths = {"json": os.path.join(directory, "metrics.json"), "csv": os.path.join(directory, "metrics.csv")}
     with open(paths["json"], "w") as f:
-        json.dump({"summary": summary or {}, "totals": totals(rows), "rows": rows}, f)
+        json.dump({"summary": summary or {}, "totals": totals(rows), "rows": rows,
+                   "pairs": pairs or []}, f)
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["worker", "layer", *FIELDS])
         writer.writeheader()

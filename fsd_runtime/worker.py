@@ -111,7 +111,7 @@ class WorkerLoop:
         self.receive_timeout = receive_timeout
         self.run_deadline = time.monotonic() + (run_timeout or float("inf"))
         self.wire_run_id = wire_run_id(run_id)
-        self.metrics = LayerMetrics(share.worker, share.n_layers)
+        self.metrics = LayerMetrics(share.worker, share.n_layers, share.n_workers)
         self.tracker = codec.ChunkTracker()
         self.pending: dict[tuple[int, int], list[bytes]] = {}
         self.slot_maps: dict[int, list[np.ndarray]] = {}
@@ -205,7 +205,9 @@ class WorkerLoop:
             m.add(layer, "chunks_sent", len(chunks))
             m.add(layer, "bytes_sent", sum(len(c) for c in chunks))
             m.add(layer, "rows_sent", pos.shape[0])
-            m.add(layer, "nnz_sent", sum(self.codec.decode_header(c).nnz for c in chunks) - status_nnz)
+            nnz = sum(self.codec.decode_header(c).nnz for c in chunks) - status_nnz
+            m.add(layer, "nnz_sent", nnz)
+            m.add_pair(layer, target, pos.shape[0], nnz, sum(len(c) for c in chunks))
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
         try:
             self.channel.send(self.step(layer, b), outgoing)

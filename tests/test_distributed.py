@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 
 import fsd_kernels
-from fsd_runtime import model
+from fsd_runtime import model, partition as partitioning
 from fsd_runtime.coordinator import RunError, run_distributed
 
 
 @pytest.fixture(scope="module")
 def serial(official, official_packed):
     return fsd_kernels.infer(*official.images.arrays, official_packed)
+
+
+def partition_volume(net, n_workers, method):
+    return partitioning.volume(net, partitioning.make_partition(net, n_workers, method))
 
 
 def assert_same(result, serial):
@@ -32,6 +36,13 @@ def test_official_run_is_bit_identical_and_golden(official, official_packed, ser
     np.testing.assert_array_equal(result.categories, official.categories)     # the 337
     t = result.traffic
     assert (t["messages"] == 0) == (n_workers == 1)
+    # the rows each pair really exchanged are the plan's, in every layer that had traffic
+    plan = partition_volume(official_packed, n_workers, partition)
+    layers = {p["layer"] for p in result.pairs}
+    for p in result.pairs:
+        assert p["rows"] == plan["rows"][p["layer"]][p["source"]][p["target"]]
+    assert sum(p["rows"] for p in result.pairs) == sum(plan["volume"][l] for l in layers)
+    assert sum(p["bytes"] for p in result.pairs) == t["bytes"]
     assert t["messages"] <= 19 * n_workers * (n_workers - 1)    # early exit: ~19 rounds, not 120
 
 
@@ -68,6 +79,7 @@ def test_cli_runs_a_tree_of_worker_processes_with_metrics(tmp_path):
     assert len(metrics["rows"]) == 4 * 120
     assert metrics["totals"]["bytes_sent"] == report["traffic"]["bytes"]
     assert (tmp_path / "metrics.csv").read_text().startswith("worker,layer,")
+    assert sum(p["bytes"] for p in metrics["pairs"]) == report["traffic"]["bytes"]
 
 
 def test_metrics_merge_totals_and_files(tmp_path, monkeypatch):
