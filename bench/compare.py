@@ -12,11 +12,15 @@ is how far the peak rose above the RSS right before the timed runs, which is
 the inference's own working memory. scipy's sparse product has no threads;
 fsd_kernels and GraphBLAS get ``--threads`` each. ``cpu_seconds`` (process
 CPU time, all threads) is reported too: on a shared, loaded machine it moves
-far less than wall time.
+far less than wall time. GraphBLAS's OpenMP threads run with
+``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it: with the default
+spin-waiting, 2 threads on a 2-core machine that other work shares ran up
+to 30 times slower than with 1 thread.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -45,7 +49,8 @@ def prepare_ours(ds, threads):
     net = ds.network.pack()
 
     def run():
-        return fsd_kernels.infer(*ds.images.arrays, net, threads=threads).categories
+        result = fsd_kernels.infer(*ds.images.arrays, net, threads=threads)
+        return result.indptr, result.indices, result.data
 
     return run
 
@@ -67,13 +72,18 @@ def prepare_scipy(ds, threads):
             np.clip(z.data, 0, 32, out=z.data)
             z.eliminate_zeros()
             y = z
-        return np.flatnonzero(np.diff(y.indptr))
+        y.sort_indices()
+        return y.indptr, y.indices, y.data
 
     return run
 
 
 def prepare_graphblas(ds, threads):
-    """GraphBLAS layer: plus_times mxm, bias applied to the structural entries only, ReLU, clip."""
+    """GraphBLAS layer: plus_times mxm, bias applied to the structural entries only, ReLU, clip.
+
+    Every operator is typed FP32 with FP32 scalars: an untyped Python float
+    makes GraphBLAS work in FP64 (other rounding, and three times slower).
+    """
     import graphblas as gb
     from graphblas import binary, select, semiring
 
@@ -84,25 +94,25 @@ def prepare_graphblas(ds, threads):
     biases = []
     for b in ds.network.biases:
         if np.all(b == b[0]):
-            biases.append(float(b[0]))
+            biases.append(np.float32(b[0]))
         else:
             biases.append(gb.Vector.from_dense(b, dtype="FP32").diag())
+    ymax = np.float32(32)
     y0 = gb.Matrix.from_csr(ds.images.indptr, ds.images.indices, ds.images.data,
                             nrows=ds.images.shape[0], ncols=n, dtype="FP32")
 
     def run():
         y = y0
         for w, b in zip(weights, biases):
-            z = y.mxm(w, semiring.plus_times).new()
-            if isinstance(b, float):
-                z << z.apply(binary.plus, right=b)
+            z = y.mxm(w, semiring.plus_times["FP32"]).new()
+            if isinstance(b, np.float32):
+                z << z.apply(binary.plus["FP32"], right=b)
             else:
-                z << z.mxm(b, semiring.plus_plus)
+                z << z.mxm(b, semiring.plus_plus["FP32"])
             z << select.valuegt(z, 0)
-            z << z.apply(binary.min, right=32.0)
+            z << z.apply(binary.min["FP32"], right=ymax)
             y = z
-        rows, _, _ = y.to_coo(values=False)
-        return np.unique(rows)
+        return y.to_csr()
 
     return run
 
@@ -116,21 +126,27 @@ def measure(name: str, threads: int, repeats: int, images: int | None) -> dict:
         ds = model.Dataset(ds.name, ds.network, ds.images.rows(0, images),
                            ds.categories[ds.categories < images])
     run = globals()[f"prepare_{name}"](ds, threads)
-    categories = run()
+    run()
     rss_before = _rss_mb()
     times, cpu_times = [], []
     for _ in range(repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
-        categories = run()
+        activations = run()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     seconds = statistics.median(times)
     edges = ds.images.shape[0] * ds.network.nnz
+    indptr, indices, data = activations
+    categories = np.flatnonzero(np.diff(indptr))
+    digest = hashlib.sha256()
+    for array, dtype in ((indptr, np.int64), (indices, np.int32), (data, np.float32)):
+        digest.update(np.ascontiguousarray(array, dtype).tobytes())
     return {
         "seconds": seconds,
         "cpu_seconds": statistics.median(cpu_times),
         "edges_per_second": edges / seconds,
-        "golden_match": bool(np.array_equal(np.sort(categories), ds.categories)),
+        "golden_match": bool(np.array_equal(categories, ds.categories)),
+        "activations_sha256": digest.hexdigest(),
         "categories": int(len(categories)),
         "threads": 1 if name == "scipy" else threads,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -144,7 +160,9 @@ def run_contender(name: str, args) -> dict:
            "--repeats", str(args.repeats)]
     if args.images:
         cmd += ["--images", str(args.images)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr}")
     return json.loads(done.stdout)
@@ -164,6 +182,8 @@ def main(argv=None) -> int:
     out = {name: run_contender(name, args) for name in CONTENDERS}
     best_other = min(out["scipy"]["seconds"], out["graphblas"]["seconds"])
     out["speedup_vs_best"] = best_other / out["ours"]["seconds"]
+    for name in CONTENDERS:
+        out[name]["bit_identical_to_ours"] = out[name]["activations_sha256"] == out["ours"]["activations_sha256"]
     out["threads"] = args.threads
     out["dataset"] = "graphchallenge-1024x120, first %s official images" % (args.images or 10000)
     if args.json:
@@ -177,6 +197,8 @@ def main(argv=None) -> int:
             print(f"{name:10} {r['seconds']:9.3f} {r['cpu_seconds']:7.3f} {r['edges_per_second'] / 1e9:9.1f} "
                   f"{str(r['golden_match']):>7} {r['peak_rss_mb']:12.1f} {r['extra_rss_mb']:9.1f}")
         print(f"speed-up of ours over the best other: {out['speedup_vs_best']:.1f}x")
+        same = [name for name in CONTENDERS[1:] if out[name]["bit_identical_to_ours"]]
+        print(f"final activations bit-identical to ours: {', '.join(same) or 'none'}")
     ok = all(out[name]["golden_match"] for name in CONTENDERS)
     return 0 if ok else 1
 
