@@ -128,6 +128,7 @@ target = np.zeros((rows.size, 60), np.float32)
 for chunk in chunks:
     codec.decode_into(chunk, target, slots, column_offset=5)
 out["decoded_block"] = target
+out["text"] = np.frombuffer(codec.to_text(chunks[0]).encode() + codec.from_text(codec.to_text(chunks[0])), np.uint8)
 coo = np.zeros((16, 16), np.float32)
 fsd_kernels.kernels.coo_to_block(np.array([1, 5, 9], np.int32), np.array([2, 0, 15], np.int32),
                                  np.array([0.5, -1.25, 3.0], np.float32), coo)
