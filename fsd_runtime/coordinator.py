@@ -10,6 +10,7 @@ timeout passes; the launcher then stops whatever still runs.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -22,7 +23,7 @@ from fsd_kernels.infer import Activations
 from fsd_runtime import events as ev
 from fsd_runtime import metrics as mx
 from fsd_runtime.channels import channel_class
-from fsd_runtime.launch import LaunchError, ProcessLauncher, make_launcher, tree_depth
+from fsd_runtime.launch import ProcessLauncher, make_launcher, tree_depth
 from fsd_runtime.partition import make_partition
 from fsd_runtime.plan import build_shares
 from fsd_runtime.storage import LocalStorage, Storage, StorageError, unpack_arrays
@@ -154,19 +155,20 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         raise ValueError(f"the partition uses {len(shares)} workers, not {n_workers}")
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
+    coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource
+    kind = channel_class(channel)
     own_storage = storage is None
     storage = storage or LocalStorage(tempfile.mkdtemp(prefix="fsd-store-"))
-    for share in shares:
-        storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
-    timings["plan_upload_s"] = time.perf_counter() - start
-    kind = channel_class(channel)
-    run_channel = kind.create_run(channel, run_id, n_workers)
-    event = ev.WorkerEvent(run_id=run_id, worker_id=0, n_workers=n_workers, fanout=fanout,
-                           storage=storage.config(), prefix=prefix, channel=run_channel,
-                           launcher=launcher_config, receive_timeout=receive_timeout,
-                           run_timeout=run_timeout, batch_size=batch_size)
-    coordinator_launcher = _coordinator_launcher(launcher_config)
+    run_channel = None
     try:
+        for share in shares:
+            storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+        timings["plan_upload_s"] = time.perf_counter() - start
+        run_channel = kind.create_run(channel, run_id, n_workers)
+        event = ev.WorkerEvent(run_id=run_id, worker_id=0, n_workers=n_workers, fanout=fanout,
+                               storage=storage.config(), prefix=prefix, channel=run_channel,
+                               launcher=launcher_config, receive_timeout=receive_timeout,
+                               run_timeout=run_timeout, batch_size=batch_size)
         launched = time.time()
         start = time.perf_counter()
         coordinator_launcher.launch([event])
@@ -176,11 +178,10 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, net.n_neurons, net.ymax)
     finally:
         coordinator_launcher.close()
-        kind.delete_run(run_channel, run_id, n_workers)
+        if run_channel is not None:
+            kind.delete_run(run_channel, run_id, n_workers)
         storage.delete_prefix(prefix)
         if own_storage:
-            import shutil
-
             shutil.rmtree(storage.root, ignore_errors=True)
     times = [m["times"] for m in worker_metrics]
     timings["startup_s"] = max(t["ready"] for t in times) - launched

@@ -8,7 +8,7 @@ import pytest
 
 import fsd_kernels
 from fsd_runtime import model, partition as partitioning
-from fsd_runtime.coordinator import RunError, run_distributed
+from fsd_runtime.coordinator import run_distributed
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,8 @@ def test_bad_partition_and_tree_fail_before_anything_starts(official_packed, off
         run_distributed(official_packed, official.images.arrays, 2, partition="random")
     with pytest.raises(ValueError, match="fan-out"):
         run_distributed(official_packed, official.images.arrays, 2, fanout=0)
+    with pytest.raises(ValueError, match="unknown launcher kind"):
+        run_distributed(official_packed, official.images.arrays, 2, launcher={"kind": "teleport"})
 
 
 def test_cli_runs_a_tree_of_worker_processes_with_metrics(tmp_path):

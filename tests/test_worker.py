@@ -1,5 +1,4 @@
 """Worker events, storage and the worker loop (in-process: threads and a queue hub as channel)."""
-import json
 import queue
 import threading
 
@@ -12,7 +11,7 @@ from fsd_runtime import events as ev
 from fsd_runtime import model, partition
 from fsd_runtime.channels import Channel, ChannelConfigError, make_channel
 from fsd_runtime.plan import build_shares
-from fsd_runtime.storage import LocalStorage, StorageError, check_key, make_storage
+from fsd_runtime.storage import StorageError, check_key, make_storage
 from fsd_runtime.worker import WorkerError, WorkerLoop, wire_run_id
 
 EVENT = dict(run_id="r-1", worker_id=1, n_workers=4, fanout=2, storage={"kind": "local", "root": "/tmp/x"},
