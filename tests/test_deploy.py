@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import uuid
 
 import pytest
@@ -148,8 +149,11 @@ def test_coordinator_mode_adds_only_run_management_rights(aws_settings):
                                               PolicyDocument=json.dumps(policy))  # valid IAM syntax
 
 
-def test_sam_template_passes_cfn_lint_and_matches_deploy():
+def test_sam_template_passes_cfn_lint_and_matches_deploy(monkeypatch):
     from cfnlint.api import ManualArgs, lint
+
+    for key in ("AWS_DEFAULT_REGION", "AWS_REGION"):  # cfn-lint's SAM translator sets the region
+        monkeypatch.setenv(key, os.environ.get(key, "us-east-1"))  # in os.environ: undo it after
 
     settings = deploy.DeploySettings(name="fsd-t", architecture="arm64", topics=3)
     text = template.render(settings)
