@@ -15,7 +15,6 @@ register ``lambda`` and ``rie`` with :func:`register_launcher`.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Sequence
 
 from fsd_runtime.events import WorkerEvent
+from fsd_runtime.kinds import Registry
 
 #: A tree deeper than this would make the last worker wait for too many launch hops.
 MAX_TREE_DEPTH = 32
@@ -159,28 +159,17 @@ class ThreadLauncher(Launcher):
             thread.join(timeout=0.1)
 
 
-#: kind -> factory(config) or "module:attribute" imported on first use.
-_KINDS: dict[str, Callable[[Mapping], Launcher] | str] = {
-    "process": ProcessLauncher,
-    "thread": ThreadLauncher,
-}
+_KINDS = Registry("launcher", LaunchError, {"process": ProcessLauncher, "thread": ThreadLauncher})
 
 
 def register_launcher(kind: str, factory: Callable[[Mapping], Launcher] | str) -> None:
     """Add a launcher kind: a factory taking the config dict, or a ``"module:attribute"`` path to one."""
-    _KINDS[kind] = factory
+    _KINDS.register(kind, factory)
 
 
 def make_launcher(config: Mapping) -> Launcher:
     """The launcher a config names, e.g. ``{"kind": "process"}`` (a worker's, for its children)."""
-    kind = config.get("kind") if isinstance(config, Mapping) else None
-    factory = _KINDS.get(kind) if isinstance(kind, str) else None
-    if factory is None:
-        raise LaunchError(f"unknown launcher kind {kind!r}; known: {sorted(_KINDS)}")
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-    return factory(config)
+    return _KINDS.resolve(config)(config)
 
 
 def launch_children(event: WorkerEvent, launcher: Launcher) -> list[int]:

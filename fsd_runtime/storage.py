@@ -8,7 +8,6 @@ ever unpickled: shares and results are ``np.savez`` archives read with
 """
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import re
@@ -18,6 +17,8 @@ from abc import ABC, abstractmethod
 from typing import Callable, Mapping
 
 import numpy as np
+
+from fsd_runtime.kinds import Registry
 
 _KEY = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 
@@ -124,25 +125,17 @@ def _local(config: Mapping) -> Storage:
     return LocalStorage(root)
 
 
-#: kind -> factory(config) or "module:attribute" imported on first use (keeps boto3 off other paths).
-_KINDS: dict[str, Callable[[Mapping], Storage] | str] = {"local": _local}
+_KINDS = Registry("storage", StorageError, {"local": _local})
 
 
 def register_storage(kind: str, factory: Callable[[Mapping], Storage] | str) -> None:
     """Add a storage kind: a factory taking the config dict, or a ``"module:attribute"`` path to one."""
-    _KINDS[kind] = factory
+    _KINDS.register(kind, factory)
 
 
 def make_storage(config: Mapping) -> Storage:
     """Build the store a config names, e.g. ``{"kind": "local", "root": "/tmp/run"}``."""
-    kind = config.get("kind") if isinstance(config, Mapping) else None
-    factory = _KINDS.get(kind) if isinstance(kind, str) else None
-    if factory is None:
-        raise StorageError(f"unknown storage kind {kind!r}; known: {sorted(_KINDS)}")
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-    return factory(config)
+    return _KINDS.resolve(config)(config)
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:

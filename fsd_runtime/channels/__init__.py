@@ -7,37 +7,31 @@ add kinds with :func:`register_channel`.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Mapping
 
 from fsd_runtime.channels.base import Channel, ChannelError
-
-_KINDS: dict[str, type[Channel] | str] = {
-    "local": "fsd_runtime.channels.local:LocalChannel",
-    "queue": "fsd_runtime.channels.queue:QueueChannel",
-    "object": "fsd_runtime.channels.object:ObjectChannel",
-}
+from fsd_runtime.kinds import Registry
 
 
 class ChannelConfigError(ValueError):
     """A channel config names an unknown kind or lacks what the kind needs."""
 
 
+_KINDS = Registry("channel", ChannelConfigError, {
+    "local": "fsd_runtime.channels.local:LocalChannel",
+    "queue": "fsd_runtime.channels.queue:QueueChannel",
+    "object": "fsd_runtime.channels.object:ObjectChannel",
+})
+
+
 def register_channel(kind: str, cls: type[Channel] | str) -> None:
     """Add (or replace) a channel kind: a Channel subclass or a ``"module:Class"`` path."""
-    _KINDS[kind] = cls
+    _KINDS.register(kind, cls)
 
 
 def channel_class(config: Mapping) -> type[Channel]:
     """The Channel subclass for ``config["kind"]``."""
-    kind = config.get("kind") if isinstance(config, Mapping) else None
-    cls = _KINDS.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise ChannelConfigError(f"unknown channel kind {kind!r}; known: {sorted(_KINDS)}")
-    if isinstance(cls, str):
-        module, _, name = cls.partition(":")
-        cls = getattr(importlib.import_module(module), name)
-    return cls
+    return _KINDS.resolve(config)
 
 
 def make_channel(config: Mapping, worker_id: int, n_workers: int, run_id: str) -> Channel:
