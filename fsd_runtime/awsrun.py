@@ -97,9 +97,8 @@ def run_command(args) -> int:
     if args.command == "deploy":
         lines = deploy.deploy(settings, aws_settings(args)) or ["up to date: nothing changed"]
     else:
-        lines = deploy.teardown(settings, aws_settings(args)) or ["nothing to delete"]
-    for line in lines:
-        print(("deleted " if args.command == "teardown" and lines[0] != "nothing to delete" else "") + line)
+        lines = [f"deleted {r}" for r in deploy.teardown(settings, aws_settings(args))] or ["nothing to delete"]
+    print("\n".join(lines))
     return 0
 
 
