@@ -1,5 +1,7 @@
 """Worker events, storage and the worker loop (in-process: threads and a queue hub as channel)."""
 import queue
+import socket
+import struct
 import threading
 
 import numpy as np
@@ -9,7 +11,7 @@ import fsd_kernels
 from fsd_kernels import codec
 from fsd_runtime import events as ev
 from fsd_runtime import model, partition
-from fsd_runtime.channels import Channel, ChannelConfigError, make_channel
+from fsd_runtime.channels import Channel, ChannelConfigError, ChannelError, make_channel
 from fsd_runtime.plan import build_shares
 from fsd_runtime.storage import StorageError, check_key, make_storage
 from fsd_runtime.worker import WorkerError, WorkerLoop, wire_run_id
@@ -192,3 +194,29 @@ def test_hostile_chunks_fail_the_worker_with_worker_and_layer(make, match):
     hub = Hub(2)
     results, errors = run_threads(shares, [Tamper(hub, 0, make()), HubChannel(hub, 1)], receive_timeout=2)
     assert any(isinstance(e, WorkerError) and match in str(e) for e in errors), errors
+
+
+@pytest.mark.parametrize("bad", [{"max_chunk_bytes": 10}, {"max_chunk_bytes": "4096"},
+                                 {"connect_timeout": 0}, {"dir": "/nonexistent/fsd"}])
+def test_bad_local_channel_configs_are_refused(tmp_path, bad):
+    with pytest.raises(ChannelConfigError):
+        make_channel({"kind": "local", "dir": str(tmp_path), **bad}, 0, 2, "r")
+
+
+def test_local_channel_carries_frames_and_refuses_oversized_ones(tmp_path):
+    config = {"kind": "local", "dir": str(tmp_path), "max_chunk_bytes": 1024}
+    with make_channel(config, 0, 2, "r") as a, make_channel(config, 1, 2, "r") as b:
+        a.send(1, [(1, b"x" * 1024), (1, b"")])
+        got = []
+        while len(got) < 2:
+            got += b.receive(1, 5.0)
+        assert sorted(got) == [b"", b"x" * 1024]
+        with pytest.raises(ChannelError, match="exceeds"):
+            a.send(1, [(1, b"y" * 1025)])
+        assert b.receive(1, 0.05) == []
+        hostile = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # a length field that lies
+        hostile.connect(str(tmp_path / "1.sock"))
+        hostile.sendall(struct.pack("<I", 1 << 30))
+        with pytest.raises(ChannelError, match="exceeds"):
+            b.receive(1, 5.0)
+        hostile.close()

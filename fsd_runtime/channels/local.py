@@ -24,6 +24,8 @@ from fsd_runtime.channels.base import Channel, ChannelError
 
 _LENGTH = struct.Struct("<I")
 DEFAULT_MAX_CHUNK = 4 << 20
+#: Largest frame a receiver accepts whatever the config says (a length field cannot make it allocate more).
+MAX_FRAME = 64 << 20
 
 
 def _socket_path(directory: str, worker: int) -> str:
@@ -57,12 +59,18 @@ class LocalChannel(Channel):
 
     @classmethod
     def from_config(cls, config: Mapping, worker_id: int, n_workers: int, run_id: str) -> "LocalChannel":
+        from fsd_runtime.channels import ChannelConfigError
+
         directory = config.get("dir")
         if not isinstance(directory, str) or not os.path.isdir(directory):
-            raise ChannelError(f"local channel needs an existing 'dir', got {directory!r}")
-        return cls(directory, worker_id, n_workers,
-                   max_chunk_bytes=int(config.get("max_chunk_bytes", DEFAULT_MAX_CHUNK)),
-                   connect_timeout=float(config.get("connect_timeout", 30.0)))
+            raise ChannelConfigError(f"local channel needs an existing 'dir', got {directory!r}")
+        max_chunk = config.get("max_chunk_bytes", DEFAULT_MAX_CHUNK)
+        if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or not 256 <= max_chunk <= MAX_FRAME:
+            raise ChannelConfigError(f"local channel max_chunk_bytes must be in 256..{MAX_FRAME}, got {max_chunk!r}")
+        connect = config.get("connect_timeout", 30.0)
+        if isinstance(connect, bool) or not isinstance(connect, (int, float)) or not 0 < connect <= 3600:
+            raise ChannelConfigError(f"local channel connect_timeout must be in (0, 3600] s, got {connect!r}")
+        return cls(directory, worker_id, n_workers, max_chunk_bytes=max_chunk, connect_timeout=float(connect))
 
     @classmethod
     def create_run(cls, config: Mapping, run_id: str, n_workers: int) -> dict:
