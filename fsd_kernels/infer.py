@@ -14,7 +14,7 @@ from fsd_kernels._backend import kernels
 from fsd_kernels.network import PackedNetwork
 
 #: Most bytes one dense N x B float32 block may take (each thread holds two).
-BLOCK_BYTES = 16 * 2**20
+BLOCK_BYTES = 64 * 2**20
 #: Batches per thread at least, so threads finish at about the same time.
 BATCHES_PER_THREAD = 4
 
