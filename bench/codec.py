@@ -27,6 +27,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import sys
 import time
 import zlib
@@ -203,8 +204,11 @@ def summary(total: Totals, by_layer: dict, text: dict, levels) -> dict:
     }
 
 
-def run(layers=None, levels=(19,), max_bytes=None) -> dict:
+def run(layers=None, levels=(19,), max_bytes=None, cache_path=None) -> dict:
     cache: dict = {}
+    if cache_path and os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = {bytes.fromhex(k): tuple(v) for k, v in json.load(f).items()}
     total = Totals()
     by_layer: dict[int, Totals] = {}
     all_chunks: list[bytes] = []
@@ -213,6 +217,9 @@ def run(layers=None, levels=(19,), max_bytes=None) -> dict:
         total.add(t)
         by_layer.setdefault(block.layer, Totals()).add(t)
         all_chunks += chunks
+    if cache_path:
+        with open(cache_path, "w") as f:
+            json.dump({k.hex(): v for k, v in cache.items()}, f)
     return summary(total, by_layer, text_sizes(all_chunks), levels)
 
 
@@ -257,11 +264,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-bytes", type=int, default=None, help="chunk budget passed to the codec")
     parser.add_argument("--zstd-level", type=int, default=codec.ZSTD_LEVEL, help="the codec's zstd level")
     parser.add_argument("--zlib", action="store_true", help="make the codec use zlib (as without zstandard)")
+    parser.add_argument("--baseline-cache", help="JSON file keeping the baselines' sizes per block "
+                                                 "(only valid for the same --levels)")
     args = parser.parse_args(argv)
     codec.ZSTD_LEVEL = args.zstd_level
     if args.zlib:
         codec.zstandard = None
-    result = run(args.layers, tuple(int(x) for x in args.levels.split(",")), args.max_bytes)
+    result = run(args.layers, tuple(int(x) for x in args.levels.split(",")), args.max_bytes,
+                 args.baseline_cache)
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.json:
         json.dump(result, sys.stdout, indent=1)
