@@ -146,6 +146,28 @@ def test_worker_loop_is_bit_identical_to_serial_on_a_synthetic_net(n_workers, ba
     assert 0 < serial.categories.size       # the check means something: some images survive
 
 
+def test_parked_saturated_images_come_back_before_a_layer_that_breaks_saturation():
+    """Layer 12 maps an all-ymax image to something else (bias -40 on ten neurons): images parked
+    as saturated must be put back as ymax columns there, exactly as the serial run does."""
+    ds = model.synthetic(1024, 24, 300, seed=5)
+    biases = [b.copy() for b in ds.network.biases]
+    biases[12][:10] = -40.0
+    net = model.Network(1024, ds.network.layers, biases).pack()
+    assert not net.keeps_saturated[12] and net.keeps_saturated[:12].all()
+    shares = build_shares(net, *ds.images.arrays, partition.hypergraph(net, 3))
+    hub = Hub(3)
+    results, errors = run_threads(shares, [HubChannel(hub, p) for p in range(3)])
+    assert not errors
+    serial = fsd_kernels.infer(*ds.images.arrays, net)
+    expected = np.zeros((300, 1024), np.float32)
+    expected[np.repeat(np.arange(300), np.diff(serial.indptr)), serial.indices] = serial.data
+    np.testing.assert_array_equal(assemble(results, 300, 1024, net.ymax).view(np.uint32),
+                                  expected.view(np.uint32))
+    active_12 = sum(r.metrics["layers"][12][r.metrics["fields"].index("images_active")] for r in results)
+    active_11 = sum(r.metrics["layers"][11][r.metrics["fields"].index("images_active")] for r in results)
+    assert active_12 > active_11     # parked images really came back at layer 12
+
+
 class Tamper(HubChannel):
     """Worker 0's end: before its first real receive, slip in one crafted chunk."""
 
