@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -135,7 +135,7 @@ class Totals:
     encode_wall: float = 0.0
     decode_wall: float = 0.0
 
-    def add(self, other: "Totals"):
+    def add(self, other: Totals):
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
@@ -176,7 +176,7 @@ def _mb_per_s(nnz, seconds):
 
 
 def summary(total: Totals, by_layer: dict, text: dict, levels) -> dict:
-    per_nz = lambda b: round(b / total.nnz, 4) if total.nnz else None  # noqa: E731
+    per_nz = lambda b: round(b / total.nnz, 4) if total.nnz else None
     return {
         "blocks": total.blocks,
         "nonzeros": total.nnz,

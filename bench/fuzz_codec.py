@@ -21,7 +21,9 @@ import zlib
 import atheris
 import numpy as np
 
-from fsd_kernels import codec  # the numba kernels must be compiled from uninstrumented code
+from fsd_kernels import (
+    codec,  # the numba kernels must be compiled from uninstrumented code
+)
 
 for _f in list(vars(codec).values()) + [m for c in (codec.Assembler, codec.ChunkTracker)
                                           for m in vars(c).values()]:

@@ -13,7 +13,7 @@ import pytest
 from fsd_kernels import codec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codec import official_blocks  # noqa: E402  (bench/codec.py)
+from codec import official_blocks
 
 LAYERS = (1, 10, 30)
 

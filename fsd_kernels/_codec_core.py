@@ -15,11 +15,10 @@ check costs O(payload bytes), not O(entries)), then writes.
 import numba as nb
 import numpy as np
 
-from fsd_kernels._codec_codes import (  # noqa: F401  (the kernels read them as globals)
-    DICT_MAX, DICT_MIN_USES, E_DICT, E_DICT_ORDER, E_EMPTY_ROW, E_IMAGE_RANGE, E_NEURON_RANGE,
-    E_NO_PREVIOUS, E_ROW_KIND, E_TOO_FEW, E_TOO_MANY, E_TRAILING, E_TRUNCATED,
-    E_UNEXPECTED_NEURON, E_VALUE_MODE, E_VARINT, E_COPY, KIND_BITMAP, KIND_BITS, KIND_COPY, KIND_LIST,
-    KIND_RUN, VALUES_CONST,
+from fsd_kernels._codec_codes import (
+    DICT_MAX, DICT_MIN_USES, E_COPY, E_DICT, E_DICT_ORDER, E_EMPTY_ROW, E_IMAGE_RANGE, E_NEURON_RANGE,
+    E_NO_PREVIOUS, E_ROW_KIND, E_TOO_FEW, E_TOO_MANY, E_TRAILING, E_TRUNCATED, E_UNEXPECTED_NEURON,
+    E_VALUE_MODE, E_VARINT, KIND_BITMAP, KIND_BITS, KIND_COPY, KIND_LIST, KIND_RUN, VALUES_CONST,
     VALUES_DICT, VALUES_RAW,
 )
 
@@ -529,9 +528,8 @@ def _check_rows(data, n_rows, nnz, n_images, slot_of_neuron, rec, vstart, copied
         neuron = v if r == 0 else neuron + v + 1
         if neuron >= _NEURON_LIMIT:
             return E_NEURON_RANGE, 0, 0
-        if slot_of_neuron.shape[0]:
-            if neuron >= slot_of_neuron.shape[0] or slot_of_neuron[neuron] < 0:
-                return E_UNEXPECTED_NEURON, 0, 0
+        if slot_of_neuron.shape[0] and (neuron >= slot_of_neuron.shape[0] or slot_of_neuron[neuron] < 0):
+            return E_UNEXPECTED_NEURON, 0, 0
     k = np.int64(0)
     n_values = np.int64(0)
     count = np.int64(0)

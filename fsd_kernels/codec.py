@@ -29,10 +29,10 @@ API (the runtime and custom handlers use these):
 """
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -225,7 +225,7 @@ def _cuts(row_ptr, a: int, b: int, parts: int) -> list[int]:
     return cuts or [(a + b) // 2]
 
 
-def _chunk_payloads(row_neurons, row_ptr, images, bits, budget: Optional[int]):
+def _chunk_payloads(row_neurons, row_ptr, images, bits, budget: int | None):
     """Payloads of the pieces of a block, each within ``budget`` bytes (None: one piece) and
     ``MAX_CHUNK_NNZ`` entries. A piece over either is cut into as many even parts as fill 90% of
     the budget (at row boundaries where possible), and so on until every piece fits."""
@@ -244,7 +244,7 @@ def _chunk_payloads(row_neurons, row_ptr, images, bits, budget: Optional[int]):
             raise ValueError("max_bytes is too small for a single entry")
         parts = max(2, -(-(b - a) // MAX_CHUNK_NNZ), -(-size * 10 // (9 * budget)) if budget else 0)
         bounds = [a, *_cuts(row_ptr, a, b, parts), b]
-        pending += [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        pending += list(itertools.pairwise(bounds))
     done.sort(key=lambda item: item[0])
     return [(arrays, payload) for _, arrays, payload in done]
 
@@ -509,8 +509,9 @@ class Assembler:
         self._tracker = ChunkTracker()
         self._parts: dict[tuple, dict[int, Message]] = {}
 
-    def add(self, data) -> Optional[Message]:
-        """Add one chunk; return the whole message when its last missing chunk arrives."""
+    def add(self, data) -> Message | None:
+        """Add one chunk; return the whole message (``chunk`` 0 of ``n_chunks``) when its last
+        missing chunk arrives, else None."""
         message = decode(data)
         header = decode_header(data)
         if not self._tracker.accept(header):

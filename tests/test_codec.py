@@ -313,7 +313,7 @@ def test_text_envelope_roundtrip_is_sqs_safe_and_budgeted():
         assert set(text.encode("utf-8")) <= allowed
         assert '"' not in text and "\\" not in text
         assert codec.from_text(text) == chunk
-    for limit in range(0, 40):
+    for limit in range(40):
         n = codec.max_payload_for_text(limit)
         assert len(codec.to_text(b"\xff" * n)) <= limit < len(codec.to_text(b"\xff" * (n + 1)))
     for bad in ["~~~~~", "ab\u00e9cd", 'ab"cd', "0", "012345", 5]:
@@ -326,7 +326,7 @@ def test_text_envelope_is_rfc1924_base85():
     import base64
 
     rng = np.random.default_rng(4)
-    for n in list(range(0, 17)) + [1000, 4097]:
+    for n in list(range(17)) + [1000, 4097]:
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         text = codec.to_text(data)
         assert text.encode("ascii") == base64.b85encode(data)

@@ -7,7 +7,8 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fsd_kernels import codec
 
@@ -62,7 +63,7 @@ def chunks_of(block, max_bytes=None):
 @FAST
 @given(blocks(), st.one_of(st.none(), st.integers(codec.MIN_MAX_BYTES, 3000)), st.randoms())
 def test_roundtrip_any_order_any_budget(block, max_bytes, random):
-    neurons, images, values, n_images = block
+    neurons, images, values, _ = block
     chunks = chunks_of(block, max_bytes)
     if max_bytes is not None:
         assert all(len(c) <= max_bytes for c in chunks)
