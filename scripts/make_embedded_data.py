@@ -1,7 +1,8 @@
 """Rebuild the embedded default dataset from the official Graph Challenge files.
 
-Usage: python scripts/make_embedded_data.py NETWORK_DIR_OR_TAR INPUTS CATEGORIES [N_IMAGES]
-(NETWORK may be the official neuron1024.tar.gz; it is unpacked to a temporary folder.)
+Usage: python scripts/make_embedded_data.py NETWORK_DIR_OR_TAR INPUTS CATEGORIES [N_IMAGES [OUT]]
+(NETWORK may be the official neuron1024.tar.gz; it is unpacked to a temporary folder. OUT defaults
+to the package's embedded file; give another path to check a rebuild against the shipped copy.)
 """
 import os
 import sys
@@ -22,7 +23,8 @@ def main(argv):
         ds = model.load_dataset(network, inputs, categories)
     images = ds.images.rows(0, n_images)
     gold = ds.categories[ds.categories < n_images]
-    out = os.path.join(os.path.dirname(model.__file__), "data", model.EMBEDDED_FILE)
+    out = argv[4] if len(argv) > 4 else os.path.join(os.path.dirname(model.__file__), "data",
+                                                     model.EMBEDDED_FILE)
     model.write_embedded(model.Dataset(ds.name, ds.network, images, gold), out)
     print(f"wrote {out}: {os.path.getsize(out)} bytes, {images.shape[0]} images, {gold.size} categories")
 
