@@ -52,7 +52,7 @@ COLUMN_TILE = 256
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out):
+def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, top, gap):
     # Row slices indexed from 0 (not range(c0, c1)): numba then knows the
     # index is never negative, skips wrap-around and the loops vectorise.
     m = c1 - c0
@@ -113,6 +113,16 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out):
         else:
             for i in range(m):
                 acc[i] = _activate(acc[i], b, ymax)
+        if top.shape[0]:
+            # Per column: the largest output and the largest distance below
+            # ymax, while the row is hot (a later scan of the block cost a
+            # fifth of a run). Outputs lie in [0, ymax], so a column is all
+            # zero iff top == 0 and all ymax iff gap == 0, exactly.
+            column_top = top[c0:c1]
+            column_gap = gap[c0:c1]
+            for i in range(m):
+                column_top[i] = max(column_top[i], acc[i])
+                column_gap[i] = max(column_gap[i], ymax - acc[i])
 
 
 @_kernel
@@ -126,8 +136,20 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     time. A neuron with bias > 0 also tracks structure, because there an
     absent sum and a zero sum differ.
     """
+    no_tracking = np.empty(0, np.float32)
     for c0 in range(0, n, COLUMN_TILE):
-        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out)
+        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+                    no_tracking, no_tracking)
+
+
+@nb.njit(nogil=True, cache=True)
+def _dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap):
+    """``dense_layer`` that also leaves each column's extremes in ``top``/``gap`` (see _compact)."""
+    top[:n] = 0.0
+    gap[:n] = 0.0
+    for c0 in range(0, n, COLUMN_TILE):
+        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+                    top, gap)
 
 
 @_kernel
@@ -165,29 +187,32 @@ def coo_to_block(rows, cols, vals, block):
 
 
 @nb.njit(nogil=True, cache=True)
-def _compact(block, n, ids, ymax, sat_ids, counts):
-    """Drop all-zero columns and move all-``ymax`` columns to ``sat_ids``."""
-    rows = block.shape[0]
-    alive = np.zeros(n, np.bool_)
-    unsat = np.zeros(n, np.bool_)
-    for j in range(rows):
+def _scan_extremes(block, n, ymax, top, gap):
+    """``top`` = max |v| and ``gap`` = max |v - ymax| per column, for a block of raw inputs."""
+    top[:n] = 0.0
+    gap[:n] = 0.0
+    for j in range(block.shape[0]):
         r = block[j]
         for i in range(n):
-            v = r[i]
-            alive[i] |= v != 0.0
-            unsat[i] |= v != ymax
+            top[i] = max(top[i], abs(r[i]))
+            gap[i] = max(gap[i], abs(r[i] - ymax))
+
+
+@nb.njit(nogil=True, cache=True)
+def _compact(block, n, ids, top, gap, sat_ids, counts):
+    """Drop all-zero columns (``top`` == 0), move all-``ymax`` ones (``gap`` == 0) to ``sat_ids``."""
     keep = np.empty(n, np.int64)
     m = 0
     for i in range(n):
-        if alive[i] and unsat[i]:
+        if top[i] > 0.0 and gap[i] > 0.0:
             keep[m] = i
             m += 1
-        elif alive[i]:
+        elif top[i] > 0.0:
             sat_ids[counts[1]] = ids[i]
             counts[1] += 1
     if m == n:
         return n
-    for j in range(rows):
+    for j in range(block.shape[0]):
         r = block[j]
         for c in range(m):
             r[c] = r[keep[c]]
@@ -214,7 +239,10 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     n_layers = keeps_saturated.shape[0]
     rows = block.shape[0]
     counts[1] = 0
-    n = _compact(block, counts[0], ids, ymax, sat_ids, counts)
+    top = np.empty(block.shape[1], np.float32)
+    gap = np.empty(block.shape[1], np.float32)
+    _scan_extremes(block, counts[0], ymax, top, gap)
+    n = _compact(block, counts[0], ids, top, gap, sat_ids, counts)
     src = block
     dst = work
     for layer in range(n_layers):
@@ -231,8 +259,8 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
         cp = colptrs[base:base + rows + 1]
         lo = layer_ptr[layer]
         hi = layer_ptr[layer + 1]
-        dense_layer(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst)
-        n = _compact(dst, n, ids, ymax, sat_ids, counts)
+        _dense_layer_tracked(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap)
+        n = _compact(dst, n, ids, top, gap, sat_ids, counts)
         src, dst = dst, src
     if src is not block:
         for j in range(rows):
