@@ -65,6 +65,7 @@ def main(argv=None) -> int:
             "partition_seconds": partition_s,
             "volume_rows_all_layers": int(sum(volume["volume"])),
             "volume_rows_layers_1_19": int(sum(volume["volume"][1:20])),
+            "volume_rows_per_layer": volume["volume"],
             "max_imbalance": max(volume["imbalance"]),
             "traffic": result.traffic,
             "rows_sent": int(sum(r["rows_sent"] for r in rows)),
