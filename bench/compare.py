@@ -14,8 +14,8 @@ fsd_kernels and GraphBLAS get ``--threads`` each. ``cpu_seconds`` (process
 CPU time, all threads) is reported too: on a shared, loaded machine it moves
 far less than wall time. GraphBLAS's OpenMP threads run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it: with the default
-spin-waiting, 2 threads on a 2-core machine that other work shares ran up
-to 30 times slower than with 1 thread.
+spin-waiting, 2 threads on a 2-core machine that other work shares ran
+20-30 times slower than 1 thread or 2 passive ones.
 """
 from __future__ import annotations
 
