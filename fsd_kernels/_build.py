@@ -19,6 +19,7 @@ import importlib
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -65,17 +66,29 @@ def default_cpu() -> str:
     return TARGET_CPU[machine]
 
 
-def _compiler(out_dir: str, cpu: str, extra_sources: list[str]):
+def _compiler(out_dir: str, cpu: str, keep_dir: str):
+    """A pycc compiler whose LLVM object (the slow part) is kept in ``keep_dir`` and reused,
+    so a second link with extra C sources (``cc.extra_sources``) costs seconds, not minutes."""
     with warnings.catch_warnings():
         # pycc is "pending deprecation" with no replacement yet; it is the proven AOT path.
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         from numba.pycc import CC
 
-    class _CompatCC(CC):
-        def _get_mixin_sources(self):
-            return super()._get_mixin_sources() + extra_sources
+    class _RelinkableCC(CC):
+        extra_sources: list[str] = []
+        _kept = None
 
-    cc = _CompatCC(MODULE_NAME, source_module=__name__)
+        def _get_mixin_sources(self):
+            return super()._get_mixin_sources() + self.extra_sources
+
+        def _compile_object_files(self, build_dir):
+            if self._kept is None:
+                objects, exports = super()._compile_object_files(build_dir)
+                self._kept = ([shutil.copy(obj, keep_dir) for obj in objects], exports)
+            kept, exports = self._kept
+            return list(kept), exports  # compile() appends the mixin objects to this list
+
+    cc = _RelinkableCC(MODULE_NAME, source_module=__name__)
     cc.output_dir = out_dir
     cc.target_cpu = cpu
     for name, (func, signature) in exported_kernels().items():
@@ -87,18 +100,20 @@ def build(out_dir: str, cpu: str) -> str:
     """Compile every exported kernel into ``out_dir/_native<EXT_SUFFIX>``; return its path.
 
     If the build root's libc binds a symbol to a version Amazon Linux 2023 lacks
-    (e.g. glibc 2.38's new ``fmod``), it builds again with those symbols pinned
+    (e.g. glibc 2.38's new ``fmod``), it links again with those symbols pinned
     to their older versions (``compat_source``).
     """
     path = os.path.join(out_dir, MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
-    _compiler(out_dir, cpu, []).compile()
-    pins = compat_pins(path)
-    if pins:
-        with tempfile.TemporaryDirectory(prefix="fsd-compat-") as tmp:
-            shim = os.path.join(tmp, "glibc_compat.c")
+    with tempfile.TemporaryDirectory(prefix="fsd-pycc-") as keep_dir:
+        cc = _compiler(out_dir, cpu, keep_dir)
+        cc.compile()
+        pins = compat_pins(path)
+        if pins:
+            shim = os.path.join(keep_dir, "glibc_compat.c")
             with open(shim, "w") as f:
                 f.write(compat_source(pins, platform.machine()))
-            _compiler(out_dir, cpu, [shim]).compile()
+            cc.extra_sources = [shim]
+            cc.compile()
     if not os.path.exists(path):
         raise BuildError(f"pycc reported success but {path} is missing")
     return path
