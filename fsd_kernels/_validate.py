@@ -45,7 +45,7 @@ def csr(name, indptr, indices, data, shape, *, finite=True):
     if nnz:
         if indices.min() < 0 or indices.max() >= n_cols:
             raise ValueError(f"{name} column indices must lie in [0, {n_cols})")
-        step = np.diff(indices.astype(np.int64))
+        step = np.diff(indices)  # int32 is enough: both ends lie in [0, n_cols)
         row_starts = indptr[1:-1]
         inside = np.ones(nnz - 1, bool)
         inside[row_starts[(row_starts > 0) & (row_starts < nnz)] - 1] = False
