@@ -187,10 +187,14 @@ def main(argv=None) -> int:
         from fsd_runtime import awsrun
 
         return awsrun.cli_command(args)
+    from fsd_runtime.channels import ChannelError
+    from fsd_runtime.coordinator import RunError
+    from fsd_runtime.worker import WorkerError
+
     try:
         ds = load_data(args)
         out = run_distributed(args, ds) if args.workers else run_serial(args, ds)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ChannelError, RunError, WorkerError) as exc:
         print(f"fsd-inference: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
