@@ -12,8 +12,8 @@ arm64 under qemu-user) whose proof venv holds awslambdaric and nothing else
    fsd_runtime.selftest.handler``, invoked once on 127.0.0.1 (cold start measured
    from starting RIE to the answer);
 5. the real handler: an RIE pool running ``fsd_runtime.handler.handler`` per
-   worker, driven by the coordinator on the host (local storage and channel under
-   /tmp, bind-mounted into the root), its categories matched against the golden ones.
+   worker, driven by the coordinator, all inside the root with only the layer on
+   the path (local storage and channel), its categories matched against the golden ones.
 
 Prints one JSON report (also written with ``--json FILE``); exits 1 if any check fails.
 Needs root (chroot, mounts). Everything listens on 127.0.0.1 only.
@@ -66,11 +66,10 @@ def in_root(root: str, *command: str, env: dict | None = None, timeout: float = 
 
 @contextmanager
 def mounted(root: str):
-    """/proc, /dev and the host's /tmp inside the root (the coordinator's run dirs live in /tmp)."""
+    """/proc and /dev inside the root (Python, RIE and the selftest's /proc/self/stat need them)."""
     done = []
     try:
-        for source, target, args in (("proc", "proc", ["-t", "proc"]), ("/dev", "dev", ["--bind"]),
-                                     ("/tmp", "tmp", ["--bind"])):
+        for source, target, args in (("proc", "proc", ["-t", "proc"]), ("/dev", "dev", ["--bind"])):
             path = os.path.join(root, target)
             subprocess.run(["mount", *args, source, path], check=True)
             done.append(path)
@@ -159,31 +158,51 @@ def selftest_under_rie(root: str, wrapper: str, images: int, log_dir: str) -> di
     return {**report, "rie_start_to_answer_seconds": round(cold, 3)}
 
 
-def handler_under_rie(wrapper: str, images: int, workers: int, log_dir: str) -> dict:
-    """The coordinator on the host, every worker in ``fsd_runtime.handler.handler`` under RIE."""
-    import numpy as np
+# Runs inside the root with only the layer on the path: the coordinator and every worker use the
+# layer's own code (no skew with the host's tree). argv: images, workers, RIE binary.
+HANDLER_DRIVER = r"""
+import json, sys
+import numpy as np
+import fsd_kernels
+from fsd_runtime import model
+from fsd_runtime.coordinator import run_distributed
+from fsd_runtime.invokers import RiePool, register
 
-    from fsd_runtime import model
-    from fsd_runtime.coordinator import run_distributed
-    from fsd_runtime.invokers import RiePool, register
+register()
+images, workers, binary = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+data = model.embedded()
+subset = data.images.rows(0, images)
+golden = data.categories[data.categories < images]
+net = data.network.pack()
+with RiePool(workers, binary=binary, python=sys.executable) as pool:
+    try:
+        result = run_distributed(net, subset.arrays, workers, launcher=pool.launcher_config(),
+                                 channel={"kind": "local"}, run_timeout=600, receive_timeout=300)
+    except Exception as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}", "logs": pool.logs()[-3000:]}))
+        sys.exit(1)
+print(json.dumps({"workers": workers, "images": images, "categories": len(golden),
+                  "golden_match": bool(np.array_equal(result.categories, golden)),
+                  "coordinator_backend": fsd_kernels.backend,
+                  "numba_loaded": "numba" in sys.modules,
+                  "startup_seconds": round(result.timings["startup_s"], 3),
+                  "launch_to_done_seconds": round(result.timings["launch_to_done_s"], 3)}))
+"""
 
-    register()  # makes the "rie" launcher kind known to the coordinator
-    data = model.embedded()
-    subset = data.images.rows(0, images)
-    golden = data.categories[data.categories < images]
-    net = data.network.pack()
-    with RiePool(workers, binary=wrapper, python=PROOF_PYTHON, log_dir=log_dir) as pool:
-        try:
-            result = run_distributed(net, subset.arrays, workers, launcher=pool.launcher_config(),
-                                     channel={"kind": "local"}, run_timeout=600, receive_timeout=300)
-        except Exception as exc:
-            raise ProofError(f"handler run failed: {exc}\n{pool.logs()[-3000:]}") from None
-    match = bool(np.array_equal(result.categories, golden))
-    if not match:
-        raise ProofError(f"handler categories differ from golden: {result.categories} vs {golden}")
-    return {"workers": workers, "images": images, "categories": len(golden), "golden_match": match,
-            "startup_seconds": round(result.timings["startup_s"], 3),
-            "launch_to_done_seconds": round(result.timings["launch_to_done_s"], 3)}
+
+def handler_under_rie(root: str, images: int, workers: int) -> dict:
+    """Coordinator and workers in the root; each worker is ``fsd_runtime.handler.handler`` under RIE."""
+    done = in_root(root, PROOF_PYTHON, "-c", HANDLER_DRIVER, str(images), str(workers), RIE_IN_ROOT,
+                   env={"PYTHONPATH": "/opt/python"}, timeout=900)
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise ProofError(f"handler run printed nothing (status {done.returncode}): {done.stderr[-3000:]}")
+    report = json.loads(lines[-1])
+    if done.returncode != 0 or "error" in report:
+        raise ProofError(f"handler run failed: {report.get('error')}\n{report.get('logs', '')}")
+    if not report["golden_match"] or report["numba_loaded"]:
+        raise ProofError(f"handler run is not a clean golden match: {report}")
+    return report
 
 
 def prove(arch: str, python_version: str, images: int, workers: int) -> dict:
@@ -202,10 +221,9 @@ def prove(arch: str, python_version: str, images: int, workers: int) -> dict:
         check_no_numba(root)
         report["selftest"] = run_selftest(root, images)
         wrapper = rie_wrapper(root, tmp)
-        for logs in ("selftest", "workers"):
-            os.makedirs(os.path.join(tmp, logs))
+        os.makedirs(os.path.join(tmp, "selftest"))
         report["selftest_rie"] = selftest_under_rie(root, wrapper, images, os.path.join(tmp, "selftest"))
-        report["handler_rie"] = handler_under_rie(wrapper, images, workers, os.path.join(tmp, "workers"))
+        report["handler_rie"] = handler_under_rie(root, images, workers)
     return report
 
 
