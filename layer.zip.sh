@@ -6,7 +6,8 @@
 #                        ahead of time by numba.pycc inside a Debian root of that architecture
 #   python/fsd_runtime   with its package data (the embedded official network and images)
 #   python/numpy         the manylinux wheel for that architecture and Python
-# Nothing else: no numba/llvmlite/scipy, no tests, no caches or .pyc (boto3 comes from Lambda).
+# Nothing else: no numba/llvmlite/scipy, no tests, no host .pyc (boto3 comes from Lambda);
+# bytecode compiled by the target Python, since Lambda's /opt is read-only.
 # Beside each zip: <zip>.json, the publish-layer-version input (runtimes, architectures).
 #
 # usage: ./layer.zip.sh [--arch x86_64|arm64|all] [--python 3.13]
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --arch) [ $# -ge 2 ] || die "--arch needs a value"; arches="$2"; shift 2 ;;
     --python) [ $# -ge 2 ] || die "--python needs a value"; python_version="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (usage: $0 [--arch x86_64|arm64|all] [--python 3.13])" ;;
   esac
 done
@@ -80,9 +81,12 @@ build_one() {
   stage_sources "$root$work/src"
 
   log "$arch: compiling the kernels ahead of time (numba.pycc, Python $python_version)"
+  # numba reads /proc/cpuinfo; mounted for the build only, unmounted even on failure.
+  mountpoint -q "$root/proc" || { mount -t proc proc "$root/proc"; trap 'umount "$root/proc"' EXIT; }
   local so
   so=$(in_root env -C "$work/src" FSD_KERNELS_BACKEND=jit NUMBA_CACHE_DIR="$work/numba-cache" \
        /opt/build/bin/python -m fsd_kernels._build --out "$work/src/fsd_kernels")
+  if trap -p EXIT | grep -q umount; then umount "$root/proc"; trap - EXIT; fi
   local numpy_version
   numpy_version=$(in_root /opt/build/bin/python -c 'import numpy; print(numpy.__version__)')
 
@@ -98,6 +102,10 @@ build_one() {
     -exec rm -rf {} +
   find "$root$work/python" -name '*.pyc' -delete
   rm -rf "$root$work/python/bin"
+  # Bytecode by the target Python itself: Lambda's /opt is read-only, so without it every cold
+  # start recompiles numpy's modules. unchecked-hash: valid whatever mtimes unzipping sets.
+  in_root /opt/build/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+    "$work/python" >&2
 
   log "$arch: checking symbol versions against Amazon Linux 2023 (glibc 2.34)"
   mapfile -t libs < <(cd "$root" && find ".$work/python" -name '*.so*' -type f | sed 's|^\.||')

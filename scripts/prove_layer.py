@@ -66,13 +66,19 @@ def in_root(root: str, *command: str, env: dict | None = None, timeout: float = 
 
 @contextmanager
 def mounted(root: str):
-    """/proc and /dev inside the root (Python, RIE and the selftest's /proc/self/stat need them)."""
+    """/proc and /dev inside the root (Python, RIE and the selftest's /proc/self/stat need them),
+    and /opt/python read-only as on Lambda."""
     done = []
     try:
         for source, target, args in (("proc", "proc", ["-t", "proc"]), ("/dev", "dev", ["--bind"])):
             path = os.path.join(root, target)
             subprocess.run(["mount", *args, source, path], check=True)
             done.append(path)
+        # The layer read-only, as Lambda mounts /opt: nothing may be written (no bytecode caches).
+        layer = os.path.join(root, "opt", "python")
+        subprocess.run(["mount", "--bind", layer, layer], check=True)
+        done.append(layer)
+        subprocess.run(["mount", "-o", "remount,bind,ro", layer], check=True)
         yield
     finally:
         for path in reversed(done):
