@@ -147,3 +147,28 @@ def test_layer_runs_natively_under_the_lambda_runtime_interface(tmp_path):
         assert report[check]["native"] and not report[check]["numba_loaded"]
         assert report[check]["golden_match"] and report[check]["python"].startswith("3.13")
     assert report["handler_rie"]["golden_match"] and report["handler_rie"]["workers"] == 2
+
+
+def test_selftest_reports_the_golden_check_on_the_host_backend():
+    from fsd_runtime import selftest
+
+    report = selftest.run(300)
+    assert report["golden_match"] is True and report["categories"] == 2
+    assert report["backend"] in ("native", "jit") and report["native"] == (report["backend"] == "native")
+    assert report["cold_start_seconds"] > 0 and report["first_layer_seconds"] >= 0
+
+
+@pytest.mark.parametrize("event", [{"images": 0}, {"images": 10_001}, {"images": "300"}, {"images": True}])
+def test_selftest_handler_rejects_bad_image_counts(event):
+    from fsd_runtime import selftest
+
+    with pytest.raises(ValueError):
+        selftest.handler(event, None)
+
+
+def test_selftest_cli_exit_status_follows_require_native():
+    done = run(sys.executable, "-m", "fsd_runtime.selftest", "--json", "--images", "100",
+               "--require-native", timeout=120)
+    report = json.loads(done.stdout)
+    assert report["golden_match"]
+    assert done.returncode == (0 if report["native"] and not report["numba_loaded"] else 1)
