@@ -80,6 +80,19 @@ class _Batch:
         self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
         self.own = None           # float32 [my outputs of the last layer computed, len(active)]
         self.flags = None         # (all-my-rows-zero, all-my-rows-ymax) per active image
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def buffer(self, name: str, rows: int, columns: int) -> np.ndarray:
+        """A C-contiguous ``[rows, columns]`` float32 view of this batch's reusable buffer ``name``.
+
+        Every layer reuses the same few buffers (received block, compacted block, outputs):
+        a fresh 20 MB array per step cost more in page faults than the layer's arithmetic.
+        """
+        size = rows * columns
+        flat = self._buffers.get(name)
+        if flat is None or flat.shape[0] < size:
+            flat = self._buffers[name] = np.empty(size, np.float32)
+        return flat[:size].reshape(rows, columns)
 
 
 class WorkerLoop:
@@ -140,7 +153,7 @@ class WorkerLoop:
         share = self.share
         n_slots = share.in_neurons[layer].shape[0]
         if layer == 0:
-            block = self._input_block(state.active)
+            block = self._input_block(state)
         elif state.active.size:
             block = self._status_compact(self._receive(layer, b, state), n_slots, state)
         else:
@@ -152,7 +165,7 @@ class WorkerLoop:
             state.parked = _EMPTY
         n = state.active.shape[0]
         self.metrics.add(layer, "images_active", n)
-        out = np.empty((share.out_neurons[layer].shape[0] + 2, n), np.float32)  # + status rows
+        out = state.buffer("out", share.out_neurons[layer].shape[0] + 2, n)  # + status rows
         if n:
             start = time.perf_counter()
             self.kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
@@ -162,13 +175,15 @@ class WorkerLoop:
         if layer + 1 < share.n_layers and n:
             self._send(layer + 1, b, state)
 
-    def _input_block(self, images: np.ndarray) -> np.ndarray:
-        """Layer 0's input rows (the slots this worker needs) for ``images``, from the share."""
-        s = self.share
-        block = np.zeros((s.in_neurons[0].shape[0], images.shape[0]), np.float32)
-        starts, lengths = s.x_indptr[images], np.diff(s.x_indptr)[images]
+    def _input_block(self, state: _Batch) -> np.ndarray:
+        """Layer 0's input rows (the slots this worker needs) for the batch's images, from the share."""
+        s, images = self.share, state.active
+        block = state.buffer("received", s.in_neurons[0].shape[0], images.shape[0])
+        block.fill(0.0)
+        starts, lengths = s.x_indptr[images], s.x_indptr[images + 1] - s.x_indptr[images]
         gather = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-        block[s.x_slots[gather], np.repeat(np.arange(images.shape[0]), lengths)] = s.x_data[gather]
+        columns = np.repeat(np.arange(images.shape[0], dtype=np.int32), lengths)
+        self.kernels.coo_to_block(s.x_slots[gather], columns, s.x_data[gather], block)
         return block
 
     def _send(self, layer: int, b: int, state: _Batch) -> None:
@@ -235,7 +250,8 @@ class WorkerLoop:
         """The input block of ``layer``: own rows, every peer's rows and status rows."""
         s = self.share
         n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
-        block = np.zeros((n_slots + 2 * self.n_peers, n), np.float32)
+        block = state.buffer("received", n_slots + 2 * self.n_peers, n)
+        block.fill(0.0)
         block[s.local_slots[layer]] = state.own[s.local_pos[layer]]
         zero, full = state.flags
         block[n_slots + 2 * self.me + ZERO_FLAG] = zero
@@ -313,7 +329,8 @@ class WorkerLoop:
             return block
         state.parked = np.concatenate([state.parked, state.active[saturated]])
         state.active = state.active[keep]
-        return np.compress(keep, block[:n_slots], axis=1)
+        return np.compress(keep, block[:n_slots], axis=1,
+                           out=state.buffer("compacted", n_slots, state.active.shape[0]))
 
 
 def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
