@@ -75,23 +75,27 @@ class WorkerResult:
 class _Batch:
     """One batch's state, the same on every worker: live unsaturated image columns, parked images."""
 
-    def __init__(self, active: np.ndarray, parked: np.ndarray):
+    def __init__(self, active: np.ndarray, parked: np.ndarray, buffer_rows: dict[str, int]):
         self.active = active      # int64 image ids, one per column of ``own``
         self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
         self.own = None           # float32 [my outputs of the last layer computed, len(active)]
         self.flags = None         # (all-my-rows-zero, all-my-rows-ymax) per active image
+        self._buffer_rows = buffer_rows   # most rows each buffer will hold in any layer
         self._buffers: dict[str, np.ndarray] = {}
 
     def buffer(self, name: str, rows: int, columns: int) -> np.ndarray:
         """A C-contiguous ``[rows, columns]`` float32 view of this batch's reusable buffer ``name``.
 
-        Every layer reuses the same few buffers (received block, compacted block, outputs):
-        a fresh 20 MB array per step cost more in page faults than the layer's arithmetic.
+        Every layer reuses the same few buffers (received block, compacted block, outputs),
+        each allocated once at its largest size: a fresh 20 MB array a step cost more in page
+        faults than the layer's arithmetic.
         """
         size = rows * columns
         flat = self._buffers.get(name)
         if flat is None or flat.shape[0] < size:
-            flat = self._buffers[name] = np.empty(size, np.float32)
+            widest = self.active.shape[0] + self.parked.shape[0]
+            flat = np.empty(max(size, self._buffer_rows[name] * widest), np.float32)
+            self._buffers[name] = flat
         return flat[:size].reshape(rows, columns)
 
 
@@ -131,7 +135,10 @@ class WorkerLoop:
         active = share.active
         size = batch_size or max(active.shape[0], 1)
         starts = range(0, max(active.shape[0], 1), size)
-        self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY)
+        most_in = max((a.shape[0] for a in share.in_neurons), default=0)
+        most_out = max((a.shape[0] for a in share.out_neurons), default=0)
+        rows = {"received": most_in + 2 * self.n_peers, "compacted": most_in, "out": most_out + 2}
+        self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY, rows)
                         for i, s in enumerate(starts)]
 
     def step(self, layer: int, batch: int) -> int:
