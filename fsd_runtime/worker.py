@@ -75,27 +75,34 @@ class WorkerResult:
 class _Batch:
     """One batch's state, the same on every worker: live unsaturated image columns, parked images."""
 
-    def __init__(self, active: np.ndarray, parked: np.ndarray, buffer_rows: dict[str, int]):
+    def __init__(self, active: np.ndarray, parked: np.ndarray, buffer_rows: int):
         self.active = active      # int64 image ids, one per column of ``own``
         self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
         self.own = None           # float32 [my outputs of the last layer computed, len(active)]
         self.flags = None         # (all-my-rows-zero, all-my-rows-ymax) per active image
-        self._buffer_rows = buffer_rows   # most rows each buffer will hold in any layer
-        self._buffers: dict[str, np.ndarray] = {}
+        self.holder = 1           # which of the two buffers holds ``own``
+        self._buffer_rows = buffer_rows   # most rows a buffer holds in any layer
+        self._buffers: list[np.ndarray | None] = [None, None]
 
-    def buffer(self, name: str, rows: int, columns: int) -> np.ndarray:
-        """A C-contiguous ``[rows, columns]`` float32 view of this batch's reusable buffer ``name``.
+    @property
+    def spare(self) -> int:
+        """The buffer that does not hold ``own``."""
+        return 1 - self.holder
 
-        Every layer reuses the same few buffers (received block, compacted block, outputs),
-        each allocated once at its largest size: a fresh 20 MB array a step cost more in page
-        faults than the layer's arithmetic.
+    def buffer(self, which: int, rows: int, columns: int) -> np.ndarray:
+        """A C-contiguous ``[rows, columns]`` float32 view of this batch's buffer ``which`` (0 or 1).
+
+        Two buffers, allocated once at their largest size, take turns: a layer receives into
+        the spare one, compacts into the one whose outputs it has just consumed and computes
+        into the other (a fresh 20 MB array a step cost more in page faults than the layer's
+        arithmetic).
         """
         size = rows * columns
-        flat = self._buffers.get(name)
+        flat = self._buffers[which]
         if flat is None or flat.shape[0] < size:
             widest = self.active.shape[0] + self.parked.shape[0]
-            flat = np.empty(max(size, self._buffer_rows[name] * widest), np.float32)
-            self._buffers[name] = flat
+            flat = np.empty(max(size, self._buffer_rows * widest), np.float32)
+            self._buffers[which] = flat
         return flat[:size].reshape(rows, columns)
 
 
@@ -137,7 +144,7 @@ class WorkerLoop:
         starts = range(0, max(active.shape[0], 1), size)
         most_in = max((a.shape[0] for a in share.in_neurons), default=0)
         most_out = max((a.shape[0] for a in share.out_neurons), default=0)
-        rows = {"received": most_in + 2 * self.n_peers, "compacted": most_in, "out": most_out + 2}
+        rows = max(most_in + 2 * self.n_peers, most_out + 2)
         self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY, rows)
                         for i, s in enumerate(starts)]
 
@@ -159,20 +166,23 @@ class WorkerLoop:
     def _layer(self, layer: int, b: int, state: _Batch) -> None:
         share = self.share
         n_slots = share.in_neurons[layer].shape[0]
+        # ``block_in``: the buffer holding ``block`` (None: a fresh array); outputs go to the other.
+        block_in = state.spare
         if layer == 0:
             block = self._input_block(state)
         elif state.active.size:
-            block = self._status_compact(self._receive(layer, b, state), n_slots, state)
+            block, block_in = self._status_compact(self._receive(layer, b, state), n_slots, state)
         else:
             block = np.zeros((n_slots, 0), np.float32)
         if state.parked.size and not share.keeps_saturated[layer]:
             full = np.full((n_slots, state.parked.shape[0]), share.ymax, np.float32)
-            block = np.ascontiguousarray(np.hstack([block[:n_slots], full]))
+            block, block_in = np.ascontiguousarray(np.hstack([block[:n_slots], full])), None
             state.active = np.concatenate([state.active, state.parked])
             state.parked = _EMPTY
         n = state.active.shape[0]
         self.metrics.add(layer, "images_active", n)
-        out = state.buffer("out", share.out_neurons[layer].shape[0] + 2, n)  # + status rows
+        state.holder = 1 - block_in if block_in is not None else state.spare
+        out = state.buffer(state.holder, share.out_neurons[layer].shape[0] + 2, n)  # + status rows
         if n:
             start = time.perf_counter()
             self.kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
@@ -185,7 +195,7 @@ class WorkerLoop:
     def _input_block(self, state: _Batch) -> np.ndarray:
         """Layer 0's input rows (the slots this worker needs) for the batch's images, from the share."""
         s, images = self.share, state.active
-        block = state.buffer("received", s.in_neurons[0].shape[0], images.shape[0])
+        block = state.buffer(state.spare, s.in_neurons[0].shape[0], images.shape[0])
         block.fill(0.0)
         starts, lengths = s.x_indptr[images], s.x_indptr[images + 1] - s.x_indptr[images]
         gather = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
@@ -203,8 +213,16 @@ class WorkerLoop:
         start = time.perf_counter()
         n_out, n = own.shape[0] - 2, own.shape[1]
         rows = own[:n_out]
-        zero = rows.max(axis=0, initial=0.0) == 0.0    # activations are >= 0 (ReLU)
-        full = rows.min(axis=0, initial=s.ymax) == s.ymax  # and <= ymax (clipped)
+        top = rows.max(axis=0, initial=0.0)
+        zero = top == 0.0                               # activations are >= 0 (ReLU)
+        # and <= ymax (clipped): only a column topping at ymax can be all ymax, so the second
+        # pass reads just those (few, while many images are still active)
+        candidates = np.flatnonzero(top == s.ymax) if n_out else np.arange(n)
+        if candidates.shape[0] == n:
+            full = rows.min(axis=0, initial=s.ymax) == s.ymax
+        else:
+            full = np.zeros(n, np.bool_)
+            full[candidates] = rows[:, candidates].min(axis=0, initial=s.ymax) == s.ymax
         own[n_out + ZERO_FLAG] = zero
         own[n_out + YMAX_FLAG] = full
         state.flags = (zero, full)
@@ -257,7 +275,7 @@ class WorkerLoop:
         """The input block of ``layer``: own rows, every peer's rows and status rows."""
         s = self.share
         n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
-        block = state.buffer("received", n_slots + 2 * self.n_peers, n)
+        block = state.buffer(state.spare, n_slots + 2 * self.n_peers, n)
         block.fill(0.0)
         block[s.local_slots[layer]] = state.own[s.local_pos[layer]]
         zero, full = state.flags
@@ -326,18 +344,21 @@ class WorkerLoop:
         self.metrics.add(layer, "nnz_received", h.nnz)
         return h.source if self.tracker.complete(h.key) else None
 
-    def _status_compact(self, block: np.ndarray, n_slots: int, state: _Batch) -> np.ndarray:
-        """Drop globally dead images, park globally saturated ones (every worker decides alike)."""
+    def _status_compact(self, block: np.ndarray, n_slots: int, state: _Batch) -> tuple[np.ndarray, int]:
+        """Drop globally dead images, park globally saturated ones (every worker decides alike).
+
+        ``block`` is in the spare buffer; a compacted block goes to the other one, whose
+        outputs are consumed by now. Returns the block and the buffer holding it."""
         status = block[n_slots:]
         dead = np.all(status[ZERO_FLAG::2] == 1.0, axis=0)
         saturated = np.all(status[YMAX_FLAG::2] == 1.0, axis=0) & ~dead
         keep = ~(dead | saturated)
         if keep.all():
-            return block
+            return block, state.spare
         state.parked = np.concatenate([state.parked, state.active[saturated]])
         state.active = state.active[keep]
-        return np.compress(keep, block[:n_slots], axis=1,
-                           out=state.buffer("compacted", n_slots, state.active.shape[0]))
+        compacted = state.buffer(state.holder, n_slots, state.active.shape[0])
+        return np.compress(keep, block[:n_slots], axis=1, out=compacted), state.holder
 
 
 def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
