@@ -1,6 +1,6 @@
 """Traffic and local wall time of the distributed runtime on the official 1024x120 net, 10k images.
 
-    python bench/traffic.py [--workers 8] [--launcher process|thread] [--json]
+    python bench/traffic.py [--workers 8] [--launcher process|thread] [--repeat 3] [--json]
 
 For each partitioner: the static volume (rows crossing workers, all layers
 and layers 1-19), and one real run over the local channel: encoded bytes,
@@ -9,6 +9,9 @@ messages), whether the categories are the golden 337 and the result is
 bit-identical to the serial run, worker start-up and run time (start-up =
 launch until every worker has loaded its share, kernels and channel; run =
 from then until the last worker finished), next to the serial run's time.
+The machine is shared, so both are timed ``--repeat`` times, interleaved
+(serial, distributed, serial, ...): the ratio of the best times and the
+ratio of the medians are reported.
 """
 from __future__ import annotations
 
@@ -26,13 +29,10 @@ SEED_BYTES = 104.1e6
 SEED_MESSAGES = 6774
 
 
-def serial_seconds(ds, net, repeat: int = 3) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fsd_kernels.infer(*ds.images.arrays, net)
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def serial_seconds(ds, net) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fsd_kernels.infer(*ds.images.arrays, net)
+    return time.perf_counter() - start, result
 
 
 def identical(a, b) -> bool:
@@ -45,21 +45,32 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--launcher", default="process", choices=("process", "thread"))
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each (best and median)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     ds = model.embedded()
     net = ds.network.pack()
-    serial_s, serial = serial_seconds(ds, net)
+    serial_s, serial = serial_seconds(ds, net)  # warm-up; every later serial run is timed
+    serial_times = []
     report = {"dataset": ds.name, "images": int(ds.images.shape[0]), "workers": args.workers,
-              "launcher": args.launcher, "serial_seconds": serial_s, "backend": fsd_kernels.backend,
+              "launcher": args.launcher, "backend": fsd_kernels.backend, "repeat": args.repeat,
               "seed": {"bytes": SEED_BYTES, "messages": SEED_MESSAGES}, "partitions": {}}
     for method in partition.METHODS:
         start = time.perf_counter()
         owners = partition.make_partition(net, args.workers, method)
         partition_s = time.perf_counter() - start
         volume = partition.volume(net, owners)
-        result = run_distributed(net, ds.images.arrays, args.workers, owners=owners, partition=method,
-                                 launcher={"kind": args.launcher}, batch_size=args.batch_size)
+        run_times, startup_times, golden, exact = [], [], True, True
+        for _ in range(args.repeat):
+            serial_times.append(serial_seconds(ds, net)[0])
+            result = run_distributed(net, ds.images.arrays, args.workers, owners=owners, partition=method,
+                                     launcher={"kind": args.launcher}, batch_size=args.batch_size)
+            run_times.append(result.timings["run_s"])
+            startup_times.append(result.timings["startup_s"])
+            golden &= bool(np.array_equal(result.categories, ds.categories))
+            exact &= identical(result.activations, serial)
         rows = result.metrics
         report["partitions"][method] = {
             "partition_seconds": partition_s,
@@ -72,24 +83,33 @@ def main(argv=None) -> int:
             "nnz_sent": int(sum(r["nnz_sent"] for r in rows)),
             "layers_with_traffic": len({r["layer"] for r in rows if r["messages_sent"]}),
             "bytes_vs_seed": result.traffic["bytes"] / SEED_BYTES,
-            "golden_match": bool(np.array_equal(result.categories, ds.categories)),
-            "bit_identical": identical(result.activations, serial),
-            "startup_seconds": result.timings["startup_s"],
-            "run_seconds": result.timings["run_s"],
-            "run_vs_serial": result.timings["run_s"] / serial_s,
+            "golden_match": golden,       # in every run
+            "bit_identical": exact,
+            "startup_seconds": float(np.median(startup_times)),
+            "run_seconds_all": run_times,
+            "run_seconds": min(run_times),
+            "run_seconds_median": float(np.median(run_times)),
         }
+    report["serial_seconds_all"] = serial_times
+    report["serial_seconds"] = min(serial_times)
+    report["serial_seconds_median"] = float(np.median(serial_times))
+    for r in report["partitions"].values():
+        r["run_vs_serial"] = r["run_seconds"] / report["serial_seconds"]
+        r["median_run_vs_serial"] = r["run_seconds_median"] / report["serial_seconds_median"]
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"serial: {serial_s:.3f} s ({fsd_kernels.backend} kernels); seed: {SEED_BYTES / 1e6:.1f} MB, "
-              f"{SEED_MESSAGES} messages")
+        print(f"serial: best {report['serial_seconds']:.3f} s, median {report['serial_seconds_median']:.3f} s "
+              f"of {len(serial_times)} ({fsd_kernels.backend} kernels); seed: {SEED_BYTES / 1e6:.1f} MB, "
+              f"{SEED_MESSAGES} messages; run = best (median) of {args.repeat}")
         print(f"{'partition':<11}{'vol rows':>9}{'MB':>8}{'msgs':>6}{'chunks':>7}{'layers':>7}"
-              f"{'start s':>8}{'run s':>7}{'x serial':>9}  exact")
+              f"{'start s':>8}{'run s':>14}{'x serial':>12}  exact")
         for method, r in report["partitions"].items():
             t = r["traffic"]
             print(f"{method:<11}{r['volume_rows_all_layers']:>9}{t['bytes'] / 1e6:>8.2f}{t['messages']:>6}"
                   f"{t['chunks']:>7}{r['layers_with_traffic']:>7}{r['startup_seconds']:>8.2f}"
-                  f"{r['run_seconds']:>7.2f}{r['run_vs_serial']:>9.1f}  "
+                  f"{r['run_seconds']:>7.3f} ({r['run_seconds_median']:.3f})"
+                  f"{r['run_vs_serial']:>5.1f} ({r['median_run_vs_serial']:.1f})  "
                   f"{r['bit_identical'] and r['golden_match']}")
     return 0
 
