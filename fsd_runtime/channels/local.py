@@ -127,7 +127,7 @@ class LocalChannel(Channel):
                     raise ChannelError(f"worker {self.worker_id} cannot reach worker {target} "
                                        f"within {self.connect_timeout} s: {exc}") from exc
                 time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                delay = min(delay * 2, 0.002)  # a peer still starting: retry soon, its data is on the run's path
 
     def send(self, step: int, chunks: Sequence[tuple[int, bytes]]) -> None:
         for target, chunk in chunks:
