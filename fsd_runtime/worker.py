@@ -138,7 +138,7 @@ class WorkerLoop:
         self.metrics = LayerMetrics(share.worker, share.n_layers, share.n_workers)
         self.tracker = codec.ChunkTracker()
         self.pending: dict[tuple[int, int], list[bytes]] = {}
-        self.slot_maps: dict[int, list[np.ndarray]] = {}
+        self.slot_maps: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
         active = share.active
         size = batch_size or max(active.shape[0], 1)
         starts = range(0, max(active.shape[0], 1), size)
@@ -254,10 +254,11 @@ class WorkerLoop:
         except ChannelError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: send failed: {exc}") from exc
 
-    def _slot_map(self, layer: int) -> list[np.ndarray]:
-        """Per source: neuron id -> block row (-1: that source must not send it); status rows last."""
-        maps = self.slot_maps.get(layer)
-        if maps is None:
+    def _slot_map(self, layer: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per source: neuron id -> block row (-1: that source must not send it); status rows last.
+        Also the block rows peers write (received and status rows), which start as zeros."""
+        cached = self.slot_maps.get(layer)
+        if cached is None:
             s = self.share
             n_slots = s.in_neurons[layer].shape[0]
             maps = []
@@ -268,20 +269,23 @@ class WorkerLoop:
                 m[s.n_neurons + ZERO_FLAG] = n_slots + 2 * source + ZERO_FLAG
                 m[s.n_neurons + YMAX_FLAG] = n_slots + 2 * source + YMAX_FLAG
                 maps.append(m)
-            self.slot_maps = {layer: maps}
-        return maps
+            received = np.ones(n_slots + 2 * self.n_peers, np.bool_)
+            received[s.local_slots[layer]] = False
+            cached = maps, np.flatnonzero(received)
+            self.slot_maps = {layer: cached}
+        return cached
 
     def _receive(self, layer: int, b: int, state: _Batch) -> np.ndarray:
         """The input block of ``layer``: own rows, every peer's rows and status rows."""
         s = self.share
         n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
         block = state.buffer(state.spare, n_slots + 2 * self.n_peers, n)
-        block.fill(0.0)
+        maps, received_rows = self._slot_map(layer)
+        block[received_rows] = 0.0  # decoding writes only the nonzeros
         block[s.local_slots[layer]] = state.own[s.local_pos[layer]]
         zero, full = state.flags
         block[n_slots + 2 * self.me + ZERO_FLAG] = zero
         block[n_slots + 2 * self.me + YMAX_FLAG] = full
-        maps = self._slot_map(layer)
         missing = set(range(self.n_peers)) - {self.me}
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
