@@ -197,10 +197,19 @@ class WorkerLoop:
         s, images = self.share, state.active
         block = state.buffer(state.spare, s.in_neurons[0].shape[0], images.shape[0])
         block.fill(0.0)
+        if not images.shape[0]:
+            return block
         starts, lengths = s.x_indptr[images], s.x_indptr[images + 1] - s.x_indptr[images]
-        gather = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        lo, hi = s.x_indptr[images[0]], s.x_indptr[images[-1] + 1]
+        if lengths.sum() == hi - lo:
+            # The (ascending) images hold every entry of their range (the others are empty,
+            # the usual case): one slice, no gather.
+            slots, values = s.x_slots[lo:hi], s.x_data[lo:hi]
+        else:
+            gather = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+            slots, values = s.x_slots[gather], s.x_data[gather]
         columns = np.repeat(np.arange(images.shape[0], dtype=np.int32), lengths)
-        self.kernels.coo_to_block(s.x_slots[gather], columns, s.x_data[gather], block)
+        self.kernels.coo_to_block(slots, columns, values, block)
         return block
 
     def _send(self, layer: int, b: int, state: _Batch) -> None:
