@@ -6,6 +6,7 @@
 #                        ahead of time by numba.pycc inside a Debian root of that architecture
 #   python/fsd_runtime   with its package data (the embedded official network and images)
 #   python/numpy         the manylinux wheel for that architecture and Python
+#   python/zstandard     the codec's compressor (manylinux wheel)
 # Nothing else: no numba/llvmlite/scipy, no tests, no host .pyc (boto3 comes from Lambda);
 # bytecode compiled by the target Python, since Lambda's /opt is read-only.
 # Beside each zip: <zip>.json, the publish-layer-version input (runtimes, architectures).
@@ -19,6 +20,7 @@ log() { echo "layer.zip.sh: $*" >&2; }
 
 MAX_ZIPPED_MB=50      # Lambda: direct upload limit
 MAX_UNZIPPED_MB=250   # Lambda: function plus all its layers, unzipped
+ZSTANDARD_REQUIREMENT="zstandard>=0.22,<1"  # the codec's compressor, as in pyproject.toml
 # Python version -> Debian suite whose python3 is that version (the build root).
 declare -A SUITE_OF_PYTHON=([3.13]=trixie)
 
@@ -90,14 +92,19 @@ build_one() {
   local numpy_version
   numpy_version=$(in_root /opt/build/bin/python -c 'import numpy; print(numpy.__version__)')
 
-  log "$arch: assembling python/ (fsd_kernels, fsd_runtime, numpy $numpy_version)"
+  log "$arch: assembling python/ (fsd_kernels, fsd_runtime, numpy $numpy_version, $ZSTANDARD_REQUIREMENT)"
   cp -r "$root$work/src/fsd_kernels" "$root$work/src/fsd_runtime" "$root$work/python/"
   rm -f "$root$work/python/fsd_kernels/_build.py"
-  # numpy: the same version the kernels were compiled against, as a manylinux wheel.
+  # numpy: the same version the kernels were compiled against, as a manylinux wheel; zstandard:
+  # the codec's compressor (without it workers fall back to zlib and cannot read zstd chunks).
   in_root /opt/build/bin/pip install -q --no-deps --no-compile --only-binary=:all: \
     --platform "manylinux_2_28_$wheel_arch" --platform "manylinux2014_$wheel_arch" \
     --python-version "$python_version" --implementation cp --abi "$py_tag" \
-    --target "$work/python" "numpy==$numpy_version" >&2
+    --target "$work/python" "numpy==$numpy_version" "$ZSTANDARD_REQUIREMENT" >&2
+  # zstandard: its C backend only, stripped (the wheel also ships a cffi twin, and debug symbols:
+  # 23 MB unzipped instead of 1 MB).
+  rm -f "$root$work/python/zstandard/"_cffi.*.so "$root$work/python/zstandard/backend_cffi.py"
+  in_root find "$work/python/zstandard" -name '*.so' -exec strip --strip-unneeded {} + >&2
   find "$root$work/python" \( -name __pycache__ -o -name tests -o -name testing \) -type d -prune \
     -exec rm -rf {} +
   find "$root$work/python" -name '*.pyc' -delete

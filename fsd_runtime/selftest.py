@@ -77,6 +77,7 @@ def run(n_images: int = DEFAULT_IMAGES) -> dict:
         "native": fsd_kernels.backend == "native",
         "backend": fsd_kernels.backend,
         "numba_loaded": "numba" in sys.modules,
+        "codec_compressor": "zstd" if fsd_kernels.codec.zstandard is not None else "zlib",
         "golden_match": bool(np.array_equal(result.categories, golden)),
         "images": n_images,
         "categories": len(golden),

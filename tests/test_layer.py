@@ -108,7 +108,7 @@ def test_built_layer_holds_exactly_the_runtime(tmp_path):
         names = [i.filename for i in infos]
         assert all(n.startswith("python/") for n in names)
         tops = {n.split("/")[1] for n in names}
-        assert {"fsd_kernels", "fsd_runtime", "numpy"} <= tops
+        assert {"fsd_kernels", "fsd_runtime", "numpy", "zstandard"} <= tops
         assert not {t for t in tops if t.split("-")[0].split(".")[0] in
                     {"numba", "llvmlite", "scipy", "boto3", "botocore", "tests", "bin"}}
         assert not [n for n in names if "/tests/" in n]
@@ -145,6 +145,7 @@ def test_layer_runs_natively_under_the_lambda_runtime_interface(tmp_path):
     (report,) = json.loads(out.read_text())
     for check in ("selftest", "selftest_rie"):
         assert report[check]["native"] and not report[check]["numba_loaded"]
+        assert report[check]["codec_compressor"] == "zstd"
         assert report[check]["golden_match"] and report[check]["python"].startswith("3.13")
     assert report["handler_rie"]["golden_match"] and report["handler_rie"]["workers"] == 2
 
