@@ -15,17 +15,14 @@ _CHOICES = ("native", "jit")
 CORE_MODULES = ("fsd_kernels._core", "fsd_kernels._codec_core")
 
 
+def core_modules():
+    """The JIT kernel modules (importing them imports numba)."""
+    return [importlib.import_module(name) for name in CORE_MODULES]
+
+
 def _jit_namespace():
-    funcs = {}
-    for module_name in CORE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        funcs.update({name: getattr(module, name) for name in module.EXPORTS})
-    return SimpleNamespace(**funcs)
+    return SimpleNamespace(**{name: getattr(module, name)
+                              for module in core_modules() for name in module.EXPORTS})
 
 
 def _load(choice):

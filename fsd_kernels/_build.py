@@ -15,7 +15,6 @@ usage:  python -m fsd_kernels._build --out DIR [--cpu NAME]     build the module
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import re
@@ -26,7 +25,7 @@ import sysconfig
 import tempfile
 import warnings
 
-from fsd_kernels._backend import CORE_MODULES
+from fsd_kernels._backend import core_modules
 
 MODULE_NAME = "_native"
 #: machine -> LLVM CPU name. x86_64: AWS documents AVX2 on every Lambda x86_64 machine and
@@ -43,19 +42,11 @@ class BuildError(RuntimeError):
 def exported_kernels() -> dict[str, tuple[object, str]]:
     """name -> (pure Python function, numba signature) for every kernel to export."""
     kernels: dict[str, tuple[object, str]] = {}
-    for module_name in CORE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
+    for module in core_modules():
         for name, signature in module.EXPORTS.items():
             if name in kernels:
                 raise BuildError(f"kernel {name!r} is exported by two modules")
             kernels[name] = (getattr(module, name).py_func, signature)
-    if not kernels:
-        raise BuildError(f"no kernels found in {CORE_MODULES}")
     return kernels
 
 

@@ -85,7 +85,7 @@ class QueueConfig:
             raise ValueError(f"queue channel 'max_message_bytes' must be 1024..{MAX_MESSAGE_BYTES}, "
                              f"got {parsed.max_message_bytes!r}")
         if not isinstance(parsed.delete_messages, bool):
-            raise ValueError(f"queue channel 'delete_messages' must be true or false")
+            raise ValueError("queue channel 'delete_messages' must be true or false")
         return parsed
 
     def to_dict(self) -> dict:
