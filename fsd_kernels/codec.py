@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -194,14 +195,29 @@ def _payload(row_neurons, row_ptr, images, bits) -> tuple[bytes, int, int]:
     return raw, 0, pos
 
 
+_local = threading.local()
+
+
+def _zstd_compressor():
+    """This thread's compressor: building one per chunk costs more than compressing a small
+    payload, and a ZstdCompressor must not be shared between threads."""
+    compressor = getattr(_local, "zstd", None)
+    if compressor is None:
+        compressor = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return compressor
+
+
 def _compress(raw: bytes) -> tuple[bytes, int]:
     if zstandard is not None:
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw), FLAG_ZSTD
+        return _zstd_compressor().compress(raw), FLAG_ZSTD
     return zlib.compress(raw, ZLIB_LEVEL), FLAG_ZLIB
 
 
 def _piece_arrays(row_neurons, row_ptr, images, bits, a: int, b: int):
     """Rows covering entries [a, b) (a row may be cut at either end)."""
+    whole = a == 0 and b == images.shape[0]
+    if whole and row_neurons.flags.writeable and images.flags.writeable and bits.flags.writeable:
+        return row_neurons, row_ptr, images, bits  # nothing to cut; the kernels need writeable arrays
     r0 = int(np.searchsorted(row_ptr, a, "right")) - 1
     r1 = int(np.searchsorted(row_ptr, b, "left"))
     ptr = np.clip(row_ptr[r0:r1 + 1], a, b) - a
@@ -346,7 +362,11 @@ def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0,
     images = np.empty(rows.shape[0] * int(n_images), np.int32)
     bits = np.empty(rows.shape[0] * int(n_images), np.uint32)
     nnz = kernels.dense_rows_to_csr(block, rows, int(n_images), row_ptr, images, bits)
-    return encode_rows(neurons, row_ptr, images[:nnz], bits[:nnz].view(np.float32), n_images=n_images,
+    # The kernel's CSR is valid by construction (images ascend in each row), so it skips
+    # encode_rows' checks and only drops the empty rows.
+    keep = np.flatnonzero(row_ptr[1:] != row_ptr[:-1])
+    row_ptr = np.concatenate(([0], row_ptr[keep + 1]))
+    return _encode_csr(neurons[keep], row_ptr, images[:nnz], bits[:nnz], n_images=n_images,
                        layer=layer, source=source, target=target, batch=batch, run_id=run_id,
                        max_bytes=max_bytes)
 
