@@ -28,6 +28,7 @@ _INLINE = dict(nogil=True, cache=True, inline="always")
 #: kernel name -> numba signature; the AOT build exports exactly these.
 EXPORTS = {
     "dense_rows_to_csr": "i8(f4[:, ::1], i8[::1], i8, i8[::1], i4[::1], u4[::1])",
+    "encode_dense_rows": "i8(f4[:, ::1], i8[::1], i4[::1], i8, u1[::1], i8[::1])",
     "encode_rows": "i8(i4[::1], i8[::1], i4[::1], u4[::1], u1[::1], u4[::1], i8[::1])",
     "encode_values": "i8(u4[::1], u1[::1], i8)",
     "check_payload": "i8(u1[::1], i8, i8, i8)",
@@ -350,6 +351,58 @@ def dense_rows_to_csr(block, rows, n_cols, row_ptr, images, bits):
                 nnz += 1
         row_ptr[r + 1] = nnz
     return nnz
+
+
+@_kernel
+def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
+    """The raw payload of the nonzeros of ``block[rows[r], :n_cols]`` as neuron ``neurons[r]``,
+    in one call (what ``dense_rows_to_csr``, dropping empty rows, ``encode_rows`` and
+    ``encode_values`` do in turn). Returns the payload length, or ``-(bytes needed)`` when
+    ``out`` is too small; ``counts`` gets (rows kept, nnz). Trusted input: rows in range,
+    neurons strictly increasing.
+    """
+    n_in = rows.shape[0]
+    nnz = 0
+    n_kept = 0
+    for r in range(n_in):
+        src = block[rows[r]]
+        k = 0
+        for c in range(n_cols):
+            if src[c] != 0.0:
+                k += 1
+        nnz += k
+        if k:
+            n_kept += 1
+    counts[0] = n_kept
+    counts[1] = nnz
+    need = 16 * n_kept + 9 * nnz + 32
+    if out.shape[0] < need:
+        return -need
+    kept_neurons = np.empty(n_kept, np.int32)
+    row_ptr = np.empty(n_kept + 1, np.int64)
+    images = np.empty(nnz, np.int32)
+    bits = np.empty(nnz, np.uint32)
+    flat = block.view(np.uint32)
+    row_ptr[0] = 0
+    q = 0
+    p = 0
+    for r in range(n_in):
+        src = block[rows[r]]
+        src_bits = flat[rows[r]]
+        start = p
+        for c in range(n_cols):
+            if src[c] != 0.0:
+                images[p] = c
+                bits[p] = src_bits[c]
+                p += 1
+        if p > start:
+            kept_neurons[q] = neurons[r]
+            q += 1
+            row_ptr[q] = p
+    kept_bits = np.empty(nnz, np.uint32)
+    kept = np.zeros(1, np.int64)
+    pos = encode_rows(kept_neurons, row_ptr, images, bits, out, kept_bits, kept)
+    return encode_values(kept_bits[:kept[0]], out, pos)
 
 
 # ---------------------------------------------------------------- decoding

@@ -28,6 +28,10 @@ EXPORTS = {
     "coo_to_block": "void(i4[::1], i4[::1], f4[::1], f4[:, ::1])",
     "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1])",
     "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
+    "dense_layer_tracked": "void(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
+    "copy_rows": "void(f4[:, ::1], i8[::1], f4[:, ::1], i8[::1], i8)",
+    "zero_rows": "void(f4[:, ::1], i8[::1], i8)",
+    "take_columns": "void(f4[:, ::1], i8, i8[::1], f4[:, ::1])",
 }
 
 
@@ -142,14 +146,46 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
                     no_tracking, no_tracking)
 
 
-@nb.njit(nogil=True, cache=True)
-def _dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap):
-    """``dense_layer`` that also leaves each column's extremes in ``top``/``gap`` (see _compact)."""
+@_kernel
+def dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap):
+    """``dense_layer`` that also leaves, per column, ``top`` = the largest output and ``gap`` =
+    the largest ``ymax - output``: a column is all zero iff top == 0 and all ymax iff gap == 0
+    (what a distributed worker tells its peers, found while the rows are hot)."""
     top[:n] = 0.0
     gap[:n] = 0.0
     for c0 in range(0, n, COLUMN_TILE):
         _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
                     top, gap)
+
+
+@_kernel
+def copy_rows(src, src_rows, dst, dst_rows, n):
+    """``dst[dst_rows[i], :n] = src[src_rows[i], :n]`` without numpy's temporary gather."""
+    for i in range(src_rows.shape[0]):
+        a = src[src_rows[i]]
+        b = dst[dst_rows[i]]
+        for c in range(n):
+            b[c] = a[c]
+
+
+@_kernel
+def zero_rows(block, rows, n):
+    """``block[rows[i], :n] = 0``."""
+    for i in range(rows.shape[0]):
+        r = block[rows[i]]
+        for c in range(n):
+            r[c] = 0.0
+
+
+@_kernel
+def take_columns(src, n_rows, keep, dst):
+    """``dst[r, c] = src[r, keep[c]]`` for the first ``n_rows`` rows (dropping image columns)."""
+    m = keep.shape[0]
+    for r in range(n_rows):
+        a = src[r]
+        b = dst[r]
+        for c in range(m):
+            b[c] = a[keep[c]]
 
 
 @_kernel
@@ -259,7 +295,7 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
         cp = colptrs[base:base + rows + 1]
         lo = layer_ptr[layer]
         hi = layer_ptr[layer + 1]
-        _dense_layer_tracked(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap)
+        dense_layer_tracked(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap)
         n = _compact(dst, n, ids, top, gap, sat_ids, counts)
         src, dst = dst, src
     if src is not block:

@@ -18,6 +18,7 @@ API (the runtime and custom handlers use these):
   dense ``[slot, image-column]`` blocks, no COO in between).
 * ``decode(data) -> Message``: one chunk to COO arrays.
 * ``decode_header(data) -> Header``: header and checksum only (for routing/dedup).
+* ``chunk_nnz(chunk)``: the entry count of a chunk this process encoded (unchecked).
 * ``decode_into(data, block, slot_of_neuron, *, column_offset=0) -> Header``:
   one chunk scattered straight into ``block[slot_of_neuron[neuron],
   column_offset + image]`` (nothing is written unless the whole chunk is valid;
@@ -55,6 +56,7 @@ _COMPRESSION = 3
 #: chunk, n_chunks, n_images, n_rows, nnz, raw_len, payload_len; then the crc32.
 _HEAD = struct.Struct("<4sBBBB16s11I")
 _CRC = struct.Struct("<I")
+_NNZ, _NNZ_OFFSET = struct.Struct("<I"), 56
 HEADER_SIZE = _HEAD.size + _CRC.size
 RUN_ID_MAX = 16
 #: Most entries one chunk may carry (bounds what a header can make a decoder allocate).
@@ -187,12 +189,16 @@ def _payload(row_neurons, row_ptr, images, bits) -> tuple[bytes, int, int]:
     counts = np.zeros(1, np.int64)
     pos = kernels.encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts)
     pos = kernels.encode_values(kept_bits[:counts[0]], out, pos)
-    raw = out[:pos].tobytes()
-    if pos >= MIN_COMPRESS:
+    return _finish_payload(out[:pos])
+
+
+def _finish_payload(raw: np.ndarray) -> tuple[bytes, int, int]:
+    """(body, flags, raw length): the raw payload compressed when that pays."""
+    if raw.shape[0] >= MIN_COMPRESS:
         packed, flag = _compress(raw)
-        if len(packed) < pos:
-            return packed, flag, pos
-    return raw, 0, pos
+        if len(packed) < raw.shape[0]:
+            return packed, flag, raw.shape[0]
+    return raw.tobytes(), 0, raw.shape[0]
 
 
 _local = threading.local()
@@ -205,6 +211,14 @@ def _zstd_compressor():
     if compressor is None:
         compressor = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     return compressor
+
+
+def _zstd_decompressor():
+    """This thread's decompressor (one per chunk costs more than a small chunk's decoding)."""
+    decompressor = getattr(_local, "unzstd", None)
+    if decompressor is None:
+        decompressor = _local.unzstd = zstandard.ZstdDecompressor()
+    return decompressor
 
 
 def _compress(raw: bytes) -> tuple[bytes, int]:
@@ -265,14 +279,13 @@ def _chunk_payloads(row_neurons, row_ptr, images, bits, budget: int | None):
     return [(arrays, payload) for _, arrays, payload in done]
 
 
-def _header(fields: dict, arrays, payload) -> bytes:
-    row_neurons, _, images, _ = arrays
-    body, flags, raw_len = payload
-    rid = bytes(fields["run_id"])
-    head = _HEAD.pack(MAGIC, VERSION, flags, len(rid), 0, rid.ljust(RUN_ID_MAX, b"\0"),
-                      fields["layer"], fields["batch"], fields["source"], fields["target"],
-                      fields["chunk"], fields["n_chunks"], fields["n_images"],
-                      row_neurons.shape[0], images.shape[0], raw_len, len(body))
+def _pack_chunk(fields: tuple, n_rows: int, nnz: int, body: bytes, flags: int, raw_len: int) -> bytes:
+    """Header + checksum + body; ``fields`` = (run_id, layer, batch, source, target, chunk,
+    n_chunks, n_images)."""
+    rid, *numbers = fields
+    rid = bytes(rid)
+    head = _HEAD.pack(MAGIC, VERSION, flags, len(rid), 0, rid.ljust(RUN_ID_MAX, b"\0"), *numbers,
+                      n_rows, nnz, raw_len, len(body))
     return head + _CRC.pack(zlib.crc32(body, zlib.crc32(head))) + body
 
 
@@ -280,9 +293,9 @@ def _encode_csr(row_neurons, row_ptr, images, bits, *, n_images, layer, source, 
                 run_id, max_bytes) -> list[bytes]:
     budget = None if max_bytes is None else max_bytes - HEADER_SIZE
     pieces = _chunk_payloads(row_neurons, row_ptr, images, bits, budget)
-    fields = dict(run_id=run_id, layer=int(layer), batch=int(batch), source=int(source),
-                  target=int(target), n_chunks=len(pieces), n_images=int(n_images))
-    return [_header({**fields, "chunk": i}, arrays, payload) for i, (arrays, payload) in enumerate(pieces)]
+    return [_pack_chunk((run_id, int(layer), int(batch), int(source), int(target), i, len(pieces),
+                         int(n_images)), arrays[0].shape[0], arrays[2].shape[0], *payload)
+            for i, (arrays, payload) in enumerate(pieces)]
 
 
 def encode(neurons, images, values, *, n_images, layer=0, source=0, target=0, batch=0,
@@ -358,6 +371,11 @@ def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0,
         raise ValueError("rows and neurons differ in length")
     if np.any(np.diff(neurons.astype(np.int64)) <= 0):
         raise ValueError("neurons must strictly increase")
+    single = _single_dense_chunk(block, rows, neurons, int(n_images), max_bytes)
+    if single is not None:
+        (body, flags, raw_len), n_rows, nnz = single
+        fields = (run_id, int(layer), int(batch), int(source), int(target), 0, 1, int(n_images))
+        return [_pack_chunk(fields, n_rows, nnz, body, flags, raw_len)]
     row_ptr = np.empty(rows.shape[0] + 1, np.int64)
     images = np.empty(rows.shape[0] * int(n_images), np.int32)
     bits = np.empty(rows.shape[0] * int(n_images), np.uint32)
@@ -369,6 +387,32 @@ def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0,
     return _encode_csr(neurons[keep], row_ptr, images[:nnz], bits[:nnz], n_images=n_images,
                        layer=layer, source=source, target=target, batch=batch, run_id=run_id,
                        max_bytes=max_bytes)
+
+
+def _scratch(size: int) -> np.ndarray:
+    """This thread's reusable payload buffer, at least ``size`` bytes (a fresh one per chunk
+    costs page faults that dwarf encoding a small block)."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.shape[0] < size:
+        buf = _local.scratch = np.empty(max(size, 1 << 16, 2 * (0 if buf is None else buf.shape[0])), np.uint8)
+    return buf
+
+
+def _single_dense_chunk(block, rows, neurons, n_images: int, max_bytes):
+    """The common case of :func:`encode_dense` in one kernel call: ``((body, flags, raw_len),
+    n_rows, nnz)`` when the block fits one chunk, else None (the caller then cuts it)."""
+    counts = np.zeros(2, np.int64)
+    out = _scratch(4096)
+    pos = kernels.encode_dense_rows(block, rows, neurons, n_images, out, counts)
+    if pos < 0:
+        out = _scratch(-pos)
+        pos = kernels.encode_dense_rows(block, rows, neurons, n_images, out, counts)
+    n_rows, nnz = int(counts[0]), int(counts[1])
+    payload = (b"", 0, 0) if not nnz else _finish_payload(out[:pos])
+    budget = None if max_bytes is None else max_bytes - HEADER_SIZE
+    if nnz > MAX_CHUNK_NNZ or (budget is not None and len(payload[0]) > budget):
+        return None
+    return payload, n_rows, nnz
 
 
 # ---------------------------------------------------------------- decoding
@@ -411,6 +455,12 @@ def decode_header(data) -> Header:
                   nnz, flags, raw_len)
 
 
+def chunk_nnz(chunk: bytes) -> int:
+    """The entry count a chunk's header declares, unchecked: for a sender's metrics on the
+    chunks it has just encoded (anything received goes through :func:`decode_header`)."""
+    return _NNZ.unpack_from(chunk, _NNZ_OFFSET)[0]
+
+
 def _raw_payload(data: bytes, header: Header) -> np.ndarray:
     body = memoryview(data)[HEADER_SIZE:]
     if header.flags == FLAG_ZLIB:
@@ -437,7 +487,7 @@ def _unzstd(body, raw_len: int) -> bytes:
         params = zstandard.get_frame_parameters(body)
         if params.content_size != raw_len:
             raise CodecError(f"compressed payload does not inflate to the {raw_len} bytes declared")
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=raw_len)
+        return _zstd_decompressor().decompress(body, max_output_size=raw_len)
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt compressed payload: {exc}") from None
 

@@ -3,9 +3,10 @@
 ``run_from_event(event)`` is the whole life of a worker and what every
 entry point calls (``python -m fsd_runtime.worker`` with the event JSON on
 stdin, the thread launcher, the Lambda handler): parse the event, start
-the tree children, load the share from storage, build the channel, run
-:func:`run_worker`, write the result and metrics; on failure write an
-error record naming worker and layer, then re-raise.
+the tree children, load the share from storage, build the channel and a
+:class:`WorkerLoop` (its buffers allocated at start-up), run it, write the
+result and metrics; on failure write an error record naming worker and
+layer, then re-raise.
 
 This module imports numpy, the compiled kernels and the codec only: never
 numba, scipy or boto3 (those live behind the kinds the configs name).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import sys
 import time
 import traceback
@@ -80,6 +82,9 @@ class _Batch:
         self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
         self.own = None           # float32 [my outputs of the last layer computed, len(active)]
         self.flags = None         # (all-my-rows-zero, all-my-rows-ymax) per active image
+        width = active.shape[0] + parked.shape[0]
+        self.top = np.zeros(width, np.float32)   # per column: largest output of the last layer
+        self.gap = np.zeros(width, np.float32)   # and largest distance below ymax (see dense_layer_tracked)
         self.holder = 1           # which of the two buffers holds ``own``
         self._buffer_rows = buffer_rows   # most rows a buffer holds in any layer
         self._buffers: list[np.ndarray | None] = [None, None]
@@ -104,6 +109,12 @@ class _Batch:
             flat = np.empty(max(size, self._buffer_rows * widest), np.float32)
             self._buffers[which] = flat
         return flat[:size].reshape(rows, columns)
+
+    def prefault(self) -> None:
+        """Allocate and touch both buffers now (start-up), not at the first layer (run time)."""
+        for which in (0, 1):
+            self.buffer(which, 1, 1)
+            self._buffers[which].fill(0.0)
 
 
 class WorkerLoop:
@@ -147,6 +158,8 @@ class WorkerLoop:
         rows = max(most_in + 2 * self.n_peers, most_out + 2)
         self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY, rows)
                         for i, s in enumerate(starts)]
+        for state in self.batches:
+            state.prefault()
 
     def step(self, layer: int, batch: int) -> int:
         return layer * len(self.batches) + batch
@@ -185,8 +198,9 @@ class WorkerLoop:
         out = state.buffer(state.holder, share.out_neurons[layer].shape[0] + 2, n)  # + status rows
         if n:
             start = time.perf_counter()
-            self.kernels.dense_layer(block, n, share.colptr[layer], share.rowidx[layer], share.vals[layer],
-                                share.bias[layer], share.ymax, out)
+            self.kernels.dense_layer_tracked(block, n, share.colptr[layer], share.rowidx[layer],
+                                             share.vals[layer], share.bias[layer], share.ymax, out,
+                                             state.top, state.gap)
             self.metrics.add(layer, "compute_s", time.perf_counter() - start)
         state.own = out
         if layer + 1 < share.n_layers and n:
@@ -221,17 +235,9 @@ class WorkerLoop:
         s, own = self.share, state.own
         start = time.perf_counter()
         n_out, n = own.shape[0] - 2, own.shape[1]
-        rows = own[:n_out]
-        top = rows.max(axis=0, initial=0.0)
-        zero = top == 0.0                               # activations are >= 0 (ReLU)
-        # and <= ymax (clipped): only a column topping at ymax can be all ymax, so the second
-        # pass reads just those (few, while many images are still active)
-        candidates = np.flatnonzero(top == s.ymax) if n_out else np.arange(n)
-        if candidates.shape[0] == n:
-            full = rows.min(axis=0, initial=s.ymax) == s.ymax
-        else:
-            full = np.zeros(n, np.bool_)
-            full[candidates] = rows[:, candidates].min(axis=0, initial=s.ymax) == s.ymax
+        # outputs lie in [0, ymax]: a column is all zero iff its top is 0, all ymax iff its gap is 0
+        zero = state.top[:n] == 0.0
+        full = state.gap[:n] == 0.0
         own[n_out + ZERO_FLAG] = zero
         own[n_out + YMAX_FLAG] = full
         state.flags = (zero, full)
@@ -254,7 +260,7 @@ class WorkerLoop:
             m.add(layer, "chunks_sent", len(chunks))
             m.add(layer, "bytes_sent", sum(len(c) for c in chunks))
             m.add(layer, "rows_sent", pos.shape[0])
-            nnz = sum(self.codec.decode_header(c).nnz for c in chunks) - status_nnz
+            nnz = sum(self.codec.chunk_nnz(c) for c in chunks) - status_nnz
             m.add(layer, "nnz_sent", nnz)
             m.add_pair(layer, target, pos.shape[0], nnz, sum(len(c) for c in chunks))
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
@@ -290,8 +296,8 @@ class WorkerLoop:
         n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
         block = state.buffer(state.spare, n_slots + 2 * self.n_peers, n)
         maps, received_rows = self._slot_map(layer)
-        block[received_rows] = 0.0  # decoding writes only the nonzeros
-        block[s.local_slots[layer]] = state.own[s.local_pos[layer]]
+        self.kernels.zero_rows(block, received_rows, n)  # decoding writes only the nonzeros
+        self.kernels.copy_rows(state.own, s.local_pos[layer], block, s.local_slots[layer], n)
         zero, full = state.flags
         block[n_slots + 2 * self.me + ZERO_FLAG] = zero
         block[n_slots + 2 * self.me + YMAX_FLAG] = full
@@ -371,7 +377,8 @@ class WorkerLoop:
         state.parked = np.concatenate([state.parked, state.active[saturated]])
         state.active = state.active[keep]
         compacted = state.buffer(state.holder, n_slots, state.active.shape[0])
-        return np.compress(keep, block[:n_slots], axis=1, out=compacted), state.holder
+        self.kernels.take_columns(block, n_slots, np.flatnonzero(keep), compacted)
+        return compacted, state.holder
 
 
 def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
@@ -379,6 +386,13 @@ def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_tim
     """Run this worker's part of every layer for every batch (see :class:`WorkerLoop`)."""
     return WorkerLoop(share, channel, run_id=run_id, receive_timeout=receive_timeout,
                       batch_size=batch_size, run_timeout=run_timeout).run()
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all its threads); thread launchers share one process, so
+    there it counts every worker's time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) -> None:
@@ -406,16 +420,17 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
                                 f"worker {event.worker_id}/{event.n_workers}")
         own_channel = channel is None
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)
-        ready = time.time()
         try:
-            result = run_worker(share, channel, run_id=event.run_id,
-                                receive_timeout=event.receive_timeout,
-                                run_timeout=event.run_timeout - (time.time() - started),
-                                batch_size=event.batch_size)
+            loop = WorkerLoop(share, channel, run_id=event.run_id, receive_timeout=event.receive_timeout,
+                              run_timeout=event.run_timeout - (time.time() - started),
+                              batch_size=event.batch_size)
+            ready, cpu = time.time(), _cpu_seconds()
+            result = loop.run()
+            cpu = _cpu_seconds() - cpu
         finally:
             if own_channel:
                 channel.close()
-        result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time()}
+        result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time(), "cpu_s": cpu}
         result.metrics["requests"] = channel.requests()
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())

@@ -190,6 +190,15 @@ def test_encode_dense_and_encode_rows_equal_encode():
     assert codec.encode_dense(block, rows, ids, n_images=150, **FIELDS) == want
     row_ptr = np.concatenate(([0], np.cumsum((dense != 0).sum(axis=1))))
     assert codec.encode_rows(ids, row_ptr, images, vals, n_images=150, **FIELDS) == want
+    # over a budget (cut into chunks), and a block far larger than any before (the reused
+    # payload buffer grows)
+    split = codec.encode(neurons, images, vals, n_images=150, max_bytes=600, **FIELDS)
+    assert len(split) > 1 and codec.encode_dense(block, rows, ids, n_images=150, max_bytes=600, **FIELDS) == split
+    big = rng.random((300, 2000), dtype=np.float32)
+    big[big < 0.5] = 0
+    r, c = np.nonzero(big)
+    assert codec.encode_dense(big, np.arange(300), np.arange(300) * 2, n_images=2000, **FIELDS) == \
+        codec.encode(r * 2, c, big[r, c], n_images=2000, **FIELDS)
 
 
 @pytest.mark.parametrize("bad, match", [

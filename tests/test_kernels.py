@@ -146,7 +146,35 @@ def test_dense_layer_on_remapped_rows_equals_the_naive_twin(case, rnd):
     remapped = np.array([held[k] for k in rowidx], np.int32)
     out = np.full((n, block.shape[1]), np.float32(-5))
     kernels.dense_layer(block, y.shape[0], colptr, remapped, vals, bias, np.float32(ymax), out)
-    np.testing.assert_array_equal(out[:, :y.shape[0]].T, naive_layer(y, w, stored, biases[0], ymax))
+    want = naive_layer(y, w, stored, biases[0], ymax)
+    np.testing.assert_array_equal(out[:, :y.shape[0]].T, want)
+    tracked = np.full_like(out, np.float32(-5))
+    top, gap = np.full(block.shape[1], np.float32(-1)), np.full(block.shape[1], np.float32(-1))
+    kernels.dense_layer_tracked(block, y.shape[0], colptr, remapped, vals, bias, np.float32(ymax), tracked,
+                                top, gap)
+    np.testing.assert_array_equal(tracked[:, :y.shape[0]], out[:, :y.shape[0]])
+    np.testing.assert_array_equal(top[:y.shape[0]], want.max(axis=1, initial=0))
+    np.testing.assert_array_equal(gap[:y.shape[0]], (np.float32(ymax) - want).max(axis=1, initial=0))
+
+
+def test_row_and_column_moves_equal_numpy():
+    """The worker's block bookkeeping kernels against plain numpy indexing."""
+    rng = np.random.default_rng(5)
+    src = rng.random((9, 40), dtype=np.float32)
+    dst = rng.random((12, 50), dtype=np.float32)
+    src_rows, dst_rows = np.array([4, 0, 8], np.int64), np.array([11, 2, 5], np.int64)
+    want = dst.copy()
+    want[dst_rows, :30] = src[src_rows, :30]
+    kernels.copy_rows(src, src_rows, dst, dst_rows, 30)
+    np.testing.assert_array_equal(dst, want)
+    want[[1, 11], :17] = 0
+    kernels.zero_rows(dst, np.array([1, 11], np.int64), 17)
+    np.testing.assert_array_equal(dst, want)
+    keep = np.array([0, 3, 4, 39], np.int64)
+    out = np.full((9, 10), np.float32(-1))
+    kernels.take_columns(src, 7, keep, out)
+    np.testing.assert_array_equal(out[:7, :4], src[:7][:, keep])
+    assert np.all(out[7:] == -1) and np.all(out[:, 4:] == -1)
 
 
 @SETTINGS
