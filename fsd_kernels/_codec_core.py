@@ -275,9 +275,20 @@ def _dictionary(bits, limit):
             table[j] = keys[h]
             j += 1
     table.sort()
+    # each slot's code (its key's rank in the sorted table): one probe a value, not a search
+    code_of_slot = np.empty(size, np.int32)
+    for c in range(k):
+        h = _slot(table[c], mask, shift)
+        while keys[h] != table[c]:
+            h = (h + 1) & mask
+        code_of_slot[h] = c
     codes = np.empty(n, np.int32)
     for i in range(n):
-        codes[i] = np.searchsorted(table, bits[i])
+        v = bits[i]
+        h = _slot(v, mask, shift)
+        while keys[h] != v:
+            h = (h + 1) & mask
+        codes[i] = code_of_slot[h]
     return table, codes
 
 
@@ -380,8 +391,8 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
         return -need
     kept_neurons = np.empty(n_kept, np.int32)
     row_ptr = np.empty(n_kept + 1, np.int64)
-    images = np.empty(nnz, np.int32)
-    bits = np.empty(nnz, np.uint32)
+    images = np.empty(nnz + 1, np.int32)  # + 1: every entry is written, only nonzeros kept
+    bits = np.empty(nnz + 1, np.uint32)
     flat = block.view(np.uint32)
     row_ptr[0] = 0
     q = 0
@@ -391,17 +402,17 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
         src_bits = flat[rows[r]]
         start = p
         for c in range(n_cols):
-            if src[c] != 0.0:
-                images[p] = c
-                bits[p] = src_bits[c]
-                p += 1
+            # branch-free: rows are neither sparse nor dense enough for a branch to predict
+            images[p] = c
+            bits[p] = src_bits[c]
+            p += src[c] != 0.0
         if p > start:
             kept_neurons[q] = neurons[r]
             q += 1
             row_ptr[q] = p
     kept_bits = np.empty(nnz, np.uint32)
     kept = np.zeros(1, np.int64)
-    pos = encode_rows(kept_neurons, row_ptr, images, bits, out, kept_bits, kept)
+    pos = encode_rows(kept_neurons, row_ptr, images[:nnz], bits[:nnz], out, kept_bits, kept)
     return encode_values(kept_bits[:kept[0]], out, pos)
 
 
