@@ -29,6 +29,7 @@ _INLINE = dict(nogil=True, cache=True, inline="always")
 EXPORTS = {
     "dense_rows_to_csr": "i8(f4[:, ::1], i8[::1], i8, i8[::1], i4[::1], u4[::1])",
     "encode_dense_rows": "i8(f4[:, ::1], i8[::1], i4[::1], i8, u1[::1], i8[::1])",
+    "encode_csr_subset": "i8(i8[::1], i4[::1], u4[::1], i8[::1], i4[::1], u1[::1], i8[::1])",
     "encode_rows": "i8(i4[::1], i8[::1], i4[::1], u4[::1], u1[::1], u4[::1], i8[::1])",
     "encode_values": "i8(u4[::1], u1[::1], i8)",
     "check_payload": "i8(u1[::1], i8, i8, i8)",
@@ -347,7 +348,8 @@ def encode_values(bits, out, pos):
 def dense_rows_to_csr(block, rows, n_cols, row_ptr, images, bits):
     """Nonzeros of ``block[rows[r], :n_cols]`` as CSR (row_ptr, images, float32 bits).
 
-    ``images``/``bits`` need ``len(rows) * n_cols`` room; returns nnz.
+    ``images``/``bits`` need ``len(rows) * n_cols + 1`` room (every entry is written, only
+    nonzeros are kept: no branch to mispredict); returns nnz.
     """
     nnz = 0
     row_ptr[0] = 0
@@ -356,10 +358,9 @@ def dense_rows_to_csr(block, rows, n_cols, row_ptr, images, bits):
         src = block[rows[r]]
         src_bits = flat[rows[r]]
         for c in range(n_cols):
-            if src[c] != 0.0:
-                images[nnz] = c
-                bits[nnz] = src_bits[c]
-                nnz += 1
+            images[nnz] = c
+            bits[nnz] = src_bits[c]
+            nnz += src[c] != 0.0
         row_ptr[r + 1] = nnz
     return nnz
 
@@ -413,6 +414,51 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
     kept_bits = np.empty(nnz, np.uint32)
     kept = np.zeros(1, np.int64)
     pos = encode_rows(kept_neurons, row_ptr, images[:nnz], bits[:nnz], out, kept_bits, kept)
+    return encode_values(kept_bits[:kept[0]], out, pos)
+
+
+@_kernel
+def encode_csr_subset(row_ptr, images, bits, positions, neurons, out, counts):
+    """The raw payload of CSR rows ``positions[i]`` sent as neuron ``neurons[i]`` (rows
+    extracted once, encoded for several targets). Returns the payload length, or ``-(bytes
+    needed)`` when ``out`` is too small; ``counts`` gets (rows kept, nnz). Trusted input: a CSR
+    with ascending images per row, positions in range, neurons strictly increasing.
+    """
+    n_sel = positions.shape[0]
+    nnz = 0
+    n_kept = 0
+    for i in range(n_sel):
+        k = row_ptr[positions[i] + 1] - row_ptr[positions[i]]
+        nnz += k
+        if k:
+            n_kept += 1
+    counts[0] = n_kept
+    counts[1] = nnz
+    need = 16 * n_kept + 9 * nnz + 32
+    if out.shape[0] < need:
+        return -need
+    kept_neurons = np.empty(n_kept, np.int32)
+    sub_ptr = np.empty(n_kept + 1, np.int64)
+    sub_images = np.empty(nnz, np.int32)
+    sub_bits = np.empty(nnz, np.uint32)
+    sub_ptr[0] = 0
+    q = 0
+    p = 0
+    for i in range(n_sel):
+        lo = row_ptr[positions[i]]
+        hi = row_ptr[positions[i] + 1]
+        if hi == lo:
+            continue
+        for t in range(lo, hi):
+            sub_images[p] = images[t]
+            sub_bits[p] = bits[t]
+            p += 1
+        kept_neurons[q] = neurons[i]
+        q += 1
+        sub_ptr[q] = p
+    kept_bits = np.empty(nnz, np.uint32)
+    kept = np.zeros(1, np.int64)
+    pos = encode_rows(kept_neurons, sub_ptr, sub_images, sub_bits, out, kept_bits, kept)
     return encode_values(kept_bits[:kept[0]], out, pos)
 
 

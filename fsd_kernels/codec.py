@@ -16,6 +16,8 @@ API (the runtime and custom handlers use these):
 * ``encode_dense(block, rows, neurons, *, n_images, ...)``: the nonzeros of
   ``block[rows[i], :n_images]`` sent as neuron ``neurons[i]`` (the worker loop's
   dense ``[slot, image-column]`` blocks, no COO in between).
+* ``DenseRows(block, rows, n_images).encode(positions, neurons, ...)``: the same for
+  subsets of rows extracted once (one block's rows going to several targets).
 * ``decode(data) -> Message``: one chunk to COO arrays.
 * ``decode_header(data) -> Header``: header and checksum only (for routing/dedup).
 * ``chunk_nnz(chunk)``: the entry count of a chunk this process encoded (unchecked).
@@ -360,33 +362,79 @@ def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0,
     ``neurons`` must strictly increase. Zeros (either sign) are absent.
     """
     _check_fields(n_images, layer, source, target, batch, run_id, max_bytes)
+    rows = _dense_rows(block, rows, n_images)
+    neurons = _neuron_ids(neurons, rows.shape[0])
+    fields = (run_id, int(layer), int(batch), int(source), int(target))
+    single = _single_chunk(kernels.encode_dense_rows, (block, rows, neurons, int(n_images)), max_bytes)
+    if single is not None:
+        return [_pack_chunk((*fields, 0, 1, int(n_images)), *single)]
+    return DenseRows(block, rows, n_images)._encode_pieces(np.arange(rows.shape[0]), neurons, fields,
+                                                           max_bytes)
+
+
+class DenseRows:
+    """The nonzeros of some rows of a dense block, extracted once, to encode subsets of them for
+    several targets: a row several targets need is extracted once and encoded in each message.
+
+    ``DenseRows(block, rows, n_images).encode(positions, neurons, ...)`` gives the chunks of
+    :func:`encode_dense` ``(block, rows[positions], neurons, ...)``, byte for byte.
+    """
+
+    def __init__(self, block, rows, n_images: int):
+        _check_fields(n_images, 0, 0, 0, 0, b"", None)
+        rows = _dense_rows(block, rows, n_images)
+        self.n_images = int(n_images)
+        self.n_rows = rows.shape[0]
+        self.row_ptr = np.empty(self.n_rows + 1, np.int64)
+        # room for every entry (+1, see the kernel); pages past the nonzeros are never touched
+        self.images = np.empty(self.n_rows * self.n_images + 1, np.int32)
+        self.bits = np.empty(self.n_rows * self.n_images + 1, np.uint32)
+        kernels.dense_rows_to_csr(block, rows, self.n_images, self.row_ptr, self.images, self.bits)
+
+    def encode(self, positions, neurons, *, layer=0, source=0, target=0, batch=0, run_id=b"",
+               max_bytes=None) -> list[bytes]:
+        """Chunks of rows ``positions`` (indices into this object's rows) as ``neurons``."""
+        _check_fields(self.n_images, layer, source, target, batch, run_id, max_bytes)
+        positions = _int_array("positions", positions, max(self.n_rows, 1)).astype(np.int64)
+        neurons = _neuron_ids(neurons, positions.shape[0])
+        fields = (run_id, int(layer), int(batch), int(source), int(target))
+        single = _single_chunk(kernels.encode_csr_subset, (self.row_ptr, self.images, self.bits, positions,
+                                                           neurons), max_bytes)
+        if single is not None:
+            return [_pack_chunk((*fields, 0, 1, self.n_images), *single)]
+        return self._encode_pieces(positions, neurons, fields, max_bytes)
+
+    def _encode_pieces(self, positions, neurons, fields, max_bytes) -> list[bytes]:
+        """The general path (chunks under ``max_bytes``) on the selected rows' CSR. The CSR is
+        valid by construction (images ascend in each row): no re-check, empty rows dropped."""
+        starts, ends = self.row_ptr[positions], self.row_ptr[positions + 1]
+        keep = np.flatnonzero(ends > starts)
+        lengths = ends[keep] - starts[keep]
+        row_ptr = np.concatenate(([0], np.cumsum(lengths)))
+        take = np.repeat(starts[keep] - row_ptr[:-1], lengths) + np.arange(row_ptr[-1])
+        run_id, layer, batch, source, target = fields
+        return _encode_csr(neurons[keep], row_ptr, self.images[take], self.bits[take], n_images=self.n_images,
+                           layer=layer, source=source, target=target, batch=batch, run_id=run_id,
+                           max_bytes=max_bytes)
+
+
+def _dense_rows(block, rows, n_images) -> np.ndarray:
+    """Check a dense block and its row indices; the rows as int64."""
     if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2 \
             or not block.flags.c_contiguous:
         raise ValueError("block must be a C-contiguous 2-D float32 array")
     if n_images > block.shape[1]:
         raise ValueError(f"n_images={n_images} exceeds the block's {block.shape[1]} columns")
-    rows = _int_array("rows", rows, max(block.shape[0], 1)).astype(np.int64)
+    return _int_array("rows", rows, max(block.shape[0], 1)).astype(np.int64)
+
+
+def _neuron_ids(neurons, n_rows: int) -> np.ndarray:
     neurons = _int_array("neurons", neurons, 1 << 31)
-    if rows.shape[0] != neurons.shape[0]:
+    if neurons.shape[0] != n_rows:
         raise ValueError("rows and neurons differ in length")
     if np.any(np.diff(neurons.astype(np.int64)) <= 0):
         raise ValueError("neurons must strictly increase")
-    single = _single_dense_chunk(block, rows, neurons, int(n_images), max_bytes)
-    if single is not None:
-        (body, flags, raw_len), n_rows, nnz = single
-        fields = (run_id, int(layer), int(batch), int(source), int(target), 0, 1, int(n_images))
-        return [_pack_chunk(fields, n_rows, nnz, body, flags, raw_len)]
-    row_ptr = np.empty(rows.shape[0] + 1, np.int64)
-    images = np.empty(rows.shape[0] * int(n_images), np.int32)
-    bits = np.empty(rows.shape[0] * int(n_images), np.uint32)
-    nnz = kernels.dense_rows_to_csr(block, rows, int(n_images), row_ptr, images, bits)
-    # The kernel's CSR is valid by construction (images ascend in each row), so it skips
-    # encode_rows' checks and only drops the empty rows.
-    keep = np.flatnonzero(row_ptr[1:] != row_ptr[:-1])
-    row_ptr = np.concatenate(([0], row_ptr[keep + 1]))
-    return _encode_csr(neurons[keep], row_ptr, images[:nnz], bits[:nnz], n_images=n_images,
-                       layer=layer, source=source, target=target, batch=batch, run_id=run_id,
-                       max_bytes=max_bytes)
+    return neurons
 
 
 def _scratch(size: int) -> np.ndarray:
@@ -398,21 +446,21 @@ def _scratch(size: int) -> np.ndarray:
     return buf
 
 
-def _single_dense_chunk(block, rows, neurons, n_images: int, max_bytes):
-    """The common case of :func:`encode_dense` in one kernel call: ``((body, flags, raw_len),
-    n_rows, nnz)`` when the block fits one chunk, else None (the caller then cuts it)."""
+def _single_chunk(kernel, args, max_bytes):
+    """A block in one kernel call (``encode_dense_rows`` or ``encode_csr_subset`` on ``args``):
+    ``(n_rows, nnz, body, flags, raw_len)`` when it fits one chunk, else None (then it is cut)."""
     counts = np.zeros(2, np.int64)
     out = _scratch(4096)
-    pos = kernels.encode_dense_rows(block, rows, neurons, n_images, out, counts)
+    pos = kernel(*args, out, counts)
     if pos < 0:
         out = _scratch(-pos)
-        pos = kernels.encode_dense_rows(block, rows, neurons, n_images, out, counts)
+        pos = kernel(*args, out, counts)
     n_rows, nnz = int(counts[0]), int(counts[1])
-    payload = (b"", 0, 0) if not nnz else _finish_payload(out[:pos])
+    body, flags, raw_len = (b"", 0, 0) if not nnz else _finish_payload(out[:pos])
     budget = None if max_bytes is None else max_bytes - HEADER_SIZE
-    if nnz > MAX_CHUNK_NNZ or (budget is not None and len(payload[0]) > budget):
+    if nnz > MAX_CHUNK_NNZ or (budget is not None and len(body) > budget):
         return None
-    return payload, n_rows, nnz
+    return n_rows, nnz, body, flags, raw_len
 
 
 # ---------------------------------------------------------------- decoding

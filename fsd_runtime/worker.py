@@ -150,7 +150,7 @@ class WorkerLoop:
         self.tracker = codec.ChunkTracker()
         self.pending: dict[tuple[int, int], list[bytes]] = {}
         self.slot_maps: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
-        self.send_lists: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        self.send_lists: dict[int, tuple[np.ndarray, list]] = {}
         active = share.active
         size = batch_size or max(active.shape[0], 1)
         starts = range(0, max(active.shape[0], 1), size)
@@ -245,37 +245,43 @@ class WorkerLoop:
         status_nnz = int(zero.sum() + full.sum())
         outgoing = []
         m = self.metrics
-        for target, rows, neurons in self._send_lists(layer):
-            chunks = self.codec.encode_dense(
-                own, rows, neurons, n_images=n, layer=layer, source=self.me, target=target, batch=b,
-                run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
+        union, lists = self._send_lists(layer)
+        extracted = self.codec.DenseRows(own, union, n)  # each row once, however many peers need it
+        for target, positions, neurons in lists:
+            chunks = extracted.encode(positions, neurons, layer=layer, source=self.me, target=target, batch=b,
+                                      run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
             outgoing += [(target, c) for c in chunks]
             n_bytes = sum(len(c) for c in chunks)
             nnz = sum(self.codec.chunk_nnz(c) for c in chunks) - status_nnz
             m.add(layer, "messages_sent", 1)
             m.add(layer, "chunks_sent", len(chunks))
             m.add(layer, "bytes_sent", n_bytes)
-            m.add(layer, "rows_sent", rows.shape[0] - 2)
+            m.add(layer, "rows_sent", positions.shape[0] - 2)
             m.add(layer, "nnz_sent", nnz)
-            m.add_pair(layer, target, rows.shape[0] - 2, nnz, n_bytes)
+            m.add_pair(layer, target, positions.shape[0] - 2, nnz, n_bytes)
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
         try:
             self.channel.send(self.step(layer, b), outgoing)
         except ChannelError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: send failed: {exc}") from exc
 
-    def _send_lists(self, layer: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Per peer: the rows of ``state.own`` it gets at ``layer`` (its rows, then the two status
-        rows) and their neuron ids, built once per layer."""
+    def _send_lists(self, layer: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+        """The rows of ``state.own`` any peer gets at ``layer`` (ascending, the two status rows
+        last), and per peer: the positions of its rows among those (its rows, then the status
+        rows) and their neuron ids. Built once per layer."""
         cached = self.send_lists.get(layer)
         if cached is None:
             s = self.share
             n_out = s.out_neurons[layer - 1].shape[0]
+            peers = [t for t in range(self.n_peers) if t != self.me]
             status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
             status_neurons = np.array([s.n_neurons + ZERO_FLAG, s.n_neurons + YMAX_FLAG], np.int32)
-            cached = [(t, np.concatenate([s.send_pos[layer][t], status_rows]),
-                       np.concatenate([s.out_neurons[layer - 1][s.send_pos[layer][t]], status_neurons]))
-                      for t in range(self.n_peers) if t != self.me]
+            union = np.concatenate([np.unique(np.concatenate([s.send_pos[layer][t] for t in peers] + [_EMPTY])),
+                                    status_rows])
+            lists = [(t, np.searchsorted(union, np.concatenate([s.send_pos[layer][t], status_rows])),
+                      np.concatenate([s.out_neurons[layer - 1][s.send_pos[layer][t]], status_neurons]))
+                     for t in peers]
+            cached = union, lists
             self.send_lists = {layer: cached}
         return cached
 

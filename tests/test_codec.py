@@ -201,6 +201,30 @@ def test_encode_dense_and_encode_rows_equal_encode():
         codec.encode(r * 2, c, big[r, c], n_images=2000, **FIELDS)
 
 
+def test_dense_rows_subsets_equal_encode_dense():
+    """Rows extracted once, encoded for several targets: byte for byte what encode_dense gives,
+    in one chunk and cut under a budget."""
+    rng = np.random.default_rng(12)
+    block = rng.random((40, 700), dtype=np.float32)
+    block[block < 0.6] = 0
+    block[7] = 0  # an empty row
+    block[9] = block[3]  # a copy
+    rows = rng.permutation(40)[:30]
+    extracted = codec.DenseRows(block, rows, 650)
+    for max_bytes in (None, 900):
+        for _ in range(5):
+            positions = np.sort(rng.choice(30, size=rng.integers(0, 31), replace=False))
+            neurons = np.sort(rng.choice(5000, size=positions.shape[0], replace=False))
+            want = codec.encode_dense(block, rows[positions], neurons, n_images=650, layer=4, target=2,
+                                      max_bytes=max_bytes)
+            got = extracted.encode(positions, neurons, layer=4, target=2, max_bytes=max_bytes)
+            assert got == want
+    for positions, neurons, match in [([30], [1], "positions must lie"), ([1, 2], [5], "differ in length"),
+                                      ([1, 2], [5, 5], "strictly increase"), ([-1], [1], "positions must lie")]:
+        with pytest.raises(ValueError, match=match):
+            extracted.encode(positions, neurons)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(neurons=[2, 1], images=[0, 0], values=[1, 1]), "sorted"),
     (dict(neurons=[1, 1], images=[1, 1], values=[1, 1]), "sorted"),

@@ -136,6 +136,20 @@ out["coo_block"] = coo
 dense = np.zeros((1024, 40), np.float32)
 n = fsd_kernels.kernels.csr_rows_to_block(*images.rows(0, 40).arrays, 0, 40, dense, np.empty(40, np.int64))
 out["dense_input"] = dense[:, :n]
+extracted = codec.DenseRows(block, rows, 50)
+out["subset_chunk"] = np.frombuffer(extracted.encode(np.arange(1, rows.size, 2), neurons[1::2], layer=3)[0], np.uint8)
+# a worker's block bookkeeping: one tracked layer, local rows in, received rows zeroed, columns dropped
+colptr, rowidx, vals, bias = net.layer_csc(0)
+outputs = np.zeros((1024, 40), np.float32)
+top, gap = np.zeros(40, np.float32), np.zeros(40, np.float32)
+fsd_kernels.kernels.dense_layer_tracked(dense, n, colptr, rowidx, vals, bias, net.ymax, outputs, top, gap)
+out["tracked"], out["tracked_top"], out["tracked_gap"] = outputs, top, gap
+moved = np.ones((8, 40), np.float32)
+fsd_kernels.kernels.copy_rows(outputs, np.array([5, 700, 1023]), moved, np.array([0, 3, 7]), n)
+fsd_kernels.kernels.zero_rows(moved, np.array([1, 2]), n)
+taken = np.zeros((8, 3), np.float32)
+fsd_kernels.kernels.take_columns(moved, 8, np.array([0, 2, n - 1]), taken)
+out["moved"], out["taken"] = moved, taken
 np.savez(sys.argv[1], **out)
 print(json.dumps({"backend": fsd_kernels.backend, "calls": calls, "golden": golden,
                   "numba_loaded": "numba" in sys.modules}))

@@ -3,20 +3,29 @@
 Config: ``{"kind": "local", "dir": DIR, "max_chunk_bytes": 4 MiB, "connect_timeout": 30}``.
 Worker w listens on ``DIR/w.sock``; a sender keeps one connection per
 target and writes length-prefixed frames (4-byte little-endian length, then
-the chunk). A reader thread per incoming connection moves frames into a
-queue, so a sender never waits for the receiver's compute. ``create_run``
-makes a fresh short directory (socket paths are limited to ~100 bytes) and
-``delete_run`` removes it.
+the chunk). ``create_run`` makes a fresh short directory (socket paths are
+limited to ~100 bytes) and ``delete_run`` removes it.
+
+No threads: the caller's thread does all the I/O. The listener and every
+accepted connection sit, non-blocking, in one selector; ``receive`` accepts,
+reads whatever has arrived into per-connection buffers and cuts complete
+frames out of them. A thread per connection would cost a wake-up, a GIL
+hand-off and queue locking per message, which on a small machine running
+many workers is most of the channel's CPU. ``send`` writes without blocking
+and, whenever a peer's socket buffer is full, keeps reading its own incoming
+connections until it can write again: two workers sending each other more
+than the kernel buffers hold (~200 KB a connection) both make progress
+instead of waiting for each other forever. Frames read during a send are
+handed out by the next ``receive``. One end is used by one thread at a time.
 """
 from __future__ import annotations
 
 import os
-import queue
+import selectors
 import shutil
 import socket
 import struct
 import tempfile
-import threading
 import time
 from typing import Mapping, Sequence
 
@@ -26,6 +35,10 @@ _LENGTH = struct.Struct("<I")
 DEFAULT_MAX_CHUNK = 4 << 20
 #: Largest frame a receiver accepts whatever the config says (a length field cannot make it allocate more).
 MAX_FRAME = 64 << 20
+#: Bytes one read may take from a connection (a round's traffic from one peer is usually far less).
+_READ_SIZE = 256 << 10
+#: Selector tag of an outgoing connection ``send`` waits to write to (incoming ones carry their buffer).
+_WRITABLE = object()
 
 
 def _socket_path(directory: str, worker: int) -> str:
@@ -42,9 +55,10 @@ class LocalChannel(Channel):
         self.n_workers = n_workers
         self.max_chunk_bytes = max_chunk_bytes
         self.connect_timeout = connect_timeout
-        self._inbox: queue.Queue = queue.Queue()
         self._out: dict[int, socket.socket] = {}
-        self._closed = threading.Event()
+        self._ready: list[bytes] = []  # complete frames not yet handed out
+        self._scratch = bytearray(_READ_SIZE)
+        self._closed = False
         path = _socket_path(directory, worker_id)
         if os.path.exists(path):
             os.unlink(path)
@@ -55,7 +69,9 @@ class LocalChannel(Channel):
             self._listener.close()
             raise ChannelError(f"worker {worker_id} cannot listen on {path}: {exc}") from exc
         self._listener.listen(max(n_workers, 8))
-        threading.Thread(target=self._accept, daemon=True, name=f"local-accept-{worker_id}").start()
+        self._listener.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
 
     @classmethod
     def from_config(cls, config: Mapping, worker_id: int, n_workers: int, run_id: str) -> "LocalChannel":
@@ -84,29 +100,74 @@ class LocalChannel(Channel):
         if isinstance(directory, str) and os.path.basename(directory).startswith("fsd-"):
             shutil.rmtree(directory, ignore_errors=True)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelError(f"worker {self.worker_id}'s local channel is closed")
+
+    def _poll(self, timeout: float | None) -> list[selectors.SelectorKey]:
+        """Wait up to ``timeout`` (None: for ever) for any event; accept and read what is ready.
+        Returns the keys of outgoing connections that became writable."""
+        writable = []
+        for key, _ in self._selector.select(timeout):
+            if key.data is _WRITABLE:
+                writable.append(key)
+            elif key.fileobj is self._listener:
+                self._accept()
+            else:
+                self._read(key.fileobj, key.data)
+        return writable
+
     def _accept(self) -> None:
-        while not self._closed.is_set():
+        while True:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            except OSError as exc:
+                raise ChannelError(f"worker {self.worker_id} cannot accept a connection: {exc}") from exc
+            conn.setblocking(False)
+            self._selector.register(conn, selectors.EVENT_READ, bytearray())
 
-    def _read(self, conn: socket.socket) -> None:
-        with conn:
-            stream = conn.makefile("rb")
-            while True:
-                head = stream.read(_LENGTH.size)
-                if len(head) < _LENGTH.size:
-                    return
-                (length,) = _LENGTH.unpack(head)
+    def _drop(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        conn.close()
+
+    def _read(self, conn: socket.socket, buffer: bytearray) -> None:
+        """Move what ``conn`` has into its buffer and complete frames into ``_ready``. A peer that
+        closes is no error (a frame it left unfinished is dropped); an oversized length field is."""
+        scratch = self._scratch
+        while True:
+            try:
+                n = conn.recv_into(scratch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # reset by a peer that died: as good as closed
+                n = 0
+            if n == 0:
+                self._drop(conn)
+                return
+            buffer += memoryview(scratch)[:n]
+            try:
+                self._cut_frames(buffer)
+            except ChannelError:
+                self._drop(conn)
+                raise
+            if n < len(scratch):
+                return
+
+    def _cut_frames(self, buffer: bytearray) -> None:
+        pos, end = 0, len(buffer)
+        with memoryview(buffer) as view:
+            while end - pos >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(view, pos)
                 if length > self.max_chunk_bytes:
-                    self._inbox.put(ChannelError(f"a frame of {length} bytes exceeds {self.max_chunk_bytes}"))
-                    return
-                body = stream.read(length)
-                if len(body) < length:
-                    return
-                self._inbox.put(body)
+                    raise ChannelError(f"a frame of {length} bytes exceeds {self.max_chunk_bytes}")
+                start = pos + _LENGTH.size
+                if end - start < length:
+                    break
+                self._ready.append(view[start:start + length].tobytes())
+                pos = start + length
+        del buffer[:pos]
 
     def _connect(self, target: int) -> socket.socket:
         sock = self._out.get(target)
@@ -118,7 +179,8 @@ class LocalChannel(Channel):
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(path)
+                sock.connect(path)  # never waits for the peer: its backlog holds every worker's connection
+                sock.setblocking(False)
                 self._out[target] = sock
                 return sock
             except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -129,45 +191,70 @@ class LocalChannel(Channel):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.002)  # a peer still starting: retry soon, its data is on the run's path
 
+    def _write(self, sock: socket.socket, data: bytes) -> None:
+        """Write all of ``data``; while the peer's buffer is full, read incoming connections."""
+        view = memoryview(data)
+        while True:
+            try:
+                view = view[sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            if not view:
+                return
+            self._selector.register(sock, selectors.EVENT_WRITE, _WRITABLE)
+            try:
+                while not self._poll(None):
+                    pass
+            finally:
+                self._selector.unregister(sock)
+
     def send(self, step: int, chunks: Sequence[tuple[int, bytes]]) -> None:
+        self._check_open()
+        frames: dict[int, list[bytes]] = {}
         for target, chunk in chunks:
             if not 0 <= target < self.n_workers:
                 raise ChannelError(f"no worker {target} in a run of {self.n_workers}")
             if len(chunk) > self.max_chunk_bytes:
                 raise ChannelError(f"chunk of {len(chunk)} bytes exceeds {self.max_chunk_bytes}")
+            frames.setdefault(target, []).extend((_LENGTH.pack(len(chunk)), chunk))
+        for target, parts in frames.items():  # one write a target, its chunks in the order given
             try:
-                self._connect(target).sendall(_LENGTH.pack(len(chunk)) + chunk)
+                self._write(self._connect(target), b"".join(parts))
             except OSError as exc:
-                self._out.pop(target, None)
+                self._forget(target)
                 raise ChannelError(f"worker {self.worker_id} cannot send to worker {target}: {exc}") from exc
+            except ChannelError:
+                self._forget(target)
+                raise
+
+    def _forget(self, target: int) -> None:
+        """Close the connection to ``target``: a frame may be half written, so this stream is done."""
+        sock = self._out.pop(target, None)
+        if sock is not None:
+            sock.close()
 
     def receive(self, step: int, timeout: float) -> list[bytes]:
-        try:
-            items = [self._inbox.get(timeout=max(timeout, 0.0))]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
+        self._check_open()
+        deadline = time.monotonic() + max(timeout, 0.0)
+        self._poll(0.0)
+        while not self._ready:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 break
-        for item in items:
-            if isinstance(item, ChannelError):
-                raise item
+            self._poll(remaining)
+        items, self._ready = self._ready, []
         return items
 
     def close(self) -> None:
-        if self._closed.is_set():
+        if self._closed:
             return
-        self._closed.set()
+        self._closed = True
         for sock in self._out.values():
             sock.close()
         self._out.clear()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
         try:
             os.unlink(_socket_path(self.directory, self.worker_id))
         except OSError:
