@@ -11,12 +11,14 @@ accepted connection sit, non-blocking, in one selector; ``receive`` accepts,
 reads whatever has arrived into per-connection buffers and cuts complete
 frames out of them. A thread per connection would cost a wake-up, a GIL
 hand-off and queue locking per message, which on a small machine running
-many workers is most of the channel's CPU. ``send`` writes without blocking
-and, whenever a peer's socket buffer is full, keeps reading its own incoming
-connections until it can write again: two workers sending each other more
-than the kernel buffers hold (~200 KB a connection) both make progress
-instead of waiting for each other forever. Frames read during a send are
-handed out by the next ``receive``. One end is used by one thread at a time.
+many workers is most of the channel's CPU. Outgoing connections ask for a
+1 MiB send buffer, so a round's traffic waits in the kernel until its
+receiver reads it. ``send`` writes without blocking and, whenever a peer's
+buffer is full all the same, reads its own incoming connections until it can
+write again: two workers sending each other more than the buffers hold both
+make progress instead of waiting for each other forever. Frames read during
+a send are handed out by the next ``receive``. One end is used by one thread
+at a time.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ DEFAULT_MAX_CHUNK = 4 << 20
 MAX_FRAME = 64 << 20
 #: Bytes one read may take from a connection (a round's traffic from one peer is usually far less).
 _READ_SIZE = 256 << 10
+#: Send buffer asked for each outgoing connection (the kernel doubles it, capped by net.core.wmem_max):
+#: about 2 MB a peer has not read yet fits, so a sender does not wait for a receiver's compute.
+_SEND_BUFFER = 1 << 20
 #: Selector tag of an outgoing connection ``send`` waits to write to (incoming ones carry their buffer).
 _WRITABLE = object()
 
@@ -179,6 +184,7 @@ class LocalChannel(Channel):
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
                 sock.connect(path)  # never waits for the peer: its backlog holds every worker's connection
                 sock.setblocking(False)
                 self._out[target] = sock
