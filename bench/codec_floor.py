@@ -36,7 +36,13 @@ in the nearest earlier kept row that has it):
   I0 order-0 KT; I1 KT in context (up bit, column history: 8 * earlier kept
   rows with the image // kept rows so far, 9 buckets); I2 KT in context
   (quantised up *value*: 0 absent, else 1 + clip(exponent*4 + top two
-  mantissa bits - 480, 0, 62); up2 bit or none; the column-history bucket).
+  mantissa bits - 480, 0, 62); up2 bit or none; the column-history bucket);
+  I3 KT in context (quantised value of the same image d1 neurons back, its
+  presence d2 neurons back, up bit, column-history bucket): d1, d2 are the
+  encoder's two best neuron offsets in 1..127 for the block (most kept
+  nonzero cells equal to the cell that many neurons back, copies included),
+  sent in 2 bytes (the layers' wiring makes e.g. 1 and 32, or 8 and 16,
+  neighbours).
 * values of kept rows (float32 bit patterns, rows in order, images ascending):
   V0 today's value section (built by the codec's own kernels on the block's
   non-empty rows: image order, constant/dictionary/byte planes) compressed
@@ -48,12 +54,25 @@ in the nearest earlier kept row that has it):
   |r| by KTm over 65 in context (kind of p, exponent of p), then the bits
   below the leading one by KT per (bit length, position);
   V4 V2's cascade, with NEW values coded by V3's residual model (learnt on
-  new values only) instead.
+  new values only) instead;
+  V5 bitwise: the 32 bits MSB first, KT per (position, the value's previous
+  8 bits, whether its bits so far equal p's, p's bit here), p as in V3 (the
+  previous bits catch the repeating mantissa patterns of sums of k/16 - 0.3
+  terms, e.g. ...3333..., ...6666..., which byte-aligned models see only in
+  part and residual models not at all);
+  V6 V2's cascade, with NEW values coded by V5's model (learnt on new values);
+  V7 PPM-C over (value d1 back, value d2 back) -> (value d1 back) -> order 0,
+  NEW values by V5's model with p = the value d1 back if any, else as in V3;
+  V8 the same with contexts (value d1 back, up) -> (value d1 back) -> 0;
+  Vx, Vp: today's value section (as V0) compressed by xz (``lzma`` preset
+  9e, .xz container included) and, when the optional ``pyppmd`` package is
+  installed, by PPMd (order 4, 256 MB model): real general-purpose back ends,
+  as a check on V1-V8 (xz wins on layers 5-6, see docs/codec.md).
   NEW value (V1, V2): its 32 bits MSB first, the top 12 (sign, exponent,
   3 mantissa bits) by KT in a binary prefix tree, the low 20 by KT per
   (position, exponent).
-* ``best``: header + S + min(I0..I2) + min(V0..V4) + 5 bytes (coder flush and
-  which models were chosen), chosen per block.
+* ``best``: header + S + min(I0..I3) + min(V0..Vp) + 7 bytes (coder flush 4,
+  which models were chosen 1, the offsets d1 and d2 2), chosen per block.
 
 Layers >= 21 repeat layer 20's blocks exactly: that is checked block by block
 (hashes) and the whole run is layers 0-20 measured plus 99 x layer 20.
@@ -65,6 +84,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import math
 import sys
 import time
@@ -74,17 +94,26 @@ import numba as nb
 import numpy as np
 import zstandard
 
+try:
+    import pyppmd
+except ImportError:  # optional: only the Vp column needs it
+    pyppmd = None
+
 from codec import Block, _layer_set, generic_bytes, official_blocks
+
 from fsd_kernels import codec
 from fsd_kernels._backend import kernels
 
 N_LAYERS = 120
 MEASURED_LAST = 20
-#: Bytes a block pays beyond its model code lengths: arithmetic-coder flush and the model choices.
-CODER_OVERHEAD = 5
-LN2 = math.log(2.0)
-IMAGE_MODELS = ("I0", "I1", "I2")
-VALUE_MODELS = ("V0", "V1", "V2", "V3", "V4")
+#: Bytes a block pays beyond its model code lengths: arithmetic-coder flush (4), the model choices
+#: (1) and the two neuron offsets of I3/V7/V8 (2).
+CODER_OVERHEAD = 7
+#: Largest neuron offset the I3/V7/V8 contexts may use.
+MAX_OFFSET = 127
+IMAGE_MODELS = ("I0", "I1", "I2", "I3")
+VALUE_MODELS = ("V0", "V1", "V2", "V3", "V4", "V5", "V6", "V7", "V8", "Vx") + (("Vp",) if pyppmd else ())
+PPMD_ORDER, PPMD_MEMORY = 4, 256 << 20
 
 
 # ---------------------------------------------------------------- adaptive code lengths (bits)
@@ -143,6 +172,44 @@ def image_bits(bitmap, quant):
 
 
 @nb.njit(cache=True)
+def offset_scores(full, kept_at, max_offset):
+    """score[d] = kept nonzero cells equal to the cell d neurons back (``full`` is indexed by
+    neuron - first neuron, ``kept_at`` = the kept rows' places in it)."""
+    score = np.zeros(max_offset + 1, np.int64)
+    columns = np.empty(full.shape[1], np.int64)
+    for i in range(kept_at.shape[0]):
+        r = kept_at[i]
+        k = 0
+        for j in range(full.shape[1]):
+            if full[r, j]:
+                columns[k] = j
+                k += 1
+        for d in range(1, min(max_offset, r) + 1):
+            same = 0
+            for q in range(k):
+                same += full[r - d, columns[q]] == full[r, columns[q]]
+            score[d] += same
+    return score
+
+
+@nb.njit(cache=True)
+def offset_image_bits(bitmap, quant_d1, present_d2):
+    """I3: KT in context (quantised value d1 neurons back, presence d2 back, up bit, column
+    history bucket)."""
+    rows, n = bitmap.shape
+    counts = np.zeros((64 * 2 * 2 * 9, 2), np.int64)
+    seen = np.zeros(n, np.int64)
+    for r in range(rows):
+        for j in range(n):
+            bit = bitmap[r, j]
+            up = bitmap[r - 1, j] if r > 0 else 0
+            bucket = (seen[j] * 8) // r if r > 0 else 8
+            counts[((quant_d1[r, j] * 2 + present_d2[r, j]) * 2 + up) * 9 + bucket, bit] += 1
+            seen[j] += bit
+    return _kt_table(counts)
+
+
+@nb.njit(cache=True)
 def new_value_bits(values):
     """Code length of new values' bit patterns: top 12 bits in a KT prefix tree, low 20 by KT
     per (position, exponent)."""
@@ -172,10 +239,9 @@ def ppm_bits(symbols, contexts, pairs, n_symbols):
     pair_n = np.zeros((orders, size), np.int64)
     count0 = np.zeros(n_symbols, np.int64)
     first = np.zeros(symbols.shape[0], np.bool_)
-    n = 0
     d = 0
     bits = 0.0
-    for i in range(symbols.shape[0]):
+    for i in range(symbols.shape[0]):  # i symbols coded so far
         s = symbols[i]
         found = False
         for k in range(orders):
@@ -187,13 +253,12 @@ def ppm_bits(symbols, contexts, pairs, n_symbols):
                     found = True
                     break
                 bits += math.log2((ctx_n[k, c] + ctx_d[k, c]) / ctx_d[k, c])
-        if not found and n > 0:
-            bits += math.log2((n + d) / (count0[s] if count0[s] else d))
+        if not found and i > 0:
+            bits += math.log2((i + d) / (count0[s] if count0[s] else d))
         if count0[s] == 0:
             d += 1
             first[i] = True
         count0[s] += 1
-        n += 1
         for k in range(orders):
             c = contexts[k, i]
             q = pairs[k, i]
@@ -226,6 +291,26 @@ def residual_bits(values, predictions, contexts, n_contexts):
     for k in range(n_contexts):
         total += _kt_multi(symbols[k], 65)
     return total + _kt_table(low)
+
+
+@nb.njit(cache=True)
+def bitwise_bits(values, predictions):
+    """Code length of values' bits MSB first, KT per (position, previous 8 bits of the value,
+    prefix equal to the prediction's, the prediction's bit)."""
+    counts = np.zeros((32 * 256 * 4, 2), np.int64)
+    for i in range(values.shape[0]):
+        v = values[i]
+        p = predictions[i]
+        equal = 1
+        history = 0
+        for pos in range(31, -1, -1):
+            bit = (v >> pos) & 1
+            pbit = (p >> pos) & 1
+            counts[((pos << 8) | (history & 255)) * 4 + equal * 2 + pbit, bit] += 1
+            if bit != pbit:
+                equal = 0
+            history = (history << 1) | bit
+    return _kt_table(counts)
 
 
 @nb.njit(cache=True)
@@ -282,13 +367,16 @@ class Parts:
     best_images: float = 0
     best_values: float = 0
     models: dict = field(default_factory=dict)
+    #: how many blocks each model was the best for (images and values)
+    wins: dict = field(default_factory=dict)
 
     def add(self, other: Parts, times: int = 1) -> None:
         for name in self.__dataclass_fields__:
-            if name != "models":
+            if name not in ("models", "wins"):
                 setattr(self, name, getattr(self, name) + times * getattr(other, name))
-        for name, value in other.models.items():
-            self.models[name] = self.models.get(name, 0) + times * value
+        for mine, theirs in ((self.models, other.models), (self.wins, other.wins)):
+            for name, value in theirs.items():
+                mine[name] = mine.get(name, 0) + times * value
 
 
 def _zstd3(raw: bytes) -> int:
@@ -310,8 +398,8 @@ def kept_rows(block: Block) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.array(kept, np.int64)
 
 
-def today_sections(block: Block, rows: np.ndarray) -> tuple[int, int]:
-    """(neuron+row sections, value section) of today's codec payload, each zstd-3 on its own."""
+def today_sections(block: Block, rows: np.ndarray) -> tuple[bytes, bytes]:
+    """(neuron+row sections, value section) of today's raw codec payload."""
     row_ptr = np.concatenate(([0], block.row_ptr[rows + 1])).astype(np.int64)
     out = np.empty(16 * rows.size + 9 * block.nnz + 32, np.uint8)
     kept_bits = np.empty(block.nnz, np.uint32)
@@ -319,7 +407,7 @@ def today_sections(block: Block, rows: np.ndarray) -> tuple[int, int]:
     pos = kernels.encode_rows(np.ascontiguousarray(block.row_neurons[rows]), row_ptr, block.images.copy(),
                               block.values.view(np.uint32).copy(), out, kept_bits, counts)
     end = kernels.encode_values(kept_bits[:counts[0]].copy(), out, pos)
-    return _zstd3(out[:pos].tobytes()), _zstd3(out[pos:end].tobytes())
+    return out[:pos].tobytes(), out[pos:end].tobytes()
 
 
 def structure_bits(neurons: np.ndarray, n_rows: int, kept: np.ndarray) -> float:
@@ -356,8 +444,21 @@ def _ids(*keys: np.ndarray) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def value_bits(m: np.ndarray) -> dict:
-    """V1..V4 code lengths (bits) of the kept rows' values, row-major."""
+def neuron_offsets(block: Block, rows: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cells d1 and d2 neurons back of each kept row (0 where that neuron sends no row): the
+    encoder's two best offsets in 1..127 (most kept nonzero cells equal), sent in the block."""
+    neurons = block.row_neurons[rows].astype(np.int64)
+    full = np.zeros((int(neurons[-1] - neurons[0]) + 1, block.n_images), np.uint32)
+    full[neurons - neurons[0]] = _dense(block, rows)
+    kept_at = neurons[kept] - neurons[0]
+    score = offset_scores(full, kept_at, MAX_OFFSET)
+    d1, d2 = (np.argsort(-score[1:], kind="stable")[:2] + 1).tolist()
+    padded = np.vstack([np.zeros((MAX_OFFSET, block.n_images), np.uint32), full])
+    return padded[kept_at + MAX_OFFSET - d1], padded[kept_at + MAX_OFFSET - d2]
+
+
+def value_bits(m: np.ndarray, at_d1: np.ndarray, at_d2: np.ndarray) -> dict:
+    """V1..V8 code lengths (bits) of the kept rows' values, row-major, and the distinct count."""
     rr, jj = np.nonzero(m)
     values = m[rr, jj]
     up = np.vstack([np.zeros((1, m.shape[1]), np.uint32), m[:-1]])[rr, jj]
@@ -372,8 +473,17 @@ def value_bits(m: np.ndarray) -> dict:
     new = new_value_bits(values[first])
     pred, kind = column_predictions(m)
     ctx = kind * 256 + ((pred >> 23) & 255).astype(np.int64)
+    d1, d2 = at_d1[rr, jj], at_d2[rr, jj]
+    o7, first7 = ppm_bits(symbols, np.stack([_ids(d1, d2), _ids(d1)]), np.stack([_ids(d1, d2, values), _ids(d1, values)]),
+                          n_symbols)
+    o8, first8 = ppm_bits(symbols, np.stack([_ids(d1, up), _ids(d1)]), np.stack([_ids(d1, up, values), _ids(d1, values)]),
+                          n_symbols)
+    pred_d1 = np.where(d1 != 0, d1, pred)
     return {"V1": o0 + new, "V2": o2 + new, "V3": residual_bits(values, pred, ctx, 3 * 256),
-            "V4": o2 + residual_bits(values[first], pred[first], ctx[first], 3 * 256)}, int(n_symbols)
+            "V4": o2 + residual_bits(values[first], pred[first], ctx[first], 3 * 256),
+            "V5": bitwise_bits(values, pred), "V6": o2 + bitwise_bits(values[first], pred[first]),
+            "V7": o7 + bitwise_bits(values[first7], pred_d1[first7]),
+            "V8": o8 + bitwise_bits(values[first8], pred_d1[first8])}, int(n_symbols)
 
 
 def measure(block: Block) -> Parts:
@@ -381,22 +491,33 @@ def measure(block: Block) -> Parts:
                                n_images=block.n_images)
     p = Parts(blocks=1, nnz=block.nnz, codec=sum(map(len, chunks)), header=codec.HEADER_SIZE * len(chunks),
               zstd19=generic_bytes(block, (19,)))
+    if np.any(block.values.view(np.uint32) == 0):
+        raise ValueError(f"layer {block.layer} block {block.source}->{block.target} stores +0.0 values")
     rows, kept = kept_rows(block)
     p.rows, p.kept_rows = rows.size, kept.size
     p.models = dict.fromkeys(IMAGE_MODELS + VALUE_MODELS, 0.0)
     if not rows.size:
         p.best = p.header
         return p
-    p.rows_today, p.models["V0"] = today_sections(block, rows)
+    row_section, value_section = today_sections(block, rows)
+    p.rows_today, p.models["V0"] = _zstd3(row_section), _zstd3(value_section)
+    p.models["Vx"] = len(lzma.compress(value_section, preset=9 | lzma.PRESET_EXTREME))
+    if pyppmd:
+        p.models["Vp"] = len(pyppmd.compress(value_section, max_order=PPMD_ORDER, mem_size=PPMD_MEMORY))
     p.structure = structure_bits(block.row_neurons[rows], rows.size, kept) / 8
     m = _dense(block, rows[kept])
     p.kept_nnz = int(np.count_nonzero(m))
-    i_bits = image_bits((m != 0).astype(np.uint8), _quantised(m))
-    v_bits, p.distinct_values = value_bits(m)
+    bitmap = (m != 0).astype(np.uint8)
+    at_d1, at_d2 = neuron_offsets(block, rows, kept)
+    i_bits = (*image_bits(bitmap, _quantised(m)),
+              offset_image_bits(bitmap, _quantised(at_d1), (at_d2 != 0).astype(np.int64)))
+    v_bits, p.distinct_values = value_bits(m, at_d1, at_d2)
     p.models.update({name: b / 8 for name, b in zip(IMAGE_MODELS, i_bits)})
     p.models.update({name: b / 8 for name, b in v_bits.items()})
-    p.best_images = min(p.models[name] for name in IMAGE_MODELS)
-    p.best_values = min(p.models[name] for name in VALUE_MODELS)
+    best_i = min(IMAGE_MODELS, key=p.models.get)
+    best_v = min(VALUE_MODELS, key=p.models.get)
+    p.best_images, p.best_values = p.models[best_i], p.models[best_v]
+    p.wins = {best_i: 1, best_v: 1}
     p.best = p.header + p.structure + p.best_images + p.best_values + CODER_OVERHEAD
     return p
 
@@ -440,8 +561,9 @@ def run(layers: set[int]) -> dict:
 
 def _summary(p: Parts) -> dict:
     out = {name: (round(getattr(p, name)) if isinstance(getattr(p, name), float) else getattr(p, name))
-           for name in p.__dataclass_fields__ if name != "models"}
+           for name in p.__dataclass_fields__ if name not in ("models", "wins")}
     out["models"] = {k: round(v) for k, v in p.models.items()}
+    out["wins"] = dict(sorted(p.wins.items()))
     out["codec_vs_zstd19"] = round(p.codec / p.zstd19, 4) if p.zstd19 else None
     out["best_vs_zstd19"] = round(p.best / p.zstd19, 4) if p.zstd19 else None
     return out
@@ -472,6 +594,7 @@ def main(argv=None) -> int:
     result = run(args.layers)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    result["pyppmd"] = pyppmd.__version__ if pyppmd else None
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()
