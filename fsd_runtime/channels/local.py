@@ -151,18 +151,23 @@ class LocalChannel(Channel):
             if n == 0:
                 self._drop(conn)
                 return
-            buffer += memoryview(scratch)[:n]
             try:
-                self._cut_frames(buffer)
+                if buffer:
+                    buffer += memoryview(scratch)[:n]
+                    del buffer[:self._cut_frames(buffer)]
+                else:  # the usual case: whole frames, cut straight from what was read
+                    with memoryview(scratch)[:n] as data:
+                        buffer += data[self._cut_frames(data):]
             except ChannelError:
                 self._drop(conn)
                 raise
             if n < len(scratch):
                 return
 
-    def _cut_frames(self, buffer: bytearray) -> None:
-        pos, end = 0, len(buffer)
-        with memoryview(buffer) as view:
+    def _cut_frames(self, data: bytearray | memoryview) -> int:
+        """Append the complete frames at the start of ``data`` to ``_ready``; the bytes they take."""
+        pos, end = 0, len(data)
+        with memoryview(data) as view:
             while end - pos >= _LENGTH.size:
                 (length,) = _LENGTH.unpack_from(view, pos)
                 if length > self.max_chunk_bytes:
@@ -172,7 +177,7 @@ class LocalChannel(Channel):
                     break
                 self._ready.append(view[start:start + length].tobytes())
                 pos = start + length
-        del buffer[:pos]
+        return pos
 
     def _connect(self, target: int) -> socket.socket:
         sock = self._out.get(target)
