@@ -109,13 +109,13 @@ class LocalChannel(Channel):
         if self._closed:
             raise ChannelError(f"worker {self.worker_id}'s local channel is closed")
 
-    def _poll(self, timeout: float | None) -> list[selectors.SelectorKey]:
+    def _poll(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` (None: for ever) for any event; accept and read what is ready.
-        Returns the keys of outgoing connections that became writable."""
-        writable = []
+        Returns whether the outgoing connection ``send`` waits for became writable."""
+        writable = False
         for key, _ in self._selector.select(timeout):
             if key.data is _WRITABLE:
-                writable.append(key)
+                writable = True
             elif key.fileobj is self._listener:
                 self._accept()
             else:
