@@ -365,6 +365,25 @@ def dense_rows_to_csr(block, rows, n_cols, row_ptr, images, bits):
     return nnz
 
 
+@nb.njit(nogil=True, cache=True)
+def _short_of_room(n_kept, nnz, out, counts):
+    """Record (rows kept, nnz) in ``counts``; ``-(bytes needed)`` if ``out`` cannot hold the
+    payload, else 0."""
+    counts[0] = n_kept
+    counts[1] = nnz
+    need = 16 * n_kept + 9 * nnz + 32
+    return -need if out.shape[0] < need else 0
+
+
+@nb.njit(nogil=True, cache=True)
+def _payload_of_rows(row_neurons, row_ptr, images, bits, out):
+    """Neuron, row and value sections of non-empty CSR rows into ``out``; returns the length."""
+    kept_bits = np.empty(images.shape[0], np.uint32)
+    kept = np.zeros(1, np.int64)
+    pos = encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, kept)
+    return encode_values(kept_bits[:kept[0]], out, pos)
+
+
 @_kernel
 def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
     """The raw payload of the nonzeros of ``block[rows[r], :n_cols]`` as neuron ``neurons[r]``,
@@ -385,11 +404,9 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
         nnz += k
         if k:
             n_kept += 1
-    counts[0] = n_kept
-    counts[1] = nnz
-    need = 16 * n_kept + 9 * nnz + 32
-    if out.shape[0] < need:
-        return -need
+    short = _short_of_room(n_kept, nnz, out, counts)
+    if short:
+        return short
     kept_neurons = np.empty(n_kept, np.int32)
     row_ptr = np.empty(n_kept + 1, np.int64)
     images = np.empty(nnz + 1, np.int32)  # + 1: every entry is written, only nonzeros kept
@@ -411,10 +428,7 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
             kept_neurons[q] = neurons[r]
             q += 1
             row_ptr[q] = p
-    kept_bits = np.empty(nnz, np.uint32)
-    kept = np.zeros(1, np.int64)
-    pos = encode_rows(kept_neurons, row_ptr, images[:nnz], bits[:nnz], out, kept_bits, kept)
-    return encode_values(kept_bits[:kept[0]], out, pos)
+    return _payload_of_rows(kept_neurons, row_ptr, images[:nnz], bits[:nnz], out)
 
 
 @_kernel
@@ -432,11 +446,9 @@ def encode_csr_subset(row_ptr, images, bits, positions, neurons, out, counts):
         nnz += k
         if k:
             n_kept += 1
-    counts[0] = n_kept
-    counts[1] = nnz
-    need = 16 * n_kept + 9 * nnz + 32
-    if out.shape[0] < need:
-        return -need
+    short = _short_of_room(n_kept, nnz, out, counts)
+    if short:
+        return short
     kept_neurons = np.empty(n_kept, np.int32)
     sub_ptr = np.empty(n_kept + 1, np.int64)
     sub_images = np.empty(nnz, np.int32)
@@ -456,10 +468,7 @@ def encode_csr_subset(row_ptr, images, bits, positions, neurons, out, counts):
         kept_neurons[q] = neurons[i]
         q += 1
         sub_ptr[q] = p
-    kept_bits = np.empty(nnz, np.uint32)
-    kept = np.zeros(1, np.int64)
-    pos = encode_rows(kept_neurons, sub_ptr, sub_images, sub_bits, out, kept_bits, kept)
-    return encode_values(kept_bits[:kept[0]], out, pos)
+    return _payload_of_rows(kept_neurons, sub_ptr, sub_images, sub_bits, out)
 
 
 # ---------------------------------------------------------------- decoding
