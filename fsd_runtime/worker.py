@@ -397,13 +397,6 @@ class WorkerLoop:
         return compacted, state.holder
 
 
-def run_worker(share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
-               batch_size: int | None = None, run_timeout: float | None = None) -> WorkerResult:
-    """Run this worker's part of every layer for every batch (see :class:`WorkerLoop`)."""
-    return WorkerLoop(share, channel, run_id=run_id, receive_timeout=receive_timeout,
-                      batch_size=batch_size, run_timeout=run_timeout).run()
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process (all its threads); thread launchers share one process, so
     there it counts every worker's time."""
