@@ -44,6 +44,7 @@ def test_official_run_is_bit_identical_and_golden(official, official_packed, ser
     assert sum(p["rows"] for p in result.pairs) == sum(plan["volume"][l] for l in layers)
     assert sum(p["bytes"] for p in result.pairs) == t["bytes"]
     assert t["messages"] <= 19 * n_workers * (n_workers - 1)    # early exit: ~19 rounds, not 120
+    assert "workers_cpu_s" not in result.timings    # threads: one process clock for all workers
 
 
 def test_synthetic_run_in_batches_is_bit_identical():
@@ -79,6 +80,9 @@ def test_cli_runs_a_tree_of_worker_processes_with_metrics(tmp_path):
     with open(report["metrics_path"]) as f:
         metrics = json.load(f)
     assert len(metrics["rows"]) == 4 * 120
+    # worker processes report their CPU in the run (thread launchers share one process clock: none)
+    timings = metrics["summary"]["timings"]
+    assert 0 < timings["workers_cpu_s"] < 4 * timings["launch_to_done_s"]
     assert metrics["totals"]["bytes_sent"] == report["traffic"]["bytes"]
     assert (tmp_path / "metrics.csv").read_text().startswith("worker,layer,")
     assert sum(p["bytes"] for p in metrics["pairs"]) == report["traffic"]["bytes"]
