@@ -1,16 +1,3 @@
-import pytest
-
-from fsd_runtime import model
-
+"""The local AWS-API server fixtures (moto on 127.0.0.1) for every test; shared data fixtures are in
+the repository's conftest.py."""
 pytest_plugins = ["aws_fixtures"]
-
-
-@pytest.fixture(scope="session")
-def official():
-    """The embedded official 1024x120 network with the first 10,000 inputs and golden categories."""
-    return model.embedded()
-
-
-@pytest.fixture(scope="session")
-def official_packed(official):
-    return official.network.pack()

@@ -1,3 +1,4 @@
+"""Fixtures shared by tests/ and bench/ (pytest loads this for both)."""
 import pytest
 
 from fsd_runtime import model
