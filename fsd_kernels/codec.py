@@ -548,6 +548,10 @@ def _kernel_error(code: int, header: Header) -> CodecError:
 
 def decode(data) -> Message:
     """Decode one chunk into a validated COO :class:`Message`."""
+    return _decode(data)[1]
+
+
+def _decode(data) -> tuple[Header, Message]:
     data = _as_bytes(data)
     h = decode_header(data)
     raw = _raw_payload(data, h)
@@ -562,8 +566,8 @@ def decode(data) -> Message:
     err = kernels.decode_coo(raw, h.n_rows, h.nnz, h.n_images, neurons, images, bits)
     if err:
         raise _kernel_error(err, h)
-    return Message(neurons, images, bits.view(np.float32), h.n_images, h.layer, h.source, h.target,
-                   h.batch, h.chunk, h.n_chunks, h.run_id)
+    return h, Message(neurons, images, bits.view(np.float32), h.n_images, h.layer, h.source, h.target,
+                      h.batch, h.chunk, h.n_chunks, h.run_id)
 
 
 def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_offset: int = 0) -> Header:
@@ -630,8 +634,7 @@ class Assembler:
     def add(self, data) -> Message | None:
         """Add one chunk; return the whole message (``chunk`` 0 of ``n_chunks``) when its last
         missing chunk arrives, else None."""
-        message = decode(data)
-        header = decode_header(data)
+        header, message = _decode(data)  # decoded (checked) before it counts as seen
         if not self._tracker.accept(header):
             return None
         parts = self._parts.setdefault(header.key, {})
