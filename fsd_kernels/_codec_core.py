@@ -29,7 +29,8 @@ _INLINE = dict(nogil=True, cache=True, inline="always")
 EXPORTS = {
     "dense_rows_to_csr": "i8(f4[:, ::1], i8[::1], i8, i8[::1], i4[::1], u4[::1])",
     "encode_dense_rows": "i8(f4[:, ::1], i8[::1], i4[::1], i8, u1[::1], i8[::1])",
-    "encode_csr_subset": "i8(i8[::1], i4[::1], u4[::1], i8[::1], i4[::1], u1[::1], i8[::1])",
+    "csr_row_groups": "void(i8[::1], i4[::1], u4[::1], i8[::1])",
+    "encode_csr_subset": "i8(i8[::1], i4[::1], u4[::1], i8[::1], i8[::1], i4[::1], u1[::1], i8[::1])",
     "encode_rows": "i8(i4[::1], i8[::1], i4[::1], u4[::1], u1[::1], u4[::1], i8[::1])",
     "encode_values": "i8(u4[::1], u1[::1], i8)",
     "check_payload": "i8(u1[::1], i8, i8, i8)",
@@ -115,16 +116,17 @@ def _put_row(out, pos, images, lo, hi):
 
 @nb.njit(nogil=True, cache=True)
 def _row_hashes(row_ptr, images, bits):
-    """A 64-bit FNV-style hash of each row's images and value bits."""
+    """A 64-bit FNV-style hash of each row's (image, value bits) pairs, one multiply a pair
+    (the chain of multiplies is the cost), the high half folded into the low bits that pick
+    a table slot."""
     n_rows = row_ptr.shape[0] - 1
     hashes = np.empty(n_rows, np.uint64)
     prime = np.uint64(1099511628211)
     for r in range(n_rows):
         h = np.uint64(14695981039346656037)
         for p in range(row_ptr[r], row_ptr[r + 1]):
-            h = (h ^ np.uint64(images[p])) * prime
-            h = (h ^ np.uint64(bits[p])) * prime
-        hashes[r] = h
+            h = (h ^ ((np.uint64(images[p]) << np.uint64(32)) | np.uint64(bits[p]))) * prime
+        hashes[r] = h ^ (h >> np.uint64(32))
     return hashes
 
 
@@ -165,6 +167,16 @@ def _copy_sources(row_ptr, images, bits):
     return source
 
 
+@_kernel
+def csr_row_groups(row_ptr, images, bits, group):
+    """``group[r]``: the first row with the images and values of row ``r`` (``r`` if none is
+    before it). Found once for rows encoded for several targets, so that each message finds
+    its copies without hashing or comparing rows again."""
+    source = _copy_sources(row_ptr, images, bits)
+    for r in range(source.shape[0]):
+        group[r] = source[r] if source[r] >= 0 else r
+
+
 @nb.njit(nogil=True, cache=True)
 def _image_ranks(images):
     """Each entry's place when the entries are stably ordered by image: a counting sort over
@@ -193,25 +205,15 @@ def _image_ranks(images):
     return rank
 
 
-@_kernel
-def encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts):
-    """Write the neuron section and the row section; return the bytes written.
-
-    Rows must be non-empty. A row equal (images and values) to an earlier
-    row is a copy of it; a row with the previous row's images costs one
-    byte. The values of the rows that are not copies go to ``kept_bits``
-    (their number to ``counts[0]``) for :func:`encode_values`, in image
-    order (by image, then row), which compresses 5-35% better than row order. ``out`` must
-    hold ``16 * n_rows + 5 * nnz + 16`` bytes (the worst case; with the
-    value section, ``codec._raw_bound``).
-    """
+@nb.njit(nogil=True, cache=True)
+def _encode_rows_copying(row_neurons, row_ptr, images, bits, source, out, kept_bits, counts):
+    """:func:`encode_rows` given each row's copy source (``_copy_sources``)."""
     n_rows = row_neurons.shape[0]
     pos = 0
     prev = -1
     for r in range(n_rows):
         pos = _put_varint(out, pos, row_neurons[r] - prev - 1 if r else row_neurons[r])
         prev = row_neurons[r]
-    source = _copy_sources(row_ptr, images, bits)
     kept_images = np.empty(images.shape[0], np.int64)
     n_kept = 0
     for r in range(n_rows):
@@ -237,6 +239,22 @@ def encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts):
                 k += 1
     counts[0] = n_kept
     return pos
+
+
+@_kernel
+def encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts):
+    """Write the neuron section and the row section; return the bytes written.
+
+    Rows must be non-empty. A row equal (images and values) to an earlier
+    row is a copy of it; a row with the previous row's images costs one
+    byte. The values of the rows that are not copies go to ``kept_bits``
+    (their number to ``counts[0]``) for :func:`encode_values`, in image
+    order (by image, then row), which compresses 5-35% better than row order. ``out`` must
+    hold ``16 * n_rows + 5 * nnz + 16`` bytes (the worst case; with the
+    value section, ``codec._raw_bound``).
+    """
+    return _encode_rows_copying(row_neurons, row_ptr, images, bits, _copy_sources(row_ptr, images, bits),
+                                out, kept_bits, counts)
 
 
 @nb.njit(**_INLINE)
@@ -376,11 +394,12 @@ def _short_of_room(n_kept, nnz, out, counts):
 
 
 @nb.njit(nogil=True, cache=True)
-def _payload_of_rows(row_neurons, row_ptr, images, bits, out):
-    """Neuron, row and value sections of non-empty CSR rows into ``out``; returns the length."""
+def _payload_of_rows(row_neurons, row_ptr, images, bits, source, out):
+    """Neuron, row and value sections of non-empty CSR rows, whose copy sources are
+    ``source``, into ``out``; returns the length."""
     kept_bits = np.empty(images.shape[0], np.uint32)
     kept = np.zeros(1, np.int64)
-    pos = encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, kept)
+    pos = _encode_rows_copying(row_neurons, row_ptr, images, bits, source, out, kept_bits, kept)
     return encode_values(kept_bits[:kept[0]], out, pos)
 
 
@@ -428,15 +447,18 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
             kept_neurons[q] = neurons[r]
             q += 1
             row_ptr[q] = p
-    return _payload_of_rows(kept_neurons, row_ptr, images[:nnz], bits[:nnz], out)
+    images = images[:nnz]
+    bits = bits[:nnz]
+    return _payload_of_rows(kept_neurons, row_ptr, images, bits, _copy_sources(row_ptr, images, bits), out)
 
 
 @_kernel
-def encode_csr_subset(row_ptr, images, bits, positions, neurons, out, counts):
+def encode_csr_subset(row_ptr, images, bits, groups, positions, neurons, out, counts):
     """The raw payload of CSR rows ``positions[i]`` sent as neuron ``neurons[i]`` (rows
-    extracted once, encoded for several targets). Returns the payload length, or ``-(bytes
-    needed)`` when ``out`` is too small; ``counts`` gets (rows kept, nnz). Trusted input: a CSR
-    with ascending images per row, positions in range, neurons strictly increasing.
+    extracted once, encoded for several targets; ``groups`` from :func:`csr_row_groups`).
+    Returns the payload length, or ``-(bytes needed)`` when ``out`` is too small; ``counts``
+    gets (rows kept, nnz). Trusted input: a CSR with ascending images per row, positions in
+    range, neurons strictly increasing.
     """
     n_sel = positions.shape[0]
     nnz = 0
@@ -453,6 +475,8 @@ def encode_csr_subset(row_ptr, images, bits, positions, neurons, out, counts):
     sub_ptr = np.empty(n_kept + 1, np.int64)
     sub_images = np.empty(nnz, np.int32)
     sub_bits = np.empty(nnz, np.uint32)
+    source = np.empty(n_kept, np.int64)
+    first_of_group = np.full(groups.shape[0], -1, np.int64)  # kept row showing each group first
     sub_ptr[0] = 0
     q = 0
     p = 0
@@ -465,10 +489,14 @@ def encode_csr_subset(row_ptr, images, bits, positions, neurons, out, counts):
             sub_images[p] = images[t]
             sub_bits[p] = bits[t]
             p += 1
+        g = groups[positions[i]]
+        source[q] = first_of_group[g]
+        if source[q] < 0:
+            first_of_group[g] = q
         kept_neurons[q] = neurons[i]
         q += 1
         sub_ptr[q] = p
-    return _payload_of_rows(kept_neurons, sub_ptr, sub_images, sub_bits, out)
+    return _payload_of_rows(kept_neurons, sub_ptr, sub_images, sub_bits, source, out)
 
 
 # ---------------------------------------------------------------- decoding

@@ -17,7 +17,8 @@ API (the runtime and custom handlers use these):
   ``block[rows[i], :n_images]`` sent as neuron ``neurons[i]`` (the worker loop's
   dense ``[slot, image-column]`` blocks, no COO in between).
 * ``DenseRows(block, rows, n_images).encode(positions, neurons, ...)``: the same for
-  subsets of rows extracted once (one block's rows going to several targets).
+  subsets of rows extracted once (one block's rows going to several targets);
+  ``encode_subset(Subset(positions, neurons), ...)`` with the subset checked once.
 * ``decode(data) -> Message``: one chunk to COO arrays.
 * ``decode_header(data) -> Header``: header and checksum only (for routing/dedup).
 * ``chunk_nnz(chunk)``: the entry count of a chunk this process encoded (unchecked).
@@ -36,7 +37,7 @@ import itertools
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -114,6 +115,8 @@ class Header:
     nnz: int
     flags: int
     raw_len: int
+    #: the chunk this header was read from (lets :func:`decode_into` skip reading it twice)
+    source_chunk: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple:
@@ -372,9 +375,21 @@ def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0,
                                                            max_bytes)
 
 
+class Subset:
+    """Rows ``positions`` of a :class:`DenseRows`, sent as ``neurons`` (strictly increasing):
+    checked once, for a selection encoded again and again (a worker's rows for one peer at
+    one layer, every batch)."""
+
+    def __init__(self, positions, neurons):
+        self.positions = _int_array("positions", positions, 1 << 62).astype(np.int64)
+        self.neurons = _neuron_ids(neurons, self.positions.shape[0])
+        self.end = int(self.positions.max()) + 1 if self.positions.size else 0  # rows it needs
+
+
 class DenseRows:
     """The nonzeros of some rows of a dense block, extracted once, to encode subsets of them for
-    several targets: a row several targets need is extracted once and encoded in each message.
+    several targets: a row several targets need is extracted (and compared with the others)
+    once and encoded in each message.
 
     ``DenseRows(block, rows, n_images).encode(positions, neurons, ...)`` gives the chunks of
     :func:`encode_dense` ``(block, rows[positions], neurons, ...)``, byte for byte.
@@ -390,19 +405,27 @@ class DenseRows:
         self.images = np.empty(self.n_rows * self.n_images + 1, np.int32)
         self.bits = np.empty(self.n_rows * self.n_images + 1, np.uint32)
         kernels.dense_rows_to_csr(block, rows, self.n_images, self.row_ptr, self.images, self.bits)
+        self.groups = np.empty(self.n_rows, np.int64)  # equal rows, for the copy records
+        kernels.csr_row_groups(self.row_ptr, self.images, self.bits, self.groups)
 
     def encode(self, positions, neurons, *, layer=0, source=0, target=0, batch=0, run_id=b"",
                max_bytes=None) -> list[bytes]:
         """Chunks of rows ``positions`` (indices into this object's rows) as ``neurons``."""
+        return self.encode_subset(Subset(positions, neurons), layer=layer, source=source, target=target,
+                                  batch=batch, run_id=run_id, max_bytes=max_bytes)
+
+    def encode_subset(self, subset: Subset, *, layer=0, source=0, target=0, batch=0, run_id=b"",
+                      max_bytes=None) -> list[bytes]:
+        """:meth:`encode` of a :class:`Subset` (checked when it was made)."""
         _check_fields(self.n_images, layer, source, target, batch, run_id, max_bytes)
-        positions = _int_array("positions", positions, max(self.n_rows, 1)).astype(np.int64)
-        neurons = _neuron_ids(neurons, positions.shape[0])
+        if subset.end > self.n_rows:
+            raise ValueError(f"positions must lie in [0, {self.n_rows})")
         fields = (run_id, int(layer), int(batch), int(source), int(target))
-        single = _single_chunk(kernels.encode_csr_subset, (self.row_ptr, self.images, self.bits, positions,
-                                                           neurons), max_bytes)
+        single = _single_chunk(kernels.encode_csr_subset, (self.row_ptr, self.images, self.bits, self.groups,
+                                                           subset.positions, subset.neurons), max_bytes)
         if single is not None:
             return [_pack_chunk((*fields, 0, 1, self.n_images), *single)]
-        return self._encode_pieces(positions, neurons, fields, max_bytes)
+        return self._encode_pieces(subset.positions, subset.neurons, fields, max_bytes)
 
     def _encode_pieces(self, positions, neurons, fields, max_bytes) -> list[bytes]:
         """The general path (chunks under ``max_bytes``) on the selected rows' CSR. The CSR is
@@ -500,7 +523,7 @@ def decode_header(data) -> Header:
     if raw_len > _raw_bound(n_rows, nnz) or (not flags and raw_len != payload_len):
         raise CodecError(f"raw payload length {raw_len} impossible for {n_rows} rows, {nnz} entries")
     return Header(rid[:rid_len], layer, batch, source, target, chunk, n_chunks, n_images, n_rows,
-                  nnz, flags, raw_len)
+                  nnz, flags, raw_len, data)
 
 
 def chunk_nnz(chunk: bytes) -> int:
@@ -570,23 +593,26 @@ def _decode(data) -> tuple[Header, Message]:
                       h.batch, h.chunk, h.n_chunks, h.run_id)
 
 
-def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_offset: int = 0) -> Header:
+def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_offset: int = 0,
+                header: Header | None = None) -> Header:
     """Scatter one chunk into ``block[slot_of_neuron[neuron], column_offset + image]``.
 
     ``slot_of_neuron`` maps neuron id -> block row (int64; -1 = not expected,
     an error). The chunk is checked completely before anything is written.
+    ``header``: what :func:`decode_header` returned for this very ``data`` object, to
+    route a chunk before decoding it without checking its header twice.
     """
     data = _as_bytes(data)
     if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2 \
             or not block.flags.c_contiguous or not block.flags.writeable:
         raise ValueError("block must be a writeable C-contiguous 2-D float32 array")
     slots = np.asarray(slot_of_neuron)
-    if slots.ndim != 1 or slots.size == 0 or not np.issubdtype(slots.dtype, np.integer):
+    if slots.ndim != 1 or slots.size == 0 or slots.dtype.kind not in "iu":
         raise ValueError("slot_of_neuron must be a non-empty 1-D integer array")
     slots = np.ascontiguousarray(slots, dtype=np.int64)
     if slots.max() >= block.shape[0]:
         raise ValueError("slot_of_neuron points past the block's rows")
-    h = decode_header(data)
+    h = header if header is not None and header.source_chunk is data else decode_header(data)
     if column_offset < 0 or column_offset + h.n_images > block.shape[1]:
         raise CodecError(f"chunk addresses {h.n_images} images at offset {column_offset}, "
                          f"block has {block.shape[1]} columns")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fsd_kernels import codec
+from fsd_kernels._backend import kernels
 
 FIELDS = dict(layer=7, source=3, target=5, batch=2, run_id=b"run-42")
 
@@ -208,21 +209,45 @@ def test_dense_rows_subsets_equal_encode_dense():
     block = rng.random((40, 700), dtype=np.float32)
     block[block < 0.6] = 0
     block[7] = 0  # an empty row
-    block[9] = block[3]  # a copy
-    rows = rng.permutation(40)[:30]
+    block[[9, 11, 13]] = block[3]  # copies, which a subset may hold without their first
+    block[[20, 21]] = block[5] * (block[5] > 0.9)  # another group
+    rows = np.concatenate([[3, 9, 11, 13, 5, 20, 21], rng.permutation([r for r in range(40) if r not in
+                                                                       (3, 9, 11, 13, 5, 20, 21)])[:23]])
     extracted = codec.DenseRows(block, rows, 650)
     for max_bytes in (None, 900):
-        for _ in range(5):
-            positions = np.sort(rng.choice(30, size=rng.integers(0, 31), replace=False))
+        for trial in range(12):
+            positions = rng.choice(30, size=rng.integers(0, 31), replace=False)
+            if trial % 3:
+                positions = np.sort(positions)
             neurons = np.sort(rng.choice(5000, size=positions.shape[0], replace=False))
             want = codec.encode_dense(block, rows[positions], neurons, n_images=650, layer=4, target=2,
                                       max_bytes=max_bytes)
             got = extracted.encode(positions, neurons, layer=4, target=2, max_bytes=max_bytes)
             assert got == want
+            subset = codec.Subset(positions, neurons)
+            assert extracted.encode_subset(subset, layer=4, target=2, max_bytes=max_bytes) == want
     for positions, neurons, match in [([30], [1], "positions must lie"), ([1, 2], [5], "differ in length"),
                                       ([1, 2], [5, 5], "strictly increase"), ([-1], [1], "positions must lie")]:
         with pytest.raises(ValueError, match=match):
             extracted.encode(positions, neurons)
+
+
+def test_csr_row_groups_equal_the_naive_twin():
+    """Each row's group is the first row with the same images and values (itself if none)."""
+    rng = np.random.default_rng(13)
+    rows = [np.sort(rng.choice(30, rng.integers(0, 6), replace=False)) for _ in range(60)]
+    rows = [r if rng.random() < 0.5 else rows[rng.integers(0, i + 1)] for i, r in enumerate(rows)]
+    values = [rng.choice(np.float32([1, 2, 32]), r.shape[0]) for r in rows]
+    for i in range(1, 60, 7):  # same images, other values: not a copy
+        rows[i], values[i] = rows[i - 1], values[i - 1] + np.float32(1)
+    row_ptr = np.concatenate(([0], np.cumsum([r.shape[0] for r in rows]))).astype(np.int64)
+    images = np.concatenate(rows).astype(np.int32)
+    bits = np.concatenate(values).astype(np.float32).view(np.uint32)
+    groups = np.empty(60, np.int64)
+    kernels.csr_row_groups(row_ptr, images, bits, groups)
+    content = [(tuple(r), tuple(v.astype(np.float32).view(np.uint32))) for r, v in zip(rows, values)]
+    assert groups.tolist() == [content.index(c) for c in content]
+    assert len(set(groups.tolist())) < 60  # the case has copies
 
 
 @pytest.mark.parametrize("bad, match", [
