@@ -29,9 +29,9 @@ EXPORTS = {
     "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1])",
     "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
     "dense_layer_tracked": "void(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
+    "dense_layer_columns": "void(f4[:, ::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
     "copy_rows": "void(f4[:, ::1], i8[::1], f4[:, ::1], i8[::1], i8)",
     "zero_rows": "void(f4[:, ::1], i8[::1], i8)",
-    "take_columns": "void(f4[:, ::1], i8, i8[::1], f4[:, ::1])",
 }
 
 
@@ -56,7 +56,8 @@ COLUMN_TILE = 256
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, top, gap):
+def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, gap):
+    # Input columns [c0, c1) of ``block`` give output columns from ``o0`` on.
     # Row slices indexed from 0 (not range(c0, c1)): numba then knows the
     # index is never negative, skips wrap-around and the loops vectorise.
     m = c1 - c0
@@ -77,7 +78,7 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, top, gap):
     rows = np.empty(degree, np.int64)
     weights = np.empty(degree, np.float32)
     for j in range(n_out):
-        acc = out[j, c0:c1]
+        acc = out[j, o0:o0 + m]
         for i in range(m):
             acc[i] = 0.0
         d = 0
@@ -122,8 +123,8 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, top, gap):
             # ymax, while the row is hot (a later scan of the block cost a
             # fifth of a run). Outputs lie in [0, ymax], so a column is all
             # zero iff top == 0 and all ymax iff gap == 0, exactly.
-            column_top = top[c0:c1]
-            column_gap = gap[c0:c1]
+            column_top = top[o0:o0 + m]
+            column_gap = gap[o0:o0 + m]
             for i in range(m):
                 column_top[i] = max(column_top[i], acc[i])
                 column_gap[i] = max(column_gap[i], ymax - acc[i])
@@ -142,7 +143,7 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     """
     no_tracking = np.empty(0, np.float32)
     for c0 in range(0, n, COLUMN_TILE):
-        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out, c0,
                     no_tracking, no_tracking)
 
 
@@ -154,8 +155,33 @@ def dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, ga
     top[:n] = 0.0
     gap[:n] = 0.0
     for c0 in range(0, n, COLUMN_TILE):
-        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out, c0,
                     top, gap)
+
+
+@_kernel
+def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, top, gap):
+    """``dense_layer_tracked`` of ``block[:, columns]`` (``columns`` strictly increasing): output
+    column i is input column ``columns[i]``. A worker's surviving images, read a tile at a time
+    (a contiguous run in place, else gathered into a cache-sized tile) instead of copying the
+    whole block without its dropped columns first."""
+    n = columns.shape[0]
+    top[:n] = 0.0
+    gap[:n] = 0.0
+    tile = np.empty((block.shape[0], COLUMN_TILE), np.float32)
+    for c0 in range(0, n, COLUMN_TILE):
+        m = min(c0 + COLUMN_TILE, n) - c0
+        first = columns[c0]
+        if columns[c0 + m - 1] - first == m - 1:  # no column dropped here
+            _dense_tile(block, first, first + m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
+            continue
+        picked = columns[c0:c0 + m]
+        for r in range(block.shape[0]):
+            src = block[r]
+            dst = tile[r]
+            for i in range(m):
+                dst[i] = src[picked[i]]
+        _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
 
 
 @_kernel
@@ -175,17 +201,6 @@ def zero_rows(block, rows, n):
         r = block[rows[i]]
         for c in range(n):
             r[c] = 0.0
-
-
-@_kernel
-def take_columns(src, n_rows, keep, dst):
-    """``dst[r, c] = src[r, keep[c]]`` for the first ``n_rows`` rows (dropping image columns)."""
-    m = keep.shape[0]
-    for r in range(n_rows):
-        a = src[r]
-        b = dst[r]
-        for c in range(m):
-            b[c] = a[keep[c]]
 
 
 @_kernel

@@ -33,8 +33,15 @@ class LayerMetrics:
     def add(self, layer: int, field: str, value: float) -> None:
         self.table[layer, _INDEX[field]] += value
 
-    def add_pair(self, layer: int, target: int, rows: int, nnz: int, nbytes: int) -> None:
-        self.pairs[layer, target] += (rows, nnz, nbytes)
+    def add_sent(self, layer: int, targets: list[int], sent: np.ndarray) -> None:
+        """One layer's messages, one per target: ``sent[i]`` = (rows, nnz, bytes, chunks) sent
+        ``targets[i]`` (one call a layer, not five a message)."""
+        rows, nnz, nbytes, chunks = sent.sum(axis=0).tolist()
+        row = self.table[layer]
+        for field, value in (("messages_sent", len(targets)), ("chunks_sent", chunks), ("bytes_sent", nbytes),
+                             ("rows_sent", rows), ("nnz_sent", nnz)):
+            row[_INDEX[field]] += value
+        self.pairs[layer, targets] += sent[:, :3]
 
     def to_dict(self) -> dict:
         return {"worker": self.worker, "fields": list(FIELDS), "layers": self.table.tolist(),

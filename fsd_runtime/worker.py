@@ -74,6 +74,10 @@ class WorkerResult:
                             "active": self.active, "rows": self.rows, "saturated": self.saturated})
 
 
+#: The two buffers of a batch (see ``_Batch.buffer``).
+INPUTS, OUTPUTS = 0, 1
+
+
 class _Batch:
     """One batch's state, the same on every worker: live unsaturated image columns, parked images."""
 
@@ -85,22 +89,17 @@ class _Batch:
         width = active.shape[0] + parked.shape[0]
         self.top = np.zeros(width, np.float32)   # per column: largest output of the last layer
         self.gap = np.zeros(width, np.float32)   # and largest distance below ymax (see dense_layer_tracked)
-        self.holder = 1           # which of the two buffers holds ``own``
         self._buffer_rows = buffer_rows   # most rows a buffer holds in any layer
         self._buffers: list[np.ndarray | None] = [None, None]
 
-    @property
-    def spare(self) -> int:
-        """The buffer that does not hold ``own``."""
-        return 1 - self.holder
-
     def buffer(self, which: int, rows: int, columns: int) -> np.ndarray:
-        """A C-contiguous ``[rows, columns]`` float32 view of this batch's buffer ``which`` (0 or 1).
+        """A C-contiguous ``[rows, columns]`` float32 view of this batch's buffer ``which``
+        (``INPUTS`` or ``OUTPUTS``).
 
-        Two buffers, allocated once at their largest size, take turns: a layer receives into
-        the spare one, compacts into the one whose outputs it has just consumed and computes
-        into the other (a fresh 20 MB array a step cost more in page faults than the layer's
-        arithmetic).
+        Two buffers, allocated once at their largest size (a fresh 20 MB array a step cost more
+        in page faults than the layer's arithmetic): a layer's input block is assembled in one,
+        its outputs go to the other, over the previous outputs, which the input block has
+        copied by then.
         """
         size = rows * columns
         flat = self._buffers[which]
@@ -112,7 +111,7 @@ class _Batch:
 
     def prefault(self) -> None:
         """Allocate and touch both buffers now (start-up), not at the first layer (run time)."""
-        for which in (0, 1):
+        for which in (INPUTS, OUTPUTS):
             self.buffer(which, 1, 1)
             self._buffers[which].fill(0.0)
 
@@ -150,7 +149,6 @@ class WorkerLoop:
         self.tracker = codec.ChunkTracker()
         self.pending: dict[tuple[int, int], list[bytes]] = {}
         self.slot_maps: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
-        self.send_lists: dict[int, tuple[np.ndarray, list]] = {}
         active = share.active
         size = batch_size or max(active.shape[0], 1)
         starts = range(0, max(active.shape[0], 1), size)
@@ -161,6 +159,7 @@ class WorkerLoop:
                         for i, s in enumerate(starts)]
         for state in self.batches:
             state.prefault()
+        self.send_plans = [None] + [_send_plan(share, layer) for layer in range(1, share.n_layers)]
 
     def step(self, layer: int, batch: int) -> int:
         return layer * len(self.batches) + batch
@@ -180,26 +179,26 @@ class WorkerLoop:
     def _layer(self, layer: int, b: int, state: _Batch) -> None:
         share = self.share
         n_slots = share.in_neurons[layer].shape[0]
-        # ``block_in``: the buffer holding ``block`` (None: a fresh array); outputs go to the other.
-        block_in = state.spare
         if layer == 0:
             block = self._input_block(state)
+            columns = np.arange(state.active.shape[0])
         elif state.active.size:
-            block, block_in = self._status_compact(self._receive(layer, b, state), n_slots, state)
+            block = self._receive(layer, b, state)
+            columns = self._drop_finished(block, n_slots, state)
         else:
-            block = np.zeros((n_slots, 0), np.float32)
+            block, columns = np.zeros((n_slots, 0), np.float32), _EMPTY
         if state.parked.size and not share.keeps_saturated[layer]:
             full = np.full((n_slots, state.parked.shape[0]), share.ymax, np.float32)
-            block, block_in = np.ascontiguousarray(np.hstack([block[:n_slots], full])), None
+            block = np.hstack([block[:n_slots][:, columns], full])
+            columns = np.arange(block.shape[1])
             state.active = np.concatenate([state.active, state.parked])
             state.parked = _EMPTY
         n = state.active.shape[0]
         self.metrics.add(layer, "images_active", n)
-        state.holder = 1 - block_in if block_in is not None else state.spare
-        out = state.buffer(state.holder, share.out_neurons[layer].shape[0] + 2, n)  # + status rows
+        out = state.buffer(OUTPUTS, share.out_neurons[layer].shape[0] + 2, n)  # + status rows
         if n:
             start = time.perf_counter()
-            self.kernels.dense_layer_tracked(block, n, share.colptr[layer], share.rowidx[layer],
+            self.kernels.dense_layer_columns(block[:n_slots], columns, share.colptr[layer], share.rowidx[layer],
                                              share.vals[layer], share.bias[layer], share.ymax, out,
                                              state.top, state.gap)
             self.metrics.add(layer, "compute_s", time.perf_counter() - start)
@@ -210,7 +209,7 @@ class WorkerLoop:
     def _input_block(self, state: _Batch) -> np.ndarray:
         """Layer 0's input rows (the slots this worker needs) for the batch's images, from the share."""
         s, images = self.share, state.active
-        block = state.buffer(state.spare, s.in_neurons[0].shape[0], images.shape[0])
+        block = state.buffer(INPUTS, s.in_neurons[0].shape[0], images.shape[0])
         block.fill(0.0)
         if not images.shape[0]:
             return block
@@ -233,7 +232,7 @@ class WorkerLoop:
         ``state.own`` has two extra rows after the outputs: the status rows (1.0 where all this
         worker's rows of an image are zero / ymax), encoded like any row as neurons N and N+1.
         """
-        s, own = self.share, state.own
+        own = state.own
         start = time.perf_counter()
         n_out, n = own.shape[0] - 2, own.shape[1]
         # outputs lie in [0, ymax]: a column is all zero iff its top is 0, all ymax iff its gap is 0
@@ -242,48 +241,23 @@ class WorkerLoop:
         own[n_out + ZERO_FLAG] = zero
         own[n_out + YMAX_FLAG] = full
         state.flags = (zero, full)
-        status_nnz = int(zero.sum() + full.sum())
-        outgoing = []
-        m = self.metrics
-        union, lists = self._send_lists(layer)
+        status_nnz = int(np.count_nonzero(zero)) + int(np.count_nonzero(full))
+        union, peers = self.send_plans[layer]
         extracted = self.codec.DenseRows(own, union, n)  # each row once, however many peers need it
-        for target, positions, neurons in lists:
-            chunks = extracted.encode(positions, neurons, layer=layer, source=self.me, target=target, batch=b,
-                                      run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
+        outgoing = []
+        sent = np.empty((len(peers), 4), np.int64)  # per peer: rows, nnz, bytes, chunks
+        for i, (target, subset) in enumerate(peers):
+            chunks = extracted.encode_subset(subset, layer=layer, source=self.me, target=target, batch=b,
+                                             run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
+            sent[i] = (subset.positions.shape[0] - 2, sum(map(self.codec.chunk_nnz, chunks)) - status_nnz,
+                       sum(map(len, chunks)), len(chunks))
             outgoing += [(target, c) for c in chunks]
-            n_bytes = sum(len(c) for c in chunks)
-            nnz = sum(self.codec.chunk_nnz(c) for c in chunks) - status_nnz
-            m.add(layer, "messages_sent", 1)
-            m.add(layer, "chunks_sent", len(chunks))
-            m.add(layer, "bytes_sent", n_bytes)
-            m.add(layer, "rows_sent", positions.shape[0] - 2)
-            m.add(layer, "nnz_sent", nnz)
-            m.add_pair(layer, target, positions.shape[0] - 2, nnz, n_bytes)
+        self.metrics.add_sent(layer, [t for t, _ in peers], sent)
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
         try:
             self.channel.send(self.step(layer, b), outgoing)
         except ChannelError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: send failed: {exc}") from exc
-
-    def _send_lists(self, layer: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
-        """The rows of ``state.own`` any peer gets at ``layer`` (ascending, the two status rows
-        last), and per peer: the positions of its rows among those (its rows, then the status
-        rows) and their neuron ids. Built once per layer."""
-        cached = self.send_lists.get(layer)
-        if cached is None:
-            s = self.share
-            n_out = s.out_neurons[layer - 1].shape[0]
-            peers = [t for t in range(self.n_peers) if t != self.me]
-            status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
-            status_neurons = np.array([s.n_neurons + ZERO_FLAG, s.n_neurons + YMAX_FLAG], np.int32)
-            union = np.concatenate([np.unique(np.concatenate([s.send_pos[layer][t] for t in peers] + [_EMPTY])),
-                                    status_rows])
-            lists = [(t, np.searchsorted(union, np.concatenate([s.send_pos[layer][t], status_rows])),
-                      np.concatenate([s.out_neurons[layer - 1][s.send_pos[layer][t]], status_neurons]))
-                     for t in peers]
-            cached = union, lists
-            self.send_lists = {layer: cached}
-        return cached
 
     def _slot_map(self, layer: int) -> tuple[list[np.ndarray], np.ndarray]:
         """Per source: neuron id -> block row (-1: that source must not send it); status rows last.
@@ -310,7 +284,7 @@ class WorkerLoop:
         """The input block of ``layer``: own rows, every peer's rows and status rows."""
         s = self.share
         n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
-        block = state.buffer(state.spare, n_slots + 2 * self.n_peers, n)
+        block = state.buffer(INPUTS, n_slots + 2 * self.n_peers, n)
         maps, received_rows = self._slot_map(layer)
         self.kernels.zero_rows(block, received_rows, n)  # decoding writes only the nonzeros
         self.kernels.copy_rows(state.own, s.local_pos[layer], block, s.local_slots[layer], n)
@@ -321,6 +295,8 @@ class WorkerLoop:
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
         deadline = min(time.monotonic() + self.receive_timeout, self.run_deadline)
+        tally = dict.fromkeys(("chunks_received", "bytes_received", "nnz_received", "duplicates",
+                               "messages_received", "rows_received", "wait_s", "decode_s"), 0)
         while missing:
             chunks, backlog = backlog, []
             if not chunks:
@@ -335,26 +311,29 @@ class WorkerLoop:
                     chunks = self.channel.receive(step, remaining)
                 except ChannelError as exc:
                     raise WorkerError(self.me, layer, f"batch {b}: receive failed: {exc}") from exc
-                self.metrics.add(layer, "wait_s", time.perf_counter() - start)
+                tally["wait_s"] += time.perf_counter() - start
             start = time.perf_counter()
             for chunk in chunks:
-                source = self._route(chunk, layer, b, block, maps)
+                source = self._route(chunk, layer, b, block, maps, tally)
                 if source is not None:
                     missing.discard(source)
-                    self.metrics.add(layer, "messages_received", 1)
-                    self.metrics.add(layer, "rows_received", s.recv_slots[layer][source].shape[0])
-            self.metrics.add(layer, "decode_s", time.perf_counter() - start)
+                    tally["messages_received"] += 1
+                    tally["rows_received"] += s.recv_slots[layer][source].shape[0]
+            tally["decode_s"] += time.perf_counter() - start
+        for field, value in tally.items():
+            self.metrics.add(layer, field, value)
         return block
 
-    def _route(self, chunk: bytes, layer: int, b: int, block: np.ndarray, maps) -> int | None:
+    def _route(self, chunk: bytes, layer: int, b: int, block: np.ndarray, maps, tally: dict) -> int | None:
         """Decode a chunk of the current step into ``block``, hold an early one, drop a duplicate or
-        another run's. Returns the source whose message this chunk completed, else None."""
+        another run's (counted in ``tally``). Returns the source whose message this chunk completed,
+        else None."""
         try:
             h = self.codec.decode_header(chunk)
         except self.codec.CodecError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: malformed chunk: {exc}") from exc
         if h.run_id != self.wire_run_id:
-            self.metrics.add(layer, "duplicates", 1)
+            tally["duplicates"] += 1
             return None
         if (h.target != self.me or not 0 <= h.source < self.n_peers or h.source == self.me
                 or not 1 <= h.layer < self.share.n_layers or h.batch >= len(self.batches)):
@@ -365,36 +344,55 @@ class WorkerLoop:
             self.pending.setdefault((h.layer, h.batch), []).append(chunk)
             return None
         if theirs < here or not self.tracker.accept(h):
-            self.metrics.add(layer, "duplicates", 1)
+            tally["duplicates"] += 1
             return None
         if h.n_images != block.shape[1]:
             raise WorkerError(self.me, layer, f"batch {b}: worker {h.source} sent {h.n_images} image "
                                               f"columns, {block.shape[1]} are active")
         try:
-            self.codec.decode_into(chunk, block, maps[h.source])
+            self.codec.decode_into(chunk, block, maps[h.source], header=h)
         except self.codec.CodecError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: bad chunk from worker {h.source}: {exc}") from exc
-        self.metrics.add(layer, "chunks_received", 1)
-        self.metrics.add(layer, "bytes_received", len(chunk))
-        self.metrics.add(layer, "nnz_received", h.nnz)
+        tally["chunks_received"] += 1
+        tally["bytes_received"] += len(chunk)
+        tally["nnz_received"] += h.nnz
         return h.source if self.tracker.complete(h.key) else None
 
-    def _status_compact(self, block: np.ndarray, n_slots: int, state: _Batch) -> tuple[np.ndarray, int]:
-        """Drop globally dead images, park globally saturated ones (every worker decides alike).
-
-        ``block`` is in the spare buffer; a compacted block goes to the other one, whose
-        outputs are consumed by now. Returns the block and the buffer holding it."""
+    def _drop_finished(self, block: np.ndarray, n_slots: int, state: _Batch) -> np.ndarray:
+        """Drop globally dead images and park globally saturated ones (every worker decides
+        alike, from everyone's status rows); returns the block columns of the images left."""
         status = block[n_slots:]
         dead = np.all(status[ZERO_FLAG::2] == 1.0, axis=0)
         saturated = np.all(status[YMAX_FLAG::2] == 1.0, axis=0) & ~dead
         keep = ~(dead | saturated)
         if keep.all():
-            return block, state.spare
+            return np.arange(keep.shape[0])
         state.parked = np.concatenate([state.parked, state.active[saturated]])
         state.active = state.active[keep]
-        compacted = state.buffer(state.holder, n_slots, state.active.shape[0])
-        self.kernels.take_columns(block, n_slots, np.flatnonzero(keep), compacted)
-        return compacted, state.holder
+        return np.flatnonzero(keep)
+
+
+def _send_plan(share: WorkerShare, layer: int):
+    """What a worker sends at ``layer`` (>= 1): the rows of its previous outputs any peer gets
+    (ascending, then the two status rows), and per peer: a ``codec.Subset`` of those (its rows,
+    then the status rows, as their neuron ids). Computed once, at start-up."""
+    from fsd_kernels import codec
+
+    n_out = share.out_neurons[layer - 1].shape[0]
+    peers = [t for t in range(share.n_workers) if t != share.worker]
+    wanted = np.zeros(n_out + 2, np.bool_)
+    for t in peers:
+        wanted[share.send_pos[layer][t]] = True
+    wanted[n_out + ZERO_FLAG] = wanted[n_out + YMAX_FLAG] = True
+    union = np.flatnonzero(wanted)
+    place = np.cumsum(wanted) - 1  # row -> its position in ``union``
+    status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
+    status_neurons = np.array([share.n_neurons + ZERO_FLAG, share.n_neurons + YMAX_FLAG], np.int32)
+    subsets = [(t, codec.Subset(place[np.concatenate([share.send_pos[layer][t], status_rows])],
+                                np.concatenate([share.out_neurons[layer - 1][share.send_pos[layer][t]],
+                                                status_neurons])))
+               for t in peers]
+    return union, subsets
 
 
 def _cpu_seconds() -> float:
@@ -422,14 +420,15 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     storage = storage or make_storage(event.storage)
     try:
         launch_children(event, launcher or make_launcher(event.launcher))
-        import fsd_kernels.codec  # noqa: F401  (load the kernels now: start-up, not run time)
-        share = WorkerShare.from_bytes(storage.get(ev.share_key(event.prefix, event.worker_id)))
-        if share.worker != event.worker_id or share.n_workers != event.n_workers:
-            raise ev.EventError(f"share of worker {share.worker}/{share.n_workers} given to "
-                                f"worker {event.worker_id}/{event.n_workers}")
         own_channel = channel is None
+        # the channel first: peers that are ready sooner can reach this worker while it loads
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)
         try:
+            import fsd_kernels.codec  # noqa: F401  (load the kernels now: start-up, not run time)
+            share = WorkerShare.from_bytes(storage.get(ev.share_key(event.prefix, event.worker_id)))
+            if share.worker != event.worker_id or share.n_workers != event.n_workers:
+                raise ev.EventError(f"share of worker {share.worker}/{share.n_workers} given to "
+                                    f"worker {event.worker_id}/{event.n_workers}")
             loop = WorkerLoop(share, channel, run_id=event.run_id, receive_timeout=event.receive_timeout,
                               run_timeout=event.run_timeout - (time.time() - started),
                               batch_size=event.batch_size)

@@ -19,7 +19,7 @@ def _event(tmp_path, **changes) -> dict:
     event = events.WorkerEvent(
         run_id="run1", worker_id=0, n_workers=1, fanout=2,
         storage={"kind": "local", "root": str(tmp_path)}, prefix="runs/run1",
-        channel={"kind": "local", "root": str(tmp_path / "sockets")}, launcher={"kind": "local"},
+        channel={"kind": "local", "dir": str(tmp_path)}, launcher={"kind": "local"},
         receive_timeout=5.0, run_timeout=30.0, launch_children=False).to_dict()
     event.update(changes)
     return event

@@ -19,7 +19,7 @@ def _event(tmp_path, worker: int = 0, n_workers: int = 1) -> events.WorkerEvent:
     return events.WorkerEvent(
         run_id="inv", worker_id=worker, n_workers=n_workers, fanout=2,
         storage={"kind": "local", "root": str(tmp_path)}, prefix="runs/inv",
-        channel={"kind": "local", "root": str(tmp_path / "sockets")}, launcher={"kind": "local"},
+        channel={"kind": "local", "dir": str(tmp_path)}, launcher={"kind": "local"},
         receive_timeout=5.0, run_timeout=30.0, launch_children=False)
 
 

@@ -155,9 +155,44 @@ def test_dense_layer_on_remapped_rows_equals_the_naive_twin(case, rnd):
     np.testing.assert_array_equal(tracked[:, :y.shape[0]], out[:, :y.shape[0]])
     np.testing.assert_array_equal(top[:y.shape[0]], want.max(axis=1, initial=0))
     np.testing.assert_array_equal(gap[:y.shape[0]], (np.float32(ymax) - want).max(axis=1, initial=0))
+    # the images among dropped columns of junk: dense_layer_columns picks them out
+    width = 2 * y.shape[0] + 3
+    columns = np.sort(np.array(rnd.sample(range(width), y.shape[0]), np.int64))
+    spread = np.full((n + 2, width), np.float32(9))
+    spread[:, columns] = block[:, :y.shape[0]]
+    picked = np.full_like(out, np.float32(-5))
+    top2, gap2 = np.full_like(top, -1), np.full_like(gap, -1)
+    kernels.dense_layer_columns(spread, columns, colptr, remapped, vals, bias, np.float32(ymax), picked,
+                                top2, gap2)
+    np.testing.assert_array_equal(picked[:, :y.shape[0]], out[:, :y.shape[0]])
+    np.testing.assert_array_equal(top2[:y.shape[0]], top[:y.shape[0]])
+    np.testing.assert_array_equal(gap2[:y.shape[0]], gap[:y.shape[0]])
 
 
-def test_row_and_column_moves_equal_numpy():
+def test_dense_layer_columns_equals_the_compacted_block():
+    """Tiles that are a contiguous run (read in place) and tiles with dropped columns (gathered)
+    give what dense_layer_tracked gives on the block with the dropped columns removed."""
+    rng = np.random.default_rng(21)
+    n_in, n_out, width = 40, 30, 1500
+    block = rng.random((n_in, width), dtype=np.float32) * 40
+    block[rng.random(block.shape) < 0.4] = 0
+    colptr = np.arange(0, 8 * n_out + 1, 8, dtype=np.int64)
+    rowidx = np.concatenate([np.sort(rng.choice(n_in, 8, replace=False)) for _ in range(n_out)]).astype(np.int32)
+    vals = np.full(rowidx.shape[0], np.float32(1 / 16))
+    bias = np.full(n_out, np.float32(-0.3))
+    columns = np.concatenate([np.arange(0, 300), np.flatnonzero(rng.random(width - 300) < 0.7) + 300]).astype(np.int64)
+    want, got = (np.zeros((n_out, width), np.float32) for _ in range(2))
+    tops, gaps = (np.zeros((2, width), np.float32) for _ in range(2))
+    kernels.dense_layer_tracked(np.ascontiguousarray(block[:, columns]), columns.shape[0], colptr, rowidx, vals,
+                                bias, np.float32(32), want, tops[0], gaps[0])
+    kernels.dense_layer_columns(block, columns, colptr, rowidx, vals, bias, np.float32(32), got, tops[1], gaps[1])
+    assert np.any(want[:, :columns.shape[0]] > 0)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(tops[0], tops[1])
+    np.testing.assert_array_equal(gaps[0], gaps[1])
+
+
+def test_row_moves_equal_numpy():
     """The worker's block bookkeeping kernels against plain numpy indexing."""
     rng = np.random.default_rng(5)
     src = rng.random((9, 40), dtype=np.float32)
@@ -170,11 +205,6 @@ def test_row_and_column_moves_equal_numpy():
     want[[1, 11], :17] = 0
     kernels.zero_rows(dst, np.array([1, 11], np.int64), 17)
     np.testing.assert_array_equal(dst, want)
-    keep = np.array([0, 3, 4, 39], np.int64)
-    out = np.full((9, 10), np.float32(-1))
-    kernels.take_columns(src, 7, keep, out)
-    np.testing.assert_array_equal(out[:7, :4], src[:7][:, keep])
-    assert np.all(out[7:] == -1) and np.all(out[:, 4:] == -1)
 
 
 @SETTINGS

@@ -147,9 +147,14 @@ out["tracked"], out["tracked_top"], out["tracked_gap"] = outputs, top, gap
 moved = np.ones((8, 40), np.float32)
 fsd_kernels.kernels.copy_rows(outputs, np.array([5, 700, 1023]), moved, np.array([0, 3, 7]), n)
 fsd_kernels.kernels.zero_rows(moved, np.array([1, 2]), n)
-taken = np.zeros((8, 3), np.float32)
-fsd_kernels.kernels.take_columns(moved, 8, np.array([0, 2, n - 1]), taken)
-out["moved"], out["taken"] = moved, taken
+out["moved"] = moved
+wide = np.zeros((1024, 600), np.float32)
+m = fsd_kernels.kernels.csr_rows_to_block(*images.rows(0, 600).arrays, 0, 600, wide, np.empty(600, np.int64))
+columns = np.concatenate([np.arange(0, 256), np.arange(260, m, 3)]).astype(np.int64)  # a run, then gathers
+picked = np.zeros((1024, columns.shape[0]), np.float32)
+top, gap = np.zeros(600, np.float32), np.zeros(600, np.float32)
+fsd_kernels.kernels.dense_layer_columns(wide, columns, colptr, rowidx, vals, bias, net.ymax, picked, top, gap)
+out["picked"], out["picked_top"], out["picked_gap"] = picked, top, gap
 np.savez(sys.argv[1], **out)
 print(json.dumps({"backend": fsd_kernels.backend, "calls": calls, "golden": golden,
                   "numba_loaded": "numba" in sys.modules}))

@@ -187,15 +187,19 @@ class LocalChannel(Channel):
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.001
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = None
             try:
+                if not os.path.exists(path):  # a peer still starting: a stat costs less than a socket
+                    raise FileNotFoundError(f"{path} does not exist yet")
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
                 sock.connect(path)  # never waits for the peer: its backlog holds every worker's connection
                 sock.setblocking(False)
                 self._out[target] = sock
                 return sock
             except (FileNotFoundError, ConnectionRefusedError) as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 if time.monotonic() > deadline:
                     raise ChannelError(f"worker {self.worker_id} cannot reach worker {target} "
                                        f"within {self.connect_timeout} s: {exc}") from exc
