@@ -206,35 +206,36 @@ def _image_ranks(images):
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_rows_copying(row_neurons, row_ptr, images, bits, source, out, kept_bits, counts):
-    """:func:`encode_rows` given each row's copy source (``_copy_sources``)."""
+def _encode_rows_copying(row_neurons, starts, ends, images, bits, source, out, kept_bits, counts):
+    """:func:`encode_rows` of the rows ``images/bits[starts[r]:ends[r]]`` (no copy of a subset
+    of some bigger CSR) given each row's copy source (``_copy_sources``); ``kept_bits`` has
+    room for every entry."""
     n_rows = row_neurons.shape[0]
     pos = 0
     prev = -1
     for r in range(n_rows):
         pos = _put_varint(out, pos, row_neurons[r] - prev - 1 if r else row_neurons[r])
         prev = row_neurons[r]
-    kept_images = np.empty(images.shape[0], np.int64)
+    kept_images = np.empty(kept_bits.shape[0], np.int64)
     n_kept = 0
     for r in range(n_rows):
-        lo = row_ptr[r]
-        hi = row_ptr[r + 1]
+        lo = starts[r]
+        hi = ends[r]
         if source[r] >= 0:
             pos = _put_varint(out, pos, ((r - source[r]) << KIND_BITS) | KIND_COPY)
             continue
-        if r and _same_images(images, lo, hi, row_ptr[r - 1], row_ptr[r]):
+        if r and _same_images(images, lo, hi, starts[r - 1], ends[r - 1]):
             out[pos] = 0
             pos += 1
         else:
             pos = _put_row(out, pos, images, lo, hi)
-        for p in range(lo, hi):
-            kept_images[n_kept] = images[p]
-            n_kept += 1
+        kept_images[n_kept:n_kept + hi - lo] = images[lo:hi]
+        n_kept += hi - lo
     rank = _image_ranks(kept_images[:n_kept])
     k = 0
     for r in range(n_rows):
         if source[r] < 0:
-            for p in range(row_ptr[r], row_ptr[r + 1]):
+            for p in range(starts[r], ends[r]):
                 kept_bits[rank[k]] = bits[p]
                 k += 1
     counts[0] = n_kept
@@ -253,8 +254,8 @@ def encode_rows(row_neurons, row_ptr, images, bits, out, kept_bits, counts):
     hold ``16 * n_rows + 5 * nnz + 16`` bytes (the worst case; with the
     value section, ``codec._raw_bound``).
     """
-    return _encode_rows_copying(row_neurons, row_ptr, images, bits, _copy_sources(row_ptr, images, bits),
-                                out, kept_bits, counts)
+    return _encode_rows_copying(row_neurons, row_ptr[:-1], row_ptr[1:], images, bits,
+                                _copy_sources(row_ptr, images, bits), out, kept_bits, counts)
 
 
 @nb.njit(**_INLINE)
@@ -394,12 +395,12 @@ def _short_of_room(n_kept, nnz, out, counts):
 
 
 @nb.njit(nogil=True, cache=True)
-def _payload_of_rows(row_neurons, row_ptr, images, bits, source, out):
-    """Neuron, row and value sections of non-empty CSR rows, whose copy sources are
-    ``source``, into ``out``; returns the length."""
-    kept_bits = np.empty(images.shape[0], np.uint32)
+def _payload_of_rows(row_neurons, starts, ends, nnz, images, bits, source, out):
+    """Neuron, row and value sections of the non-empty rows ``images/bits[starts[r]:ends[r]]``
+    (``nnz`` entries in all), whose copy sources are ``source``, into ``out``; returns the length."""
+    kept_bits = np.empty(nnz, np.uint32)
     kept = np.zeros(1, np.int64)
-    pos = _encode_rows_copying(row_neurons, row_ptr, images, bits, source, out, kept_bits, kept)
+    pos = _encode_rows_copying(row_neurons, starts, ends, images, bits, source, out, kept_bits, kept)
     return encode_values(kept_bits[:kept[0]], out, pos)
 
 
@@ -447,9 +448,8 @@ def encode_dense_rows(block, rows, neurons, n_cols, out, counts):
             kept_neurons[q] = neurons[r]
             q += 1
             row_ptr[q] = p
-    images = images[:nnz]
-    bits = bits[:nnz]
-    return _payload_of_rows(kept_neurons, row_ptr, images, bits, _copy_sources(row_ptr, images, bits), out)
+    return _payload_of_rows(kept_neurons, row_ptr[:-1], row_ptr[1:], nnz, images, bits,
+                            _copy_sources(row_ptr, images, bits), out)
 
 
 @_kernel
@@ -472,31 +472,25 @@ def encode_csr_subset(row_ptr, images, bits, groups, positions, neurons, out, co
     if short:
         return short
     kept_neurons = np.empty(n_kept, np.int32)
-    sub_ptr = np.empty(n_kept + 1, np.int64)
-    sub_images = np.empty(nnz, np.int32)
-    sub_bits = np.empty(nnz, np.uint32)
+    starts = np.empty(n_kept, np.int64)
+    ends = np.empty(n_kept, np.int64)
     source = np.empty(n_kept, np.int64)
     first_of_group = np.full(groups.shape[0], -1, np.int64)  # kept row showing each group first
-    sub_ptr[0] = 0
     q = 0
-    p = 0
     for i in range(n_sel):
         lo = row_ptr[positions[i]]
         hi = row_ptr[positions[i] + 1]
         if hi == lo:
             continue
-        for t in range(lo, hi):
-            sub_images[p] = images[t]
-            sub_bits[p] = bits[t]
-            p += 1
         g = groups[positions[i]]
         source[q] = first_of_group[g]
         if source[q] < 0:
             first_of_group[g] = q
         kept_neurons[q] = neurons[i]
+        starts[q] = lo
+        ends[q] = hi
         q += 1
-        sub_ptr[q] = p
-    return _payload_of_rows(kept_neurons, sub_ptr, sub_images, sub_bits, source, out)
+    return _payload_of_rows(kept_neurons, starts, ends, nnz, images, bits, source, out)
 
 
 # ---------------------------------------------------------------- decoding
