@@ -13,6 +13,7 @@ numba, scipy or boto3 (those live behind the kinds the configs name).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import resource
@@ -91,6 +92,7 @@ class _Batch:
         self.gap = np.zeros(width, np.float32)   # and largest distance below ymax (see dense_layer_tracked)
         self._buffer_rows = buffer_rows   # most rows a buffer holds in any layer
         self._buffers: list[np.ndarray | None] = [None, None]
+        self._still_zero = [False, False]  # untouched since ``prefault`` zeroed it
 
     def buffer(self, which: int, rows: int, columns: int) -> np.ndarray:
         """A C-contiguous ``[rows, columns]`` float32 view of this batch's buffer ``which``
@@ -107,13 +109,23 @@ class _Batch:
             widest = self.active.shape[0] + self.parked.shape[0]
             flat = np.empty(max(size, self._buffer_rows * widest), np.float32)
             self._buffers[which] = flat
+        self._still_zero[which] = False
         return flat[:size].reshape(rows, columns)
+
+    def zeros(self, which: int, rows: int, columns: int) -> np.ndarray:
+        """:meth:`buffer` filled with zeros (free the first time: ``prefault`` zeroed it)."""
+        before, still_zero = self._buffers[which], self._still_zero[which]
+        block = self.buffer(which, rows, columns)
+        if not still_zero or self._buffers[which] is not before:  # used, or grown (np.empty)
+            block.fill(0.0)
+        return block
 
     def prefault(self) -> None:
         """Allocate and touch both buffers now (start-up), not at the first layer (run time)."""
         for which in (INPUTS, OUTPUTS):
             self.buffer(which, 1, 1)
             self._buffers[which].fill(0.0)
+            self._still_zero[which] = True
 
 
 class WorkerLoop:
@@ -209,8 +221,7 @@ class WorkerLoop:
     def _input_block(self, state: _Batch) -> np.ndarray:
         """Layer 0's input rows (the slots this worker needs) for the batch's images, from the share."""
         s, images = self.share, state.active
-        block = state.buffer(INPUTS, s.in_neurons[0].shape[0], images.shape[0])
-        block.fill(0.0)
+        block = state.zeros(INPUTS, s.in_neurons[0].shape[0], images.shape[0])
         if not images.shape[0]:
             return block
         starts, lengths = s.x_indptr[images], s.x_indptr[images + 1] - s.x_indptr[images]
@@ -432,6 +443,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
             loop = WorkerLoop(share, channel, run_id=event.run_id, receive_timeout=event.receive_timeout,
                               run_timeout=event.run_timeout - (time.time() - started),
                               batch_size=event.batch_size)
+            gc.freeze()  # start-up's objects are for life: collections during the run skip them
             ready, cpu = time.time(), _cpu_seconds()
             result = loop.run()
             cpu = _cpu_seconds() - cpu

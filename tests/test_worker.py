@@ -14,7 +14,7 @@ from fsd_runtime import model, partition
 from fsd_runtime.channels import Channel, ChannelConfigError, ChannelError, make_channel
 from fsd_runtime.plan import build_shares
 from fsd_runtime.storage import StorageError, check_key, make_storage
-from fsd_runtime.worker import WorkerError, WorkerLoop, wire_run_id
+from fsd_runtime.worker import INPUTS, OUTPUTS, WorkerError, WorkerLoop, _Batch, wire_run_id
 
 EVENT = dict(run_id="r-1", worker_id=1, n_workers=4, fanout=2, storage={"kind": "local", "root": "/tmp/x"},
              prefix="runs/r-1", channel={"kind": "local", "dir": "/tmp/y"}, launcher={"kind": "process"})
@@ -190,6 +190,19 @@ def _two_workers():
 
 #: Images active at layer 1 (what every message of layer 1 must address).
 N1 = _two_workers()[0].active.shape[0]
+
+
+def test_batch_buffers_hand_out_zeros_whether_used_or_grown():
+    state = _Batch(np.arange(10), np.arange(0), buffer_rows=4)
+    state.prefault()
+    first = state.zeros(INPUTS, 4, 10)  # zeroed at start-up: handed out as it is
+    assert first.shape == (4, 10) and not first.any()
+    first[:] = 7
+    state.buffer(OUTPUTS, 4, 10)[:] = 5
+    assert not state.zeros(INPUTS, 3, 10).any()  # used since: filled again
+    fresh = _Batch(np.arange(10), np.arange(0), buffer_rows=4)
+    fresh.prefault()
+    assert not fresh.zeros(OUTPUTS, 8, 10).any()  # larger than the buffer: a new one, filled
 
 
 def test_another_runs_chunk_is_ignored():
