@@ -384,9 +384,16 @@ class WorkerLoop:
 
 
 def _send_plan(share: WorkerShare, layer: int):
-    """What a worker sends at ``layer`` (>= 1): the rows of its previous outputs any peer gets
-    (ascending, then the two status rows), and per peer: a ``codec.Subset`` of those (its rows,
-    then the status rows, as their neuron ids). Computed once, at start-up."""
+    """What a worker sends at ``layer`` (>= 1): the rows of its previous outputs to extract (one
+    per group of twins, ascending, then the two status rows), and per peer a ``codec.Subset`` of
+    those: each row it gets as the extracted row of its group (its rows, then the status rows,
+    as their neuron ids). Computed once, at start-up.
+
+    Twins are outputs with the same weight column and bias: the layer kernel computes them with
+    the same float operations on the same inputs, so their rows are equal, bit for bit (the
+    official nets have 32-64 distinct columns a layer). A row is extracted once for all its twins;
+    each message still carries every row (a twin after the first is a copy record), byte for
+    byte what extracting every row gives."""
     from fsd_kernels import codec
 
     n_out = share.out_neurons[layer - 1].shape[0]
@@ -396,14 +403,29 @@ def _send_plan(share: WorkerShare, layer: int):
         wanted[share.send_pos[layer][t]] = True
     wanted[n_out + ZERO_FLAG] = wanted[n_out + YMAX_FLAG] = True
     union = np.flatnonzero(wanted)
-    place = np.cumsum(wanted) - 1  # row -> its position in ``union``
+    twin_of = _first_twins(share, layer - 1, union[:-2])  # the status rows have no twins
+    extracted = np.flatnonzero(twin_of == np.arange(union.shape[0] - 2))
+    where = np.full(n_out + 2, -1, np.int64)  # row -> position of its group's row among ``extracted``
+    where[union[extracted]] = np.arange(extracted.shape[0])
+    where[union[:-2]] = where[union[twin_of]]
+    where[n_out + ZERO_FLAG], where[n_out + YMAX_FLAG] = extracted.shape[0], extracted.shape[0] + 1
     status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
     status_neurons = np.array([share.n_neurons + ZERO_FLAG, share.n_neurons + YMAX_FLAG], np.int32)
-    subsets = [(t, codec.Subset(place[np.concatenate([share.send_pos[layer][t], status_rows])],
+    subsets = [(t, codec.Subset(where[np.concatenate([share.send_pos[layer][t], status_rows])],
                                 np.concatenate([share.out_neurons[layer - 1][share.send_pos[layer][t]],
                                                 status_neurons])))
                for t in peers]
-    return union, subsets
+    return np.concatenate([union[extracted], status_rows]), subsets
+
+
+def _first_twins(share: WorkerShare, layer: int, rows: np.ndarray) -> np.ndarray:
+    """For each of ``rows`` (outputs of ``layer``): the index in ``rows`` of the first one with
+    the same weight column (input slots and weights) and bias."""
+    colptr, rowidx, vals, bias = share.colptr[layer], share.rowidx[layer], share.vals[layer], share.bias[layer]
+    first: dict[tuple, int] = {}
+    return np.array([first.setdefault((rowidx[colptr[r]:colptr[r + 1]].tobytes(),
+                                       vals[colptr[r]:colptr[r + 1]].tobytes(), bias[r].tobytes()), i)
+                     for i, r in enumerate(rows.tolist())], np.int64)
 
 
 def _cpu_seconds() -> float:

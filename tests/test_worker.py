@@ -14,7 +14,7 @@ from fsd_runtime import model, partition
 from fsd_runtime.channels import Channel, ChannelConfigError, ChannelError, make_channel
 from fsd_runtime.plan import build_shares
 from fsd_runtime.storage import StorageError, check_key, make_storage
-from fsd_runtime.worker import INPUTS, OUTPUTS, WorkerError, WorkerLoop, _Batch, wire_run_id
+from fsd_runtime.worker import INPUTS, OUTPUTS, WorkerError, WorkerLoop, _Batch, _send_plan, wire_run_id
 
 EVENT = dict(run_id="r-1", worker_id=1, n_workers=4, fanout=2, storage={"kind": "local", "root": "/tmp/x"},
              prefix="runs/r-1", channel={"kind": "local", "dir": "/tmp/y"}, launcher={"kind": "process"})
@@ -190,6 +190,36 @@ def _two_workers():
 
 #: Images active at layer 1 (what every message of layer 1 must address).
 N1 = _two_workers()[0].active.shape[0]
+
+
+def test_twin_rows_are_extracted_once_and_messages_keep_their_bytes():
+    """Outputs with the same weight column and bias (16-32 a group in the official net) are
+    extracted once; every message is byte for byte what extracting every row gives."""
+    data = model.embedded()
+    net = data.network.pack()
+    shares = build_shares(net, *data.images.rows(0, 300).arrays, partition.contiguous(1024, 120, 4))
+    s, layer = shares[1], 3
+    n_out, n = s.out_neurons[layer - 1].shape[0], 300
+    colptr, rowidx, vals, _ = net.layer_csc(layer - 1)
+    own = np.zeros((n_out + 2, n), np.float32)
+    rng = np.random.default_rng(3)
+    rows_by_column = {}
+    for i, neuron in enumerate(s.out_neurons[layer - 1]):  # what the layer kernel gives twins: equal rows
+        key = (rowidx[colptr[neuron]:colptr[neuron + 1]].tobytes(), vals[colptr[neuron]:colptr[neuron + 1]].tobytes())
+        row = rows_by_column.setdefault(key, rng.choice(np.float32([0, 0, 0.5, 32]), n))
+        own[i] = row
+    own[n_out:] = rng.random((2, n)) < 0.3
+    extracted, subsets = _send_plan(s, layer)
+    peers = [t for t in range(4) if t != 1]
+    union = np.union1d(np.concatenate([s.send_pos[layer][t] for t in peers]), [n_out, n_out + 1])
+    assert extracted.shape[0] <= len(rows_by_column) + 2 < union.shape[0] // 3  # one row a group of twins
+    plain = codec.DenseRows(own, union, n)
+    folded = codec.DenseRows(own, extracted, n)
+    for t, subset in subsets:
+        positions = np.searchsorted(union, np.concatenate([s.send_pos[layer][t], [n_out, n_out + 1]]))
+        for max_bytes in (None, 300):
+            want = plain.encode(positions, subset.neurons, layer=layer, source=1, target=t, max_bytes=max_bytes)
+            assert folded.encode_subset(subset, layer=layer, source=1, target=t, max_bytes=max_bytes) == want
 
 
 def test_batch_buffers_hand_out_zeros_whether_used_or_grown():
