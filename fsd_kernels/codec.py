@@ -22,9 +22,10 @@ API (the runtime and custom handlers use these):
 * ``decode(data) -> Message``: one chunk to COO arrays.
 * ``decode_header(data) -> Header``: header and checksum only (for routing/dedup).
 * ``chunk_nnz(chunk)``: the entry count of a chunk this process encoded (unchecked).
-* ``decode_into(data, block, slot_of_neuron, *, column_offset=0) -> Header``:
+* ``decode_into(data, block, slot_of_neuron, *, column_offset=0, header=None) -> Header``:
   one chunk scattered straight into ``block[slot_of_neuron[neuron],
-  column_offset + image]`` (nothing is written unless the whole chunk is valid;
+  column_offset + image]`` (``header``: what ``decode_header`` returned for this same
+  chunk object, not checked again; nothing is written unless the whole chunk is valid;
   the caller zeroes the rows first; a neuron whose slot is -1 is an error).
 * ``Assembler``: reassembles chunks (any order, duplicates ignored) into Messages;
   ``ChunkTracker``: the same bookkeeping for callers who use ``decode_into``.

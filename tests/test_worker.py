@@ -222,7 +222,9 @@ def test_twin_rows_are_extracted_once_and_messages_keep_their_bytes():
             assert folded.encode_subset(subset, layer=layer, source=1, target=t, max_bytes=max_bytes) == want
 
 
-def test_batch_buffers_hand_out_zeros_whether_used_or_grown():
+def test_batch_buffers_hand_out_zeros_whether_used_or_grown(monkeypatch):
+    # fresh buffers come out dirty here, so a zeros() that skipped its fill would show it
+    monkeypatch.setattr(np, "empty", lambda shape, dtype=float: np.full(shape, 7, dtype))
     state = _Batch(np.arange(10), np.arange(0), buffer_rows=4)
     state.prefault()
     first = state.zeros(INPUTS, 4, 10)  # zeroed at start-up: handed out as it is
