@@ -7,10 +7,15 @@ ships. So: explicit signatures, no closures, no ``parallel=True``; the
 parallel driver lives in :mod:`fsd_kernels.infer`. The raw arrays are
 trusted here; :mod:`fsd_kernels._validate` checks them first.
 
-Exactness: every output Z[i, j] is summed as float32 in ascending order of
-the input neuron k, exactly as scipy's CSR product (Gustavson) does, so the
-results are bit-identical to it. The dense block kernel also adds the
-+-0.0 terms of absent inputs, which leaves every float32 sum unchanged.
+Semantics (the Graph Challenge reference, inferenceReLUvec.m): every sum
+Z[i, j] is a float32 sum of the products Y[i, k] * W[k, j] in ascending
+order of the input neuron k, as scipy's CSR product (Gustavson) does; the
+bias is added only where that sum is numerically nonzero (Z == +-0.0 gives
++0.0), then ReLU (v <= 0 gives +0.0) and clip at ymax. A sum that is not
+finite (float32 overflow) is reported, never activated: the dense kernels
+return the first such output column, ``sparse_layer`` a negative count.
+Skipping a zero input adds or omits only +-0 terms, which can change the
+sign of a zero sum but never its value, so it is exact under this rule.
 
 Layout of a dense activation block: ``block[neuron, column]`` with one
 column per image (neuron-major), so the innermost loop runs over images and
@@ -23,13 +28,13 @@ _OPTS = dict(nogil=True, cache=True, boundscheck=False)
 
 #: kernel name -> numba signature; the AOT build exports exactly these.
 EXPORTS = {
-    "dense_layer": "void(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1])",
+    "dense_layer": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1])",
     "csr_rows_to_block": "i8(i8[::1], i4[::1], f4[::1], i8, i8, f4[:, ::1], i8[::1])",
     "coo_to_block": "void(i4[::1], i4[::1], f4[::1], f4[:, ::1])",
     "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1])",
     "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
-    "dense_layer_tracked": "void(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
-    "dense_layer_columns": "void(f4[:, ::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
+    "dense_layer_tracked": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
+    "dense_layer_columns": "i8(f4[:, ::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
     "copy_rows": "void(f4[:, ::1], i8[::1], f4[:, ::1], i8[::1], i8)",
     "zero_rows": "void(f4[:, ::1], i8[::1], i8)",
 }
@@ -41,12 +46,19 @@ def _kernel(fn):
 
 @nb.njit(nogil=True, cache=True, inline="always")
 def _activate(z, bias, ymax):
+    """The reference's activation of one finite sum: bias only on a numeric nonzero, ReLU, clip."""
+    if z == 0.0:
+        return np.float32(0.0)  # also -0.0: no bias, and the output is +0.0
     v = z + bias
-    if v < 0.0:
+    if v <= 0.0:
         v = np.float32(0.0)
     if v > ymax:
         v = ymax
     return v
+
+
+#: Largest finite float32: ``not abs(z) <= FLOAT32_MAX`` holds exactly for inf and NaN.
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 
 #: Image columns one pass of ``dense_layer`` works on: the 32 input rows of
@@ -57,7 +69,8 @@ COLUMN_TILE = 256
 
 @nb.njit(nogil=True, cache=True, inline="always")
 def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, gap):
-    # Input columns [c0, c1) of ``block`` give output columns from ``o0`` on.
+    # Input columns [c0, c1) of ``block`` give output columns from ``o0`` on. Returns -1, or
+    # the first output column whose sum overflowed (outputs after it are not written).
     # Row slices indexed from 0 (not range(c0, c1)): numba then knows the
     # index is never negative, skips wrap-around and the loops vectorise.
     m = c1 - c0
@@ -106,18 +119,16 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, g
             for i in range(m):
                 acc[i] += w * y[i]
             t += 1
+        overflow = False
+        for i in range(m):
+            overflow |= not abs(acc[i]) <= FLOAT32_MAX
+        if overflow:
+            for i in range(m):
+                if not abs(acc[i]) <= FLOAT32_MAX:
+                    return o0 + i
         b = bias[j]
-        if b > 0.0:
-            for i in range(m):
-                structural = False
-                for t in range(d):
-                    if block[rows[t], c0 + i] != 0.0:
-                        structural = True
-                        break
-                acc[i] = _activate(acc[i], b, ymax) if structural else np.float32(0.0)
-        else:
-            for i in range(m):
-                acc[i] = _activate(acc[i], b, ymax)
+        for i in range(m):
+            acc[i] = _activate(acc[i], b, ymax)
         if top.shape[0]:
             # Per column: the largest output and the largest distance below
             # ymax, while the row is hot (a later scan of the block cost a
@@ -128,6 +139,7 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, g
             for i in range(m):
                 column_top[i] = max(column_top[i], acc[i])
                 column_gap[i] = max(column_gap[i], ymax - acc[i])
+    return -1
 
 
 @_kernel
@@ -138,25 +150,32 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     rows ascending); ``rowidx`` indexes rows of ``block``, which lets a
     distributed worker pass W remapped to the rows it holds. Writes
     ``out[j, :n]`` for every output neuron j, ``COLUMN_TILE`` columns at a
-    time. A neuron with bias > 0 also tracks structure, because there an
-    absent sum and a zero sum differ.
+    time. Returns -1, or the first column whose sum overflowed to inf/NaN
+    (``out`` is then partly written and must not be used).
     """
     no_tracking = np.empty(0, np.float32)
     for c0 in range(0, n, COLUMN_TILE):
-        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out, c0,
-                    no_tracking, no_tracking)
+        bad = _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+                          c0, no_tracking, no_tracking)
+        if bad >= 0:
+            return bad
+    return -1
 
 
 @_kernel
 def dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap):
     """``dense_layer`` that also leaves, per column, ``top`` = the largest output and ``gap`` =
     the largest ``ymax - output``: a column is all zero iff top == 0 and all ymax iff gap == 0
-    (what a distributed worker tells its peers, found while the rows are hot)."""
+    (what a distributed worker tells its peers, found while the rows are hot). Returns as
+    ``dense_layer``."""
     top[:n] = 0.0
     gap[:n] = 0.0
     for c0 in range(0, n, COLUMN_TILE):
-        _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out, c0,
-                    top, gap)
+        bad = _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+                          c0, top, gap)
+        if bad >= 0:
+            return bad
+    return -1
 
 
 @_kernel
@@ -164,7 +183,7 @@ def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, t
     """``dense_layer_tracked`` of ``block[:, columns]`` (``columns`` strictly increasing): output
     column i is input column ``columns[i]``. A worker's surviving images, read a tile at a time
     (a contiguous run in place, else gathered into a cache-sized tile) instead of copying the
-    whole block without its dropped columns first."""
+    whole block without its dropped columns first. Returns as ``dense_layer`` (an output column)."""
     n = columns.shape[0]
     top[:n] = 0.0
     gap[:n] = 0.0
@@ -173,15 +192,18 @@ def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, t
         m = min(c0 + COLUMN_TILE, n) - c0
         first = columns[c0]
         if columns[c0 + m - 1] - first == m - 1:  # no column dropped here
-            _dense_tile(block, first, first + m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
-            continue
-        picked = columns[c0:c0 + m]
-        for r in range(block.shape[0]):
-            src = block[r]
-            dst = tile[r]
-            for i in range(m):
-                dst[i] = src[picked[i]]
-        _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
+            bad = _dense_tile(block, first, first + m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
+        else:
+            picked = columns[c0:c0 + m]
+            for r in range(block.shape[0]):
+                src = block[r]
+                dst = tile[r]
+                for i in range(m):
+                    dst[i] = src[picked[i]]
+            bad = _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
+        if bad >= 0:
+            return bad
+    return -1
 
 
 @_kernel
@@ -285,11 +307,15 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     caller with this same kernel) says it maps saturation to saturation,
     and put back as an explicit column before any layer that does not.
     On return ``block[:, :counts[0]]`` holds the live, unsaturated columns
-    and ``sat_ids[:counts[1]]`` the saturated images.
+    and ``sat_ids[:counts[1]]`` the saturated images; ``counts[2:4]`` is
+    (-1, -1), or (layer, image id) of a sum that overflowed to inf/NaN, where
+    the batch stopped (``counts`` has 4 entries).
     """
     n_layers = keeps_saturated.shape[0]
     rows = block.shape[0]
     counts[1] = 0
+    counts[2] = -1
+    counts[3] = -1
     top = np.empty(block.shape[1], np.float32)
     gap = np.empty(block.shape[1], np.float32)
     _scan_extremes(block, counts[0], ymax, top, gap)
@@ -310,7 +336,12 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
         cp = colptrs[base:base + rows + 1]
         lo = layer_ptr[layer]
         hi = layer_ptr[layer + 1]
-        dense_layer_tracked(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap)
+        bad = dense_layer_tracked(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap)
+        if bad >= 0:
+            counts[0] = 0
+            counts[2] = layer
+            counts[3] = ids[bad]
+            return
         n = _compact(dst, n, ids, top, gap, sat_ids, counts)
         src, dst = dst, src
     if src is not block:
@@ -327,7 +358,8 @@ def sparse_layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data,
 
     Y is images x neurons; W is CSR (rows = input neurons). Output columns
     come out sorted. ``z_indices``/``z_data`` must hold the structural
-    upper bound (the caller sizes them); returns the nnz written.
+    upper bound (the caller sizes them); returns the nnz written, or
+    ``-1 - r`` when a sum of image row r overflowed to inf/NaN.
     """
     n_rows = y_indptr.shape[0] - 1
     n_cols = bias.shape[0]
@@ -342,7 +374,7 @@ def sparse_layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data,
             k = y_indices[p]
             v = y_data[p]
             if v == 0.0:
-                continue  # a stored zero is no structure, as in the dense kernel
+                continue  # adds only +-0 terms: no change to any sum's value
             for q in range(w_indptr[k], w_indptr[k + 1]):
                 j = w_indices[q]
                 if not seen[j]:
@@ -360,6 +392,8 @@ def sparse_layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data,
             touched[:m].sort()
         for c in range(m):
             j = touched[c]
+            if not abs(acc[j]) <= FLOAT32_MAX:
+                return -1 - r
             v = _activate(acc[j], bias[j], ymax)
             acc[j] = 0.0
             seen[j] = False

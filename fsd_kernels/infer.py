@@ -49,12 +49,25 @@ def _run_batch(net, indptr, indices, data, start, stop):
     work = np.empty((n, width), np.float32)
     ids = np.empty(width, np.int64)
     sat_ids = np.empty(width, np.int64)
-    counts = np.zeros(2, np.int64)
+    counts = np.zeros(4, np.int64)
     counts[0] = kernels.csr_rows_to_block(indptr, indices, data, start, stop, block, ids)
     kernels.infer_block(block, work, ids, net.colptrs, net.layer_ptr, net.rowidx, net.vals,
                         net.biases, net.keeps_saturated, net.ymax, sat_ids, counts)
+    if counts[2] >= 0:
+        raise LayerOverflowError(int(counts[2]), int(counts[3]))
     active = block[:, :counts[0]].T
     return ids[:counts[0]].copy(), np.ascontiguousarray(active), sat_ids[:counts[1]].copy()
+
+
+class LayerOverflowError(ValueError):
+    """A sum of Y W overflowed float32 (inf or NaN): the weights or inputs are too large.
+    ``layer`` and ``image`` are 0-based; every path (serial, one layer, distributed) says it so."""
+
+    def __init__(self, layer: int, image: int):
+        super().__init__(f"layer {layer}, image {image} (0-based): a sum of Y W overflowed float32 "
+                         "to inf/NaN; the network's weights or inputs are too large for float32")
+        self.layer = layer
+        self.image = image
 
 
 def _assemble(n_images, n, pieces, ymax):
@@ -87,6 +100,7 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
 
     ``threads`` defaults to all cores, ``batch_size`` to :func:`default_batch`;
     ``progress(images_done, n_images)`` is called from this thread as batches finish.
+    A sum that overflows float32 raises :class:`LayerOverflowError` naming layer and image.
     """
     if not isinstance(net, PackedNetwork):
         raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")

@@ -3,13 +3,15 @@ import numpy as np
 
 from fsd_kernels import _validate
 from fsd_kernels._backend import kernels
+from fsd_kernels.infer import LayerOverflowError
 from fsd_kernels.network import YMAX
 
 
 def layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data, bias, *, ymax=YMAX):
     """Y (images x N, CSR) through one N x M layer W (CSR, rows = inputs).
 
-    Returns the output CSR ``(indptr, indices, data)`` with sorted columns.
+    Returns the output CSR ``(indptr, indices, data)`` with sorted columns. A sum that
+    overflows float32 raises :class:`~fsd_kernels.LayerOverflowError` (layer 0: this one).
     """
     bias = np.asarray(bias)
     n_in = np.asarray(w_indptr).shape[0] - 1
@@ -29,4 +31,6 @@ def layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data, bias, *, yma
     z_indices = np.empty(cap, np.int32)
     z_data = np.empty(cap, np.float32)
     nnz = kernels.sparse_layer(*y, *w, bias, ymax, z_indptr, z_indices, z_data)
+    if nnz < 0:
+        raise LayerOverflowError(0, -1 - nnz)
     return z_indptr, z_indices[:nnz].copy(), z_data[:nnz].copy()

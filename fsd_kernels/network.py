@@ -59,8 +59,9 @@ def keeps_saturated(colptr, rowidx, vals, bias, ymax):
     n = bias.shape[0]
     probe = np.full((n, 1), ymax, np.float32)
     out = np.empty((n, 1), np.float32)
-    kernels.dense_layer(probe, 1, colptr, rowidx, vals, bias, np.float32(ymax), out)
-    return bool(np.all(out == ymax))
+    overflowed = kernels.dense_layer(probe, 1, colptr, rowidx, vals, bias, np.float32(ymax), out) >= 0
+    # an overflowing probe: not kept (a parked image is put back, and its own run reports it)
+    return not overflowed and bool(np.all(out == ymax))
 
 
 def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX) -> PackedNetwork:

@@ -1,8 +1,8 @@
 """Every kernel against a plain numpy twin, on random small networks (hypothesis), plus bad input.
 
 The twin is written for clarity, not speed: one float32 term at a time in
-ascending input neuron k, the bias added only where some stored weight
-meets a nonzero input (the structural nonzeros of Y W), then ReLU and clip.
+ascending input neuron k, then the reference's rule (inferenceReLUvec.m):
+the bias only where that float32 sum is numerically nonzero, ReLU, clip.
 So equality with the kernels is exact, not approximate.
 """
 import numpy as np
@@ -22,13 +22,11 @@ def naive_layer(y, w, stored, bias, ymax):
     """Y (images x N) through W (N x M dense values, ``stored`` its structure)."""
     n_images, n_in = y.shape
     acc = np.zeros((n_images, w.shape[1]), np.float32)
-    structural = np.zeros(acc.shape, bool)
     for k in range(n_in):
         term = np.where(stored[k], y[:, k:k + 1] * w[k], np.float32(0))
         acc = (acc + term).astype(np.float32)
-        structural |= (y[:, k:k + 1] != 0) & stored[k]
     z = np.minimum(np.maximum(acc + bias.astype(np.float32), np.float32(0)), np.float32(ymax))
-    return np.where(structural, z, np.float32(0)).astype(np.float32)
+    return np.where(acc != 0, z, np.float32(0)).astype(np.float32) + np.float32(0)  # no -0.0
 
 
 def naive_network(y, layers, biases, ymax):
