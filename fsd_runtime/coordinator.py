@@ -150,9 +150,7 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         owners = make_partition(net, n_workers, partition)
     timings["partition_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    shares = build_shares(net, indptr, indices, data, owners)
-    if len(shares) != n_workers:
-        raise ValueError(f"the partition uses {len(shares)} workers, not {n_workers}")
+    shares = build_shares(net, indptr, indices, data, owners, n_workers)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
     coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource

@@ -184,24 +184,29 @@ def _restrict_layer(colptr, rowidx, vals, outs):
 def initial_status(indptr, data, n_neurons: int, ymax) -> tuple[np.ndarray, np.ndarray]:
     """(active, saturated) image ids of the inputs: empty rows are dead, full all-ymax rows parked."""
     nnz = np.diff(indptr)
-    full_ymax = np.add.reduceat(data == ymax, indptr[:-1]) if data.size else np.zeros_like(nnz)
-    full_ymax = np.where(nnz > 0, full_ymax, 0)
+    row_of = np.repeat(np.arange(nnz.shape[0]), nnz)
+    full_ymax = np.bincount(row_of[data == ymax], minlength=nnz.shape[0])
     saturated = (nnz == n_neurons) & (full_ymax == n_neurons)
     return np.flatnonzero((nnz > 0) & ~saturated), np.flatnonzero(saturated)
 
 
-def build_shares(net, indptr, indices, data, owners: np.ndarray) -> list[WorkerShare]:
+def build_shares(net, indptr, indices, data, owners: np.ndarray,
+                 n_workers: int | None = None) -> list[WorkerShare]:
     """Every worker's share of ``net`` (a PackedNetwork) and the images (CSR images x neurons).
 
     ``owners`` is the partition, shape (layers, neurons), values 0..P-1 (see fsd_runtime.partition).
+    ``n_workers`` defaults to the largest owner + 1; a worker may own no neuron of a layer (or of
+    any layer: it then only reports, vacuously, that its rows are all zero and all ymax).
     """
     L, n = net.n_layers, net.n_neurons
     owners = np.asarray(owners)
     if owners.shape != (L, n):
         raise ValueError(f"owners must have shape {(L, n)}, got {owners.shape}")
-    n_workers = int(owners.max()) + 1
     if owners.min() < 0:
         raise ValueError("owners must be worker ids >= 0")
+    n_workers = int(owners.max()) + 1 if n_workers is None else int(n_workers)
+    if owners.max() >= n_workers:
+        raise ValueError(f"owners name worker {int(owners.max())}, but there are {n_workers} workers")
     n_images = indptr.shape[0] - 1
     active, saturated = initial_status(indptr, data, n, net.ymax)
     per = [[None] * L for _ in range(n_workers)]

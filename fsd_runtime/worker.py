@@ -200,9 +200,12 @@ class WorkerLoop:
         else:
             block, columns = np.zeros((n_slots, 0), np.float32), _EMPTY
         if state.parked.size and not share.keeps_saturated[layer]:
-            full = np.full((n_slots, state.parked.shape[0]), share.ymax, np.float32)
-            block = np.hstack([block[:n_slots][:, columns], full])
-            columns = np.arange(block.shape[1])
+            # parked images come back as explicit all-ymax columns after the live ones
+            # (C order: the kernel takes C-contiguous blocks only)
+            merged = np.empty((n_slots, columns.shape[0] + state.parked.shape[0]), np.float32)
+            merged[:, :columns.shape[0]] = block[:n_slots][:, columns]
+            merged[:, columns.shape[0]:] = share.ymax
+            block, columns = merged, np.arange(merged.shape[1])
             state.active = np.concatenate([state.active, state.parked])
             state.parked = _EMPTY
         n = state.active.shape[0]
@@ -210,9 +213,13 @@ class WorkerLoop:
         out = state.buffer(OUTPUTS, share.out_neurons[layer].shape[0] + 2, n)  # + status rows
         if n:
             start = time.perf_counter()
-            self.kernels.dense_layer_columns(block[:n_slots], columns, share.colptr[layer], share.rowidx[layer],
-                                             share.vals[layer], share.bias[layer], share.ymax, out,
-                                             state.top, state.gap)
+            bad = self.kernels.dense_layer_columns(block[:n_slots], columns, share.colptr[layer],
+                                                   share.rowidx[layer], share.vals[layer], share.bias[layer],
+                                                   share.ymax, out, state.top, state.gap)
+            if bad >= 0:
+                raise WorkerError(self.me, layer, f"image {int(state.active[bad])} (0-based): a sum of Y W "
+                                                  "overflowed float32 to inf/NaN; the network's weights or "
+                                                  "inputs are too large for float32")
             self.metrics.add(layer, "compute_s", time.perf_counter() - start)
         state.own = out
         if layer + 1 < share.n_layers and n:
