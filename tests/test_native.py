@@ -8,15 +8,11 @@ match bit for bit, and every exported kernel must have been called.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
@@ -31,37 +27,6 @@ def exported_names() -> set[str]:
     return set(_build.exported_kernels())
 
 
-def _kernel_hash() -> str:
-    digest = hashlib.sha256()
-    import numba
-
-    digest.update(f"{sys.version}|{numba.__version__}|{np.__version__}|{platform.machine()}".encode())
-    # What the module is compiled from: the kernel modules (and what they import) and the build.
-    names = [m.rsplit(".", 1)[1] + ".py" for m in _backend.CORE_MODULES] + ["_build.py", "_codec_codes.py"]
-    for name in sorted(names):
-        path = os.path.join(REPO, "fsd_kernels", name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                digest.update(name.encode() + f.read())
-    return digest.hexdigest()[:16]
-
-
-@pytest.fixture(scope="session")
-def native_so() -> str:
-    """Path of the host-Python native module, built once per kernel-source hash."""
-    cache = os.environ.get("FSD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fsd-inference")
-    out = os.path.join(cache, "native-test", _kernel_hash())
-    path = os.path.join(out, "_native" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not os.path.exists(path):
-        staging = out + f".partial-{os.getpid()}"
-        os.makedirs(staging, exist_ok=True)
-        built = _build.build(staging, _build.default_cpu())
-        os.makedirs(out, exist_ok=True)
-        os.replace(built, path)
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
-
-
 @pytest.fixture(scope="session")
 def native_tree(native_so, tmp_path_factory) -> str:
     """A copy of the packages with the native module in fsd_kernels/, as a layer would hold them."""
@@ -71,14 +36,6 @@ def native_tree(native_so, tmp_path_factory) -> str:
                         ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     shutil.copy(native_so, root / "fsd_kernels")
     return str(root)
-
-
-@pytest.fixture(scope="session")
-def native_module(native_so):
-    spec = importlib.util.spec_from_file_location("_native", native_so)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # Runs in a fresh interpreter; argv[1] = where to save every output array.
