@@ -255,9 +255,11 @@ def check_ymax(value, where: str) -> float:
         y = float(value)
     except (TypeError, ValueError):
         raise DataError(f"{where}: expected a number, got {value!r}") from None
-    if not (np.isfinite(np.float32(y)) and y > 0):
+    with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused
+        y32 = np.float32(y)
+    if not (np.isfinite(y32) and y > 0):
         raise DataError(f"{where}: expected a finite positive number, got {value!r}")
-    return float(np.float32(y))
+    return float(y32)
 
 
 def as_images(images, n_neurons: int) -> Csr:
@@ -412,9 +414,10 @@ def read_ymax(path: str) -> float:
         value = float(field)
     except ValueError:
         raise DataError(f"{path}, line {number}, field 1: expected a number, got {_shown(field)}") from None
-    if not (np.isfinite(np.float32(value)) and value > 0):
-        raise DataError(f"{path}, line {number}, field 1: expected a finite positive ymax, got {_shown(field)}")
-    return float(np.float32(value))
+    try:
+        return check_ymax(value, "ymax")
+    except DataError:
+        raise DataError(f"{path}, line {number}, field 1: expected a finite positive ymax, got {_shown(field)}") from None
 
 
 def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
