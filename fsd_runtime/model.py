@@ -154,7 +154,8 @@ def _as_array(name: str, a, dtype, kinds: str) -> np.ndarray:
         if a.min() < info.min or a.max() > info.max:
             raise DataError(f"{name}: values outside the {np.dtype(dtype).name} range")
     with np.errstate(over="ignore"):  # too large for float32 -> inf -> "not finite" below
-        return np.ascontiguousarray(a.astype(dtype, copy=False))
+        a = np.ascontiguousarray(a.astype(dtype, copy=False))
+    return a if a.flags.writeable else a.copy()  # the compiled kernels take writable arrays only
 
 
 def check_csr(name: str, indptr, indices, data, shape: tuple[int, int]) -> Csr:

@@ -407,7 +407,10 @@ def test_distributed_run_from_the_npz_file(case, workers, launcher):
 def test_run_accepts_packed_networks_and_raw_images(case):
     packed = model.load_network(case["npz"]).pack()
     m = sp.csr_matrix(case["x"])
-    result = fsd_runtime.run(packed, (m.indptr, m.indices, m.data), threads=1, batch_size=5)
+    raw = [a.copy() for a in (m.indptr, m.indices, m.data)]
+    for a in raw:
+        a.flags.writeable = False  # e.g. memory-mapped inputs
+    result = fsd_runtime.run(packed, tuple(raw), threads=1, batch_size=5)
     assert_matches(result, case["want"])
     assert isinstance(result.activations, fsd_kernels.Activations)
 
