@@ -498,3 +498,13 @@ def test_initial_status_with_blank_last_images():
     assert active.tolist() == [3, 4] and saturated.tolist() == [1]
     active, saturated = initial_status(np.zeros(4, np.int64), np.zeros(0, np.float32), 3, y)
     assert active.size == 0 and saturated.size == 0
+
+
+def test_cli_reports_a_malformed_npz_by_file_and_field(case, tmp_path):
+    path = tmp_path / "bad.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **changed(ymax=np.float32(0)))
+    proc = run_python("-c", "import sys; from fsd_runtime.cli import main; sys.exit(main(sys.argv[1:]))",
+                      "run", "--weights", str(path), "--inputs", case["images"])
+    assert proc.returncode == 2
+    assert f"fsd-inference: error: {path}: field 'ymax': expected a finite positive number" in proc.stderr
