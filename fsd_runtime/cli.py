@@ -146,10 +146,12 @@ def print_human(out: dict) -> None:
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the embedded official 1024x120 net, 10,000 images)")
-    g.add_argument("--weights", help="directory of official n{N}-l{k}.tsv layer files")
+    g.add_argument("--weights", help="network: a directory of n{N}-l{k}.tsv layer files (optional "
+                                     "n{N}-bias.tsv, n{N}-ymax.tsv) or an .npz file (docs/formats.md)")
     g.add_argument("--inputs", help="official input file (image neuron value), .tsv or .tsv.gz")
     g.add_argument("--categories", help="official categories file, for the golden check")
-    g.add_argument("--bias", type=float, help="bias for --weights (default: the Graph Challenge one for N)")
+    g.add_argument("--bias", type=float, help="bias for a --weights directory without a bias file "
+                                             "(default: the Graph Challenge one for N)")
     g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 4096x480")
     g.add_argument("--images", type=int, help="use only the first K images (synthetic: make K)")
     g.add_argument("--seed", type=int, default=0, help="seed for --synthetic")

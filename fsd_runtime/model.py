@@ -1,8 +1,10 @@
-"""Networks and inputs: the official Graph Challenge formats, the embedded default, synthetic nets.
+"""Networks and inputs: the official Graph Challenge formats, networks users bring (per-neuron
+biases and ymax next to the official files, a compact .npz file, scipy or raw CSR arrays from
+Python), the embedded default, synthetic nets.
 
 Everything is held as CSR arrays (indptr int64, indices int32, data float32);
 a network's layer l is W_l with rows = input neurons, as in the official
-``n{N}-l{k}.tsv`` files.
+``n{N}-l{k}.tsv`` files. The on-disk formats are specified in docs/formats.md.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import io
 import lzma
 import os
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 
@@ -23,10 +27,13 @@ CHALLENGE_WEIGHT = 1.0 / 16.0
 #: Nonzeros per row and per column of a challenge layer.
 CHALLENGE_DEGREE = 32
 EMBEDDED_FILE = "graphchallenge-1024x120-first10000.npz.xz"
+#: The Graph Challenge clips activations at 32 (the same default as ``fsd_kernels.YMAX``).
+YMAX = 32.0
 
 
 class DataError(ValueError):
-    """A data file is malformed; the message names the file, the line and what was expected."""
+    """Network or image data is malformed; the message names the source (file, line and field,
+    or the Python argument) and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,28 @@ class Csr:
 
 @dataclass(frozen=True)
 class Network:
-    """An N x N network: ``layers[l]`` is W_l (CSR, rows = inputs), ``biases[l]`` a length-N vector."""
+    """An N x N network: ``layers[l]`` is W_l (CSR, rows = inputs), ``biases[l]`` a length-N vector,
+    activations clipped at ``ymax``."""
 
     n_neurons: int
     layers: list[Csr]
     biases: list[np.ndarray]
+    ymax: float = YMAX
+
+    @classmethod
+    def from_layers(cls, layers, biases, ymax: float = YMAX) -> "Network":
+        """A network from Python: each layer a scipy sparse matrix (any format), a :class:`Csr` or
+        raw CSR ``(indptr, indices, data)`` (rows = input neurons, N x N); ``biases`` one scalar
+        for all layers, or per layer a scalar or a length-N vector (or an L x N array).
+
+        Converted to CSR float32 with sorted column indices; explicit zeros are kept.
+        """
+        layers = list(layers)
+        if not layers:
+            raise DataError("a network needs at least one layer")
+        n = _n_rows(layers[0], "layer 0 weights")
+        csrs = [as_csr(w, (n, n), name=f"layer {l} weights") for l, w in enumerate(layers)]
+        return cls(n, csrs, bias_rows(biases, len(csrs), n), check_ymax(ymax, "ymax"))
 
     @property
     def n_layers(self) -> int:
@@ -69,7 +93,7 @@ class Network:
     def pack(self):
         from fsd_kernels import pack
 
-        return pack([w.arrays for w in self.layers], self.biases, self.n_neurons)
+        return pack([w.arrays for w in self.layers], self.biases, self.n_neurons, ymax=self.ymax)
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,154 @@ def from_coo(rows, cols, vals, shape, *, where: str) -> Csr:
     indptr = np.zeros(shape[0] + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
     return Csr(indptr, cols.astype(np.int32), vals, shape)
+
+
+# --- networks and images from Python: scipy matrices, Csr, raw CSR arrays ---
+
+def _n_rows(matrix, name: str) -> int:
+    """Rows of a matrix in any accepted form (a network's N is its first layer's rows)."""
+    if isinstance(matrix, Csr) or _is_scipy(matrix):
+        return int(matrix.shape[0])
+    if isinstance(matrix, (tuple, list)) and len(matrix) == 3:
+        if np.ndim(matrix[0]) != 1 or np.shape(matrix[0])[0] < 1:
+            raise DataError(f"{name} indptr: expected a 1-D array of at least one entry, "
+                            f"got shape {np.shape(matrix[0])}")
+        return int(np.shape(matrix[0])[0]) - 1
+    raise DataError(f"{name}: expected a scipy sparse matrix, a Csr or (indptr, indices, data), "
+                    f"got {type(matrix).__name__}")
+
+
+def _is_scipy(matrix) -> bool:
+    return hasattr(matrix, "tocsr") and hasattr(matrix, "shape")
+
+
+def _as_array(name: str, a, dtype, kinds: str) -> np.ndarray:
+    """``a`` as a C-contiguous 1-D array of ``dtype``, refusing other kinds and lossy integers."""
+    a = np.asarray(a)
+    if a.ndim != 1:
+        raise DataError(f"{name}: expected a 1-D array, got shape {a.shape}")
+    if a.dtype.kind not in kinds:
+        raise DataError(f"{name}: expected dtype kind {kinds!r}, got {a.dtype}")
+    if np.dtype(dtype).kind in "iu" and a.size:
+        info = np.iinfo(dtype)
+        if a.min() < info.min or a.max() > info.max:
+            raise DataError(f"{name}: values outside the {np.dtype(dtype).name} range")
+    with np.errstate(over="ignore"):  # too large for float32 -> inf -> "not finite" below
+        a = np.ascontiguousarray(a.astype(dtype, copy=False))
+    return a if a.flags.writeable else a.copy()  # the compiled kernels take writable arrays only
+
+
+def check_csr(name: str, indptr, indices, data, shape: tuple[int, int]) -> Csr:
+    """Validate raw CSR arrays and return a :class:`Csr` in kernel dtypes, column indices sorted.
+
+    Checks lengths, pointers (start at 0, never decrease, end at nnz), index range and finite
+    values before anything else touches the arrays; rows with unsorted columns are sorted,
+    a column repeated within a row is an error.
+    """
+    n_rows, n_cols = shape
+    indptr = _as_array(f"{name} indptr", indptr, np.int64, "iu")
+    indices = _as_array(f"{name} indices", indices, np.int32, "iu")
+    data = _as_array(f"{name} data", data, np.float32, "fiub")
+    if indptr.shape[0] != n_rows + 1:
+        raise DataError(f"{name} indptr: expected {n_rows + 1} entries, got {indptr.shape[0]}")
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise DataError(f"{name} indptr: must start at 0 and never decrease")
+    nnz = int(indptr[-1])
+    if indices.shape[0] != nnz or data.shape[0] != nnz:
+        raise DataError(f"{name}: indptr ends at {nnz} but there are {indices.shape[0]} indices "
+                        f"and {data.shape[0]} values")
+    if nnz and (indices.min() < 0 or indices.max() >= n_cols):
+        raise DataError(f"{name} indices: column indices must lie in 0..{n_cols - 1}")
+    if not np.all(np.isfinite(data)):
+        at = int(np.flatnonzero(~np.isfinite(data))[0])
+        raise DataError(f"{name} data: values must be finite, entry {at} is {data[at]}")
+    step_ok = _steps_increase(indptr, indices)
+    if not step_ok.all():
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
+        order = np.lexsort((indices, rows))
+        indices, data = indices[order], data[order]
+        if not _steps_increase(indptr, indices).all():
+            at = int(np.flatnonzero(~_steps_increase(indptr, indices))[0])
+            row = int(np.searchsorted(indptr, at + 1, side="right")) - 1
+            raise DataError(f"{name} indices: column {int(indices[at])} appears more than once in row {row}")
+    return Csr(indptr, indices, data, (n_rows, n_cols))
+
+
+def _steps_increase(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Per consecutive pair of entries: does the column increase (always true across rows)?"""
+    nnz = indices.shape[0]
+    if nnz < 2:
+        return np.ones(0, bool)
+    ok = np.diff(indices) > 0  # int32 is enough: both ends lie in [0, n_cols)
+    starts = indptr[1:-1]
+    ok[starts[(starts > 0) & (starts < nnz)] - 1] = True
+    return ok
+
+
+def as_csr(matrix, shape: tuple[int | None, int], *, name: str = "matrix") -> Csr:
+    """A scipy sparse matrix (any format), a :class:`Csr` or raw ``(indptr, indices, data)`` as a
+    checked float32 :class:`Csr` of ``shape`` (``None`` rows: take them from the matrix).
+
+    Explicit zeros are kept; scipy's duplicate entries are summed (scipy's own rule), duplicates in
+    raw arrays are an error.
+    """
+    n_rows = _n_rows(matrix, name)
+    if shape[0] is not None and n_rows != shape[0]:
+        raise DataError(f"{name}: expected {shape[0]} rows, got {n_rows}")
+    if isinstance(matrix, Csr) or _is_scipy(matrix):
+        if matrix.shape[1] != shape[1]:
+            raise DataError(f"{name}: expected shape ({n_rows}, {shape[1]}), got {tuple(matrix.shape)}")
+    if _is_scipy(matrix):
+        m = matrix.tocsr(copy=True)  # our own copy: summing duplicates sorts in place
+        m.sum_duplicates()           # sums and sorts, keeps explicit zeros
+        arrays = m.indptr, m.indices, m.data
+    else:
+        arrays = matrix.arrays if isinstance(matrix, Csr) else matrix
+    return check_csr(name, *arrays, (n_rows, shape[1]))
+
+
+def bias_rows(biases, n_layers: int, n_neurons: int) -> list[np.ndarray]:
+    """One float32 length-N bias vector per layer from a scalar, per-layer scalars or vectors."""
+    if isinstance(biases, (int, float, np.number)) or isinstance(biases, np.ndarray) and biases.ndim == 0:
+        biases = [biases] * n_layers
+    biases = list(biases)
+    if len(biases) != n_layers:
+        raise DataError(f"biases: expected {n_layers} (one per layer), got {len(biases)}")
+    rows = []
+    for l, b in enumerate(biases):
+        b = np.asarray(b)
+        if b.dtype.kind not in "fiub":
+            raise DataError(f"layer {l} bias: expected real numbers, got dtype {b.dtype}")
+        if b.ndim not in (0, 1) or b.ndim == 1 and b.shape[0] != n_neurons:
+            raise DataError(f"layer {l} bias: expected a scalar or {n_neurons} values, got shape {b.shape}")
+        row = np.empty(n_neurons, np.float32)  # our own writable copy (the kernels want one)
+        with np.errstate(over="ignore"):
+            row[...] = b
+        if not np.all(np.isfinite(row)):
+            raise DataError(f"layer {l} bias: values must be finite")
+        rows.append(row)
+    return rows
+
+
+def check_ymax(value, where: str) -> float:
+    """ymax as a float: finite and positive, exactly representable as float32."""
+    try:
+        y = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected a number, got {value!r}") from None
+    with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused
+        y32 = np.float32(y)
+    if not (np.isfinite(y32) and y > 0):
+        raise DataError(f"{where}: expected a finite positive number, got {value!r}")
+    return float(y32)
+
+
+def as_images(images, n_neurons: int) -> Csr:
+    """Images (rows) x neurons from a path (official input file), a scipy matrix, a :class:`Csr`
+    or raw ``(indptr, indices, data)``; real values of any sign and size are allowed."""
+    if isinstance(images, (str, os.PathLike)):
+        return read_images(os.fspath(images), n_neurons)
+    return as_csr(images, (None, n_neurons), name="images")
 
 
 def _open_text(path: str) -> bytes:
@@ -169,17 +341,28 @@ def read_categories(path: str) -> np.ndarray:
 
 
 _LAYER_NAME = re.compile(r"n(\d+)-l(\d+)\.tsv(\.gz)?$")
+_BIAS_NAME = re.compile(r"n(\d+)-bias\.tsv(\.gz)?$")
+_YMAX_NAME = re.compile(r"n(\d+)-ymax\.tsv$")
 
 
 def read_network(directory: str, bias: float | None = None) -> Network:
-    """Read a directory of official ``n{N}-l{k}.tsv`` layer files (k = 1..L, all present)."""
+    """Read a directory of official ``n{N}-l{k}.tsv`` layer files (k = 1..L, all present), with
+    optional ``n{N}-bias.tsv`` (per-neuron biases) and ``n{N}-ymax.tsv`` files beside them.
+
+    Without a bias file every neuron gets ``bias`` (default: the Graph Challenge bias for N).
+    """
     if not os.path.isdir(directory):
         raise DataError(f"{directory}: not a directory of n{{N}}-l{{k}}.tsv layer files")
-    found = {}
-    for name in os.listdir(directory):
+    found, extra = {}, {"bias": [], "ymax": []}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
         m = _LAYER_NAME.match(name)
         if m:
-            found[int(m.group(2))] = (int(m.group(1)), os.path.join(directory, name))
+            found[int(m.group(2))] = (int(m.group(1)), path)
+        for kind, pattern in (("bias", _BIAS_NAME), ("ymax", _YMAX_NAME)):
+            m = pattern.match(name)
+            if m:
+                extra[kind].append((int(m.group(1)), path))
     if not found:
         raise DataError(f"{directory}: no layer files named n{{N}}-l{{k}}.tsv")
     widths = {n for n, _ in found.values()}
@@ -189,12 +372,53 @@ def read_network(directory: str, bias: float | None = None) -> Network:
     missing = sorted(set(range(1, max(found) + 1)) - set(found))
     if missing:
         raise DataError(f"{directory}: layer files missing for layers {missing[:10]}")
-    if bias is None:
-        if n not in CHALLENGE_BIAS:
-            raise DataError(f"{directory}: no Graph Challenge bias for N={n}; pass a bias")
-        bias = CHALLENGE_BIAS[n]
-    layers = [read_triples(found[k][1], (n, n)) for k in range(1, len(found) + 1)]
-    return Network(n, layers, [np.full(n, bias, np.float32) for _ in layers])
+    for kind, files in extra.items():
+        if len(files) > 1:
+            raise DataError(f"{directory}: several {kind} files {[os.path.basename(p) for _, p in files]}")
+        if files and files[0][0] != n:
+            raise DataError(f"{files[0][1]}: a {kind} file for N={files[0][0]}, but the layers have N={n}")
+    n_layers = len(found)
+    if extra["bias"]:
+        bias_path = extra["bias"][0][1]
+        if bias is not None:
+            raise DataError(f"{bias_path}: per-neuron biases are given here; do not pass a scalar bias too")
+        biases = read_biases(bias_path, n_layers, n)
+    else:
+        if bias is None:
+            if n not in CHALLENGE_BIAS:
+                raise DataError(f"{directory}: no Graph Challenge bias for N={n}; pass a bias "
+                                f"or add an n{n}-bias.tsv file")
+            bias = CHALLENGE_BIAS[n]
+        biases = [np.full(n, bias, np.float32) for _ in range(n_layers)]
+    ymax = read_ymax(extra["ymax"][0][1]) if extra["ymax"] else YMAX
+    layers = [read_triples(found[k][1], (n, n)) for k in range(1, n_layers + 1)]
+    return Network(n, layers, biases, ymax)
+
+
+def read_biases(path: str, n_layers: int, n_neurons: int) -> list[np.ndarray]:
+    """Read a bias file of 1-based ``layer neuron value`` lines; neurons not listed get 0."""
+    sparse = read_triples(path, (n_layers, n_neurons))
+    dense = np.zeros((n_layers, n_neurons), np.float32)
+    rows = np.repeat(np.arange(n_layers), np.diff(sparse.indptr))
+    dense[rows, sparse.indices] = sparse.data
+    return list(dense)
+
+
+def read_ymax(path: str) -> float:
+    """Read a ymax file: one finite positive number (blank lines and surrounding space ignored)."""
+    text = _open_text(path)
+    lines = [(k, line.strip()) for k, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) != 1:
+        raise DataError(f"{path}: expected one line with ymax, got {len(lines)} non-blank lines")
+    number, field = lines[0]
+    try:
+        value = float(field)
+    except ValueError:
+        raise DataError(f"{path}, line {number}, field 1: expected a number, got {_shown(field)}") from None
+    try:
+        return check_ymax(value, "ymax")
+    except DataError:
+        raise DataError(f"{path}, line {number}, field 1: expected a finite positive ymax, got {_shown(field)}") from None
 
 
 def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
@@ -211,12 +435,149 @@ def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
 
 def load_dataset(weights: str, inputs: str, categories: str | None = None,
                  bias: float | None = None) -> Dataset:
-    net = read_network(weights, bias)
+    """Network (directory or .npz, see :func:`load_network`), inputs and optional categories."""
+    net = load_network(weights, bias)
     gold = read_categories(categories) if categories else None
     images = read_images(inputs, net.n_neurons)
     if gold is not None:
         gold = gold[gold < images.shape[0]]
     return Dataset(os.path.basename(os.path.normpath(weights)), net, images, gold)
+
+
+# --- the compact binary network file (.npz, never pickle; spec in docs/formats.md) ---
+
+NPZ_VERSION = 1
+#: Most bytes the arrays of one .npz network may declare (uncompressed); a larger file is refused
+#: before anything is allocated. The official 65536 x 120 network takes about 2 GB.
+MAX_NPZ_BYTES = 2**34
+#: field -> (dtype kinds accepted, dimensions); integer fields are range-checked, then cast.
+_NPZ_FIELDS = {
+    "version": ("iu", 0), "n_neurons": ("iu", 0), "ymax": ("fiu", 0),
+    "indptr": ("iu", 2), "indices": ("iu", 1), "data": ("fiu", 1), "biases": ("fiu", 2),
+}
+
+
+def save_network(network: Network, path: str) -> None:
+    """Write ``network`` as an .npz file (zip-compressed, exactly at ``path``), read by :func:`load_network`."""
+    n = network.n_neurons
+    arrays = dict(
+        version=np.int64(NPZ_VERSION),
+        n_neurons=np.int64(n),
+        ymax=np.float32(network.ymax),
+        indptr=np.stack([np.asarray(w.indptr, np.int64) for w in network.layers]),
+        indices=np.concatenate([np.asarray(w.indices, np.int32) for w in network.layers]),
+        data=np.concatenate([np.asarray(w.data, np.float32) for w in network.layers]),
+        biases=np.stack([np.broadcast_to(np.asarray(b, np.float32), (n,)) for b in network.biases]),
+    )
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
+    """(shape, dtype) of every field, from the .npy headers alone: nothing large is read yet."""
+    members = {info.filename: info for info in zf.infolist()}
+    unknown = sorted(set(members) - {f"{k}.npy" for k in _NPZ_FIELDS})
+    if unknown:
+        raise DataError(f"{path}: unexpected member {unknown[0]!r} (fields: {', '.join(_NPZ_FIELDS)})")
+    headers, total = {}, 0
+    for key, (kinds, ndim) in _NPZ_FIELDS.items():
+        info = members.get(f"{key}.npy")
+        if info is None:
+            raise DataError(f"{path}: field {key!r} is missing")
+        with zf.open(info) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy version {version}")
+            except ValueError as exc:
+                raise DataError(f"{path}: field {key!r} has no valid .npy header ({exc})") from None
+            header_bytes = f.tell()
+        if dtype.hasobject or dtype.kind not in kinds or dtype.fields is not None:
+            raise DataError(f"{path}: field {key!r} has dtype {dtype}; expected kind {kinds!r} "
+                            f"(object arrays are never loaded)")
+        if len(shape) != ndim:
+            raise DataError(f"{path}: field {key!r} must be {ndim}-D, has shape {shape}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if info.file_size != header_bytes + nbytes:
+            raise DataError(f"{path}: field {key!r} declares shape {shape} but its member holds "
+                            f"{info.file_size - header_bytes} bytes of data, not {nbytes}")
+        total += nbytes
+        headers[key] = shape, dtype
+    if total > max_bytes:
+        raise DataError(f"{path}: the arrays declare {total} bytes, more than the limit {max_bytes}")
+    return headers
+
+
+def _npz_field(path: str, zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    with zf.open(f"{key}.npy") as f:
+        try:
+            return np.lib.format.read_array(f, allow_pickle=False)
+        except ValueError as exc:  # a short member, say: the headers were checked already
+            raise DataError(f"{path}: field {key!r} cannot be read ({exc})") from None
+
+
+def read_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> Network:
+    """Read a network .npz file, checking headers, shapes and sizes before reading the large
+    arrays and every value before anything uses them; a malformed file raises :class:`DataError`
+    naming the file and the field."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _read_npz(path, zf, max_bytes)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_npz(path: str, zf: zipfile.ZipFile, max_bytes: int) -> Network:
+    headers = _npz_headers(path, zf, max_bytes)
+    small = {k: _npz_field(path, zf, k)[()] for k in ("version", "n_neurons", "ymax")}
+    if int(small["version"]) != NPZ_VERSION:
+        raise DataError(f"{path}: field 'version' is {int(small['version'])}, this reader knows {NPZ_VERSION}")
+    n = int(small["n_neurons"])
+    if not 1 <= n <= np.iinfo(np.int32).max:
+        raise DataError(f"{path}: field 'n_neurons' must lie in 1..{np.iinfo(np.int32).max}, is {n}")
+    ymax = check_ymax(small["ymax"], f"{path}: field 'ymax'")
+    (n_layers, width), _ = headers["indptr"]
+    if n_layers < 1 or width != n + 1:
+        raise DataError(f"{path}: field 'indptr' must have shape (L >= 1, {n + 1}), has {(n_layers, width)}")
+    if headers["biases"][0] != (n_layers, n):
+        raise DataError(f"{path}: field 'biases' must have shape {(n_layers, n)}, has {headers['biases'][0]}")
+    nnz = headers["indices"][0][0]
+    if headers["data"][0][0] != nnz:
+        raise DataError(f"{path}: fields 'indices' and 'data' differ in length ({nnz}, {headers['data'][0][0]})")
+    raw = _npz_field(path, zf, "indptr")
+    indptr = _as_array(f"{path}: field 'indptr'", raw.ravel(), np.int64, "iu").reshape(raw.shape)
+    if indptr[:, 0].any() or np.any(np.diff(indptr, axis=1) < 0) or indptr[:, -1].max() > nnz:
+        raise DataError(f"{path}: field 'indptr': every layer's row pointers must start at 0, "
+                        f"never decrease and end within 'indices'")
+    ends = np.concatenate([[0], np.cumsum(indptr[:, -1])])
+    if ends[-1] != nnz:
+        raise DataError(f"{path}: field 'indptr' counts {ends[-1]} entries but 'indices' has {nnz}")
+    indices, data = _npz_field(path, zf, "indices"), _npz_field(path, zf, "data")
+    layers = [check_csr(f"{path}: layer {l}", indptr[l], indices[ends[l]:ends[l + 1]], data[ends[l]:ends[l + 1]],
+                        (n, n)) for l in range(n_layers)]
+    biases = _npz_field(path, zf, "biases")
+    try:
+        rows = bias_rows(biases, n_layers, n)
+    except DataError as exc:
+        raise DataError(f"{path}: field 'biases': {exc}") from None
+    return Network(n, layers, rows, ymax)
+
+
+def load_network(path: str, bias: float | None = None) -> Network:
+    """A network from disk: a directory of official layer files (see :func:`read_network`) or an
+    .npz file (see :func:`save_network`); ``bias`` applies to directories without a bias file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return read_network(path, bias)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such network directory or .npz file")
+    if bias is not None:
+        raise DataError(f"{path}: an .npz network holds its own biases; do not pass a bias")
+    return read_network_npz(path)
 
 
 # --- the embedded default: official 1024x120 network, first 10,000 inputs, categories ---

@@ -184,8 +184,8 @@ def _restrict_layer(colptr, rowidx, vals, outs):
 def initial_status(indptr, data, n_neurons: int, ymax) -> tuple[np.ndarray, np.ndarray]:
     """(active, saturated) image ids of the inputs: empty rows are dead, full all-ymax rows parked."""
     nnz = np.diff(indptr)
-    row_of = np.repeat(np.arange(nnz.shape[0]), nnz)
-    full_ymax = np.bincount(row_of[data == ymax], minlength=nnz.shape[0])
+    at_ymax = np.concatenate([[0], np.cumsum(data == ymax)])  # not reduceat: blank last rows
+    full_ymax = at_ymax[indptr[1:]] - at_ymax[indptr[:-1]]
     saturated = (nnz == n_neurons) & (full_ymax == n_neurons)
     return np.flatnonzero((nnz > 0) & ~saturated), np.flatnonzero(saturated)
 

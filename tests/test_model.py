@@ -207,3 +207,41 @@ def test_embedded_resource_is_shipped_with_the_package():
 
     path = os.path.join(os.path.dirname(fsd_runtime.__file__), "data", model.EMBEDDED_FILE)
     assert os.path.getsize(path) < 5 * 2**20
+
+
+# --- networks users bring (more in test_networks.py) ---
+
+def test_network_carries_ymax_into_the_packed_network(official):
+    layers, biases = official.network.layers[:2], official.network.biases[:2]
+    assert model.Network(1024, layers, biases).ymax == 32.0 == model.YMAX == fsd_kernels.YMAX
+    images = official.images.rows(0, 300)
+    out32 = fsd_kernels.infer(*images.arrays, model.Network(1024, layers, biases).pack())
+    packed = model.Network(1024, layers, biases, ymax=0.75).pack()
+    assert packed.ymax == np.float32(0.75)
+    out = fsd_kernels.infer(*images.arrays, packed)
+    assert out.data.max() == np.float32(0.75) < out32.data.max(), "clipped at the network's ymax"
+
+
+def test_load_dataset_reads_npz_weights_like_the_directory(official_files, tmp_path):
+    directory = str(official_files / "neuron1024")
+    npz = str(tmp_path / "neuron1024.npz")
+    model.save_network(model.read_network(directory), npz)
+    a = model.load_dataset(directory, str(official_files / "images.tsv.gz"))
+    b = model.load_dataset(npz, str(official_files / "images.tsv.gz"))
+    assert b.name == "neuron1024.npz" and b.network.ymax == a.network.ymax == 32.0
+    for x, y in zip(a.network.layers, b.network.layers):
+        for u, v in zip(x.arrays, y.arrays):
+            np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(np.stack(a.network.biases), np.stack(b.network.biases))
+    with pytest.raises(model.DataError, match="an .npz network holds its own biases"):
+        model.load_dataset(npz, str(official_files / "images.tsv.gz"), bias=-0.3)
+
+
+def test_official_directory_with_a_bias_file_needs_no_challenge_width(tmp_path):
+    write_lines(tmp_path / "n5-l1.tsv", ["1\t2\t0.5"])
+    write_lines(tmp_path / "n5-l2.tsv", ["2\t1\t-0.5"])
+    write_lines(tmp_path / "n5-bias.tsv", ["2\t5\t0.125", "1\t1\t-1"])
+    write_lines(tmp_path / "n5-ymax.tsv", ["  4.5  "])
+    net = model.read_network(str(tmp_path))
+    assert net.ymax == 4.5
+    assert np.stack(net.biases).tolist() == [[-1, 0, 0, 0, 0], [0, 0, 0, 0, 0.125]]
