@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fsd_kernels
-from fsd_runtime.coordinator import RunError, run_distributed
+import fsd_runtime
+from fsd_runtime.coordinator import RunError
 
 #: Examples per property in the default suite; the longer campaign sets the variable.
 EXAMPLES = int(os.environ.get("FSD_DIFFERENTIAL_EXAMPLES", "0")) or None
@@ -214,9 +215,10 @@ def test_sparse_layer_chained_equals_the_reference(case):
 
 
 def distributed(case, n_workers, partition, batch_size, launcher="thread"):
+    """Through the public API, with the network as users bring it (scipy matrices, per-neuron bias)."""
     dense, layers, biases, ymax = case
-    return run_distributed(pack(layers, biases, ymax), images_csr(dense), n_workers, partition=partition,
-                           batch_size=batch_size, launcher={"kind": launcher}, receive_timeout=60)
+    return fsd_runtime.run(fsd_runtime.Network.from_layers(layers, biases, ymax=ymax), sp.csr_matrix(dense),
+                           workers=n_workers, partition=partition, batch_size=batch_size, launcher=launcher)
 
 
 @examples(40)

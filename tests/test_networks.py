@@ -442,7 +442,6 @@ def test_the_cancelling_case_really_cancels(cancelling):
     assert cancelling["differ"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="kernels move to numeric-nonzero bias semantics (issue 11)")
 @pytest.mark.parametrize("workers", [None, 2])
 def test_run_with_cancelling_sums_follows_the_reference(cancelling, workers):
     result = fsd_runtime.run(cancelling["npz"], cancelling["x"], workers=workers, launcher="thread")
