@@ -31,7 +31,7 @@ EXPORTS = {
     "dense_layer": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1])",
     "csr_rows_to_block": "i8(i8[::1], i4[::1], f4[::1], i8, i8, f4[:, ::1], i8[::1])",
     "coo_to_block": "void(i4[::1], i4[::1], f4[::1], f4[:, ::1])",
-    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1])",
+    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1], b1)",
     "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
     "dense_layer_tracked": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
     "dense_layer_columns": "i8(f4[:, ::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
@@ -68,7 +68,7 @@ COLUMN_TILE = 256
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, gap):
+def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, gap, skip_zero_rows):
     # Input columns [c0, c1) of ``block`` give output columns from ``o0`` on. Returns -1, or
     # the first output column whose sum overflowed (outputs after it are not written).
     # Row slices indexed from 0 (not range(c0, c1)): numba then knows the
@@ -78,7 +78,9 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, g
     # terms, which never change a float32 sum, so they are skipped (about a
     # third of the pixels of a batch of MNIST digits are never set).
     live_row = np.zeros(block.shape[0], np.bool_)
-    for k in range(block.shape[0]):
+    if not skip_zero_rows:  # the shortcut off (for measuring it): every input row is summed
+        live_row[:] = True
+    for k in range(block.shape[0] if skip_zero_rows else 0):
         y = block[k, c0:c1]
         for i in range(m):
             if y[i] != 0.0:
@@ -142,6 +144,17 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, g
     return -1
 
 
+@nb.njit(nogil=True, cache=True)
+def _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap, skip_zero_rows):
+    """The first ``n`` columns, ``COLUMN_TILE`` at a time; returns as ``dense_layer``."""
+    for c0 in range(0, n, COLUMN_TILE):
+        bad = _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
+                          c0, top, gap, skip_zero_rows)
+        if bad >= 0:
+            return bad
+    return -1
+
+
 @_kernel
 def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     """One layer on the first ``n`` columns of a dense block.
@@ -154,12 +167,7 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     (``out`` is then partly written and must not be used).
     """
     no_tracking = np.empty(0, np.float32)
-    for c0 in range(0, n, COLUMN_TILE):
-        bad = _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
-                          c0, no_tracking, no_tracking)
-        if bad >= 0:
-            return bad
-    return -1
+    return _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, no_tracking, no_tracking, True)
 
 
 @_kernel
@@ -170,12 +178,7 @@ def dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, ga
     ``dense_layer``."""
     top[:n] = 0.0
     gap[:n] = 0.0
-    for c0 in range(0, n, COLUMN_TILE):
-        bad = _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
-                          c0, top, gap)
-        if bad >= 0:
-            return bad
-    return -1
+    return _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap, True)
 
 
 @_kernel
@@ -192,7 +195,8 @@ def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, t
         m = min(c0 + COLUMN_TILE, n) - c0
         first = columns[c0]
         if columns[c0 + m - 1] - first == m - 1:  # no column dropped here
-            bad = _dense_tile(block, first, first + m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
+            bad = _dense_tile(block, first, first + m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap,
+                              True)
         else:
             picked = columns[c0:c0 + m]
             for r in range(block.shape[0]):
@@ -200,7 +204,7 @@ def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, t
                 dst = tile[r]
                 for i in range(m):
                     dst[i] = src[picked[i]]
-            bad = _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap)
+            bad = _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap, True)
         if bad >= 0:
             return bad
     return -1
@@ -296,7 +300,7 @@ def _compact(block, n, ids, top, gap, sat_ids, counts):
 
 @_kernel
 def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
-                keeps_saturated, ymax, sat_ids, counts):
+                keeps_saturated, ymax, sat_ids, counts, shortcuts):
     """Run one batch of images through every layer, in place.
 
     ``block`` holds ``counts[0]`` image columns (ids in ``ids``); layer l is
@@ -309,7 +313,9 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     On return ``block[:, :counts[0]]`` holds the live, unsaturated columns
     and ``sat_ids[:counts[1]]`` the saturated images; ``counts[2:4]`` is
     (-1, -1), or (layer, image id) of a sum that overflowed to inf/NaN, where
-    the batch stopped (``counts`` has 4 entries).
+    the batch stopped (``counts`` has 4 entries). ``shortcuts=False`` turns
+    every exact shortcut off (dead columns, parking, zero input rows), so
+    that their worth can be measured: the same bits, more work.
     """
     n_layers = keeps_saturated.shape[0]
     rows = block.shape[0]
@@ -318,8 +324,10 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     counts[3] = -1
     top = np.empty(block.shape[1], np.float32)
     gap = np.empty(block.shape[1], np.float32)
-    _scan_extremes(block, counts[0], ymax, top, gap)
-    n = _compact(block, counts[0], ids, top, gap, sat_ids, counts)
+    n = counts[0]
+    if shortcuts:
+        _scan_extremes(block, n, ymax, top, gap)
+        n = _compact(block, n, ids, top, gap, sat_ids, counts)
     src = block
     dst = work
     for layer in range(n_layers):
@@ -336,13 +344,16 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
         cp = colptrs[base:base + rows + 1]
         lo = layer_ptr[layer]
         hi = layer_ptr[layer + 1]
-        bad = dense_layer_tracked(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap)
+        top[:n] = 0.0
+        gap[:n] = 0.0
+        bad = _layer_tiles(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap, shortcuts)
         if bad >= 0:
             counts[0] = 0
             counts[2] = layer
             counts[3] = ids[bad]
             return
-        n = _compact(dst, n, ids, top, gap, sat_ids, counts)
+        if shortcuts:
+            n = _compact(dst, n, ids, top, gap, sat_ids, counts)
         src, dst = dst, src
     if src is not block:
         for j in range(rows):

@@ -42,7 +42,7 @@ class Activations(NamedTuple):
         return np.flatnonzero(np.diff(self.indptr))
 
 
-def _run_batch(net, indptr, indices, data, start, stop):
+def _run_batch(net, indptr, indices, data, start, stop, shortcuts):
     n = net.n_neurons
     width = stop - start
     block = np.empty((n, width), np.float32)
@@ -52,7 +52,7 @@ def _run_batch(net, indptr, indices, data, start, stop):
     counts = np.zeros(4, np.int64)
     counts[0] = kernels.csr_rows_to_block(indptr, indices, data, start, stop, block, ids)
     kernels.infer_block(block, work, ids, net.colptrs, net.layer_ptr, net.rowidx, net.vals,
-                        net.biases, net.keeps_saturated, net.ymax, sat_ids, counts)
+                        net.biases, net.keeps_saturated, net.ymax, sat_ids, counts, shortcuts)
     if counts[2] >= 0:
         raise LayerOverflowError(int(counts[2]), int(counts[3]))
     active = block[:, :counts[0]].T
@@ -95,12 +95,15 @@ def _assemble(n_images, n, pieces, ymax):
 
 def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None = None,
           threads: int | None = None,
-          progress: Callable[[int, int], None] | None = None) -> Activations:
+          progress: Callable[[int, int], None] | None = None, shortcuts: bool = True) -> Activations:
     """Run images (CSR, images x neurons) through ``net``; exact Graph Challenge semantics.
 
     ``threads`` defaults to all cores, ``batch_size`` to :func:`default_batch`;
     ``progress(images_done, n_images)`` is called from this thread as batches finish.
     A sum that overflows float32 raises :class:`LayerOverflowError` naming layer and image.
+    ``shortcuts=False`` computes every image column through every layer, summing every input
+    row (no dead columns, no parking, no zero-row skip; blank input images are still skipped):
+    the same bits, to measure what the exact shortcuts are worth.
     """
     if not isinstance(net, PackedNetwork):
         raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")
@@ -119,7 +122,7 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
     spans = [(s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
     pieces, done = [], 0
     with ThreadPoolExecutor(min(threads, max(1, len(spans)))) as pool:
-        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e) for s, e in spans]
+        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e, bool(shortcuts)) for s, e in spans]
         for future, (s, e) in zip(futures, spans):
             pieces.append(future.result())
             done += e - s

@@ -195,10 +195,11 @@ def assert_bit_identical(got, want: sp.csr_matrix, what=""):
 # --- serial, one layer at a time, distributed ---
 
 @examples(120)
-@given(user_networks(), st.sampled_from([None, 1, 2, 5]), st.sampled_from([1, 2]))
-def test_serial_infer_equals_the_reference(case, batch_size, threads):
+@given(user_networks(), st.sampled_from([None, 1, 2, 5]), st.sampled_from([1, 2]), st.booleans())
+def test_serial_infer_equals_the_reference(case, batch_size, threads, shortcuts):
     want = expected(case)
-    got = fsd_kernels.infer(*images_csr(case[0]), pack(*case[1:]), batch_size=batch_size, threads=threads)
+    got = fsd_kernels.infer(*images_csr(case[0]), pack(*case[1:]), batch_size=batch_size, threads=threads,
+                            shortcuts=shortcuts)
     assert_bit_identical(got, want)
     np.testing.assert_array_equal(got.categories, np.flatnonzero(np.diff(want.indptr)))
 
@@ -365,7 +366,9 @@ def test_shortcuts_stay_exact(name):
     if "saturation" in name or "parked" in name:
         assert not net.keeps_saturated.all() and net.keeps_saturated.any()
     for batch_size in (None, 1):
-        assert_bit_identical(fsd_kernels.infer(*images_csr(dense), net, batch_size=batch_size, threads=1), want)
+        for shortcuts in (True, False):
+            assert_bit_identical(fsd_kernels.infer(*images_csr(dense), net, batch_size=batch_size, threads=1,
+                                                   shortcuts=shortcuts), want)
     for p in (1, 2, 3):
         for batch_size in (None, 1):
             assert_bit_identical(distributed(case, p, "contiguous", batch_size).activations, want, f"P={p}")
