@@ -389,3 +389,17 @@ def test_twins_that_differ_only_in_signed_zero_weights():
     assert_bit_identical(fsd_kernels.infer(*images_csr(case[0]), pack(*case[1:]), threads=1), want)
     for p in (2, 3, 4):
         assert_bit_identical(distributed(case, p, "hypergraph", None).activations, want)
+
+
+def test_more_workers_than_column_groups():
+    """Every column of every layer alike (one group): hypergraph gives some workers no neuron;
+    they take part with a vacuous status and the run stays exact."""
+    n = 8
+    w = sp.csr_matrix(np.tile(np.array([[0.5], [-0.25], [0.0], [1.0], [0.5], [0.0], [0.0], [-1.0]], np.float32),
+                              (1, n)))
+    case = (np.array([[1, 1, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 1, 0, 0, 0]], np.float32),
+            [w, w, w], [np.full(n, 0.125, np.float32)] * 3, 32.0)
+    want = expected(case)
+    for p in (5, 8):
+        result = distributed(case, p, "hypergraph", None)
+        assert_bit_identical(result.activations, want, f"P={p}")

@@ -475,9 +475,10 @@ def test_import_fsd_runtime_is_light_and_exports_lazily():
         fsd_runtime.nothing
 
 
-def test_cli_runs_an_npz_network(case):
+@pytest.mark.parametrize("workers", [[], ["--workers", "3"]], ids=["serial", "3-workers"])
+def test_cli_runs_an_npz_network(case, workers):
     proc = run_python("-c", "import sys; from fsd_runtime.cli import main; sys.exit(main(sys.argv[1:]))",
-                      "run", "--weights", case["npz"], "--inputs", case["images"], "--json")
+                      "run", "--weights", case["npz"], "--inputs", case["images"], "--json", *workers)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["categories"] == [int(c) + 1 for c in np.flatnonzero(case["want"].any(axis=1))]
