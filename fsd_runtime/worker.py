@@ -340,7 +340,7 @@ class WorkerLoop:
         another run's (counted in ``tally``). Returns the source whose message this chunk completed,
         else None."""
         try:
-            h = self.codec.decode_header(chunk)
+            h = self.codec.decode_header(chunk, max_bytes=self.channel.max_chunk_bytes)
         except self.codec.CodecError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: malformed chunk: {exc}") from exc
         if h.run_id != self.wire_run_id:
