@@ -27,9 +27,10 @@ from fsd_runtime.s3storage import S3Storage
 
 AWS_CHANNELS = ("queue", "object")
 INVOKERS = ("local", "lambda", "rie")
-#: What a worker's own store calls are (fsd_runtime.worker.run_from_event): GET its share,
+#: What a worker's own store calls are (fsd_runtime.worker.run_from_event): HEAD its share (billed as
+#: a GET), create its claim, GET its share,
 #: PUT its metrics and its result. The coordinator's calls are counted as they happen.
-WORKER_STORE_CALLS = {"s3_get_requests": 1, "s3_put_requests": 2}
+WORKER_STORE_CALLS = {"s3_get_requests": 2, "s3_put_requests": 3}
 
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
@@ -54,7 +55,9 @@ def _add_aws_options(group) -> None:
 def add_commands(sub) -> None:
     """The ``deploy`` and ``teardown`` subcommands."""
     for name, text in (("deploy", "create or update the AWS resources of a deployment (idempotent)"),
-                       ("teardown", "delete every AWS resource of a deployment (idempotent)")):
+                       ("teardown", "delete every AWS resource of a deployment (idempotent)"),
+                       ("cleanup", "delete what killed runs left behind (run queues, subscriptions, "
+                                   "run objects); the deployment stays")):
         p = sub.add_parser(name, help=text, description=text)
         _add_aws_options(p)
         p.add_argument("--topics", type=int, default=4, help="SNS topics the queue channel spreads over")
@@ -66,6 +69,11 @@ def add_commands(sub) -> None:
             p.add_argument("--layer-zip", help="layer zip (default: dist/ from ./layer.zip.sh)")
             p.add_argument("--no-lambda", action="store_true",
                            help="bucket and topics only (enough for --invoker local|rie)")
+            p.add_argument("--max-workers", type=int, default=64,
+                           help="most workers one run may use (held to inside the function)")
+            p.add_argument("--max-fanout", type=int, default=16, help="most tree children per worker")
+            p.add_argument("--reserved-concurrency", type=int, default=100,
+                           help="concurrent executions reserved for (and capping) the function; 0: none")
             p.add_argument("--coordinator-mode", action="store_true",
                            help="let the function also coordinate runs ({\"coordinate\": ...} events)")
             p.add_argument("--template-only", action="store_true",
@@ -73,6 +81,10 @@ def add_commands(sub) -> None:
         else:
             p.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64")
             p.add_argument("--python", default="3.13")
+        if name == "cleanup":
+            p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
+                           help="only what is at least this old (default 0: everything of past runs; "
+                                "do not run it with 0 while a run of the deployment is going)")
 
 
 def aws_settings(args) -> aws.AwsSettings:
@@ -85,7 +97,9 @@ def deploy_settings(args) -> deploy.DeploySettings:
         memory_mb=getattr(args, "memory_mb", 2048), timeout_s=getattr(args, "timeout", 900),
         topics=args.topics, lambda_function=not getattr(args, "no_lambda", False),
         coordinator_mode=getattr(args, "coordinator_mode", False),
-        layer_zip=getattr(args, "layer_zip", None))
+        layer_zip=getattr(args, "layer_zip", None), max_workers=getattr(args, "max_workers", 64),
+        max_fanout=getattr(args, "max_fanout", 16),
+        reserved_concurrency=getattr(args, "reserved_concurrency", 100))
 
 
 def run_command(args) -> int:
@@ -96,6 +110,11 @@ def run_command(args) -> int:
         return 0
     if args.command == "deploy":
         lines = deploy.deploy(settings, aws_settings(args)) or ["up to date: nothing changed"]
+    elif args.command == "cleanup":
+        if args.older_than < 0:
+            raise ValueError(f"--older-than must be >= 0 seconds, not {args.older_than}")
+        lines = [f"deleted {r}" for r in deploy.cleanup(settings, aws_settings(args), args.older_than)] \
+            or ["nothing to delete"]
     else:
         lines = [f"deleted {r}" for r in deploy.teardown(settings, aws_settings(args))] or ["nothing to delete"]
     print("\n".join(lines))
@@ -134,6 +153,10 @@ class AwsRun:
 
     def __enter__(self) -> "AwsRun":
         self._check_deployed()
+        try:  # queues of runs whose coordinator died more than a day ago (objects expire by themselves)
+            deploy.sweep_stale_queues(self.names, self.settings)
+        except (ClientError, BotoCoreError):
+            pass  # the sweep is a courtesy: a run must not fail over it
         if self.invoker == "rie":
             source_root = os.path.dirname(os.path.dirname(os.path.abspath(fsd_runtime.__file__)))
             path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
@@ -157,10 +180,16 @@ class AwsRun:
         if self.invoker == "lambda":
             lam = aws.client("lambda", self.settings)
             try:
-                lam.get_function(FunctionName=self.names.function)
+                function = lam.get_function(FunctionName=self.names.function)["Configuration"]
             except ClientError as exc:
                 raise deploy.DeployError(f"deployment {self.names.settings.name!r} has no function: run "
                                          f"`fsd-inference deploy` first ({aws.error_code(exc)})") from None
+            env = function.get("Environment", {}).get("Variables", {})
+            limit = int(env.get(deploy.ENV_MAX_WORKERS, "0") or 0)
+            if limit and self.n_workers > limit:
+                raise deploy.DeployError(f"{self.n_workers} workers exceed deployment "
+                                         f"{self.names.settings.name!r}'s limit of {limit} (redeploy with "
+                                         "--max-workers)")
 
     def deployed_topics(self) -> list[str]:
         """The deployment's topic ARNs, ``NAME-t0``, ``NAME-t1``, ... as deployed (runs create none)."""
@@ -234,4 +263,14 @@ def coordinate(options: Mapping) -> dict:
         raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
     if not args.workers or args.channel not in AWS_CHANNELS:
         raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
+    from fsd_runtime.handler import deployment_limits
+
+    limits = deployment_limits()
+    if limits is not None:  # inside the deployed function: its own deployment, within its limits
+        if args.invoker != "lambda" or args.deployment != limits["deployment"]:
+            raise ValueError(f"'coordinate' inside deployment {limits['deployment']!r} runs only "
+                             f"--invoker lambda on that deployment")
+        if args.workers > limits["max_workers"] or args.fanout > limits["max_fanout"]:
+            raise ValueError(f"'coordinate' asks {args.workers} workers / fan-out {args.fanout}; the "
+                             f"deployment allows {limits['max_workers']} / {limits['max_fanout']}")
     return cli.run_distributed(args, cli.load_data(args))

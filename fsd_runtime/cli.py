@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("deploy", "teardown"):
+    if args.command in ("deploy", "teardown", "cleanup"):
         from fsd_runtime import awsrun
 
         return awsrun.cli_command(args)

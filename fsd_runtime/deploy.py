@@ -82,6 +82,9 @@ class DeploySettings:
     max_fanout: int = 16
     #: Concurrent executions reserved for (and capping) the function; 0: none reserved.
     reserved_concurrency: int = 100
+    #: The bucket refuses requests without TLS. None: on, except when the AWS endpoint itself is
+    #: plain http (a local AWS-API server, which cannot serve TLS and enforces bucket policies).
+    tls_only: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
@@ -353,9 +356,15 @@ class _Deployer:
             if _error_code(exc) != "NoSuchBucketPolicy":
                 raise
             current_policy = None
-        if current_policy != bucket_policy(n):
+        tls_only = self.settings.tls_only
+        if tls_only is None:
+            tls_only = not (self.aws_settings.endpoint_url or "").startswith("http://")
+        if tls_only and current_policy != bucket_policy(n):
             s3.put_bucket_policy(Bucket=n.bucket, Policy=json.dumps(bucket_policy(n)))
             self.changes.append(f"set TLS-only policy of bucket {n.bucket}")
+        elif not tls_only and current_policy is not None:
+            s3.delete_bucket_policy(Bucket=n.bucket)
+            self.changes.append(f"removed the TLS-only policy of bucket {n.bucket} (plain-http endpoint)")
         if _rule_keys(rules) != _rule_keys(lifecycle_rules()):
             s3.put_bucket_lifecycle_configuration(Bucket=n.bucket,
                                                   LifecycleConfiguration={"Rules": lifecycle_rules()})
@@ -540,27 +549,88 @@ def teardown(settings: DeploySettings, aws_settings: aws.AwsSettings | None = No
     return removed
 
 
-def _delete_run_queues(names: Names, aws_settings: aws.AwsSettings) -> list[str]:
-    """Queues of runs that never cleaned up: named ``NAME_...`` with a policy naming our topics."""
-    sqs = aws.client("sqs", aws_settings)
+def _delete_run_queues(names: Names, aws_settings: aws.AwsSettings, older_than_s: float = 0.0) -> list[str]:
+    """Queues of runs that never cleaned up: named ``NAME_...`` with a policy naming our topics,
+    created at least ``older_than_s`` ago; their subscriptions to our topics go with them."""
+    sqs, sns = aws.client("sqs", aws_settings), aws.client("sns", aws_settings)
     ours = set(names.topic_arns())
-    deleted = []
+    now = time.time()
+    deleted: dict[str, str] = {}  # queue ARN -> url
     urls = [u for page in sqs.get_paginator("list_queues").paginate(QueueNamePrefix=f"{names.settings.name}{SEP}")
             for u in page.get("QueueUrls", [])]
     for url in urls:
         try:
-            policy = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])
+            attributes = sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["Policy", "QueueArn", "CreatedTimestamp"])["Attributes"]
         except ClientError as exc:
             if _absent(exc, "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
                 continue
             raise
-        statements = json.loads(policy.get("Attributes", {}).get("Policy", "{}")).get("Statement", [])
+        statements = json.loads(attributes.get("Policy", "{}")).get("Statement", [])
         sources = {arn for st in statements
                    for arn in _as_list(st.get("Condition", {}).get("ArnEquals", {}).get("aws:SourceArn"))}
-        if sources and sources <= ours:
-            sqs.delete_queue(QueueUrl=url)
-            deleted.append(url.rsplit("/", 1)[1])
-    return deleted
+        if sources and sources <= ours and now - float(attributes.get("CreatedTimestamp", 0)) >= older_than_s:
+            deleted[attributes.get("QueueArn", "")] = url
+    for topic in ours if deleted else ():
+        try:
+            pages = list(sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic))
+        except ClientError as exc:
+            if _absent(exc, "NotFound"):
+                continue
+            raise
+        for sub in (s for page in pages for s in page.get("Subscriptions", [])):
+            if sub.get("Endpoint") in deleted:
+                sns.unsubscribe(SubscriptionArn=sub["SubscriptionArn"])
+    for url in deleted.values():
+        _delete_if_there(lambda: sqs.delete_queue(QueueUrl=url),
+                         "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+    return sorted(url.rsplit("/", 1)[1] for url in deleted.values())
+
+
+def _delete_run_objects(names: Names, aws_settings: aws.AwsSettings, older_than_s: float) -> int:
+    """Objects under the run prefixes last written at least ``older_than_s`` ago; how many."""
+    s3 = aws.client("s3", aws_settings)
+    now = time.time()
+    count = 0
+    for prefix in RUN_PREFIXES:
+        try:
+            pages = list(s3.get_paginator("list_objects_v2").paginate(Bucket=names.bucket, Prefix=prefix))
+        except ClientError as exc:
+            if _absent(exc, "NoSuchBucket"):
+                return count
+            raise
+        keys = [{"Key": o["Key"]} for page in pages for o in page.get("Contents", [])
+                if now - o["LastModified"].timestamp() >= older_than_s]
+        for start in range(0, len(keys), 1000):
+            s3.delete_objects(Bucket=names.bucket, Delete={"Objects": keys[start:start + 1000], "Quiet": True})
+        count += len(keys)
+    return count
+
+
+#: Runs last at most a day (an event's run_timeout is capped at 86,400 s): older run resources
+#: belong to a coordinator that died, and the next run's coordinator removes them.
+STALE_RUN_SECONDS = 86400.0
+
+
+def sweep_stale_queues(names: Names, aws_settings: aws.AwsSettings) -> list[str]:
+    """What every run's coordinator does first: remove run queues older than any run can be
+    (one ListQueues when there are none; run objects expire by the bucket's lifecycle rule)."""
+    return _delete_run_queues(names, aws_settings, STALE_RUN_SECONDS)
+
+
+def cleanup(settings: DeploySettings, aws_settings: aws.AwsSettings | None = None,
+            older_than_s: float = 0.0) -> list[str]:
+    """``fsd-inference cleanup``: remove what runs left behind (a coordinator that was killed):
+    run queues with their subscriptions, and run objects, at least ``older_than_s`` old. The
+    deployment itself stays. Lambda workers of such a run fail at their next receive once their
+    queue is gone (object channel: within their receive timeout)."""
+    aws_settings = aws_settings or aws.AwsSettings()
+    n = names_for(settings, aws_settings)
+    removed = [f"leftover run queue {q}" for q in _delete_run_queues(n, aws_settings, older_than_s)]
+    objects = _delete_run_objects(n, aws_settings, older_than_s)
+    if objects:
+        removed.append(f"{objects} leftover run objects in bucket {n.bucket}")
+    return removed
 
 
 def _as_list(value: Any) -> list:

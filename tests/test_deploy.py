@@ -66,10 +66,6 @@ def test_deploy_creates_everything_once_and_teardown_removes_it(aws_settings):
     policy = iam.get_role_policy(RoleName=names.role, PolicyName=names.policy)["PolicyDocument"]
     assert (json.loads(policy) if isinstance(policy, str) else policy) == deploy.least_privilege_policy(names)
 
-    s3 = client("s3", aws_settings)
-    assert json.loads(s3.get_bucket_policy(Bucket=names.bucket)["Policy"]) == deploy.bucket_policy(names)
-    (tls,) = deploy.bucket_policy(names)["Statement"]
-    assert tls["Effect"] == "Deny" and tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     assert lam.get_function_concurrency(FunctionName=names.function)["ReservedConcurrentExecutions"] == 100
     env = function["Environment"]["Variables"]
     assert env[deploy.ENV_DEPLOYMENT] == settings.name and env[deploy.ENV_BUCKET] == names.bucket
@@ -84,6 +80,28 @@ def test_deploy_creates_everything_once_and_teardown_removes_it(aws_settings):
     assert f"function {names.function}" in removed and f"bucket {names.bucket}" in removed
     assert _inventory(names, aws_settings) == EMPTY
     assert deploy.teardown(settings, aws_settings) == []
+
+
+def test_bucket_refuses_plain_http(aws_settings):
+    """The local server enforces bucket policies; it speaks only plain http, so with the TLS-only
+    policy every request is refused (on AWS, TLS requests pass). Auto mode leaves it off there."""
+    settings = _settings(lambda_function=False, tls_only=True)
+    names = deploy.names_for(settings, aws_settings)
+    try:
+        changes = deploy.deploy(settings, aws_settings)
+        assert f"set TLS-only policy of bucket {names.bucket}" in changes
+        s3 = client("s3", aws_settings)
+        assert json.loads(s3.get_bucket_policy(Bucket=names.bucket)["Policy"]) == deploy.bucket_policy(names)
+        (tls,) = deploy.bucket_policy(names)["Statement"]
+        assert tls["Effect"] == "Deny" and tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+        with pytest.raises(s3.exceptions.ClientError, match="Forbidden|AccessDenied"):
+            s3.put_object(Bucket=names.bucket, Key="runs/x/y", Body=b"1")
+        auto = deploy.DeploySettings(name=settings.name, topics=2, lambda_function=False)
+        assert deploy.deploy(auto, aws_settings) == [
+            f"removed the TLS-only policy of bucket {names.bucket} (plain-http endpoint)"]
+        s3.put_object(Bucket=names.bucket, Key="runs/x/y", Body=b"1")
+    finally:
+        deploy.teardown(settings, aws_settings)
 
 
 def test_redeploy_changes_only_what_differs(aws_settings):
@@ -109,7 +127,6 @@ def test_storage_only_deployment_and_leftover_run_queues_are_swept(aws_settings)
     names = deploy.names_for(settings, aws_settings)
     assert sorted(deploy.deploy(settings, aws_settings)) == sorted(
         [f"created bucket {names.bucket}", f"set expiry of run objects in bucket {names.bucket}",
-         f"set TLS-only policy of bucket {names.bucket}",
          f"created topic {settings.name}_t0", f"created topic {settings.name}_t1"])
     resources = QueueResources(deploy.queue_config(names, aws_settings))
     resources.create_run("crashed", 2)  # a coordinator that died before delete_run
