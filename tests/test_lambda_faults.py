@@ -264,3 +264,29 @@ def test_killed_coordinator_leaves_nothing_after_cleanup(aws_settings, capsys):
     finally:
         for settings in (mine, other):
             deploy.teardown(settings, aws_settings)
+
+
+class _DyingLauncher(launch.ThreadLauncher):
+    """Worker 2 dies as it starts, leaving no record (an out-of-memory kill on Lambda)."""
+
+    def launch(self, events):
+        super().launch([e for e in events if e.worker_id != 2])
+
+
+def test_a_dying_worker_fails_the_run_promptly_and_every_run_resource_goes(aws_settings, bucket, small):
+    from fsd_runtime.coordinator import RunError
+
+    ds, net = small
+    launch.register_launcher("dying", lambda config: _DyingLauncher(config))
+    store = S3Storage(bucket, aws_settings)
+    channel = {"kind": "object", "bucket": bucket, "aws": aws_settings.to_dict(), "create_bucket": False}
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"layer 1: .*from worker\(s\) \[2\]") as info:
+        run_distributed(net, ds.images.arrays, 4, partition="contiguous", channel=channel,
+                        launcher={"kind": "dying"}, storage=store, receive_timeout=2, run_timeout=120)
+    assert time.monotonic() - started < 30  # a receive timeout or two, not the run timeout
+    assert "layer" in str(info.value)
+    time.sleep(0.5)  # let the surviving threads finish writing
+    leftover = client("s3", aws_settings).list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert [o["Key"] for o in leftover if not o["Key"].startswith("runs/")
+            or "/errors/" not in o["Key"]] == []  # at most a late error record (expires in a day)
