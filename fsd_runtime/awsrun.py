@@ -12,8 +12,11 @@ nothing inside Lambda.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 from typing import Mapping
@@ -140,7 +143,10 @@ class AwsRun:
         self.invoker = args.invoker or "local"
         self.n_workers = n_workers
         self.memory_mb = args.memory_mb
+        self.memory_source = "--memory-mb (the run was not on Lambda)"
         self.architecture = args.architecture
+        self.fanout = getattr(args, "fanout", 2)
+        self.started_ms = int(time.time() * 1000)
         self.settings = aws_settings(args)
         try:
             self.names = deploy.names_for(deploy.DeploySettings(name=args.deployment), self.settings)
@@ -184,6 +190,9 @@ class AwsRun:
             except ClientError as exc:
                 raise deploy.DeployError(f"deployment {self.names.settings.name!r} has no function: run "
                                          f"`fsd-inference deploy` first ({aws.error_code(exc)})") from None
+            self.memory_mb = int(function.get("MemorySize", self.memory_mb))
+            self.memory_source = "the deployed function's MemorySize"
+            self.architecture = (function.get("Architectures") or [self.architecture])[0]
             env = function.get("Environment", {}).get("Variables", {})
             limit = int(env.get(deploy.ENV_MAX_WORKERS, "0") or 0)
             if limit and self.n_workers > limit:
@@ -219,18 +228,106 @@ class AwsRun:
             return self.pool.launcher_config()
         return {"kind": "local"}
 
+    def _sizes(self, kind: str) -> tuple[str | None, dict[int, int]]:
+        """The run id and per-worker bytes of the run's ``shares`` or ``results`` the store moved."""
+        found, run = {}, None
+        for key, size in self.storage.sizes.items():
+            match = re.fullmatch(rf"runs/([A-Za-z0-9_-]+)/{kind}/(\d+)\.npz", key)
+            if match:
+                run, found[int(match[2])] = match[1], size
+        return run, found
+
     def cost(self, traffic: Mapping, metrics: list[dict], n_images: int) -> dict:
-        """Modelled cost of the run: the channel's counted requests, the store's (coordinator
-        counted, workers' by :data:`WORKER_STORE_CALLS`), modelled Lambda durations."""
+        """The run's cost: requests as counted (the channel's; the store's: the coordinator's as
+        made, each worker's by :data:`WORKER_STORE_CALLS`); Lambda durations billed (from the
+        invocations' REPORT log lines, with ``--invoker lambda``) or modelled term by term
+        (:func:`fsd_runtime.cost.duration_terms`) under every latency preset, a range."""
         requests: Counter = Counter(traffic.get("channel_requests", {}))
         requests.update(cost.s3_counters(self.storage.call.attempts))
         requests.update({k: v * self.n_workers for k, v in WORKER_STORE_CALLS.items()})
-        seconds = cost.modelled_worker_seconds(metrics, self.channel_kind)
-        out = cost.run_cost(requests, seconds, n_images=n_images, memory_mb=self.memory_mb,
-                            architecture=self.architecture)
-        out["duration"] = "modelled"
+        run_id, share_bytes = self._sizes("shares")
+        _, result_bytes = self._sizes("results")
+        bills, terms = {}, {}
+        for name, preset in cost.PRESETS.items():
+            model = cost.duration_terms(metrics, self.channel_kind, latency=preset, memory_mb=self.memory_mb,
+                                        fanout=self.fanout, share_bytes=share_bytes, result_bytes=result_bytes)
+            terms[name] = model
+            bills[name] = cost.run_cost(requests, model["per_worker"], n_images=n_images,
+                                        memory_mb=self.memory_mb, architecture=self.architecture)
+        billed = self.billed_durations(run_id) if self.invoker == "lambda" and run_id else None
+        if billed is not None:
+            out = cost.run_cost(requests, billed, n_images=n_images, memory_mb=self.memory_mb,
+                                architecture=self.architecture)
+            out["duration"] = "billed: each worker's Billed Duration from its REPORT log line"
+        else:
+            out = dict(bills[cost.LATENCY.name])
+            out["duration"] = ("modelled: the run was not on Lambda" if self.invoker != "lambda" else
+                               "modelled: REPORT log lines of the workers not found in time")
+        out["range"] = {name: {"usd": b["usd"], "usd_per_10k_inferences": b["usd_per_10k_inferences"],
+                               "gb_seconds": b["gb_seconds"], "slowest_worker_s": max(terms[name]["per_worker"])}
+                        for name, b in bills.items()}
+        out["duration_terms"] = {name: {"seconds": t["terms"], "latency": t["latency"]}
+                                 for name, t in terms.items()}
+        out["sources"] = {"requests": "measured: counted as the calls were made (channels, run store)",
+                          "prices": f"list prices, {cost.PRICES.region}, read {cost.PRICES.as_of}",
+                          "memory_mb": f"{self.memory_source}; CPU share {cost.cpu_share(self.memory_mb):.3f}",
+                          "duration_terms": cost.TERM_SOURCES}
         return out
 
+    def billed_durations(self, run_id: str, wait_s: float = 60.0) -> list[float] | None:
+        """Each worker's billed seconds from CloudWatch Logs: the handler's ``worker starting``
+        line ties a request id to (run, worker); Lambda's ``REPORT`` line of that request id has
+        its Billed Duration. None when not every worker's line arrived within ``wait_s``."""
+        return billed_from_logs(aws.client("logs", self.settings), self.names.function, run_id,
+                                self.n_workers, self.started_ms, wait_s)
+
+
+
+def billed_from_logs(logs, function: str, run_id: str, n_workers: int, since_ms: int,
+                     wait_s: float = 60.0, poll_s: float = 2.0) -> list[float] | None:
+    """Billed seconds per worker of one run, read from the function's log group (see
+    :meth:`AwsRun.billed_durations`); None if some worker's REPORT line is missing after ``wait_s``."""
+    group = f"/aws/lambda/{function}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        worker_of: dict[str, int] = {}
+        reports: dict[str, dict] = {}
+        kwargs = {"logGroupName": group, "startTime": since_ms}
+        try:
+            while True:
+                page = logs.filter_log_events(**kwargs)
+                for event in page.get("events", []):
+                    message = event.get("message", "")
+                    report = cost.parse_report(message)
+                    if report is not None:
+                        reports[report["request_id"]] = report
+                        continue
+                    start = message.find("{")
+                    if start < 0 or run_id not in message:
+                        continue
+                    try:
+                        line = json.loads(message[start:])
+                    except ValueError:
+                        continue
+                    if (isinstance(line, dict) and line.get("message") == "worker starting"
+                            and line.get("run") == run_id and isinstance(line.get("worker"), int)
+                            and line.get("request_id")):
+                        worker_of[line["request_id"]] = line["worker"]
+                if not page.get("nextToken"):
+                    break
+                kwargs["nextToken"] = page["nextToken"]
+        except ClientError as exc:
+            if aws.error_code(exc) != "ResourceNotFoundException":
+                raise
+        billed: dict[int, float] = {}
+        for request, worker in worker_of.items():  # a duplicate invocation is billed too
+            if request in reports:
+                billed[worker] = billed.get(worker, 0.0) + reports[request]["billed_s"]
+        if sorted(billed) == list(range(n_workers)):
+            return [billed[w] for w in range(n_workers)]
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(poll_s)
 
 
 #: ``run`` options a ``{"coordinate": {...}}`` event may set (no file paths: the data is the

@@ -43,6 +43,8 @@ class S3Storage(Storage):
         self.s3 = aws.client("s3", self.settings)
         self.call = aws.Caller(self.settings)
         self.create_only = bool(create_only)
+        #: Bytes of every object this store put or got, by key (the cost model's share and result sizes).
+        self.sizes: dict[str, int] = {}
 
     def _call(self, name: str, key: str, operation, *, absent: frozenset[str] = frozenset(), **kwargs):
         try:
@@ -56,6 +58,7 @@ class S3Storage(Storage):
                 raise StorageError(f"s3://{self.bucket}/{key} exists and this store only creates objects")
             return
         self._call("PutObject", key, self.s3.put_object, Key=check_key(key), Body=data)
+        self.sizes[key] = len(data)
 
     def create(self, key: str, data: bytes) -> bool:
         """A conditional PUT (``If-None-Match: *``): S3 refuses it if the key exists, atomically."""
@@ -67,7 +70,9 @@ class S3Storage(Storage):
         response = self._call("GetObject", key, self.s3.get_object, Key=check_key(key), absent=_MISSING)
         if response is None:
             raise StorageError(f"no stored object at s3://{self.bucket}/{key}")
-        return response["Body"].read()
+        data = response["Body"].read()
+        self.sizes[key] = len(data)
+        return data
 
     def exists(self, key: str) -> bool:
         """A HEAD (billed like a GET, a twelfth of a LIST)."""

@@ -121,7 +121,18 @@ def test_cli_queue_run_reports_golden_traffic_and_cost(deployment, capsys):
     cost = out["cost"]
     assert cost["usd"] == pytest.approx(sum(cost["parts"].values())) and cost["usd"] > 0
     assert cost["billed_requests"]["sns"] == out["traffic"]["channel_requests"]["sns_billed_requests"]
+    assert cost["duration"].startswith("modelled") and cost["memory_mb"] == 2048
+    low, high = cost["range"]["optimistic"], cost["range"]["seed-measured"]
+    assert low["usd"] == cost["usd"] < high["usd"] and low["slowest_worker_s"] < high["slowest_worker_s"]
+    terms = cost["duration_terms"]["optimistic"]["seconds"]
+    assert terms["share_download_s"] > 0 and terms["launch_skew_s"] > 0 and terms["compute_s"] > 0
+    assert set(cost["sources"]["duration_terms"]) == set(terms)
     assert _leftovers(deployment) == {"objects": [], "queues": []}
+    code = cli.main(["run", "--workers", "2", "--channel", "queue", "--images", "120", "--partition",
+                     "contiguous", "--deployment", name, "--endpoint-url", settings.endpoint_url,
+                     "--region", "us-east-1", "--json", "--memory-mb", "884"])
+    half = json.loads(capsys.readouterr().out)["cost"]
+    assert code == 0 and half["memory_mb"] == 884 and "0.500" in half["sources"]["memory_mb"]
 
 
 def test_cli_without_a_deployment_says_how_to_make_one(aws_settings, capsys):
