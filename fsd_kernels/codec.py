@@ -603,14 +603,19 @@ def _kernel_error(code: int, header: Header) -> CodecError:
                       f"(layer {header.layer}): {what}")
 
 
-def decode(data) -> Message:
-    """Decode one chunk into a validated COO :class:`Message`."""
-    return _decode(data)[1]
+def decode(data, *, max_bytes: int | None = None, max_nnz: int | None = None) -> Message:
+    """Decode one chunk into a validated COO :class:`Message`. A receiver that knows its
+    chunk budget (``max_bytes``) or how many entries it can expect (``max_nnz``, e.g. rows x
+    images) passes them: the output arrays (12 bytes an entry) are then bounded by the receiver,
+    not by the sender's header."""
+    return _decode(data, max_bytes=max_bytes, max_nnz=max_nnz)[1]
 
 
-def _decode(data) -> tuple[Header, Message]:
+def _decode(data, *, max_bytes: int | None = None, max_nnz: int | None = None) -> tuple[Header, Message]:
     data = _as_bytes(data)
-    h = decode_header(data)
+    h = decode_header(data, max_bytes=max_bytes)
+    if max_nnz is not None and h.nnz > max_nnz:
+        raise CodecError(f"chunk declares {h.nnz} entries, the receiver expects at most {max_nnz}")
     raw = _raw_payload(data, h)
     if h.n_rows > raw.shape[0]:
         raise CodecError(f"{h.n_rows} rows cannot fit in {raw.shape[0]} payload bytes")

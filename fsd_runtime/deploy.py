@@ -357,8 +357,8 @@ class _Deployer:
                 raise
             current_policy = None
         tls_only = self.settings.tls_only
-        if tls_only is None:
-            tls_only = not (self.aws_settings.endpoint_url or "").startswith("http://")
+        if tls_only is None:  # the endpoint the client really uses (settings, AWS_ENDPOINT_URL*, default)
+            tls_only = not str(s3.meta.endpoint_url).startswith("http://")
         if tls_only and current_policy != bucket_policy(n):
             s3.put_bucket_policy(Bucket=n.bucket, Policy=json.dumps(bucket_policy(n)))
             self.changes.append(f"set TLS-only policy of bucket {n.bucket}")

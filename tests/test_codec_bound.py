@@ -117,3 +117,11 @@ def test_encoder_keeps_to_the_bound_on_extremely_compressible_blocks():
         assert h.raw_len <= codec.inflation_bound(len(chunk) - codec.HEADER_SIZE)
     got = [codec.decode(c) for c in chunks]
     assert sum(m.neurons.shape[0] for m in got) == rows * n_images
+
+
+def test_coo_decode_takes_the_receivers_entry_bound():
+    chunk = codec.encode(np.array([3, 3, 4], np.int32), np.array([0, 1, 1], np.int32),
+                         np.array([1.0, 2.0, 3.0], np.float32), n_images=4)[0]
+    assert codec.decode(chunk, max_nnz=3).neurons.shape[0] == 3
+    with pytest.raises(codec.CodecError, match="at most 2"):
+        codec.decode(chunk, max_nnz=2)
