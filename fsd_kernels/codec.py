@@ -656,7 +656,8 @@ def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_o
         raise CodecError(f"chunk addresses {h.n_images} images at offset {column_offset}, "
                          f"block has {block.shape[1]} columns")
     if h.n_rows > block.shape[0]:  # rows of one chunk are distinct neurons, so distinct block rows
-        raise CodecError(f"chunk has {h.n_rows} rows, the receiver's block {block.shape[0]}")
+        raise CodecError(f"chunk has {h.n_rows} rows, more than the receiver's block has "
+                         f"({block.shape[0]}): rows not expected")
     raw = _raw_payload(data, h)
     if h.n_rows > raw.shape[0]:
         raise CodecError(f"{h.n_rows} rows cannot fit in {raw.shape[0]} payload bytes")
