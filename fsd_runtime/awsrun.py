@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -90,8 +90,55 @@ def add_commands(sub) -> None:
                                 "do not run it with 0 while a run of the deployment is going)")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``run --channel queue|object`` hands the AWS side (typed: the argparse Namespace
+    stops at the CLI functions of this module)."""
+
+    channel: str
+    invoker: str = "local"
+    deployment: str = "fsd-inference"
+    aws: aws.AwsSettings = aws.AwsSettings()
+    #: The memory size priced off Lambda (with ``--invoker lambda``: the deployed one).
+    memory_mb: int = 2048
+    architecture: str = "x86_64"
+    fanout: int = 2
+
+    def __post_init__(self):
+        if self.channel not in AWS_CHANNELS:
+            raise ValueError(f"--invoker needs --channel queue or object, not {self.channel}")
+        if self.invoker not in INVOKERS:
+            raise ValueError(f"invoker must be one of {INVOKERS}, not {self.invoker!r}")
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """``deploy`` / ``teardown`` / ``cleanup`` as typed options."""
+
+    command: str
+    settings: deploy.DeploySettings
+    aws: aws.AwsSettings = aws.AwsSettings()
+    template_only: bool = False
+    older_than_s: float = 0.0
+
+
 def aws_settings(args) -> aws.AwsSettings:
+    """CLI layer: the AWS options of a parsed command line."""
     return aws.AwsSettings(region=args.region, profile=args.profile, endpoint_url=args.endpoint_url)
+
+
+def run_options(args) -> RunOptions:
+    """CLI layer: a parsed ``run`` command line as :class:`RunOptions`."""
+    return RunOptions(channel=args.channel, invoker=args.invoker or "local", deployment=args.deployment,
+                      aws=aws_settings(args), memory_mb=args.memory_mb, architecture=args.architecture,
+                      fanout=getattr(args, "fanout", 2))
+
+
+def command_options(args) -> CommandOptions:
+    """CLI layer: a parsed ``deploy``/``teardown``/``cleanup`` command line."""
+    return CommandOptions(command=args.command, settings=deploy_settings(args), aws=aws_settings(args),
+                          template_only=getattr(args, "template_only", False),
+                          older_than_s=getattr(args, "older_than", 0.0))
 
 
 def deploy_settings(args) -> deploy.DeploySettings:
@@ -105,21 +152,21 @@ def deploy_settings(args) -> deploy.DeploySettings:
         reserved_concurrency=getattr(args, "reserved_concurrency", 100))
 
 
-def run_command(args) -> int:
-    """``deploy`` / ``teardown``: print what changed, one line each (or the template)."""
-    settings = deploy_settings(args)
-    if getattr(args, "template_only", False):
+def run_command(options: CommandOptions) -> int:
+    """``deploy`` / ``teardown`` / ``cleanup``: print what changed, one line each (or the template)."""
+    settings = options.settings
+    if options.template_only:
         print(template.render(settings))
         return 0
-    if args.command == "deploy":
-        lines = deploy.deploy(settings, aws_settings(args)) or ["up to date: nothing changed"]
-    elif args.command == "cleanup":
-        if args.older_than < 0:
-            raise ValueError(f"--older-than must be >= 0 seconds, not {args.older_than}")
-        lines = [f"deleted {r}" for r in deploy.cleanup(settings, aws_settings(args), args.older_than)] \
+    if options.command == "deploy":
+        lines = deploy.deploy(settings, options.aws) or ["up to date: nothing changed"]
+    elif options.command == "cleanup":
+        if options.older_than_s < 0:
+            raise ValueError(f"--older-than must be >= 0 seconds, not {options.older_than_s}")
+        lines = [f"deleted {r}" for r in deploy.cleanup(settings, options.aws, options.older_than_s)] \
             or ["nothing to delete"]
     else:
-        lines = [f"deleted {r}" for r in deploy.teardown(settings, aws_settings(args))] or ["nothing to delete"]
+        lines = [f"deleted {r}" for r in deploy.teardown(settings, options.aws)] or ["nothing to delete"]
     print("\n".join(lines))
     return 0
 
@@ -127,7 +174,7 @@ def run_command(args) -> int:
 def cli_command(args) -> int:
     """``deploy`` / ``teardown`` from the CLI: exit 2 with one clear line on any failure."""
     try:
-        return run_command(args)
+        return run_command(command_options(args))
     except (ValueError, ClientError, BotoCoreError) as exc:
         print(f"fsd-inference: error: {exc}", file=sys.stderr)
         return 2
@@ -136,22 +183,20 @@ def cli_command(args) -> int:
 class AwsRun:
     """One run's AWS wiring; a context manager (an RIE pool lives as long as the run)."""
 
-    def __init__(self, args, n_workers: int):
-        if args.channel not in AWS_CHANNELS:
-            raise ValueError(f"--invoker needs --channel queue or object, not {args.channel}")
-        self.channel_kind = args.channel
-        self.invoker = args.invoker or "local"
+    def __init__(self, options: RunOptions, n_workers: int):
+        self.channel_kind = options.channel
+        self.invoker = options.invoker
         self.n_workers = n_workers
-        self.memory_mb = args.memory_mb
+        self.memory_mb = options.memory_mb
         self.memory_source = "--memory-mb (the run was not on Lambda)"
-        self.architecture = args.architecture
-        self.fanout = getattr(args, "fanout", 2)
+        self.architecture = options.architecture
+        self.fanout = options.fanout
         self.started_ms = int(time.time() * 1000)
-        self.settings = aws_settings(args)
+        self.settings = options.aws
         try:
-            self.names = deploy.names_for(deploy.DeploySettings(name=args.deployment), self.settings)
+            self.names = deploy.names_for(deploy.DeploySettings(name=options.deployment), self.settings)
         except (ClientError, BotoCoreError) as exc:
-            raise deploy.DeployError(f"cannot reach AWS to find deployment {args.deployment!r}: {exc}") from None
+            raise deploy.DeployError(f"cannot reach AWS to find deployment {options.deployment!r}: {exc}") from None
         on_lambda = self.invoker == "lambda"
         self.worker_settings = aws.AwsSettings(region=self.names.region) if on_lambda else self.settings
         self.pool: invokers.RiePool | None = None
@@ -328,46 +373,3 @@ def billed_from_logs(logs, function: str, run_id: str, n_workers: int, since_ms:
         if time.monotonic() >= deadline:
             return None
         time.sleep(poll_s)
-
-
-#: ``run`` options a ``{"coordinate": {...}}`` event may set (no file paths: the data is the
-#: embedded default or a synthetic net; AWS settings come from the function's environment).
-COORDINATE_OPTIONS = frozenset({
-    "workers", "channel", "invoker", "deployment", "images", "synthetic", "seed", "partition",
-    "fanout", "batch_size", "receive_timeout", "run_timeout", "memory_mb", "architecture"})
-
-
-def coordinate(options: Mapping) -> dict:
-    """The handler's coordinator mode: ``fsd-inference run`` with ``options`` (its long options
-    without dashes, e.g. ``{"workers": 8, "channel": "queue"}``; invoker ``lambda`` unless
-    given), answering the run's JSON."""
-    from fsd_runtime import cli
-
-    if not isinstance(options, Mapping):
-        raise ValueError(f"'coordinate' must be an object of run options, got {options!r}")
-    unknown = sorted(set(options) - COORDINATE_OPTIONS)
-    if unknown:
-        raise ValueError(f"'coordinate' has options a coordinator event may not set: {unknown}; "
-                         f"allowed: {sorted(COORDINATE_OPTIONS)}")
-    argv = ["run", "--invoker", "lambda"]
-    for key, value in options.items():
-        if isinstance(value, (dict, list, bool)) or value is None:
-            raise ValueError(f"'coordinate' option {key!r} must be a number or a string, got {value!r}")
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    try:
-        args = cli.build_parser().parse_args(argv)
-    except SystemExit:
-        raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
-    if not args.workers or args.channel not in AWS_CHANNELS:
-        raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
-    from fsd_runtime.handler import deployment_limits
-
-    limits = deployment_limits()
-    if limits is not None:  # inside the deployed function: its own deployment, within its limits
-        if args.invoker != "lambda" or args.deployment != limits["deployment"]:
-            raise ValueError(f"'coordinate' inside deployment {limits['deployment']!r} runs only "
-                             f"--invoker lambda on that deployment")
-        if args.workers > limits["max_workers"] or args.fanout > limits["max_fanout"]:
-            raise ValueError(f"'coordinate' asks {args.workers} workers / fan-out {args.fanout}; the "
-                             f"deployment allows {limits['max_workers']} / {limits['max_fanout']}")
-    return cli.run_distributed(args, cli.load_data(args))

@@ -98,9 +98,9 @@ def run_distributed(args, ds: model.Dataset) -> dict:
 
     aws_run = None
     if args.channel != "local" or args.invoker:
-        from fsd_runtime.awsrun import AwsRun
+        from fsd_runtime.awsrun import AwsRun, run_options
 
-        aws_run = AwsRun(args, args.workers)
+        aws_run = AwsRun(run_options(args), args.workers)
 
     _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
     net = ds.network.pack()

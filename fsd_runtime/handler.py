@@ -116,10 +116,10 @@ def _failure(stage: str, exc: BaseException, worker: int | None, started: float)
 
 def coordinate(request: Any) -> dict:
     """The coordinator mode: a whole run (partition, upload, launch the workers on this function,
-    wait, gather, clean up) from ``{"coordinate": {run options}}``; see awsrun.coordinate."""
-    from fsd_runtime.awsrun import coordinate as run  # boto3: only in this mode
+    wait, gather, clean up) from ``{"coordinate": {run options}}``; see fsd_runtime.coordinate."""
+    from fsd_runtime.coordinate import coordinate as run  # boto3: only in this mode
 
-    return run(request)
+    return run(request, deployment_limits())
 
 
 def handler(event: Any, context: Any) -> dict:

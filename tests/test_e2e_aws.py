@@ -18,7 +18,7 @@ import pytest
 import fsd_kernels
 from fsd_runtime import cli, coordinator, deploy
 from fsd_runtime.aws import AwsSettings, client
-from fsd_runtime.awsrun import AwsRun
+from fsd_runtime.awsrun import AwsRun, RunOptions
 from fsd_runtime.invokers import RieUnavailable, rie_binary
 
 IMAGES = 240
@@ -36,10 +36,8 @@ def deployment(aws_server):
 
 def _aws_run(deployment, channel: str, invoker: str, workers: int) -> AwsRun:
     name, settings = deployment
-    args = cli.build_parser().parse_args(
-        ["run", "--workers", str(workers), "--channel", channel, "--invoker", invoker,
-         "--deployment", name, "--endpoint-url", settings.endpoint_url, "--region", "us-east-1"])
-    return AwsRun(args, workers)
+    return AwsRun(RunOptions(channel=channel, invoker=invoker, deployment=name,
+                             aws=AwsSettings(region="us-east-1", endpoint_url=settings.endpoint_url)), workers)
 
 
 def _subset(official, start: int, stop: int):
