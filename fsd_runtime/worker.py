@@ -18,10 +18,11 @@ import hashlib
 import json
 import resource
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -492,6 +493,34 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         except Exception as record_failure:  # the worker's own error is the one to report
             print(f"fsd_runtime.worker: could not record the error: {record_failure}", file=sys.stderr)
         raise
+
+
+class ThreadLauncher(Launcher):
+    """Workers as threads of this process (tests, debugging, custom channels registered in-process)."""
+
+    def __init__(self, config: Mapping | None = None):
+        self.config = dict(config or {"kind": "thread"})
+        self._threads: list[threading.Thread] = []
+        self._errors: dict[int, str] = {}
+
+    def launch(self, events: Sequence[ev.WorkerEvent]) -> None:
+        for event in events:
+            def target(event=event):
+                try:
+                    run_from_event(event, launcher=self)
+                except BaseException as exc:  # recorded for the coordinator; the worker wrote its error
+                    self._errors[event.worker_id] = f"{type(exc).__name__}: {exc}"
+            thread = threading.Thread(target=target, name=f"fsd-worker-{event.worker_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def failures(self) -> dict[int, str]:
+        return dict(self._errors)
+
+    def close(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=0.1)
+
 
 
 def main() -> int:

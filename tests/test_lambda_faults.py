@@ -25,7 +25,7 @@ from fsd_runtime.handler import ENV_BUCKET, ENV_DEPLOYMENT, ENV_MAX_FANOUT, ENV_
 from fsd_runtime.plan import build_shares
 from fsd_runtime.s3storage import S3Storage
 from fsd_runtime.storage import LocalStorage, StorageError
-from fsd_runtime.worker import run_from_event
+from fsd_runtime.worker import ThreadLauncher, run_from_event
 
 LAYER = b"PK\x05\x06" + bytes(18)
 
@@ -109,7 +109,7 @@ def test_a_worker_of_a_missing_run_starts_no_children(tmp_path):
     assert recorder.launched == []
 
 
-class _TwiceLauncher(launch.ThreadLauncher):
+class _TwiceLauncher(ThreadLauncher):
     """Every worker invoked twice, concurrently (what at-least-once async invokes can do)."""
 
     answers: list = []
@@ -266,7 +266,7 @@ def test_killed_coordinator_leaves_nothing_after_cleanup(aws_settings, capsys):
             deploy.teardown(settings, aws_settings)
 
 
-class _DyingLauncher(launch.ThreadLauncher):
+class _DyingLauncher(ThreadLauncher):
     """Worker 2 dies as it starts, leaving no record (an out-of-memory kill on Lambda)."""
 
     def launch(self, events):
