@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fsd_runtime import cost
-from fsd_runtime.aws import billed_chunks
+from fsd_runtime.aws import cost
+from fsd_runtime.aws.clients import billed_chunks
 
 
 @pytest.mark.parametrize("payload, chunks", [(0, 1), (1, 1), (65536, 1), (65537, 2), (262144, 4), (262145, 5)])
@@ -126,8 +126,8 @@ def test_billed_durations_come_from_the_report_lines(aws_settings):
     import time
     import uuid
 
-    from fsd_runtime.aws import client
-    from fsd_runtime.awsrun import billed_from_logs
+    from fsd_runtime.aws.clients import client
+    from fsd_runtime.aws.run import billed_from_logs
 
     logs = client("logs", aws_settings)
     function = f"fsd-{uuid.uuid4().hex[:6]}"

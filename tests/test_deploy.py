@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from fsd_runtime import deploy, template
-from fsd_runtime import aws
+from fsd_runtime.aws import deploy, template
+from fsd_runtime.aws import clients as aws
 
 client = functools.lru_cache(maxsize=None)(aws.client)  # a boto3 client costs ~0.3 s to make
 from fsd_runtime.channels.queue import QueueResources
@@ -58,7 +58,7 @@ def test_deploy_creates_everything_once_and_teardown_removes_it(aws_settings):
     assert sorted(r["Filter"]["Prefix"] for r in rules) == ["fsd-runs/", "runs/"]
     assert len(have["layers"]) == 1
     (function,) = have["functions"]
-    assert function["Handler"] == "fsd_runtime.handler.handler"
+    assert function["Handler"] == "fsd_runtime.aws.handler.handler"
     assert function["Runtime"] == "python3.13" and function["MemorySize"] == 2048
     assert [layer["Arn"] for layer in function["Layers"]] == [have["layers"][0]["LayerVersionArn"]]
     lam, iam = client("lambda", aws_settings), client("iam", aws_settings)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import fsd_kernels
-from fsd_runtime import cli, coordinator, deploy
-from fsd_runtime.aws import AwsSettings, client
-from fsd_runtime.awsrun import AwsRun, RunOptions
-from fsd_runtime.invokers import RieUnavailable, rie_binary
+from fsd_runtime import cli, coordinator
+from fsd_runtime.aws import deploy
+from fsd_runtime.aws.clients import AwsSettings, client
+from fsd_runtime.aws.run import AwsRun, RunOptions
+from fsd_runtime.aws.invokers import RieUnavailable, rie_binary
 
 IMAGES = 240
 
@@ -140,7 +141,7 @@ def test_cli_without_a_deployment_says_how_to_make_one(aws_settings, capsys):
 
 
 def test_handler_coordinator_mode_runs_a_whole_run(deployment):
-    from fsd_runtime.handler import handler
+    from fsd_runtime.aws.handler import handler
 
     name, _ = deployment  # the server's endpoint reaches boto3 through AWS_ENDPOINT_URL, as on Lambda
     answer = handler({"coordinate": {"workers": 2, "channel": "object", "images": 120, "invoker": "local",

@@ -16,14 +16,14 @@ import uuid
 import numpy as np
 import pytest
 
-from fsd_runtime import deploy
+from fsd_runtime.aws import deploy
 from fsd_runtime import events as ev
 from fsd_runtime import launch, model, partition
-from fsd_runtime.aws import AwsSettings, client
+from fsd_runtime.aws.clients import AwsSettings, client
 from fsd_runtime.coordinator import run_distributed
-from fsd_runtime.handler import ENV_BUCKET, ENV_DEPLOYMENT, ENV_MAX_FANOUT, ENV_MAX_WORKERS, handler
+from fsd_runtime.aws.handler import ENV_BUCKET, ENV_DEPLOYMENT, ENV_MAX_FANOUT, ENV_MAX_WORKERS, handler
 from fsd_runtime.plan import build_shares
-from fsd_runtime.s3storage import S3Storage
+from fsd_runtime.aws.s3storage import S3Storage
 from fsd_runtime.storage import LocalStorage, StorageError
 from fsd_runtime.worker import ThreadLauncher, run_from_event
 
@@ -161,7 +161,7 @@ def function(aws_settings):
 
 
 def test_throttled_invoke_backs_off_then_fails_clearly(aws, aws_settings, function):
-    from fsd_runtime.invokers import LambdaInvoker
+    from fsd_runtime.aws.invokers import LambdaInvoker
 
     event = ev.parse(_deployed_event(launcher={"kind": "lambda", "function": function}))
     config = {"kind": "lambda", "function": function, "aws": aws_settings.to_dict()}

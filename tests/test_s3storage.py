@@ -6,9 +6,9 @@ import uuid
 import numpy as np
 import pytest
 
-from fsd_runtime import invokers
-from fsd_runtime.aws import client
-from fsd_runtime.s3storage import S3Storage
+from fsd_runtime.aws import invokers
+from fsd_runtime.aws.clients import client
+from fsd_runtime.aws.s3storage import S3Storage
 from fsd_runtime.storage import LocalStorage, StorageError, make_storage, pack_arrays, unpack_arrays
 
 

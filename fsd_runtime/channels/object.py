@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from fsd_runtime.aws import AwsSettings, Caller, adapter_fields, client
+from fsd_runtime.aws.clients import AwsSettings, Caller, adapter_fields, client
 from fsd_runtime.channels.base import Channel, ChannelError
-from fsd_runtime.cost import PRICES
+from fsd_runtime.aws.cost import PRICES
 
 MAGIC = b"FSDO"
 VERSION = 1

@@ -27,7 +27,7 @@ Every request counts, because AWS bills each call per started 64 KiB:
   ``delete_messages`` on (for long-lived queues), every receive is followed by
   one ``DeleteMessageBatch``.
 
-Throttling and 5xx are retried with backoff and jitter (fsd_runtime.aws); a
+Throttling and 5xx are retried with backoff and jitter (fsd_runtime.aws.clients); a
 PublishBatch entry reported as failed is published again with its payload;
 what cannot be delivered raises ChannelError. SQS may still deliver a
 message twice or out of order: the worker loop drops duplicates by header.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from fsd_kernels import codec
-from fsd_runtime.aws import AwsSettings, Caller, adapter_fields, billed_chunks, client
+from fsd_runtime.aws.clients import AwsSettings, Caller, adapter_fields, billed_chunks, client
 from fsd_runtime.channels.base import Channel, ChannelError
 
 #: SNS/SQS limits this channel packs against.

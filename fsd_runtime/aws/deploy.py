@@ -26,7 +26,7 @@ topics).
 
 Every step reads what exists first and changes only what differs: a second
 ``deploy`` changes nothing; ``teardown`` may run any number of times.
-:mod:`fsd_runtime.template` emits the same resources as a SAM template.
+:mod:`fsd_runtime.aws.template` emits the same resources as a SAM template.
 """
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
-from fsd_runtime import aws
+from fsd_runtime.aws import clients as aws
 from fsd_runtime.channels.queue import QueueConfig, QueueResources, topic_name
 
 ARCHITECTURES = ("x86_64", "arm64")
-HANDLER = "fsd_runtime.handler.handler"
+HANDLER = "fsd_runtime.aws.handler.handler"
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,22}[a-z0-9]$")
 #: Joins a deployment name to what follows it in every derived name; a name cannot contain it.
 SEP = "_"
-#: The deployment's limits a worker event is held to inside Lambda (fsd_runtime.handler).
+#: The deployment's limits a worker event is held to inside Lambda (fsd_runtime.aws.handler).
 ENV_DEPLOYMENT, ENV_BUCKET, ENV_MAX_WORKERS, ENV_MAX_FANOUT = (
     "FSD_DEPLOYMENT", "FSD_BUCKET", "FSD_MAX_WORKERS", "FSD_MAX_FANOUT")
 

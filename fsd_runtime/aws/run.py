@@ -24,9 +24,9 @@ from typing import Mapping
 from botocore.exceptions import BotoCoreError, ClientError
 
 import fsd_runtime
-from fsd_runtime import aws, cost, deploy, invokers, template
+from fsd_runtime.aws import clients as aws, cost, deploy, invokers, template
 from fsd_runtime.channels.queue import topic_name
-from fsd_runtime.s3storage import S3Storage
+from fsd_runtime.aws.s3storage import S3Storage
 
 AWS_CHANNELS = ("queue", "object")
 INVOKERS = ("local", "lambda", "rie")
@@ -286,7 +286,7 @@ class AwsRun:
         """The run's cost: requests as counted (the channel's; the store's: the coordinator's as
         made, each worker's by :data:`WORKER_STORE_CALLS`); Lambda durations billed (from the
         invocations' REPORT log lines, with ``--invoker lambda``) or modelled term by term
-        (:func:`fsd_runtime.cost.duration_terms`) under every latency preset, a range."""
+        (:func:`fsd_runtime.aws.cost.duration_terms`) under every latency preset, a range."""
         requests: Counter = Counter(traffic.get("channel_requests", {}))
         requests.update(cost.s3_counters(self.storage.call.attempts))
         requests.update({k: v * self.n_workers for k, v in WORKER_STORE_CALLS.items()})

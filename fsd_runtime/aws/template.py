@@ -2,7 +2,7 @@
 
 ``fsd-inference deploy --template-only > template.yaml`` prints it; the
 template is JSON, which is valid YAML, so ``sam deploy`` and CloudFormation
-read it as it is. It declares what :mod:`fsd_runtime.deploy` creates by
+read it as it is. It declares what :mod:`fsd_runtime.aws.deploy` creates by
 API calls: bucket (with the TLS-only policy), topics, worker role with the
 same least-privilege policy, kernels layer (the zip from ``layer.zip.sh``) and function with
 async retries off, reserved concurrency and the deployment's limits. Run queues stay run-scoped (created by the coordinator).
@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from fsd_runtime.deploy import (HANDLER, DeploySettings, Names, bucket_policy, function_environment,
+from fsd_runtime.aws.deploy import (HANDLER, DeploySettings, Names, bucket_policy, function_environment,
                                 least_privilege_policy, lifecycle_rules, trust_policy)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from fsd_runtime import aws
+from fsd_runtime.aws import clients as aws
 from fsd_runtime.channels.base import ChannelError
 from fsd_runtime.storage import Storage, StorageError, check_key
 

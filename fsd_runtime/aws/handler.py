@@ -1,4 +1,4 @@
-"""The Lambda entry point: ``fsd_runtime.handler.handler(event, context)``.
+"""The Lambda entry point: ``fsd_runtime.aws.handler.handler(event, context)``.
 
 A thin adapter over :func:`fsd_runtime.worker.run_from_event`: validate the
 event, run the worker (tree children, share from storage, channel, worker
@@ -10,7 +10,7 @@ the coordinator looks) and returned as ``{"ok": false, "error": ...}``.
 
 Imports numpy, the compiled kernels and fsd_runtime only (boto3 inside the
 AWS kinds the event names): this module runs inside the kernels layer.
-``python -m fsd_runtime.handler`` runs it on an event read from stdin (the
+``python -m fsd_runtime.aws.handler`` runs it on an event read from stdin (the
 ``local`` invoker), logging to stderr and exiting 1 when the worker fails.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any
 
-from fsd_runtime import events, invokers
+from fsd_runtime import events
+from fsd_runtime.aws import invokers
 from fsd_runtime.worker import run_from_event
 
 invokers.register()
@@ -46,7 +47,7 @@ def remaining_seconds(context: Any) -> float | None:
     return remaining() / 1000.0 if callable(remaining) else None
 
 
-#: Set by ``deploy`` in the function's environment (fsd_runtime.deploy.function_environment).
+#: Set by ``deploy`` in the function's environment (fsd_runtime.aws.deploy.function_environment).
 ENV_DEPLOYMENT, ENV_BUCKET, ENV_MAX_WORKERS, ENV_MAX_FANOUT = (
     "FSD_DEPLOYMENT", "FSD_BUCKET", "FSD_MAX_WORKERS", "FSD_MAX_FANOUT")
 #: Optional: the one AWS endpoint events may name inside the function (none on real Lambda).
@@ -116,8 +117,8 @@ def _failure(stage: str, exc: BaseException, worker: int | None, started: float)
 
 def coordinate(request: Any) -> dict:
     """The coordinator mode: a whole run (partition, upload, launch the workers on this function,
-    wait, gather, clean up) from ``{"coordinate": {run options}}``; see fsd_runtime.coordinate."""
-    from fsd_runtime.coordinate import coordinate as run  # boto3: only in this mode
+    wait, gather, clean up) from ``{"coordinate": {run options}}``; see fsd_runtime.aws.coordinate."""
+    from fsd_runtime.aws.coordinate import coordinate as run  # boto3: only in this mode
 
     return run(request, deployment_limits())
 
@@ -171,7 +172,7 @@ def handler(event: Any, context: Any) -> dict:
 
 
 def main() -> int:
-    """``python -m fsd_runtime.handler``: the event JSON on stdin; stdout stays the caller's."""
+    """``python -m fsd_runtime.aws.handler``: the event JSON on stdin; stdout stays the caller's."""
     answer = handler(sys.stdin.buffer.read(), None)
     return 0 if answer["ok"] else 1
 

@@ -1,13 +1,14 @@
 """The handler's coordinator mode: a whole ``fsd-inference run --invoker lambda`` inside the function.
 
-Kept apart from :mod:`fsd_runtime.awsrun` so that the AWS side never imports the CLI: the
+Kept apart from :mod:`fsd_runtime.aws.run` so that the AWS side never imports the CLI: the
 handler imports this module, this module the CLI, the CLI the AWS side.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-from fsd_runtime import awsrun, cli
+from fsd_runtime import cli
+from fsd_runtime.aws import run as awsrun
 
 
 #: ``run`` options a ``{"coordinate": {...}}`` event may set (no file paths: the data is the
