@@ -5,7 +5,7 @@
 Runs the official 1024x120 network on the embedded 10,000 images with the queue
 (SNS+SQS) and object (S3) channels against the local AWS-API server (moto on
 127.0.0.1, started here), checks the 337 golden categories, and prices the
-measured counts with fsd_runtime.cost: channel requests as counted by the
+measured counts with fsd_runtime.aws.cost: channel requests as counted by the
 channels, the run's set-up/tear-down calls seen by the server (one request each),
 run-store requests of an S3 store (3 PUTs and 3 GETs per worker: share,
 result, metrics; the coordinator's 2 LISTs per 0.5 s poll), one invocation per worker,
@@ -32,7 +32,7 @@ SEED = {"queue": {"usd_per_10k": 0.0215, "bytes": 104.1e6, "publishes": 1102, "r
         "object": {"usd_per_10k": 0.0539, "bytes": None}}
 TARGETS = {"queue_usd_per_10k": 0.002, "bytes": 10.4e6,
            "queue_billed_requests": (SEED["queue"]["publishes"] + SEED["queue"]["receives"]) / 2}
-#: The S3 run store's coordinator polls every this many seconds, two LISTs a poll (fsd_runtime.s3storage).
+#: The S3 run store's coordinator polls every this many seconds, two LISTs a poll (fsd_runtime.aws.s3storage).
 STORE_POLL_SECONDS = 0.5
 
 
@@ -67,7 +67,7 @@ def store_requests(n_workers: int, run_seconds: float) -> dict[str, int]:
 
 
 def run_channel(kind: str, settings, dataset, packed, n_workers: int, launcher: str, server) -> dict:
-    from fsd_runtime import cost
+    from fsd_runtime.aws import cost
     from fsd_runtime.coordinator import run_distributed
 
     config = {"kind": "queue", "prefix": "bench", "aws": settings.to_dict()} if kind == "queue" else \
@@ -90,7 +90,7 @@ def run_channel(kind: str, settings, dataset, packed, n_workers: int, launcher: 
 
 def price(run: dict, n_workers: int, n_images: int, memory_mb: int) -> dict:
     """Modelled durations and the bill on both architectures."""
-    from fsd_runtime import cost
+    from fsd_runtime.aws import cost
 
     seconds = cost.modelled_worker_seconds(run["rows"], run["channel"], memory_mb=memory_mb)
     counts = dict(run["channel_requests"])
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     from awsserver import AwsServer
     from fsd_runtime import model
-    from fsd_runtime.aws import AwsSettings
+    from fsd_runtime.aws.clients import AwsSettings
 
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1")

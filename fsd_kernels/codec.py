@@ -68,6 +68,12 @@ MAX_CHUNK_NNZ = 1 << 24
 #: Largest image count (columns) a message may address.
 MAX_IMAGES = (1 << 31) - 1
 _U32 = (1 << 32) - 1
+#: Most a payload may inflate: ``raw_len <= MAX_INFLATION * payload_len + INFLATION_FLOOR``. The
+#: encoder sends a payload that would inflate more uncompressed (never seen on real blocks: the
+#: raw format is already compact), so a forged header cannot make a decoder allocate more than
+#: about ``2 * MAX_INFLATION`` times the chunk it received (inflated bytes, plus one copy for zlib).
+MAX_INFLATION = 32
+INFLATION_FLOOR = 64 * 1024
 #: Smallest chunk budget accepted: a header and one worst-case entry.
 MIN_MAX_BYTES = HEADER_SIZE + 64
 #: Compression levels used when compression pays (zstd when installed, else zlib). zstd 3 is
@@ -198,11 +204,17 @@ def _payload(row_neurons, row_ptr, images, bits) -> tuple[bytes, int, int]:
     return _finish_payload(out[:pos])
 
 
+def inflation_bound(payload_len: int) -> int:
+    """The largest raw payload a chunk with ``payload_len`` payload bytes may declare."""
+    return MAX_INFLATION * payload_len + INFLATION_FLOOR
+
+
 def _finish_payload(raw: np.ndarray) -> tuple[bytes, int, int]:
-    """(body, flags, raw length): the raw payload compressed when that pays."""
+    """(body, flags, raw length): the raw payload compressed when that pays (and stays within
+    the inflation bound every decoder enforces)."""
     if raw.shape[0] >= MIN_COMPRESS:
         packed, flag = _compress(raw)
-        if len(packed) < raw.shape[0]:
+        if len(packed) < raw.shape[0] and raw.shape[0] <= inflation_bound(len(packed)):
             return packed, flag, raw.shape[0]
     return raw.tobytes(), 0, raw.shape[0]
 
@@ -495,9 +507,14 @@ def _as_bytes(data) -> bytes:
     raise CodecError(f"a chunk must be bytes, got {type(data).__name__}")
 
 
-def decode_header(data) -> Header:
-    """Check magic, version, lengths, field consistency and the checksum; return the header."""
+def decode_header(data, *, max_bytes: int | None = None) -> Header:
+    """Check magic, version, lengths, field consistency and the checksum; return the header.
+
+    ``max_bytes``: the receiver's chunk budget (its channel's ``max_chunk_bytes``); a longer
+    chunk is refused before anything else is read."""
     data = _as_bytes(data)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise CodecError(f"chunk of {len(data)} bytes exceeds the receiver's budget of {max_bytes}")
     if len(data) < HEADER_SIZE:
         raise CodecError(f"chunk of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
     (magic, version, flags, rid_len, reserved, rid, layer, batch, source, target, chunk, n_chunks,
@@ -523,6 +540,9 @@ def decode_header(data) -> Header:
         raise CodecError(f"{n_rows} rows over {n_images} images cannot hold {nnz} entries")
     if raw_len > _raw_bound(n_rows, nnz) or (not flags and raw_len != payload_len):
         raise CodecError(f"raw payload length {raw_len} impossible for {n_rows} rows, {nnz} entries")
+    if raw_len > inflation_bound(payload_len):
+        raise CodecError(f"raw payload length {raw_len} beyond the inflation bound of a "
+                         f"{payload_len}-byte payload ({inflation_bound(payload_len)})")
     return Header(rid[:rid_len], layer, batch, source, target, chunk, n_chunks, n_images, n_rows,
                   nnz, flags, raw_len, data)
 
@@ -544,7 +564,7 @@ def _raw_payload(data: bytes, header: Header) -> np.ndarray:
         if not inflater.eof or inflater.unused_data:
             raise CodecError(f"compressed payload does not inflate to the {header.raw_len} bytes declared")
     elif header.flags == FLAG_ZSTD:
-        raw = _unzstd(body, header.raw_len)
+        return _unzstd(body, header.raw_len)
     else:
         raw = body
     if len(raw) != header.raw_len:
@@ -552,14 +572,27 @@ def _raw_payload(data: bytes, header: Header) -> np.ndarray:
     return np.frombuffer(bytearray(raw), np.uint8)
 
 
-def _unzstd(body, raw_len: int) -> bytes:
+def _unzstd(body, raw_len: int) -> np.ndarray:
+    """The inflated payload, written straight into one writable array of ``raw_len`` bytes."""
     if zstandard is None:
         raise CodecError("chunk is zstd-compressed but the zstandard package is not installed")
     try:
         params = zstandard.get_frame_parameters(body)
         if params.content_size != raw_len:
             raise CodecError(f"compressed payload does not inflate to the {raw_len} bytes declared")
-        return _zstd_decompressor().decompress(body, max_output_size=raw_len)
+        out = np.empty(raw_len, np.uint8)
+        with _zstd_decompressor().stream_reader(body, read_across_frames=False) as reader:
+            filled = 0
+            view = memoryview(out)
+            while filled < raw_len:
+                got = reader.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+            extra = reader.read(1)
+        if filled != raw_len or extra:
+            raise CodecError(f"compressed payload does not inflate to the {raw_len} bytes declared")
+        return out
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt compressed payload: {exc}") from None
 
@@ -570,14 +603,19 @@ def _kernel_error(code: int, header: Header) -> CodecError:
                       f"(layer {header.layer}): {what}")
 
 
-def decode(data) -> Message:
-    """Decode one chunk into a validated COO :class:`Message`."""
-    return _decode(data)[1]
+def decode(data, *, max_bytes: int | None = None, max_nnz: int | None = None) -> Message:
+    """Decode one chunk into a validated COO :class:`Message`. A receiver that knows its
+    chunk budget (``max_bytes``) or how many entries it can expect (``max_nnz``, e.g. rows x
+    images) passes them: the output arrays (12 bytes an entry) are then bounded by the receiver,
+    not by the sender's header."""
+    return _decode(data, max_bytes=max_bytes, max_nnz=max_nnz)[1]
 
 
-def _decode(data) -> tuple[Header, Message]:
+def _decode(data, *, max_bytes: int | None = None, max_nnz: int | None = None) -> tuple[Header, Message]:
     data = _as_bytes(data)
-    h = decode_header(data)
+    h = decode_header(data, max_bytes=max_bytes)
+    if max_nnz is not None and h.nnz > max_nnz:
+        raise CodecError(f"chunk declares {h.nnz} entries, the receiver expects at most {max_nnz}")
     raw = _raw_payload(data, h)
     if h.n_rows > raw.shape[0]:
         raise CodecError(f"{h.n_rows} rows cannot fit in {raw.shape[0]} payload bytes")
@@ -617,6 +655,9 @@ def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_o
     if column_offset < 0 or column_offset + h.n_images > block.shape[1]:
         raise CodecError(f"chunk addresses {h.n_images} images at offset {column_offset}, "
                          f"block has {block.shape[1]} columns")
+    if h.n_rows > block.shape[0]:  # rows of one chunk are distinct neurons, so distinct block rows
+        raise CodecError(f"chunk has {h.n_rows} rows, more than the receiver's block has "
+                         f"({block.shape[0]}): rows not expected")
     raw = _raw_payload(data, h)
     if h.n_rows > raw.shape[0]:
         raise CodecError(f"{h.n_rows} rows cannot fit in {raw.shape[0]} payload bytes")

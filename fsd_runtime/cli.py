@@ -98,9 +98,9 @@ def run_distributed(args, ds: model.Dataset) -> dict:
 
     aws_run = None
     if args.channel != "local" or args.invoker:
-        from fsd_runtime.awsrun import AwsRun
+        from fsd_runtime.aws.run import AwsRun, run_options
 
-        aws_run = AwsRun(args, args.workers)
+        aws_run = AwsRun(run_options(args), args.workers)
 
     _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
     net = ds.network.pack()
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a worker waits for a peer's message before the run fails")
     dist.add_argument("--run-timeout", type=float, default=900.0, help="seconds the whole run may take")
     dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV, PNG) here")
-    from fsd_runtime import awsrun
+    from fsd_runtime.aws import run as awsrun
 
     awsrun.add_run_options(run)
     awsrun.add_commands(sub)
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("deploy", "teardown"):
-        from fsd_runtime import awsrun
+    if args.command in ("deploy", "teardown", "cleanup"):
+        from fsd_runtime.aws import run as awsrun
 
         return awsrun.cli_command(args)
     from fsd_runtime.channels import ChannelError

@@ -13,6 +13,7 @@ Storage keys of a run (all under ``prefix``)::
     {prefix}/results/{worker}.npz    its final activations
     {prefix}/metrics/{worker}.json   its per-layer metrics
     {prefix}/errors/{worker}.json    written instead of a result when it fails
+    {prefix}/claims/{worker}         created (create-only) by the one invocation that runs the worker
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from typing import Any, Mapping
 
 #: The event layout this code reads and writes.
 EVENT_VERSION = 1
+#: Hard caps on any event (a deployment's own limits, held to inside Lambda, are lower).
+MAX_WORKERS = 10_000
+MAX_FANOUT = 64
 #: Run ids become file names, S3 keys and SNS attribute values: keep them plain.
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: A relative storage key prefix: plain segments joined by '/' (checked for '..' separately).
@@ -86,6 +90,10 @@ def metrics_key(prefix: str, worker: int) -> str:
     return f"{prefix}/metrics/{worker}.json"
 
 
+def claim_key(prefix: str, worker: int) -> str:
+    return f"{prefix}/claims/{worker}"
+
+
 def error_key(prefix: str, worker: int) -> str:
     return f"{prefix}/errors/{worker}.json"
 
@@ -143,7 +151,7 @@ def parse(event: Any) -> WorkerEvent:
     version = event.get("version", EVENT_VERSION)
     if version != EVENT_VERSION:
         raise EventError(f"event version {version!r} is not supported (this code reads {EVENT_VERSION})")
-    n_workers = _int("n_workers", event["n_workers"], 1, 100_000)
+    n_workers = _int("n_workers", event["n_workers"], 1, MAX_WORKERS)
     extra = event.get("extra", {})
     if not isinstance(extra, Mapping):
         raise EventError(f"event field 'extra' must be an object, got {extra!r}")
@@ -157,7 +165,7 @@ def parse(event: Any) -> WorkerEvent:
         run_id=_text("run_id", event["run_id"], _RUN_ID),
         worker_id=_worker("worker_id", event["worker_id"], n_workers),
         n_workers=n_workers,
-        fanout=_int("fanout", event["fanout"], 1, 1000),
+        fanout=_int("fanout", event["fanout"], 1, MAX_FANOUT),
         storage=_config("storage", event["storage"]),
         prefix=_text("prefix", event["prefix"], _PREFIX),
         channel=_config("channel", event["channel"]),

@@ -10,7 +10,7 @@ alone.
 A :class:`Launcher` starts workers from their events, asynchronously (like
 Lambda's ``InvocationType='Event'``). Kinds: ``process`` (a local
 ``python -m fsd_runtime.worker`` per worker, the event on stdin),
-``thread`` (in this process, for tests and debugging); the AWS adapters
+``thread`` (in this process, for tests and debugging; ``fsd_runtime.worker.ThreadLauncher``); the AWS adapters
 register ``lambda`` and ``rie`` with :func:`register_launcher`.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Sequence
 
@@ -130,36 +129,10 @@ class ProcessLauncher(Launcher):
         self._procs.clear()
 
 
-class ThreadLauncher(Launcher):
-    """Workers as threads of this process (tests, debugging, custom channels registered in-process)."""
-
-    def __init__(self, config: Mapping | None = None):
-        self.config = dict(config or {"kind": "thread"})
-        self._threads: list[threading.Thread] = []
-        self._errors: dict[int, str] = {}
-
-    def launch(self, events: Sequence[WorkerEvent]) -> None:
-        from fsd_runtime.worker import run_from_event
-
-        for event in events:
-            def target(event=event):
-                try:
-                    run_from_event(event, launcher=self)
-                except BaseException as exc:  # recorded for the coordinator; the worker wrote its error
-                    self._errors[event.worker_id] = f"{type(exc).__name__}: {exc}"
-            thread = threading.Thread(target=target, name=f"fsd-worker-{event.worker_id}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def failures(self) -> dict[int, str]:
-        return dict(self._errors)
-
-    def close(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=0.1)
-
-
-_KINDS = Registry("launcher", LaunchError, {"process": ProcessLauncher, "thread": ThreadLauncher})
+#: ``thread`` lives in fsd_runtime.worker (it runs the worker loop), named by path so that this
+#: module never imports the worker (which imports this one).
+_KINDS = Registry("launcher", LaunchError, {"process": ProcessLauncher,
+                                             "thread": "fsd_runtime.worker:ThreadLauncher"})
 
 
 def register_launcher(kind: str, factory: Callable[[Mapping], Launcher] | str) -> None:

@@ -41,6 +41,14 @@ class Storage(ABC):
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` at ``key``, replacing what was there."""
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` at ``key`` only if nothing is there; False if something was. Atomic in
+        the stores here (a worker's claim on its share of a run: exactly one invocation wins)."""
+        if self.exists(key):
+            return False
+        self.put(key, data)
+        return True
+
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The bytes at ``key``; :class:`StorageError` if there are none."""
@@ -89,6 +97,20 @@ class LocalStorage(Storage):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)  # fails if the key exists: atomic create
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
     def get(self, key: str) -> bytes:
         try:

@@ -18,10 +18,11 @@ import hashlib
 import json
 import resource
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import Launcher, launch_children, make_launcher
 from fsd_runtime.metrics import LayerMetrics
 from fsd_runtime.plan import WorkerShare
-from fsd_runtime.storage import Storage, make_storage, pack_arrays
+from fsd_runtime.storage import Storage, StorageError, make_storage, pack_arrays
 
 
 #: Status rows a worker adds to every message: neuron id N + ZERO_FLAG marks images whose rows
@@ -347,7 +348,7 @@ class WorkerLoop:
         another run's (counted in ``tally``). Returns the source whose message this chunk completed,
         else None."""
         try:
-            h = self.codec.decode_header(chunk)
+            h = self.codec.decode_header(chunk, max_bytes=self.channel.max_chunk_bytes)
         except self.codec.CodecError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: malformed chunk: {exc}") from exc
         if h.run_id != self.wire_run_id:
@@ -449,8 +450,9 @@ def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) ->
 
 
 def run_from_event(event: Any, storage: Storage | None = None, channel: Channel | None = None,
-                   launcher: Launcher | None = None) -> WorkerResult:
-    """The whole life of one worker, from its event (dict, JSON or WorkerEvent).
+                   launcher: Launcher | None = None) -> WorkerResult | None:
+    """The whole life of one worker, from its event (dict, JSON or WorkerEvent); None when
+    another invocation of the same worker claimed the run first (a duplicate: it did nothing).
 
     ``storage``, ``channel`` and ``launcher`` default to what the event's
     configs name; adapters pass ready-made ones (e.g. a shared boto3 client).
@@ -459,6 +461,14 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     event = ev.parse(event)
     storage = storage or make_storage(event.storage)
     try:
+        # Before any fan-out: the run must exist (its share is there), and this must be the one
+        # invocation of this worker (async invokes are at-least-once): a duplicate leaves, harmless.
+        if not storage.exists(ev.share_key(event.prefix, event.worker_id)):
+            raise StorageError(f"no stored object at {ev.share_key(event.prefix, event.worker_id)}: "
+                               f"run {event.run_id} has no share for worker {event.worker_id}; "
+                               "no children started")
+        if not storage.create(ev.claim_key(event.prefix, event.worker_id), f"{started}".encode()):
+            return None
         launch_children(event, launcher or make_launcher(event.launcher))
         own_channel = channel is None
         # the channel first: peers that are ready sooner can reach this worker while it loads
@@ -485,8 +495,39 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())
         return result
     except BaseException as exc:
-        _write_error(storage, event, exc)
+        try:
+            _write_error(storage, event, exc)
+        except Exception as record_failure:  # the worker's own error is the one to report
+            print(f"fsd_runtime.worker: could not record the error: {record_failure}", file=sys.stderr)
         raise
+
+
+class ThreadLauncher(Launcher):
+    """Workers as threads of this process (tests, debugging, custom channels registered in-process)."""
+
+    def __init__(self, config: Mapping | None = None):
+        self.config = dict(config or {"kind": "thread"})
+        self._threads: list[threading.Thread] = []
+        self._errors: dict[int, str] = {}
+
+    def launch(self, events: Sequence[ev.WorkerEvent]) -> None:
+        for event in events:
+            def target(event=event):
+                try:
+                    run_from_event(event, launcher=self)
+                except BaseException as exc:  # recorded for the coordinator; the worker wrote its error
+                    self._errors[event.worker_id] = f"{type(exc).__name__}: {exc}"
+            thread = threading.Thread(target=target, name=f"fsd-worker-{event.worker_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def failures(self) -> dict[int, str]:
+        return dict(self._errors)
+
+    def close(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=0.1)
+
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ arm64 under qemu-user) whose proof venv holds awslambdaric and nothing else
 4. the selftest as a Lambda function: ``aws-lambda-rie`` + ``python -m awslambdaric
    fsd_runtime.selftest.handler``, invoked once on 127.0.0.1 (cold start measured
    from starting RIE to the answer);
-5. the real handler: an RIE pool running ``fsd_runtime.handler.handler`` per
+5. the real handler: an RIE pool running ``fsd_runtime.aws.handler.handler`` per
    worker, driven by the coordinator, all inside the root with only the layer on
    the path (local storage and channel), its categories matched against the golden ones.
 
@@ -129,7 +129,7 @@ def rie_wrapper(root: str, directory: str) -> str:
 
 
 def invoke(endpoint: str, payload: dict, timeout: float) -> dict:
-    from fsd_runtime.invokers import RIE_INVOKE_PATH
+    from fsd_runtime.aws.invokers import RIE_INVOKE_PATH
 
     host, port = endpoint.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -149,7 +149,7 @@ def invoke(endpoint: str, payload: dict, timeout: float) -> dict:
 
 
 def selftest_under_rie(root: str, wrapper: str, images: int, log_dir: str) -> dict:
-    from fsd_runtime.invokers import RiePool
+    from fsd_runtime.aws.invokers import RiePool
 
     started = time.perf_counter()
     with RiePool(1, binary=wrapper, python=PROOF_PYTHON, handler="fsd_runtime.selftest.handler",
@@ -173,7 +173,7 @@ import numpy as np
 import fsd_kernels
 from fsd_runtime import model
 from fsd_runtime.coordinator import run_distributed
-from fsd_runtime.invokers import RiePool, register
+from fsd_runtime.aws.invokers import RiePool, register
 
 register()
 images, workers, binary = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -198,7 +198,7 @@ print(json.dumps({"workers": workers, "images": images, "categories": len(golden
 
 
 def handler_under_rie(root: str, images: int, workers: int) -> dict:
-    """Coordinator and workers in the root; each worker is ``fsd_runtime.handler.handler`` under RIE."""
+    """Coordinator and workers in the root; each worker is ``fsd_runtime.aws.handler.handler`` under RIE."""
     done = in_root(root, PROOF_PYTHON, "-c", HANDLER_DRIVER, str(images), str(workers), RIE_IN_ROOT,
                    env={"PYTHONPATH": "/opt/python"}, timeout=900)
     lines = done.stdout.strip().splitlines()
@@ -216,7 +216,7 @@ def prove(arch: str, python_version: str, images: int, workers: int) -> dict:
     zip_path = os.path.join(REPO, "dist", f"fsd-inference-layer-{arch}-py{python_version}.zip")
     if not os.path.exists(zip_path):
         raise ProofError(f"{zip_path} is missing: build it with ./layer.zip.sh --arch {arch}")
-    from fsd_runtime.invokers import rie_binary
+    from fsd_runtime.aws.invokers import rie_binary
 
     root = root_of(arch)
     report = {"arch": arch, "python": python_version, "layer": os.path.basename(zip_path),

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from awsserver import AwsServer
-from fsd_runtime.aws import AwsSettings
+from fsd_runtime.aws.clients import AwsSettings
 
 _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",

@@ -9,7 +9,7 @@ what AWS would send and their real retry code runs:
 
 * :meth:`AwsServer.throttle` — the next *n* calls of an operation fail with the
   service's own throttling error (SNS ``Throttling``, SQS ``ThrottlingException``,
-  S3 ``503 SlowDown``);
+  S3 ``503 SlowDown``, Lambda ``429 TooManyRequestsException``);
 * :meth:`AwsServer.fail_batch_entries` — the next *n* SNS ``PublishBatch`` calls
   publish all but their first *k* entries and report those as ``Failed``;
 * :meth:`AwsServer.mangle_receives` — the next *n* SQS ``ReceiveMessage`` answers
@@ -44,6 +44,8 @@ def _operation(request: Request, body: bytes) -> tuple[str, str]:
     target = request.headers.get("X-Amz-Target", "")
     if target:
         return service, target.rsplit(".", 1)[-1]
+    if service == "lambda" and request.method == "POST" and request.path.endswith("/invocations"):
+        return service, "Invoke"
     if service == "s3":
         path = request.path.strip("/")
         has_key = "/" in path
@@ -61,6 +63,11 @@ def _throttle_response(service: str) -> Response:
     if service == "s3":
         body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
         return Response(body, status=503, content_type="application/xml")
+    if service == "lambda":  # Invoke beyond the function's (or account's) concurrency
+        return Response(json.dumps({"Type": "User", "message": "Rate Exceeded.",
+                                    "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}),
+                        status=429, content_type="application/json",
+                        headers={"x-amzn-ErrorType": "TooManyRequestsException"})
     if service == "sqs":
         return Response(json.dumps({"__type": "com.amazonaws.sqs#ThrottlingException",
                                     "message": "Rate exceeded"}),

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fsd_runtime import cost
-from fsd_runtime.aws import billed_chunks
+from fsd_runtime.aws import cost
+from fsd_runtime.aws.clients import billed_chunks
 
 
 @pytest.mark.parametrize("payload, chunks", [(0, 1), (1, 1), (65536, 1), (65537, 2), (262144, 4), (262145, 5)])
@@ -68,3 +68,81 @@ def test_modelled_duration_is_compute_plus_one_hop_per_talking_layer():
 def test_store_attempts_map_to_s3_billing_units():
     counters = cost.s3_counters({"PutObject": 24, "GetObject": 16, "ListObjectsV2": 5, "DeleteObjects": 3})
     assert cost.billed_requests(counters) == {"sns": 0, "sqs": 0, "s3_put": 29, "s3_get": 16}
+
+
+def _rows(workers=4, layers=3):
+    return [{"worker": w, "layer": l, "compute_s": 0.1 * (w + 1), "encode_s": 0.0, "decode_s": 0.0,
+             "messages_sent": 1, "messages_received": 1} for w in range(workers) for l in range(layers)]
+
+
+def test_duration_terms_add_skew_stragglers_share_and_result_transfers():
+    latency = cost.LatencyModel(hop_s={"queue": 0.5}, init_s=1.0, invoke_s=0.05, s3_request_s=0.03,
+                                s3_mb_per_s=100.0)
+    model = cost.duration_terms(_rows(), "queue", latency=latency, memory_mb=cost.FULL_VCPU_MB, fanout=2,
+                                share_bytes={0: 100_000_000, 3: 0}, result_bytes={1: 50_000_000})
+    assert cost.tree_depths(4, 2) == [0, 1, 1, 2]
+    level = 0.05 + 1.0 + 2 * 0.03
+    w0 = (3 * 0.1) + 3 * (0.4 - 0.1) + 3 * 0.5 + 1.0 + 2 * level + (0.03 + 1.0) + 2 * 0.03
+    assert model["per_worker"][0] == pytest.approx(w0)
+    w3 = 3 * 0.4 + 0 + 3 * 0.5 + 1.0 + 0 + 0.03 + 2 * 0.03   # the slowest and deepest waits for no one
+    assert model["per_worker"][3] == pytest.approx(w3)
+    assert model["terms"]["launch_skew_s"] == pytest.approx((2 + 1 + 1) * level)
+    assert model["terms"]["result_upload_s"] == pytest.approx(4 * 0.06 + 0.5)
+    assert set(model["terms"]) == set(cost.TERM_SOURCES) == set(model["sources"])
+    assert all(text.startswith(("measured", "modelled")) for text in model["sources"].values())
+    # the memory size buys a CPU share: half of it doubles compute and straggling, nothing else
+    half = cost.duration_terms(_rows(), "queue", latency=latency, memory_mb=cost.FULL_VCPU_MB // 2, fanout=2)
+    full = cost.duration_terms(_rows(), "queue", latency=latency, memory_mb=cost.FULL_VCPU_MB, fanout=2)
+    assert half["terms"]["compute_s"] == pytest.approx(full["terms"]["compute_s"] * cost.FULL_VCPU_MB
+                                                       / (cost.FULL_VCPU_MB // 2))
+    assert half["terms"]["exchange_s"] == full["terms"]["exchange_s"]
+
+
+def test_presets_give_a_range_with_the_seed_measured_exchange():
+    assert cost.SEED_MEASURED.hop_s["queue"] == 0.481 and cost.LATENCY.hop_s["queue"] == 0.090
+    bills = {name: cost.run_cost({}, cost.duration_terms(_rows(8, 20), "queue", latency=p)["per_worker"],
+                                 n_images=10_000) for name, p in cost.PRESETS.items()}
+    extra_s = 8 * 20 * (0.481 - 0.090)  # every worker exchanges in every layer
+    assert bills["seed-measured"]["usd"] - bills["optimistic"]["usd"] == pytest.approx(
+        extra_s * 2048 / 1024 * cost.PRICES.lambda_gb_second["x86_64"], rel=1e-3)
+
+
+def test_report_line_is_parsed():
+    line = ("REPORT RequestId: 3f5c2b1e-0000-4a5b-9c8d-123456789abc\tDuration: 1234.56 ms\tBilled Duration: 1235 ms"
+            "\tMemory Size: 2048 MB\tMax Memory Used: 312 MB\tInit Duration: 456.78 ms\t")
+    report = cost.parse_report(line)
+    assert report == {"request_id": "3f5c2b1e-0000-4a5b-9c8d-123456789abc", "duration_s": pytest.approx(1.23456),
+                      "billed_s": 1.235, "memory_mb": 2048, "max_memory_used_mb": 312,
+                      "init_s": pytest.approx(0.45678)}
+    assert cost.parse_report("START RequestId: x Version: $LATEST") is None
+    warm = cost.parse_report(line.split("\tInit")[0])
+    assert warm["init_s"] is None and warm["billed_s"] == 1.235
+
+
+def test_billed_durations_come_from_the_report_lines(aws_settings):
+    """CloudWatch Logs on the local server, written as Lambda writes them: the handler's JSON line
+    ties request id to run and worker; REPORT has the billed duration (a duplicate is billed too)."""
+    import json
+    import time
+    import uuid
+
+    from fsd_runtime.aws.clients import client
+    from fsd_runtime.aws.run import billed_from_logs
+
+    logs = client("logs", aws_settings)
+    function = f"fsd-{uuid.uuid4().hex[:6]}"
+    group = f"/aws/lambda/{function}"
+    logs.create_log_group(logGroupName=group)
+    logs.create_log_stream(logGroupName=group, logStreamName="s")
+    now = int(time.time() * 1000)
+    lines = []
+    for request, worker, run, billed in (("a-1", 0, "run1", 1500), ("a-2", 1, "run1", 2500),
+                                         ("a-3", 1, "run1", 7), ("b-1", 0, "other", 9999)):
+        lines.append(json.dumps({"level": "INFO", "message": "worker starting", "run": run, "worker": worker,
+                                 "request_id": request}))
+        lines.append(f"REPORT RequestId: {request}\tDuration: 1.0 ms\tBilled Duration: {billed} ms\t"
+                     f"Memory Size: 2048 MB\tMax Memory Used: 300 MB\t")
+    logs.put_log_events(logGroupName=group, logStreamName="s",
+                        logEvents=[{"timestamp": now + i, "message": m} for i, m in enumerate(lines)])
+    assert billed_from_logs(logs, function, "run1", 2, now - 1000, wait_s=0) == [1.5, 2.507]
+    assert billed_from_logs(logs, function, "run1", 3, now - 1000, wait_s=0) is None  # worker 2 missing

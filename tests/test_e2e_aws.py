@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import fsd_kernels
-from fsd_runtime import cli, coordinator, deploy
-from fsd_runtime.aws import AwsSettings, client
-from fsd_runtime.awsrun import AwsRun
-from fsd_runtime.invokers import RieUnavailable, rie_binary
+from fsd_runtime import cli, coordinator
+from fsd_runtime.aws import deploy
+from fsd_runtime.aws.clients import AwsSettings, client
+from fsd_runtime.aws.run import AwsRun, RunOptions
+from fsd_runtime.aws.invokers import RieUnavailable, rie_binary
 
 IMAGES = 240
 
@@ -36,10 +37,8 @@ def deployment(aws_server):
 
 def _aws_run(deployment, channel: str, invoker: str, workers: int) -> AwsRun:
     name, settings = deployment
-    args = cli.build_parser().parse_args(
-        ["run", "--workers", str(workers), "--channel", channel, "--invoker", invoker,
-         "--deployment", name, "--endpoint-url", settings.endpoint_url, "--region", "us-east-1"])
-    return AwsRun(args, workers)
+    return AwsRun(RunOptions(channel=channel, invoker=invoker, deployment=name,
+                             aws=AwsSettings(region="us-east-1", endpoint_url=settings.endpoint_url)), workers)
 
 
 def _subset(official, start: int, stop: int):
@@ -121,7 +120,18 @@ def test_cli_queue_run_reports_golden_traffic_and_cost(deployment, capsys):
     cost = out["cost"]
     assert cost["usd"] == pytest.approx(sum(cost["parts"].values())) and cost["usd"] > 0
     assert cost["billed_requests"]["sns"] == out["traffic"]["channel_requests"]["sns_billed_requests"]
+    assert cost["duration"].startswith("modelled") and cost["memory_mb"] == 2048
+    low, high = cost["range"]["optimistic"], cost["range"]["seed-measured"]
+    assert low["usd"] == cost["usd"] < high["usd"] and low["slowest_worker_s"] < high["slowest_worker_s"]
+    terms = cost["duration_terms"]["optimistic"]["seconds"]
+    assert terms["share_download_s"] > 0 and terms["launch_skew_s"] > 0 and terms["compute_s"] > 0
+    assert set(cost["sources"]["duration_terms"]) == set(terms)
     assert _leftovers(deployment) == {"objects": [], "queues": []}
+    code = cli.main(["run", "--workers", "2", "--channel", "queue", "--images", "120", "--partition",
+                     "contiguous", "--deployment", name, "--endpoint-url", settings.endpoint_url,
+                     "--region", "us-east-1", "--json", "--memory-mb", "884"])
+    half = json.loads(capsys.readouterr().out)["cost"]
+    assert code == 0 and half["memory_mb"] == 884 and "0.500" in half["sources"]["memory_mb"]
 
 
 def test_cli_without_a_deployment_says_how_to_make_one(aws_settings, capsys):
@@ -131,7 +141,7 @@ def test_cli_without_a_deployment_says_how_to_make_one(aws_settings, capsys):
 
 
 def test_handler_coordinator_mode_runs_a_whole_run(deployment):
-    from fsd_runtime.handler import handler
+    from fsd_runtime.aws.handler import handler
 
     name, _ = deployment  # the server's endpoint reaches boto3 through AWS_ENDPOINT_URL, as on Lambda
     answer = handler({"coordinate": {"workers": 2, "channel": "object", "images": 120, "invoker": "local",

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from fsd_runtime import events
-from fsd_runtime.handler import handler
+from fsd_runtime.aws.handler import handler
 from fsd_runtime.storage import LocalStorage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_context_budget_is_read_and_logged(tmp_path, capsys):
 
 
 def test_module_entry_point_exit_status_and_clean_stdout():
-    done = subprocess.run([sys.executable, "-m", "fsd_runtime.handler"], input=b'{"run_id": 1}',
+    done = subprocess.run([sys.executable, "-m", "fsd_runtime.aws.handler"], input=b'{"run_id": 1}',
                           capture_output=True, cwd=ROOT, timeout=120)
     assert done.returncode == 1 and done.stdout == b""
     record = json.loads(done.stderr.decode().strip().splitlines()[-1])
@@ -88,7 +88,7 @@ class Watch:
             Watch.importers = [f.filename for f in traceback.extract_stack()]
         return None
 sys.meta_path.insert(0, Watch())
-import fsd_runtime.handler, fsd_kernels
+import fsd_runtime.aws.handler, fsd_kernels
 print(json.dumps({"boto3": "boto3" in sys.modules, "numba": "numba" in sys.modules,
                   "backend": fsd_kernels.backend, "scipy_importers": Watch.importers}))
 """

@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from fsd_runtime import deploy, events, invokers
+from fsd_runtime import events
+from fsd_runtime.aws import deploy, invokers
 from fsd_runtime.launch import LaunchError, make_launcher
 
 invokers.register()

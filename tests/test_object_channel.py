@@ -7,7 +7,7 @@ import uuid
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fsd_runtime.aws import client as aws_client
+from fsd_runtime.aws.clients import client as aws_client
 from fsd_runtime.channels import ChannelError, make_channel
 from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, pack_object,
                                          read_index)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fsd_kernels import codec
-from fsd_runtime.aws import client as aws_client
+from fsd_runtime.aws.clients import client as aws_client
 from fsd_runtime.channels import ChannelError, make_channel
 from fsd_runtime.channels.queue import (MAX_BATCH_ENTRIES, QueueChannel, QueueConfig, QueueResources,
                                         pack_batches, queue_name)
@@ -206,7 +206,7 @@ def test_throttling_that_never_ends_is_a_channel_error(aws, aws_settings, run):
 def test_an_unreachable_endpoint_is_retried_then_a_channel_error():
     import socket
 
-    from fsd_runtime.aws import AwsSettings, Caller
+    from fsd_runtime.aws.clients import AwsSettings, Caller
 
     with socket.socket() as probe:                      # a free port on 127.0.0.1 nobody listens on
         probe.bind(("127.0.0.1", 0))

@@ -6,9 +6,9 @@ import uuid
 import numpy as np
 import pytest
 
-from fsd_runtime import invokers
-from fsd_runtime.aws import client
-from fsd_runtime.s3storage import S3Storage
+from fsd_runtime.aws import invokers
+from fsd_runtime.aws.clients import client
+from fsd_runtime.aws.s3storage import S3Storage
 from fsd_runtime.storage import LocalStorage, StorageError, make_storage, pack_arrays, unpack_arrays
 
 
@@ -66,3 +66,20 @@ def test_config_rebuilds_the_store_in_a_worker(store, aws_settings):
         make_storage({"kind": "s3", "bucket": "x"})  # not a bucket name
     with pytest.raises(StorageError):
         make_storage({"kind": "s3", "bucket": store.bucket, "aws": {"nonsense": 1}})
+
+
+def test_create_is_atomic_and_worker_stores_only_create(store, tmp_path, aws):
+    local = LocalStorage(str(tmp_path))
+    for s in (store, local):
+        assert s.create("runs/c/claims/0", b"first") is True
+        assert s.create("runs/c/claims/0", b"second") is False
+        assert s.get("runs/c/claims/0") == b"first"
+    assert aws.requests["PutObject"] == 2  # both were conditional PUTs, S3 refused the second
+    worker_store = make_storage(store.config())  # what a worker event's storage config builds
+    assert store.config()["create_only"] is True and worker_store.create_only
+    worker_store.put("runs/c/results/0.npz", b"r")
+    with pytest.raises(StorageError, match="only creates"):
+        worker_store.put("runs/c/results/0.npz", b"overwrite")
+    assert store.get("runs/c/results/0.npz") == b"r"
+    with pytest.raises(StorageError, match="unknown fields"):
+        make_storage({**store.config(), "endpoint": "http://evil"})

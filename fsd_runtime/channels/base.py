@@ -60,7 +60,7 @@ class Channel(ABC):
         """Coordinator, at the end (success or not): remove everything the run left behind."""
 
     def requests(self) -> dict[str, int]:
-        """Billed requests and traffic this end has counted (AWS channels; see fsd_runtime.cost),
+        """Billed requests and traffic this end has counted (AWS channels; see fsd_runtime.aws.cost),
         stored in the worker's metrics as ``requests`` and summed by the coordinator."""
         return {}
 

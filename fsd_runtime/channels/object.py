@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from fsd_runtime.aws import AwsSettings, Caller, adapter_fields, client
+from fsd_runtime.aws.clients import AwsSettings, Caller, adapter_fields, client
 from fsd_runtime.channels.base import Channel, ChannelError
-from fsd_runtime.cost import PRICES
+from fsd_runtime.aws.cost import PRICES
 
 MAGIC = b"FSDO"
 VERSION = 1
@@ -254,7 +254,10 @@ class ObjectChannel(Channel):
                 raise ChannelError(f"chunk of {len(chunk)} bytes exceeds max_chunk_bytes={self.max_chunk_bytes}")
         body = pack_object(chunks, self.n_workers)
         key = object_key(self.config, self.run_id, step, self.worker, self._parts_sent[step])
-        self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body)
+        # create-only (the worker role allows nothing else); a 412 can only be our own PUT whose
+        # answer was lost and then retried, since this worker is the only writer of its keys
+        self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
+                  IfNoneMatch="*", absent=frozenset({"PreconditionFailed", "412"}))
         self._parts_sent[step] += 1
         self.counts["s3_put_requests"] += 1
         self.counts["messages_sent"] += len(chunks)

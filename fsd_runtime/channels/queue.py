@@ -1,8 +1,9 @@
 """SNS+SQS channel (FSD-Inf-Queue): workers publish to SNS topics, each worker long-polls its own SQS queue.
 
-Layout of one run (``create_run``): the deployment's topics (``{prefix}-t{i}``,
+Layout of one run (``create_run``): the deployment's topics (``{prefix}_t{i}``,
 created if missing) and, for this run only, one standard queue per worker
-(``{prefix}-{run}-{worker}``), each subscribed to every topic with raw message
+(``{prefix}_{run}_{worker}``; the prefix cannot contain ``_``, so no prefix's names
+match another's ``{prefix}_*``), each subscribed to every topic with raw message
 delivery and the filter policy ``{"run": [run], "target": ["{worker}"]}``.
 Topics are shared by concurrent runs; the filter keeps runs apart, and a
 worker spreads its publishes over the topics by ``(worker + step) % topics``.
@@ -26,7 +27,7 @@ Every request counts, because AWS bills each call per started 64 KiB:
   ``delete_messages`` on (for long-lived queues), every receive is followed by
   one ``DeleteMessageBatch``.
 
-Throttling and 5xx are retried with backoff and jitter (fsd_runtime.aws); a
+Throttling and 5xx are retried with backoff and jitter (fsd_runtime.aws.clients); a
 PublishBatch entry reported as failed is published again with its payload;
 what cannot be delivered raises ChannelError. SQS may still deliver a
 message twice or out of order: the worker loop drops duplicates by header.
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from fsd_kernels import codec
-from fsd_runtime.aws import AwsSettings, Caller, adapter_fields, billed_chunks, client
+from fsd_runtime.aws.clients import AwsSettings, Caller, adapter_fields, billed_chunks, client
 from fsd_runtime.channels.base import Channel, ChannelError
 
 #: SNS/SQS limits this channel packs against.
@@ -56,7 +57,10 @@ DEFAULT_TOPICS = 4
 PROBE_PREFIX = ".probe "
 #: How long create_run waits for new subscriptions to deliver (AWS: up to 15 minutes).
 SUBSCRIPTION_WAIT_SECONDS = 900
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+#: Queue-channel prefixes (deployment names): no '_', the separator of every derived name.
+_NAME = re.compile(r"^[A-Za-z0-9-]{1,40}$")
+#: SQS's longest queue name.
+MAX_QUEUE_NAME = 80
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,15 @@ class QueueConfig:
 
 
 def topic_name(prefix: str, index: int) -> str:
-    return f"{prefix}-t{index}"
+    return f"{prefix}_t{index}"
 
 
 def queue_name(prefix: str, run_id: str, worker: int) -> str:
-    return f"{prefix}-{run_id}-{worker}"
+    name = f"{prefix}_{run_id}_{worker}"
+    if len(name) > MAX_QUEUE_NAME:
+        raise ChannelError(f"queue name {name!r} is longer than SQS's {MAX_QUEUE_NAME} characters: "
+                           "use a shorter deployment name or run id")
+    return name
 
 
 def _attribute_bytes(name: str, data_type: str, value: str) -> int:

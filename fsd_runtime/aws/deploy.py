@@ -1,11 +1,20 @@
 """``fsd-inference deploy`` / ``teardown``: the standing AWS resources of a deployment, idempotently.
 
 A deployment named ``NAME`` is: the S3 bucket ``NAME-{account}-{region}``
-(shares, results, metrics, object-channel chunks), the SNS topics
-``NAME-t{i}`` the queue channel publishes to, and, unless ``lambda_function``
-is off (local and RIE invokers need only bucket and topics): the kernels
-layer (zip from ``layer.zip.sh``), the worker function and its IAM role with
-a least-privilege inline policy.
+(shares, results, metrics, object-channel chunks; TLS-only bucket policy),
+the SNS topics ``NAME_t{i}`` the queue channel publishes to, and, unless
+``lambda_function`` is off (local and RIE invokers need only bucket and
+topics): the kernels layer (zip from ``layer.zip.sh``), the worker function
+(reserved concurrency, the deployment's limits in its environment) and its
+IAM role with a least-privilege inline policy.
+
+Isolation: a deployment name is ``[a-z0-9-]`` only and every name derived
+from it joins it to the rest with ``_`` (:data:`SEP`), which a name cannot
+contain; the bucket (S3 allows no ``_``) has a fixed-shape suffix and is
+only ever named exactly. So no IAM pattern of one deployment matches a
+resource of another, even when one name is a prefix of the other
+(``fsd`` and ``fsd-inference``); ``tests/test_deploy.py`` checks this by
+matching every pattern against the other deployment's names.
 
 Queues and their subscriptions are *run-scoped*: the coordinator creates one
 queue per worker for each run (``QueueChannel.create_run``: policy admitting
@@ -17,7 +26,7 @@ topics).
 
 Every step reads what exists first and changes only what differs: a second
 ``deploy`` changes nothing; ``teardown`` may run any number of times.
-:mod:`fsd_runtime.template` emits the same resources as a SAM template.
+:mod:`fsd_runtime.aws.template` emits the same resources as a SAM template.
 """
 from __future__ import annotations
 
@@ -34,12 +43,17 @@ from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
-from fsd_runtime import aws
+from fsd_runtime.aws import clients as aws
 from fsd_runtime.channels.queue import QueueConfig, QueueResources, topic_name
 
 ARCHITECTURES = ("x86_64", "arm64")
-HANDLER = "fsd_runtime.handler.handler"
+HANDLER = "fsd_runtime.aws.handler.handler"
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,22}[a-z0-9]$")
+#: Joins a deployment name to what follows it in every derived name; a name cannot contain it.
+SEP = "_"
+#: The deployment's limits a worker event is held to inside Lambda (fsd_runtime.aws.handler).
+ENV_DEPLOYMENT, ENV_BUCKET, ENV_MAX_WORKERS, ENV_MAX_FANOUT = (
+    "FSD_DEPLOYMENT", "FSD_BUCKET", "FSD_MAX_WORKERS", "FSD_MAX_FANOUT")
 
 
 class DeployError(ValueError):
@@ -62,6 +76,15 @@ class DeploySettings:
     #: needs the rights to create and delete run queues and subscriptions and to clean up.
     coordinator_mode: bool = False
     layer_zip: str | None = None
+    #: Most workers one run may use, and most tree children one worker may start (held to by
+    #: the handler inside Lambda, so a forged event cannot fan out further).
+    max_workers: int = 64
+    max_fanout: int = 16
+    #: Concurrent executions reserved for (and capping) the function; 0: none reserved.
+    reserved_concurrency: int = 100
+    #: The bucket refuses requests without TLS. None: on, except when the AWS endpoint itself is
+    #: plain http (a local AWS-API server, which cannot serve TLS and enforces bucket policies).
+    tls_only: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME_PATTERN.match(self.name):
@@ -77,6 +100,16 @@ class DeploySettings:
             raise DeployError(f"timeout_s must be in 1..900 (Lambda's range), not {self.timeout_s}")
         if not 1 <= self.topics <= 100:
             raise DeployError(f"topics must be in 1..100, not {self.topics}")
+        if not 1 <= self.max_workers <= 4096:
+            raise DeployError(f"max_workers must be in 1..4096, not {self.max_workers}")
+        if not 1 <= self.max_fanout <= 64:
+            raise DeployError(f"max_fanout must be in 1..64, not {self.max_fanout}")
+        if not 0 <= self.reserved_concurrency <= 10000:
+            raise DeployError(f"reserved_concurrency must be in 0..10000, not {self.reserved_concurrency}")
+        needed = self.max_workers + (1 if self.coordinator_mode else 0)
+        if self.reserved_concurrency and self.reserved_concurrency < needed:
+            raise DeployError(f"reserved_concurrency {self.reserved_concurrency} is below what one run of "
+                              f"max_workers={self.max_workers} needs ({needed})")
 
 
 @dataclass(frozen=True)
@@ -94,16 +127,16 @@ class Names:
 
     @property
     def role(self) -> str:
-        return f"{self.settings.name}-worker"
+        return f"{self.settings.name}{SEP}worker"
 
     @property
     def policy(self) -> str:
-        return f"{self.settings.name}-least-privilege"
+        return f"{self.settings.name}{SEP}least-privilege"
 
     @property
     def layer(self) -> str:
         s = self.settings
-        return f"{s.name}-kernels-{s.architecture}-py{s.python.replace('.', '')}"
+        return f"{s.name}{SEP}kernels-{s.architecture}-py{s.python.replace('.', '')}"
 
     @property
     def bucket(self) -> str:
@@ -137,26 +170,47 @@ def trust_policy() -> dict:
         "Action": "sts:AssumeRole"}]}
 
 
+#: Key prefixes of run-scoped objects: the run store's and the object channel's (defaults).
+RUN_PREFIXES = ("runs/", "fsd-runs/")
+
+
+def run_object_arns(names: Names) -> list[str]:
+    """The run-scoped keys of the bucket (run store and object channel prefixes), as ARNs."""
+    return [f"arn:{names.partition}:s3:::{names.bucket}/{prefix}*" for prefix in RUN_PREFIXES]
+
+
+def run_queue_arn(names: Names) -> str:
+    """Every run queue of this deployment (``NAME_{run}_{worker}``) and nothing else."""
+    return names.arn("sqs", f"{names.settings.name}{SEP}*")
+
+
 def least_privilege_policy(names: Names) -> dict:
-    """What a worker does and nothing more: write its own logs; read, write and list the
-    deployment's bucket (deleting a run's objects is the coordinator's job); publish to the
-    deployment's topics; receive from the run queues (``NAME-{run}-{worker}``; DeleteMessage
-    for the channel's ``delete_messages`` option); invoke its own function (the tree launch)."""
-    prefix = names.settings.name
+    """What a worker does and nothing more: write its own logs; read run objects and list only
+    under the run prefixes; *create* run objects (PutObject only with ``If-None-Match: *``, so a
+    worker can never overwrite an object of another run, or of its own; it deletes nothing);
+    publish to the deployment's topics; receive from the run queues (``NAME_{run}_{worker}``);
+    invoke its own function (the tree launch).
+
+    A function has one role for all its invocations, so IAM cannot tell two runs of one
+    deployment apart: a worker may read another run's objects and receive (hide) its messages
+    of the same deployment, never overwrite or delete them (docs/aws-deploy.md, "Isolation")."""
     return {"Version": "2012-10-17", "Statement": [
         {"Sid": "Logs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
          "Resource": [names.arn("logs", f"log-group:/aws/lambda/{names.function}"),
                       names.arn("logs", f"log-group:/aws/lambda/{names.function}:*")]},
-        {"Sid": "ListBucket", "Effect": "Allow", "Action": ["s3:ListBucket"],
-         "Resource": [f"arn:{names.partition}:s3:::{names.bucket}"]},
-        {"Sid": "Objects", "Effect": "Allow",
-         "Action": ["s3:GetObject", "s3:PutObject"],
-         "Resource": [f"arn:{names.partition}:s3:::{names.bucket}/*"]},
+        {"Sid": "ListRunPrefixes", "Effect": "Allow", "Action": ["s3:ListBucket"],
+         "Resource": [f"arn:{names.partition}:s3:::{names.bucket}"],
+         "Condition": {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in RUN_PREFIXES]}}},
+        {"Sid": "ReadRunObjects", "Effect": "Allow", "Action": ["s3:GetObject"],
+         "Resource": run_object_arns(names)},
+        {"Sid": "CreateRunObjects", "Effect": "Allow", "Action": ["s3:PutObject"],
+         "Resource": run_object_arns(names),
+         "Condition": {"StringEquals": {"s3:if-none-match": "*"}}},
         {"Sid": "Publish", "Effect": "Allow", "Action": ["sns:Publish"],
          "Resource": names.topic_arns()},
-        {"Sid": "RunQueues", "Effect": "Allow", "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
-         "Resource": [names.arn("sqs", f"{prefix}-*")]},
+        {"Sid": "RunQueues", "Effect": "Allow", "Action": ["sqs:ReceiveMessage"],
+         "Resource": [run_queue_arn(names)]},
         {"Sid": "TreeLaunch", "Effect": "Allow", "Action": ["lambda:InvokeFunction"],
          "Resource": [names.function_arn()]},
     ] + (coordinator_statements(names) if names.settings.coordinator_mode else [])}
@@ -164,29 +218,41 @@ def least_privilege_policy(names: Names) -> dict:
 
 def coordinator_statements(names: Names) -> list[dict]:
     """What a coordinator adds (only with ``coordinator_mode``): run queues and their
-    subscriptions created and deleted, the deployment's topics found, run objects deleted."""
-    prefix = names.settings.name
+    subscriptions created and deleted, the deployment's topics found, shares uploaded and run
+    objects deleted (under the run prefixes only)."""
     return [
         {"Sid": "RunQueueLifecycle", "Effect": "Allow",
          "Action": ["sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueUrl", "sqs:GetQueueAttributes",
                     "sqs:SetQueueAttributes"],
-         "Resource": [names.arn("sqs", f"{prefix}-*")]},
+         "Resource": [run_queue_arn(names)]},
         {"Sid": "RunSubscriptions", "Effect": "Allow",
          "Action": ["sns:Subscribe", "sns:Unsubscribe", "sns:ListSubscriptionsByTopic"],
          "Resource": names.topic_arns()},
         {"Sid": "FindTopics", "Effect": "Allow", "Action": ["sns:ListTopics"], "Resource": ["*"]},
-        {"Sid": "RunCleanup", "Effect": "Allow", "Action": ["s3:DeleteObject"],
-         "Resource": [f"arn:{names.partition}:s3:::{names.bucket}/*"]},
+        {"Sid": "RunUploadAndCleanup", "Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject"],
+         "Resource": run_object_arns(names)},
     ]
+
+
+def bucket_policy(names: Names) -> dict:
+    """The bucket refuses every request that does not come over TLS."""
+    bucket = f"arn:{names.partition}:s3:::{names.bucket}"
+    return {"Version": "2012-10-17", "Statement": [{
+        "Sid": "TlsOnly", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+        "Resource": [bucket, f"{bucket}/*"],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}}}]}
+
+
+def function_environment(settings: DeploySettings, bucket: str) -> dict:
+    """The function's environment: the native kernels, and the deployment's limits the handler
+    holds every event to (deployment, bucket, most workers, most tree children)."""
+    return {"FSD_KERNELS_BACKEND": "native", ENV_DEPLOYMENT: settings.name, ENV_BUCKET: bucket,
+            ENV_MAX_WORKERS: str(settings.max_workers), ENV_MAX_FANOUT: str(settings.max_fanout)}
 
 
 def queue_config(names: Names, aws_settings: aws.AwsSettings) -> QueueConfig:
     """The queue channel's config for runs of this deployment."""
     return QueueConfig(prefix=names.settings.name, topics=names.settings.topics, aws=aws_settings)
-
-
-#: Key prefixes of run-scoped objects: the run store's and the object channel's (defaults).
-RUN_PREFIXES = ("runs/", "fsd-runs/")
 
 
 def lifecycle_rules() -> list[dict]:
@@ -284,6 +350,21 @@ class _Deployer:
             if _error_code(exc) != "NoSuchLifecycleConfiguration":
                 raise
             rules = []
+        try:
+            current_policy = json.loads(s3.get_bucket_policy(Bucket=n.bucket)["Policy"])
+        except ClientError as exc:
+            if _error_code(exc) != "NoSuchBucketPolicy":
+                raise
+            current_policy = None
+        tls_only = self.settings.tls_only
+        if tls_only is None:  # the endpoint the client really uses (settings, AWS_ENDPOINT_URL*, default)
+            tls_only = not str(s3.meta.endpoint_url).startswith("http://")
+        if tls_only and current_policy != bucket_policy(n):
+            s3.put_bucket_policy(Bucket=n.bucket, Policy=json.dumps(bucket_policy(n)))
+            self.changes.append(f"set TLS-only policy of bucket {n.bucket}")
+        elif not tls_only and current_policy is not None:
+            s3.delete_bucket_policy(Bucket=n.bucket)
+            self.changes.append(f"removed the TLS-only policy of bucket {n.bucket} (plain-http endpoint)")
         if _rule_keys(rules) != _rule_keys(lifecycle_rules()):
             s3.put_bucket_lifecycle_configuration(Bucket=n.bucket,
                                                   LifecycleConfiguration={"Rules": lifecycle_rules()})
@@ -337,7 +418,7 @@ class _Deployer:
         s = self.settings
         return {"Runtime": f"python{s.python}", "Handler": HANDLER, "Role": role_arn,
                 "MemorySize": s.memory_mb, "Timeout": s.timeout_s, "Layers": [layer_arn],
-                "Environment": {"Variables": {"FSD_KERNELS_BACKEND": "native"}}}
+                "Environment": {"Variables": function_environment(s, self.names.bucket)}}
 
     def function(self, role_arn: str, layer_arn: str) -> None:
         lam, n, s = self.client("lambda"), self.names, self.settings
@@ -369,6 +450,21 @@ class _Deployer:
                                          Architectures=[s.architecture])
                 self.changes.append(f"updated code of function {n.function}")
         self.no_async_retries(lam)
+        self.reserved_concurrency(lam)
+
+    def reserved_concurrency(self, lam) -> None:
+        """Reserve (and so cap) the function's concurrent executions: a runaway fan-out is
+        throttled at this number instead of taking the account's whole pool."""
+        name, wanted = self.names.function, self.settings.reserved_concurrency or None
+        current = lam.get_function_concurrency(FunctionName=name).get("ReservedConcurrentExecutions")
+        if current == wanted:
+            return
+        if wanted is None:
+            lam.delete_function_concurrency(FunctionName=name)
+            self.changes.append(f"removed reserved concurrency of function {name}")
+        else:
+            lam.put_function_concurrency(FunctionName=name, ReservedConcurrentExecutions=wanted)
+            self.changes.append(f"reserved concurrency {wanted} for function {name}")
 
     def no_async_retries(self, lam) -> None:
         """Lambda retries a failed Event invoke twice; a retried worker would run its share twice."""
@@ -453,27 +549,88 @@ def teardown(settings: DeploySettings, aws_settings: aws.AwsSettings | None = No
     return removed
 
 
-def _delete_run_queues(names: Names, aws_settings: aws.AwsSettings) -> list[str]:
-    """Queues of runs that never cleaned up: named ``NAME-...`` with a policy naming our topics."""
-    sqs = aws.client("sqs", aws_settings)
+def _delete_run_queues(names: Names, aws_settings: aws.AwsSettings, older_than_s: float = 0.0) -> list[str]:
+    """Queues of runs that never cleaned up: named ``NAME_...`` with a policy naming our topics,
+    created at least ``older_than_s`` ago; their subscriptions to our topics go with them."""
+    sqs, sns = aws.client("sqs", aws_settings), aws.client("sns", aws_settings)
     ours = set(names.topic_arns())
-    deleted = []
-    urls = [u for page in sqs.get_paginator("list_queues").paginate(QueueNamePrefix=f"{names.settings.name}-")
+    now = time.time()
+    deleted: dict[str, str] = {}  # queue ARN -> url
+    urls = [u for page in sqs.get_paginator("list_queues").paginate(QueueNamePrefix=f"{names.settings.name}{SEP}")
             for u in page.get("QueueUrls", [])]
     for url in urls:
         try:
-            policy = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])
+            attributes = sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["Policy", "QueueArn", "CreatedTimestamp"])["Attributes"]
         except ClientError as exc:
             if _absent(exc, "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
                 continue
             raise
-        statements = json.loads(policy.get("Attributes", {}).get("Policy", "{}")).get("Statement", [])
+        statements = json.loads(attributes.get("Policy", "{}")).get("Statement", [])
         sources = {arn for st in statements
                    for arn in _as_list(st.get("Condition", {}).get("ArnEquals", {}).get("aws:SourceArn"))}
-        if sources and sources <= ours:
-            sqs.delete_queue(QueueUrl=url)
-            deleted.append(url.rsplit("/", 1)[1])
-    return deleted
+        if sources and sources <= ours and now - float(attributes.get("CreatedTimestamp", 0)) >= older_than_s:
+            deleted[attributes.get("QueueArn", "")] = url
+    for topic in ours if deleted else ():
+        try:
+            pages = list(sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic))
+        except ClientError as exc:
+            if _absent(exc, "NotFound"):
+                continue
+            raise
+        for sub in (s for page in pages for s in page.get("Subscriptions", [])):
+            if sub.get("Endpoint") in deleted:
+                sns.unsubscribe(SubscriptionArn=sub["SubscriptionArn"])
+    for url in deleted.values():
+        _delete_if_there(lambda: sqs.delete_queue(QueueUrl=url),
+                         "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+    return sorted(url.rsplit("/", 1)[1] for url in deleted.values())
+
+
+def _delete_run_objects(names: Names, aws_settings: aws.AwsSettings, older_than_s: float) -> int:
+    """Objects under the run prefixes last written at least ``older_than_s`` ago; how many."""
+    s3 = aws.client("s3", aws_settings)
+    now = time.time()
+    count = 0
+    for prefix in RUN_PREFIXES:
+        try:
+            pages = list(s3.get_paginator("list_objects_v2").paginate(Bucket=names.bucket, Prefix=prefix))
+        except ClientError as exc:
+            if _absent(exc, "NoSuchBucket"):
+                return count
+            raise
+        keys = [{"Key": o["Key"]} for page in pages for o in page.get("Contents", [])
+                if now - o["LastModified"].timestamp() >= older_than_s]
+        for start in range(0, len(keys), 1000):
+            s3.delete_objects(Bucket=names.bucket, Delete={"Objects": keys[start:start + 1000], "Quiet": True})
+        count += len(keys)
+    return count
+
+
+#: Runs last at most a day (an event's run_timeout is capped at 86,400 s): older run resources
+#: belong to a coordinator that died, and the next run's coordinator removes them.
+STALE_RUN_SECONDS = 86400.0
+
+
+def sweep_stale_queues(names: Names, aws_settings: aws.AwsSettings) -> list[str]:
+    """What every run's coordinator does first: remove run queues older than any run can be
+    (one ListQueues when there are none; run objects expire by the bucket's lifecycle rule)."""
+    return _delete_run_queues(names, aws_settings, STALE_RUN_SECONDS)
+
+
+def cleanup(settings: DeploySettings, aws_settings: aws.AwsSettings | None = None,
+            older_than_s: float = 0.0) -> list[str]:
+    """``fsd-inference cleanup``: remove what runs left behind (a coordinator that was killed):
+    run queues with their subscriptions, and run objects, at least ``older_than_s`` old. The
+    deployment itself stays. Lambda workers of such a run fail at their next receive once their
+    queue is gone (object channel: within their receive timeout)."""
+    aws_settings = aws_settings or aws.AwsSettings()
+    n = names_for(settings, aws_settings)
+    removed = [f"leftover run queue {q}" for q in _delete_run_queues(n, aws_settings, older_than_s)]
+    objects = _delete_run_objects(n, aws_settings, older_than_s)
+    if objects:
+        removed.append(f"{objects} leftover run objects in bucket {n.bucket}")
+    return removed
 
 
 def _as_list(value: Any) -> list:

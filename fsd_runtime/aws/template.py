@@ -2,10 +2,10 @@
 
 ``fsd-inference deploy --template-only > template.yaml`` prints it; the
 template is JSON, which is valid YAML, so ``sam deploy`` and CloudFormation
-read it as it is. It declares what :mod:`fsd_runtime.deploy` creates by
-API calls: bucket, topics, worker role with the same least-privilege
-policy, kernels layer (the zip from ``layer.zip.sh``) and function with
-async retries off. Run queues stay run-scoped (created by the coordinator).
+read it as it is. It declares what :mod:`fsd_runtime.aws.deploy` creates by
+API calls: bucket (with the TLS-only policy), topics, worker role with the
+same least-privilege policy, kernels layer (the zip from ``layer.zip.sh``) and function with
+async retries off, reserved concurrency and the deployment's limits. Run queues stay run-scoped (created by the coordinator).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any
 
-from fsd_runtime.deploy import (HANDLER, DeploySettings, Names, least_privilege_policy,
-                                lifecycle_rules, trust_policy)
+from fsd_runtime.aws.deploy import (HANDLER, DeploySettings, Names, bucket_policy, function_environment,
+                                least_privilege_policy, lifecycle_rules, trust_policy)
 
 
 def _placeholder_names(settings: DeploySettings) -> Names:
@@ -47,6 +47,8 @@ def sam_template(settings: DeploySettings, layer_zip: str | None = None) -> dict
             "PublicAccessBlockConfiguration": {
                 "BlockPublicAcls": True, "IgnorePublicAcls": True,
                 "BlockPublicPolicy": True, "RestrictPublicBuckets": True}}},
+        "BucketPolicy": {"Type": "AWS::S3::BucketPolicy", "Properties": {
+            "Bucket": {"Ref": "Bucket"}, "PolicyDocument": _sub(bucket_policy(names))}},
         "WorkerRole": {"Type": "AWS::IAM::Role", "Properties": {
             "RoleName": names.role,
             "AssumeRolePolicyDocument": trust_policy(),
@@ -64,7 +66,9 @@ def sam_template(settings: DeploySettings, layer_zip: str | None = None) -> dict
             "InlineCode": "# FSD-Inference: the handler and kernels come from the layer\n",
             "Role": {"Fn::GetAtt": ["WorkerRole", "Arn"]},
             "Layers": [{"Ref": "KernelsLayer"}],
-            "Environment": {"Variables": {"FSD_KERNELS_BACKEND": "native"}},
+            "Environment": {"Variables": _sub(function_environment(settings, names.bucket))},
+            **({"ReservedConcurrentExecutions": settings.reserved_concurrency}
+               if settings.reserved_concurrency else {}),
             "EventInvokeConfig": {"MaximumRetryAttempts": 0}}},
     }
     for index, topic in enumerate(names.topics):

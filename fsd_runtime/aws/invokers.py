@@ -5,11 +5,11 @@ call returns once the invoke is accepted; a worker's failure surfaces in
 the coordinator through the error record the worker writes to storage):
 
 * ``lambda`` — ``lambda.invoke(InvocationType='Event')`` on the deployed function;
-* ``local`` — a local process per worker running ``python -m fsd_runtime.handler``,
+* ``local`` — a local process per worker running ``python -m fsd_runtime.aws.handler``,
   the very handler Lambda runs, with the event on stdin;
 * ``rie`` — AWS's own runtime pieces: one ``aws-lambda-rie`` per worker (an RIE
   serves one invocation at a time and crashes on concurrent ones) driving
-  ``python -m awslambdaric fsd_runtime.handler.handler``, all on 127.0.0.1.
+  ``python -m awslambdaric fsd_runtime.aws.handler.handler``, all on 127.0.0.1.
   RIE runs every invoke synchronously and reports errors in a 200 response
   without ``X-Amz-Function-Error``; :class:`RieInvoker` sends the request,
   returns once it is written, and reads the answer in a thread, mapping an
@@ -41,7 +41,7 @@ from fsd_runtime.events import WorkerEvent
 from fsd_runtime.launch import LaunchError, Launcher, ProcessLauncher, register_launcher
 from fsd_runtime.storage import register_storage
 
-HANDLER = "fsd_runtime.handler.handler"
+HANDLER = "fsd_runtime.aws.handler.handler"
 #: Where RIE accepts invocations (the path Lambda's Invoke API uses).
 RIE_INVOKE_PATH = "/2015-03-31/functions/function/invocations"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -54,17 +54,17 @@ class RieUnavailable(RuntimeError):
 
 def register() -> None:
     """Make the AWS kinds known to ``make_launcher`` / ``make_storage`` (imported lazily)."""
-    register_launcher("lambda", "fsd_runtime.invokers:LambdaInvoker")
-    register_launcher("local", "fsd_runtime.invokers:LocalInvoker")
-    register_launcher("rie", "fsd_runtime.invokers:RieInvoker")
-    register_storage("s3", "fsd_runtime.s3storage:from_config")
+    register_launcher("lambda", "fsd_runtime.aws.invokers:LambdaInvoker")
+    register_launcher("local", "fsd_runtime.aws.invokers:LocalInvoker")
+    register_launcher("rie", "fsd_runtime.aws.invokers:RieInvoker")
+    register_storage("s3", "fsd_runtime.aws.s3storage:from_config")
 
 
 class LambdaInvoker(Launcher):
     """``{"kind": "lambda", "function": NAME, "aws": AwsSettings.to_dict()}``: Event invokes."""
 
     def __init__(self, config: Mapping):
-        from fsd_runtime import aws
+        from fsd_runtime.aws import clients as aws
 
         function = config.get("function")
         if not isinstance(function, str) or not function:
@@ -100,7 +100,7 @@ class LambdaInvoker(Launcher):
 class LocalInvoker(ProcessLauncher):
     """``{"kind": "local"}``: a process per worker running the Lambda handler on its event."""
 
-    entry_module = "fsd_runtime.handler"
+    entry_module = "fsd_runtime.aws.handler"
 
     def __init__(self, config: Mapping | None = None, *, own_group: bool = False):
         super().__init__(config or {"kind": "local"}, own_group=own_group)
@@ -206,7 +206,7 @@ def rie_binary(arch: str | None = None, *, fetch: bool = True) -> str:
     if os.access(path, os.X_OK):
         return path
     if not fetch:
-        raise RieUnavailable(f"{path} is not there; fetch it with python -m fsd_runtime.invokers")
+        raise RieUnavailable(f"{path} is not there; fetch it with python -m fsd_runtime.aws.invokers")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary",
@@ -347,7 +347,7 @@ class RiePool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fsd_runtime.invokers [--arch x86_64|arm64]``: fetch aws-lambda-rie, print its path."""
+    """``python -m fsd_runtime.aws.invokers [--arch x86_64|arm64]``: fetch aws-lambda-rie, print its path."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(rie_binary(args.arch))
     except RieUnavailable as exc:
-        print(f"fsd_runtime.invokers: {exc}", file=sys.stderr)
+        print(f"fsd_runtime.aws.invokers: {exc}", file=sys.stderr)
         return 2
     return 0
 

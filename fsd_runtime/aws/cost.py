@@ -22,6 +22,7 @@ Lambda INIT time: :class:`LatencyModel` holds those assumptions.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -53,19 +54,112 @@ SEED_PRICES = Prices(data_transfer_gb=0.09)
 
 @dataclass(frozen=True)
 class LatencyModel:
-    """Seconds a layer's message exchange adds to a worker's duration, per channel kind.
+    """Seconds the parts of a Lambda worker's life take that a run off Lambda cannot measure.
 
-    Assumptions, not measurements on AWS: an SNS PublishBatch call (~20 ms), SNS->SQS
-    delivery (~50 ms) and a long poll returning (~20 ms); an S3 PUT (~50 ms), half the
-    first poll interval and a ranged GET (~30 ms, index and data in one). ``init_s`` is a
-    cold start of Python + numpy + the compiled kernels."""
+    Assumptions, not measurements on AWS (the ``optimistic`` preset): an SNS PublishBatch call
+    (~20 ms), SNS->SQS delivery (~50 ms) and a long poll returning (~20 ms); an S3 PUT (~50 ms),
+    half the first poll interval and a ranged GET (~30 ms, index and data in one). ``init_s`` is
+    a cold start of Python + numpy + the compiled kernels; ``invoke_s`` an Event invoke until
+    the handler runs; ``s3_request_s`` one small S3 request; ``s3_mb_per_s`` one S3 stream."""
 
     hop_s: Mapping[str, float] = field(default_factory=lambda: {"queue": 0.090, "object": 0.095,
                                                                 "local": 0.0})
     init_s: float = 1.0
+    invoke_s: float = 0.05
+    s3_request_s: float = 0.03
+    s3_mb_per_s: float = 80.0
+    name: str = "optimistic"
+    source: str = "assumed: per-call latencies from AWS documentation and write-ups, not measured"
 
 
 LATENCY = LatencyModel()
+#: The seed's measured per-layer exchange on the queue channel (1024 neurons, 8 workers, median
+#: 0.481 s; ../shared/paper/README.md). The seed measured no object-channel exchange: the same
+#: figure is used for it (an assumption). The rest as in the optimistic preset.
+SEED_MEASURED = LatencyModel(hop_s={"queue": 0.481, "object": 0.481, "local": 0.0}, name="seed-measured",
+                             source="queue hop: the seed's measured median per-layer exchange (0.481 s); "
+                                    "object hop assumed equal; INIT, invoke and S3 as optimistic")
+#: The presets a run's cost is shown with: a range, from the optimistic to the seed-measured.
+PRESETS = {LATENCY.name: LATENCY, SEED_MEASURED.name: SEED_MEASURED}
+
+
+def tree_depths(n_workers: int, fanout: int) -> list[int]:
+    """Launch hops from worker 0 to each worker in the k-ary launch tree (worker 0: 0)."""
+    depths = [0] * n_workers
+    for w in range(1, n_workers):
+        depths[w] = depths[(w - 1) // fanout] + 1
+    return depths
+
+
+#: Where each duration term comes from: measured here, or modelled (from measured sizes).
+TERM_SOURCES = {
+    "compute_s": "measured (kernels, encode, decode on this machine's core; divided by the CPU share "
+                 "of the memory size)",
+    "straggler_wait_s": "measured (per layer: the slowest worker's compute minus this worker's)",
+    "exchange_s": "modelled (layers with traffic x the preset's hop)",
+    "init_s": "modelled (the preset's INIT)",
+    "launch_skew_s": "modelled (waiting for the deepest worker of the launch tree: levels below x "
+                     "(invoke + INIT + run check and claim))",
+    "share_download_s": "modelled (measured share bytes / S3 stream rate + one request)",
+    "result_upload_s": "modelled (measured result bytes / S3 stream rate + two requests)",
+}
+
+
+def duration_terms(rows: Iterable[Mapping], channel_kind: str, *, latency: LatencyModel = LATENCY,
+                   memory_mb: int = FULL_VCPU_MB, fanout: int = 2,
+                   share_bytes: Mapping[int, int] | None = None,
+                   result_bytes: Mapping[int, int] | None = None) -> dict:
+    """Each worker's modelled Lambda duration, term by term (see :data:`TERM_SOURCES`):
+    ``{"per_worker": [seconds], "terms": {term: total seconds}, "sources": TERM_SOURCES}``."""
+    if channel_kind not in latency.hop_s:
+        raise ValueError(f"no latency model for channel kind {channel_kind!r}; known: {sorted(latency.hop_s)}")
+    slow = 1.0 / cpu_share(memory_mb)
+    compute: dict[tuple[int, int], float] = {}
+    hops: dict[int, int] = {}
+    for row in rows:
+        w, layer = int(row["worker"]), int(row.get("layer", 0))
+        compute[w, layer] = compute.get((w, layer), 0.0) + (row["compute_s"] + row["encode_s"]
+                                                            + row["decode_s"]) * slow
+        hops[w] = hops.get(w, 0) + int(row["messages_sent"] > 0 or row["messages_received"] > 0)
+    workers = sorted(hops)
+    layers = sorted({layer for _, layer in compute})
+    slowest = {layer: max(compute.get((w, layer), 0.0) for w in workers) for layer in layers}
+    depths = tree_depths(max(workers) + 1, fanout) if workers else []
+    deepest = max(depths, default=0)
+    level_s = latency.invoke_s + latency.init_s + 2 * latency.s3_request_s
+    share_bytes, result_bytes = share_bytes or {}, result_bytes or {}
+    per_term = {term: [] for term in TERM_SOURCES}
+    for w in workers:
+        mine = [compute.get((w, layer), 0.0) for layer in layers]
+        per_term["compute_s"].append(sum(mine))
+        per_term["straggler_wait_s"].append(sum(slowest[layer] - c for layer, c in zip(layers, mine)))
+        per_term["exchange_s"].append(hops[w] * latency.hop_s[channel_kind])
+        per_term["init_s"].append(latency.init_s)
+        per_term["launch_skew_s"].append((deepest - depths[w]) * level_s)
+        per_term["share_download_s"].append(latency.s3_request_s
+                                            + share_bytes.get(w, 0) / 1e6 / latency.s3_mb_per_s)
+        per_term["result_upload_s"].append(2 * latency.s3_request_s
+                                           + result_bytes.get(w, 0) / 1e6 / latency.s3_mb_per_s)
+    per_worker = [sum(values[i] for values in per_term.values()) for i in range(len(workers))]
+    return {"per_worker": per_worker, "terms": {t: sum(v) for t, v in per_term.items()},
+            "sources": dict(TERM_SOURCES), "latency": {**asdict(latency), "hop_s": dict(latency.hop_s)},
+            "memory_mb": memory_mb, "cpu_share": cpu_share(memory_mb)}
+
+
+_REPORT = re.compile(r"REPORT RequestId: (?P<id>[0-9a-fA-F-]+)\s+Duration: (?P<duration>[0-9.]+) ms\s+"
+                     r"Billed Duration: (?P<billed>[0-9]+) ms\s+Memory Size: (?P<memory>[0-9]+) MB"
+                     r"\s+Max Memory Used: (?P<used>[0-9]+) MB(?:\s+Init Duration: (?P<init>[0-9.]+) ms)?")
+
+
+def parse_report(line: str) -> dict | None:
+    """Lambda's ``REPORT`` log line (one per invocation) as numbers; None if it is not one."""
+    match = _REPORT.search(line)
+    if match is None:
+        return None
+    return {"request_id": match["id"], "duration_s": float(match["duration"]) / 1000,
+            "billed_s": int(match["billed"]) / 1000, "memory_mb": int(match["memory"]),
+            "max_memory_used_mb": int(match["used"]),
+            "init_s": float(match["init"]) / 1000 if match["init"] else None}
 
 
 def cpu_share(memory_mb: int) -> float:
