@@ -30,7 +30,7 @@ from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import Launcher, launch_children, make_launcher
 from fsd_runtime.metrics import LayerMetrics
 from fsd_runtime.plan import WorkerShare
-from fsd_runtime.storage import Storage, make_storage, pack_arrays
+from fsd_runtime.storage import Storage, StorageError, make_storage, pack_arrays
 
 
 #: Status rows a worker adds to every message: neuron id N + ZERO_FLAG marks images whose rows
@@ -438,7 +438,10 @@ def _cpu_seconds() -> float:
 def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) -> None:
     record = {"worker": event.worker_id, "layer": getattr(exc, "layer", None),
               "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20)}
-    storage.put(ev.error_key(event.prefix, event.worker_id), json.dumps(record).encode())
+    try:
+        storage.put(ev.error_key(event.prefix, event.worker_id), json.dumps(record).encode())
+    except StorageError:  # the run's store is gone: the run ended and nobody reads the record
+        pass
 
 
 def run_from_event(event: Any, storage: Storage | None = None, channel: Channel | None = None,
