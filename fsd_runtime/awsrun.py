@@ -11,7 +11,6 @@ nothing inside Lambda.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import Counter
@@ -23,56 +22,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 import fsd_runtime
 from fsd_runtime import aws, cost, deploy, invokers, template
 from fsd_runtime.channels.queue import topic_name
+from fsd_runtime.cli import AWS_CHANNELS, INVOKERS  # noqa: F401 (the parser's: it needs no boto3)
 from fsd_runtime.s3storage import S3Storage
 
-AWS_CHANNELS = ("queue", "object")
-INVOKERS = ("local", "lambda", "rie")
 #: What a worker's own store calls are (fsd_runtime.worker.run_from_event): GET its share,
 #: PUT its metrics and its result. The coordinator's calls are counted as they happen.
 WORKER_STORE_CALLS = {"s3_get_requests": 1, "s3_put_requests": 2}
-
-
-def add_run_options(run: argparse.ArgumentParser) -> None:
-    """``run`` options for the AWS channels and invokers."""
-    g = run.add_argument_group("AWS (with --channel queue|object; settings also from env and profiles)")
-    g.add_argument("--invoker", choices=INVOKERS, default=None,
-                   help="how workers start: local (handler in local processes; default), lambda "
-                        "(the deployed function), rie (aws-lambda-rie + awslambdaric on 127.0.0.1)")
-    _add_aws_options(g)
-    g.add_argument("--memory-mb", type=int, default=2048, help="Lambda memory for the cost model")
-    g.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64",
-                   help="Lambda architecture for the cost model")
-
-
-def _add_aws_options(group) -> None:
-    group.add_argument("--deployment", default="fsd-inference", help="deployment name (resource prefix)")
-    group.add_argument("--endpoint-url", help="AWS API endpoint (e.g. a local server); else AWS_ENDPOINT_URL*")
-    group.add_argument("--region", help="AWS region; else AWS_REGION / the profile's")
-    group.add_argument("--profile", help="AWS profile; else AWS_PROFILE")
-
-
-def add_commands(sub) -> None:
-    """The ``deploy`` and ``teardown`` subcommands."""
-    for name, text in (("deploy", "create or update the AWS resources of a deployment (idempotent)"),
-                       ("teardown", "delete every AWS resource of a deployment (idempotent)")):
-        p = sub.add_parser(name, help=text, description=text)
-        _add_aws_options(p)
-        p.add_argument("--topics", type=int, default=4, help="SNS topics the queue channel spreads over")
-        if name == "deploy":
-            p.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64")
-            p.add_argument("--python", default="3.13", help="Lambda Python runtime version")
-            p.add_argument("--memory-mb", type=int, default=2048)
-            p.add_argument("--timeout", type=int, default=900, help="Lambda timeout in seconds")
-            p.add_argument("--layer-zip", help="layer zip (default: dist/ from ./layer.zip.sh)")
-            p.add_argument("--no-lambda", action="store_true",
-                           help="bucket and topics only (enough for --invoker local|rie)")
-            p.add_argument("--coordinator-mode", action="store_true",
-                           help="let the function also coordinate runs ({\"coordinate\": ...} events)")
-            p.add_argument("--template-only", action="store_true",
-                           help="print the SAM/CloudFormation template instead of calling AWS")
-        else:
-            p.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64")
-            p.add_argument("--python", default="3.13")
 
 
 def aws_settings(args) -> aws.AwsSettings:
@@ -223,15 +178,19 @@ def coordinate(options: Mapping) -> dict:
     if unknown:
         raise ValueError(f"'coordinate' has options a coordinator event may not set: {unknown}; "
                          f"allowed: {sorted(COORDINATE_OPTIONS)}")
+    if not options.get("workers") or options.get("channel") not in AWS_CHANNELS:
+        raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
     argv = ["run", "--invoker", "lambda"]
     for key, value in options.items():
         if isinstance(value, (dict, list, bool)) or value is None:
             raise ValueError(f"'coordinate' option {key!r} must be a number or a string, got {value!r}")
         argv += [f"--{key.replace('_', '-')}", str(value)]
     try:
-        args = cli.build_parser().parse_args(argv)
+        args = cli.parse_run(argv)
     except SystemExit:
         raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
+    except cli.UsageError as exc:
+        raise ValueError(f"'coordinate' options are not valid: {exc}") from None
     if not args.workers or args.channel not in AWS_CHANNELS:
         raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
     return cli.run_distributed(args, cli.load_data(args))
