@@ -86,9 +86,11 @@ def _kernel_cache_found() -> bool:
     forced = os.environ.get("FSD_KERNELS_BACKEND", "").strip().lower()
     if forced != "jit" and glob.glob(os.path.join(package, "_native*")):
         return True
-    places = [os.path.join(package, "__pycache__")]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        places.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "**"))
+    if os.environ.get("NUMBA_CACHE_DIR"):  # numba then caches there only
+        places = [os.path.join(os.environ["NUMBA_CACHE_DIR"], "**")]
+    else:  # next to the sources, else (read-only tree) numba's user-wide cache
+        places = [os.path.join(package, "__pycache__"),
+                  os.path.join(os.path.expanduser("~"), ".cache", "numba", "**")]
     return all(any(glob.glob(os.path.join(place, f"{module}.*.nbi"), recursive=True) for place in places)
                for module in ("_core", "_codec_core"))
 

@@ -88,6 +88,9 @@ def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: floa
         failed = launcher.failures()
         if errors or failed or dead:
             time.sleep(0.2)  # let the workers that noticed the same failure report too
+            if record is not None:  # a peer's error is often the echo of a death: look again
+                results = {_worker_of(k) for k in storage.list(f"{prefix}/results")}
+                dead = {w: layer for w, layer in record.dead_workers().items() if w not in results}
             raise RunError(_failure_message(storage, prefix, launcher, record, dead))
         if len(results) == n_workers:
             return
@@ -99,29 +102,37 @@ def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: floa
 
 
 def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=None) -> str:
-    """One line per failed worker: its error record, else how its process ended (and the last
-    line of its stderr)."""
+    """One line per failed worker, each starting "worker W": the workers that died first (how
+    their process ended, at which layer, the last line of their stderr), then the error records
+    of the others."""
+    dead = dead or {}
     lines: dict[int | str, str] = {}
     for key in storage.list(f"{prefix}/errors"):
         try:
             error = json.loads(storage.get(key))
-            lines[int(error["worker"])] = str(error["error"])
+            worker, text = int(error["worker"]), str(error["error"])
         except (ValueError, KeyError, TypeError, StorageError):
             lines[key] = f"{key}: unreadable error record"
-    for worker, layer in sorted((dead or {}).items()):
+            continue
+        if text.startswith("WorkerError: "):  # its message names worker and layer already
+            text = text[len("WorkerError: "):]
+        lines[worker] = text if text.startswith(f"worker {worker}") else f"worker {worker}: {text}"
+    recorded = set(lines)
+    for worker, layer in dead.items():
         if worker not in lines:
             where = "during start-up" if layer < 0 else f"at layer {layer}"
             lines[worker] = f"worker {worker}: died {where}: its process ended without a result or an error record"
-    for worker, reason in sorted(launcher.failures().items()):
+    for worker, reason in launcher.failures().items():
         if worker not in lines:
             lines[worker] = f"worker {worker}: {reason}"
+    silent = set(lines) - recorded  # failed without a word: what they last said, if anything
     if record is not None:
-        for worker, line in lines.items():
-            said = record.worker_stderr(worker) if isinstance(worker, int) else ""
-            if said and said not in line:
-                lines[worker] = f"{line} (its last stderr line: {said})"
-    ordered = [lines[k] for k in sorted(lines, key=lambda k: (isinstance(k, str), str(k).zfill(12)))]
-    return "distributed run failed:\n  " + "\n  ".join(ordered)
+        for worker in silent:
+            said = record.worker_stderr(worker)
+            if said and said not in lines[worker]:
+                lines[worker] += f" (its last stderr line: {said})"
+    order = sorted(lines, key=lambda k: (isinstance(k, str), k not in silent, str(k).zfill(12)))
+    return "distributed run failed:\n  " + "\n  ".join(lines[k] for k in order)
 
 
 def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neurons: int, ymax):

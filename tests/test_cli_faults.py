@@ -308,3 +308,19 @@ def test_long_tmpdir_runs_distributed(tmp_path):
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and "golden match: yes" in done.stdout, done.stderr
     assert os.listdir(deep) == []
+
+
+def test_a_worker_dying_mid_run_is_reported_with_its_layer(runs, tmp_path):
+    run = runs(tmp_path, "--workers", "3")
+    run.workers_started(3)
+    at = _until(lambda: (lambda b: b.get(2) if b.get(2, (0, -1))[1] >= 1 else None)(_beacons(run.tmp)), 120,
+                step=0.0005)
+    assert at, "worker 2 never reached layer 1"
+    os.kill(at[0], signal.SIGSTOP)
+    layer = _beacons(run.tmp)[2][1]
+    os.kill(at[0], signal.SIGKILL)
+    rc, out, err = run.finish(60)
+    assert rc == 3, err
+    failed = err.split("distributed run failed:")[1].strip("\n").splitlines()
+    assert failed and all(line.startswith("  worker ") for line in failed), err  # one line a worker
+    assert failed[0].startswith(f"  worker 2: died at layer {layer}:"), err  # the cause comes first
