@@ -324,3 +324,39 @@ def test_a_worker_dying_mid_run_is_reported_with_its_layer(runs, tmp_path):
     failed = err.split("distributed run failed:")[1].strip("\n").splitlines()
     assert failed and all(line.startswith("  worker ") for line in failed), err  # one line a worker
     assert failed[0].startswith(f"  worker 2: died at layer {layer}:"), err  # the cause comes first
+
+
+# --- first run: the kernels never compile silently ---
+
+def test_kernel_cache_is_looked_for_where_numba_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FSD_KERNELS_BACKEND", raising=False)
+    native = glob.glob(os.path.join(ROOT, "fsd_kernels", "_native*"))
+    assert cli._kernel_cache_found() is bool(native)  # an empty numba cache: JIT must compile
+    for module in ("_core", "_codec_core"):
+        (tmp_path / "fsd_kernels").mkdir(exist_ok=True)
+        (tmp_path / "fsd_kernels" / f"{module}.infer-1.py311.nbi").write_bytes(b"")
+    assert cli._kernel_cache_found() is True
+
+
+def test_compiling_is_announced_once_with_its_duration():
+    probe = ("from fsd_runtime import cli\ncli._kernel_cache_found = lambda: False\n"
+             "cli.load_kernels()\ncli.load_kernels()\n")
+    done = subprocess.run([sys.executable, "-c", probe], env=_env(os.environ.get("TMPDIR", "/tmp"), "x"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and "compiling the kernels for this machine (first run only" in lines[0], lines
+    assert lines[1].startswith("[fsd-inference] kernels compiled in ") and " s (" in lines[1], lines
+
+
+@pytest.mark.skipif(not os.environ.get("FSD_SLOW_TESTS"), reason="compiles the kernels (1-3 min): FSD_SLOW_TESTS=1")
+def test_a_first_run_says_it_compiles_and_the_second_does_not(tmp_path):
+    env = {**_env(os.environ.get("TMPDIR", "/tmp"), "x"), "NUMBA_CACHE_DIR": str(tmp_path),
+           "FSD_KERNELS_BACKEND": "jit"}
+    argv = [sys.executable, "-m", "fsd_runtime.cli", "run", "--images", "100"]
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0 and first.stderr.count("compiling the kernels") == 1, first.stderr
+    assert "kernels compiled in" in first.stderr
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0 and "compiling" not in second.stderr and "compiled" not in second.stderr
