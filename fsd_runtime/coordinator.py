@@ -187,7 +187,8 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     channel = dict(channel or {"kind": "local"})
     launcher_config = dict(launcher or {"kind": "process"})
     tree_depth(n_workers, fanout)  # validates the tree before anything is created
-    for line in liveness.sweep():  # local leftovers of runs whose coordinator died
+    aws = channel.get("kind") not in (None, "local") or storage is not None
+    for line in liveness.sweep(aws=aws):  # leftovers of runs whose coordinator died
         say(line)
     indptr, indices, data = images
     timings = {}

@@ -179,7 +179,13 @@ def _watch(record: str) -> None:
     lock = os.path.join(record, "lock")
     while not _free(lock):
         time.sleep(WATCH_SECONDS)
-    _remove_local(record)
+    try:
+        with open(os.path.join(record, "run.json")) as f:
+            local = _is_local(json.load(f))
+    except (OSError, ValueError):
+        local = True
+    if local:  # an AWS run's record stays for `fsd-inference clean` (or its next run) to finish
+        _remove_local(record)
     print("fsd_runtime.worker: the coordinator is gone; exiting", file=sys.stderr, flush=True)
     os._exit(ORPHAN_EXIT)
 

@@ -360,3 +360,50 @@ def test_a_first_run_says_it_compiles_and_the_second_does_not(tmp_path):
     assert "kernels compiled in" in first.stderr
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0 and "compiling" not in second.stderr and "compiled" not in second.stderr
+
+
+# --- AWS channels: nothing of an interrupted run stays (local AWS-API server) ---
+
+def _aws_leftovers(name: str, settings) -> dict:
+    from fsd_runtime import aws, deploy
+
+    names = deploy.names_for(deploy.DeploySettings(name=name), settings)
+    objects = aws.client("s3", settings).list_objects_v2(Bucket=names.bucket).get("Contents", [])
+    queues = aws.client("sqs", settings).list_queues(QueueNamePrefix=f"{name}-").get("QueueUrls", [])
+    subscriptions = [s for s in aws.client("sns", settings).list_subscriptions()["Subscriptions"]
+                     if f":{name}-" in s["TopicArn"]]
+    return {"objects": [o["Key"] for o in objects], "queues": queues, "subscriptions": subscriptions}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_queue_run_ended_by_a_signal_leaves_no_queue_subscription_or_object(aws_server, runs, tmp_path,
+                                                                               signum):
+    from fsd_runtime import deploy
+    from fsd_runtime.aws import AwsSettings
+
+    settings = AwsSettings(region="us-east-1", endpoint_url=aws_server.endpoint_url)
+    name = f"fsd-sig-{uuid.uuid4().hex[:6]}"
+    deploy.deploy(deploy.DeploySettings(name=name, topics=1, lambda_function=False), settings)
+    try:
+        run = runs(tmp_path, "--workers", "2", "--images", "200", "--channel", "queue", "--invoker", "local",
+                   "--deployment", name, "--endpoint-url", aws_server.endpoint_url, "--region", "us-east-1")
+        workers = run.workers_started(2)
+        os.kill(workers[1][0], signal.SIGSTOP)  # the run cannot finish
+        during = _aws_leftovers(name, settings)
+        assert during["queues"] and during["objects"] and during["subscriptions"]  # there is something to remove
+        os.kill(run.proc.pid, signum)
+        if signum == signal.SIGTERM:
+            rc, _, err = run.finish(120)
+            assert rc == 143 and "terminated (SIGTERM)" in err, err
+        else:
+            run.proc.wait(30)
+            os.kill(workers[1][0], signal.SIGCONT)
+            assert _until(lambda: not _marked(run.marker), 15), "workers outlived their coordinator"
+            done = subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "clean"], capture_output=True,
+                                  env=_env(run.tmp, run.marker), text=True, timeout=120)
+            assert done.returncode == 0 and "removed leftovers of dead run" in done.stdout, done
+        assert _until(lambda: not _marked(run.marker), 15)
+        assert _aws_leftovers(name, settings) == {"objects": [], "queues": [], "subscriptions": []}
+        assert run.leftovers() == []
+    finally:
+        deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
