@@ -407,3 +407,30 @@ def test_a_queue_run_ended_by_a_signal_leaves_no_queue_subscription_or_object(aw
         assert run.leftovers() == []
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+def test_planning_a_large_run_shows_progress_and_answers_sigint(tmp_path):
+    """--workers 128: stage lines while planning; Ctrl-C there ends the run at once (exit 130)."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "fsd_runtime.cli", "run", "--workers", "128"],
+                            env=_env(str(tmp_path), marker), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "planning the workers' shares" in line:
+                break
+        assert any("partitioning 120 layers over 128 workers" in line for line in seen), seen
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        rest = proc.stderr.read()
+        proc.wait(60)
+        assert proc.returncode == 130 and "interrupted (SIGINT)" in rest, rest
+        assert time.monotonic() - sent < 10, "planning ignored SIGINT"
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("fsd-")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
