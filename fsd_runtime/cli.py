@@ -24,7 +24,8 @@ EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 EXIT_TEXT = """exit status:
   0    success (and the categories match the golden file, if there is one)
   1    the run completed but its categories differ from the golden file
-  2    usage or data error (bad option, option that does not apply, bad or missing file)
+  2    usage or data error (bad option, option that does not apply, bad or missing file,
+       no deployment to run on)
   3    the run failed (a worker, the channel, the launch or the store), or its metrics
        could not be written (the result is printed all the same)
   130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the run's processes,
@@ -422,9 +423,9 @@ def run_distributed(args, ds) -> dict:
 
         aws_run = AwsRun(args, args.workers)
 
-    _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
-    net = ds.network.pack()
-    with aws_run or nullcontext():
+    with aws_run or nullcontext():  # checks the deployment first: a missing one is exit 2
+        _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
+        net = ds.network.pack()
         result = run(net, ds.images.arrays, args.workers, partition=args.partition,
                      channel=aws_run.channel_config() if aws_run else channel_config(args),
                      launcher=aws_run.launcher_config() if aws_run else launcher_config(args),
@@ -542,6 +543,9 @@ def _main(argv: list[str]) -> int:
         _error(str(exc))
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 (every failure of a run: one message, exit 3)
+        if type(exc).__name__ == "DeployError":  # nothing deployed to run on: the user's to fix
+            _error(str(exc))
+            return EXIT_USAGE
         from fsd_runtime.coordinator import RunError
         from fsd_runtime.worker import WorkerError
 
