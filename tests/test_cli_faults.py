@@ -443,3 +443,17 @@ def test_planning_a_large_run_shows_progress_and_answers_sigint(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_start_up_skew_never_counts_against_the_receive_timeout(runs, tmp_path):
+    """Worker 2 is held back (SIGSTOP) until the others have waited for it longer than
+    --receive-timeout: a slow start is not a silent peer; the run completes, golden."""
+    run = runs(tmp_path, "--workers", "3", "--images", "500", "--receive-timeout", "1")
+    workers = run.workers_started(3)
+    os.kill(workers[2][0], signal.SIGSTOP)
+    waiting = _until(lambda: all(_beacons(run.tmp)[w][1] >= 1 for w in (0, 1)), 120)
+    assert waiting, "workers 0 and 1 never reached layer 1"
+    time.sleep(2.5)  # well past the 1 s receive timeout
+    os.kill(workers[2][0], signal.SIGCONT)
+    rc, out, err = run.finish(120)
+    assert rc == 0 and "golden match: yes" in out, err
