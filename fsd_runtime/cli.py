@@ -503,25 +503,28 @@ def _error(message: str) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    state: dict = {}
     with _Signals() as signals:
         try:
-            return _main(argv)
+            return _main(argv, state)
         except (Interrupted, KeyboardInterrupt) as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             name = signal.Signals(signum).name
-            print(f"fsd-inference: {'interrupted' if signum == signal.SIGINT else 'terminated'} ({name}); "
-                  "the run's workers, sockets and stored objects are removed", file=sys.stderr, flush=True)
+            done = "; the run's workers, sockets and stored objects are removed" if state.get("distributed") else ""
+            print(f"fsd-inference: {'interrupted' if signum == signal.SIGINT else 'terminated'} ({name}){done}",
+                  file=sys.stderr, flush=True)
             return 128 + signum
         finally:
             signals.fired = signals.fired or -1  # no Interrupted raised after main's end
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], state: dict) -> int:
     try:
         args = parse_run(argv)
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    state["distributed"] = bool(getattr(args, "workers", None))
     if args.command == "clean":
         from fsd_runtime import liveness
 
