@@ -274,6 +274,19 @@ def parse_synthetic(text: str) -> tuple[int, int]:
     return n, l
 
 
+def synthetic_bytes(n_neurons: int, n_layers: int, n_images: int) -> int:
+    """A floor of the memory a synthetic dataset takes to make: the images are drawn on a dense
+    images x neurons grid, the net holds 32 nonzeros a neuron and layer, twice over while packed."""
+    return n_images * n_neurons + n_neurons * n_layers * 32 * 8 * 2
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_options(args, given: set[str]) -> None:
     """Refuse every option that is malformed or does not apply to the run asked for, before any
     work; :class:`UsageError` says which and why."""
@@ -281,7 +294,12 @@ def check_options(args, given: set[str]) -> None:
         raise UsageError(f"--{dest.replace('_', '-')} {why}")
 
     if args.synthetic:
-        parse_synthetic(args.synthetic)
+        n, l = parse_synthetic(args.synthetic)
+        need = synthetic_bytes(n, l, args.images or 1000)
+        memory = _physical_memory()
+        if memory and need > 0.8 * memory:
+            raise UsageError(f"--synthetic {args.synthetic} with {args.images or 1000} images needs about "
+                             f"{need / 2**30:.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB allows")
         for dest in ("weights", "inputs", "categories", "bias"):
             if dest in given:
                 refuse(dest, "does not apply to --synthetic (a synthetic net has its own data)")
@@ -539,6 +557,10 @@ def _main(argv: list[str], state: dict) -> int:
         ds = load_data(args)
     except (UsageError, ValueError, OSError) as exc:  # model.DataError is a ValueError
         _error(str(exc))
+        return EXIT_USAGE
+    except MemoryError:
+        _error("not enough memory to hold the data these options ask for (fewer --images, a smaller "
+               "--synthetic net?)")
         return EXIT_USAGE
     try:
         out = run_distributed(args, ds) if args.workers else run_serial(args, ds)

@@ -231,6 +231,8 @@ def test_help_and_usage_errors_load_nothing_heavy():
     (["--weights", "/nonexistent/w", "--inputs", "/nonexistent/i"], "no such file or directory"),
     (["--images", "20000"], "--images 20000: the data has only 10000 images"),
     (["--synthetic", "32x2", "--workers", "64"], "the net has only 32 neurons"),
+    (["--synthetic", "1024x2", "--images", "2000000000"], "more than this machine's"),  # never allocated
+    (["--synthetic", "65536x100000"], "more than this machine's"),
 ])
 def test_options_are_checked_before_any_work(capsys, argv, message):
     try:
