@@ -49,10 +49,12 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
-def _beacons(tmp: str) -> dict[int, tuple[int, int]]:
-    """worker -> (pid, layer) from the run record's beacons."""
+def _beacons(tmp: str, skip=()) -> dict[int, tuple[int, int]]:
+    """worker -> (pid, layer) from the beacons of the run records in ``tmp`` (but ``skip``)."""
     out = {}
     for path in glob.glob(os.path.join(tmp, "fsd-run-*", "workers", "*")):
+        if path.split(os.sep)[-3] in skip:
+            continue
         name = os.path.basename(path)
         if name.isdigit():
             try:
@@ -79,12 +81,13 @@ class Run:
     def __init__(self, tmp_path, *args):
         self.tmp = str(tmp_path)
         self.marker = uuid.uuid4().hex
+        self.before = set(os.listdir(self.tmp))  # records of earlier runs are not this run's
         self.proc = subprocess.Popen([sys.executable, "-m", "fsd_runtime.cli", "run", *args],
                                      env=_env(self.tmp, self.marker), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def workers_started(self, n: int, timeout: float = 120) -> dict:
-        got = _until(lambda: (lambda b: b if len(b) >= n else None)(_beacons(self.tmp)), timeout)
+        got = _until(lambda: (lambda b: b if len(b) >= n else None)(_beacons(self.tmp, self.before)), timeout)
         assert got, f"{n} workers did not start: {self.finish(5)}"
         return got
 
@@ -151,29 +154,41 @@ def test_workers_of_a_killed_coordinator_exit_and_nothing_stays(runs, tmp_path):
     assert _until(lambda: run.leftovers() == [], 5), run.leftovers()
 
 
-def test_leftovers_of_a_dead_run_are_removed_by_clean_and_by_the_next_run(runs, tmp_path):
-    run = runs(tmp_path, "--workers", "2", "--images", "300")
+def _power_cut(run: Run) -> str:
+    """Kill a run's coordinator and workers so that none of them cleans up; its record's name."""
     workers = run.workers_started(2)
     for pid, _ in workers.values():
-        os.kill(pid, signal.SIGSTOP)   # no worker will clean up: as after a power cut
+        os.kill(pid, signal.SIGSTOP)
     os.kill(run.proc.pid, signal.SIGKILL)
-    run.proc.wait(30)  # (its pipes stay open while a worker lives: no communicate here)
+    run.proc.wait(30)
     for pid, _ in workers.values():
         os.kill(pid, signal.SIGKILL)
     assert _until(lambda: not _marked(run.marker), 10)
-    assert [n for n in run.leftovers() if n.startswith("fsd-run-")], "the dead run left nothing to test"
+    (record,) = [n for n in run.leftovers() if n.startswith("fsd-run-")]
+    return record
+
+
+def test_leftovers_of_a_dead_run_are_removed_by_the_next_run_and_clean_spares_live_ones(runs, tmp_path):
+    dead = _power_cut(runs(tmp_path, "--workers", "2", "--images", "200"))
+    run = runs(tmp_path, "--workers", "2", "--images", "200")
+    run.workers_started(2)
+    assert dead not in run.leftovers()  # swept when the next run started
     env = _env(run.tmp, run.marker)
     done = subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "clean"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "removed leftovers of dead run" in done.stdout, done
-    assert run.leftovers() == []
-    # a live run's record is never touched by clean
-    again = runs(tmp_path, "--workers", "2", "--images", "300")
-    again.workers_started(2)
-    subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "clean"], env=env, timeout=60)
-    rc, out, err = again.finish(120)
+    assert done.returncode == 0 and done.stdout == "nothing to clean\n", done  # the live run is spared
+    rc, out, err = run.finish(120)
     assert rc == 0 and "golden match: yes" in out, err
-    assert again.leftovers() == []
+    assert run.leftovers() == []
+
+
+def test_clean_removes_what_a_dead_run_left(runs, tmp_path):
+    run = runs(tmp_path, "--workers", "2", "--images", "200")
+    dead = _power_cut(run)
+    done = subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "clean"], env=_env(run.tmp, run.marker),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"removed leftovers of dead run" in done.stdout and dead in done.stdout, done
+    assert run.leftovers() == []
 
 
 # --- dead workers ---
