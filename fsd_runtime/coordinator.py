@@ -185,6 +185,10 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     (optional) is called with one line per stage."""
     say = progress or (lambda message: None)
     channel = dict(channel or {"kind": "local"})
+    if channel.get("kind") == "local" and "connect_timeout" not in channel:
+        # a peer still starting is waited for as long as the run may take (start-up skew is no
+        # failure; a peer that dies meanwhile is found by the liveness checks)
+        channel["connect_timeout"] = min(float(run_timeout), 3600.0)
     launcher_config = dict(launcher or {"kind": "process"})
     tree_depth(n_workers, fanout)  # validates the tree before anything is created
     aws = channel.get("kind") not in (None, "local") or storage is not None

@@ -467,8 +467,11 @@ def test_start_up_skew_never_counts_against_the_receive_timeout(runs, tmp_path):
     --receive-timeout: a slow start is not a silent peer; the run completes, golden."""
     run = runs(tmp_path, "--workers", "3", "--images", "500", "--receive-timeout", "1")
     workers = run.workers_started(3)
+    # worker 2 listens (it binds its socket before it loads the kernels), then stops: the others
+    # can send it layer 1's rows and wait in layer 1's receive
+    assert _until(lambda: glob.glob(os.path.join(run.tmp, "fsd-*", "2.sock")), 120, step=0.001)
     os.kill(workers[2][0], signal.SIGSTOP)
-    waiting = _until(lambda: all(_beacons(run.tmp)[w][1] >= 1 for w in (0, 1)), 120)
+    waiting = _until(lambda: all(_beacons(run.tmp).get(w, (0, -1))[1] >= 1 for w in (0, 1)), 120)
     assert waiting, "workers 0 and 1 never reached layer 1"
     time.sleep(2.5)  # well past the 1 s receive timeout
     os.kill(workers[2][0], signal.SIGCONT)
