@@ -337,19 +337,21 @@ def test_long_tmpdir_runs_distributed(tmp_path, monkeypatch, capsys, thread_work
 
 
 def test_a_worker_dying_mid_run_is_reported_with_its_layer(runs, tmp_path):
-    run = runs(tmp_path, "--workers", "3")
-    run.workers_started(3)
-    at = _until(lambda: (lambda b: b.get(2) if b.get(2, (0, -1))[1] >= 1 else None)(_beacons(run.tmp)), 120,
-                step=0.0005)
-    assert at, "worker 2 never reached layer 1"
-    os.kill(at[0], signal.SIGSTOP)
+    run = runs(tmp_path, "--workers", "3", "--images", "500")
+    workers = run.workers_started(3)
+    # worker 0 listens, then stops: workers 1 and 2 compute layer 0 and wait in layer 1 for it
+    assert _until(lambda: glob.glob(os.path.join(run.tmp, "fsd-*", "0.sock")), 120, step=0.001)
+    os.kill(workers[0][0], signal.SIGSTOP)
+    assert _until(lambda: _beacons(run.tmp).get(2, (0, -1))[1] >= 1, 120), "worker 2 never reached layer 1"
     layer = _beacons(run.tmp)[2][1]
-    os.kill(at[0], signal.SIGKILL)
+    os.kill(workers[2][0], signal.SIGKILL)
     rc, out, err = run.finish(60)
-    assert rc == 3, err
+    assert rc == 3 and layer == 1, err
     failed = err.split("distributed run failed:")[1].strip("\n").splitlines()
     assert failed and all(line.startswith("  worker ") for line in failed), err  # one line a worker
-    assert failed[0].startswith(f"  worker 2: died at layer {layer}:"), err  # the cause comes first
+    assert failed[0].startswith("  worker 2: died at layer 1:"), err  # the cause comes first
+    assert _until(lambda: not _marked(run.marker), 10)
+    assert run.leftovers() == []
 
 
 # --- first run: the kernels never compile silently ---
