@@ -1,14 +1,58 @@
-"""``fsd-inference``: run the Graph Challenge workload serially or distributed."""
+"""``fsd-inference``: run the Graph Challenge workload serially or distributed.
+
+This module imports only the standard library (and fsd_runtime.aws's kind names) at load: ``--help`` and usage errors answer
+without loading numpy, numba or boto3. Every option is checked (:func:`check_options`) before
+any data is read or any work starts; options that do not apply to the run asked for are
+refused, not ignored.
+"""
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
+import math
+import os
+import signal
 import sys
+import threading
 import time
 
-import numpy as np
+from fsd_runtime.aws import ARCHITECTURES, AWS_CHANNELS, INVOKERS  # names only: no boto3
 
-from fsd_runtime import model
+#: Exit statuses (also in ``--help`` and README).
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_TEXT = """exit status:
+  0    success (and the categories match the golden file, if there is one)
+  1    the run completed but its categories differ from the golden file
+  2    usage or data error (bad option, option that does not apply, bad or missing file,
+       no deployment to run on)
+  3    the run failed (a worker, the channel, the launch or the store), or its metrics
+       could not be written (the result is printed all the same)
+  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the run's processes,
+       sockets and stored objects are removed first"""
+
+#: Most workers a run may have. Planning takes time and memory growing with P^2 (on this
+#: project's 2-core machine: P=128 about 50 s and 1.3 GB, P=256 about 220 s and 4 GB).
+MAX_WORKERS = 256
+
+#: ``run`` options that apply to distributed runs only (dest names).
+DISTRIBUTED_ONLY = ("channel", "partition", "fanout", "receive_timeout", "run_timeout", "metrics_dir")
+#: ``run`` options that apply to the AWS channels only.
+AWS_ONLY = ("invoker", "deployment", "endpoint_url", "region", "profile", "memory_mb", "architecture")
+
+
+class UsageError(ValueError):
+    """An option (or combination) the CLI refuses; exit status 2."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds the run (its clean-up runs), then exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _progress(args, message: str) -> None:
@@ -29,28 +73,330 @@ def _batch_progress():
     return show
 
 
-def load_data(args) -> model.Dataset:
-    """The dataset the data options name: official files, a synthetic net, or the embedded default."""
+# --- kernels: never compiled silently ---
+
+def _kernel_cache_found() -> bool:
+    """Whether the kernels load without compiling: the AOT native module, or numba's cache
+    files of both kernel modules (next to the sources, or under $NUMBA_CACHE_DIR)."""
+    spec = importlib.util.find_spec("fsd_kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    package = list(spec.submodule_search_locations)[0]
+    forced = os.environ.get("FSD_KERNELS_BACKEND", "").strip().lower()
+    if forced != "jit" and glob.glob(os.path.join(package, "_native*")):
+        return True
+    if os.environ.get("NUMBA_CACHE_DIR"):  # numba then caches there only
+        places = [os.path.join(os.environ["NUMBA_CACHE_DIR"], "**")]
+    else:  # next to the sources, else (read-only tree) numba's user-wide cache
+        places = [os.path.join(package, "__pycache__"),
+                  os.path.join(os.path.expanduser("~"), ".cache", "numba", "**")]
+    return all(any(glob.glob(os.path.join(place, f"{module}.*.nbi"), recursive=True) for place in places)
+               for module in ("_core", "_codec_core"))
+
+
+def load_kernels(args=None):
+    """Import ``fsd_kernels``; when numba has to compile them (the first run on a machine), say
+    so before, once, and how long it took after."""
+    if "fsd_kernels" in sys.modules:
+        return sys.modules["fsd_kernels"]
+    compiling = not _kernel_cache_found()
+    if compiling:
+        print("[fsd-inference] compiling the kernels for this machine (first run only: 1-3 minutes; "
+              "numba caches them for later runs)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    import fsd_kernels
+
+    took = time.perf_counter() - start
+    if compiling or took > 5:
+        print(f"[fsd-inference] kernels {'compiled' if compiling else 'loaded'} in {took:.1f} s "
+              f"({fsd_kernels.backend})", file=sys.stderr, flush=True)
+    return fsd_kernels
+
+
+# --- options ---
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 86400):
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 s, got {text}")
+    return value
+
+
+def _workers(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_WORKERS} workers (planning grows with P^2: P=256 takes minutes and GBs), got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (default: the embedded official 1024x120 net, 10,000 images)")
+    g.add_argument("--weights", help="directory of official n{N}-l{k}.tsv layer files (with --inputs)")
+    g.add_argument("--inputs", help="official input file (image neuron value), .tsv or .tsv.gz (with --weights)")
+    g.add_argument("--categories", help="official categories file, for the golden check (with --weights)")
+    g.add_argument("--bias", type=_finite,
+                   help="bias for --weights (default: the Graph Challenge one for N)")
+    g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 4096x480")
+    g.add_argument("--images", type=_positive_int,
+                   help="use only the first K images (synthetic: make K; default 1000)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
+
+
+def _add_aws_options(group) -> None:
+    group.add_argument("--deployment", default="fsd-inference", help="deployment name (resource prefix)")
+    group.add_argument("--endpoint-url", help="AWS API endpoint (e.g. a local server); else AWS_ENDPOINT_URL*")
+    group.add_argument("--region", help="AWS region; else AWS_REGION / the profile's")
+    group.add_argument("--profile", help="AWS profile; else AWS_PROFILE")
+
+
+def add_aws_run_options(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("AWS (with --channel queue|object; settings also from env and profiles)")
+    g.add_argument("--invoker", choices=INVOKERS, default=None,
+                   help="how workers start: local (handler in local processes; default), lambda "
+                        "(the deployed function), rie (aws-lambda-rie + awslambdaric on 127.0.0.1)")
+    _add_aws_options(g)
+    g.add_argument("--memory-mb", type=_positive_int, default=2048, help="Lambda memory for the cost model")
+    g.add_argument("--architecture", choices=ARCHITECTURES, default="x86_64",
+                   help="Lambda architecture for the cost model")
+
+
+def add_commands(sub) -> None:
+    """The ``deploy``, ``teardown``, ``cleanup`` and ``clean`` subcommands."""
+    for name, text in (("deploy", "create or update the AWS resources of a deployment (idempotent)"),
+                       ("teardown", "delete every AWS resource of a deployment (idempotent)"),
+                       ("cleanup", "delete what killed runs of a deployment left behind (run queues, "
+                                   "subscriptions, run objects), wherever their coordinator ran; the "
+                                   "deployment stays")):
+        p = sub.add_parser(name, help=text, description=text, epilog=EXIT_TEXT,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_aws_options(p)
+        p.add_argument("--topics", type=_positive_int, default=4, help="SNS topics the queue channel spreads over")
+        p.add_argument("--architecture", choices=ARCHITECTURES, default="x86_64")
+        if name == "deploy":
+            p.add_argument("--python", default="3.13", help="Lambda Python runtime version")
+            p.add_argument("--memory-mb", type=_positive_int, default=2048)
+            p.add_argument("--timeout", type=_positive_int, default=900, help="Lambda timeout in seconds")
+            p.add_argument("--layer-zip", help="layer zip (default: dist/ from ./layer.zip.sh)")
+            p.add_argument("--no-lambda", action="store_true",
+                           help="bucket and topics only (enough for --invoker local|rie)")
+            p.add_argument("--max-workers", type=_positive_int, default=64,
+                           help="most workers one run may use (held to inside the function)")
+            p.add_argument("--max-fanout", type=_positive_int, default=16, help="most tree children per worker")
+            p.add_argument("--reserved-concurrency", type=int, default=100,
+                           help="concurrent executions reserved for (and capping) the function; 0: none")
+            p.add_argument("--coordinator-mode", action="store_true",
+                           help="let the function also coordinate runs ({\"coordinate\": ...} events)")
+            p.add_argument("--template-only", action="store_true",
+                           help="print the SAM/CloudFormation template instead of calling AWS")
+        else:
+            p.add_argument("--python", default="3.13")
+        if name == "cleanup":
+            p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
+                           help="only what is at least this old (default 0: everything of past runs; "
+                                "do not run it with 0 while a run of the deployment is going)")
+    text = ("remove what runs on this machine whose coordinator died left behind: local stores, socket "
+            "directories and run records in $TMPDIR, and their SQS queues, subscriptions and S3 objects "
+            "(for a deployment's leftovers from elsewhere, see 'cleanup')")
+    sub.add_parser("clean", help=text, description=text + ". Runs in progress are never touched; "
+                   "every run also removes local leftovers when it starts.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsd-inference", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run inference and check the categories", allow_abbrev=False,
+                         description="Run inference and check the categories against the golden file.",
+                         epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_options(run)
+    run.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    run.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="images per block (default: by size)")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    dist = run.add_argument_group("distributed (with --workers)")
+    dist.add_argument("--workers", type=_workers,
+                      help=f"run on P workers, 1..{MAX_WORKERS} and at most the net's neurons "
+                           "(default: serial, in this process)")
+    dist.add_argument("--channel", default="local", choices=("local", *AWS_CHANNELS),
+                      help="how workers talk: local (default), queue (SNS+SQS), object (S3)")
+    dist.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
+                      help="how neurons are split over workers (default: hypergraph)")
+    dist.add_argument("--fanout", type=_positive_int, default=2, help="children per worker in the launch tree")
+    dist.add_argument("--receive-timeout", type=_seconds, default=60.0,
+                      help="seconds a worker waits for a peer's message once every peer has started "
+                           "(start-up is bounded by --run-timeout; a dead local worker is reported "
+                           "within a second)")
+    dist.add_argument("--run-timeout", type=_seconds, default=900.0, help="seconds the whole run may take")
+    dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV; PNG with "
+                                            "matplotlib) here; checked before the run")
+    add_aws_run_options(run)
+    add_commands(sub)
+    return parser
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dest names of the options ``argv`` sets explicitly (abbreviations are off for ``run``)."""
+    strings = {}
+    for action in _subparser(parser, "run")._actions:
+        for option in action.option_strings:
+            strings[option] = action.dest
+    return {strings[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in strings}
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def parse_synthetic(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        n, l = (int(x) for x in parts)
+    except ValueError:
+        raise UsageError(f"--synthetic expects NxL, e.g. 4096x480, got {text!r}") from None
+    if n < 1 or l < 1:
+        raise UsageError(f"--synthetic needs positive N and L, got {text!r}")
+    return n, l
+
+
+def synthetic_bytes(n_neurons: int, n_layers: int, n_images: int) -> int:
+    """A floor of the memory a synthetic dataset takes to make: the images are drawn on a dense
+    images x neurons grid, the net holds 32 nonzeros a neuron and layer, twice over while packed."""
+    return n_images * n_neurons + n_neurons * n_layers * 32 * 8 * 2
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_options(args, given: set[str]) -> None:
+    """Refuse every option that is malformed or does not apply to the run asked for, before any
+    work; :class:`UsageError` says which and why."""
+    def refuse(dest: str, why: str) -> None:
+        raise UsageError(f"--{dest.replace('_', '-')} {why}")
+
     if args.synthetic:
-        try:
-            n, l = (int(x) for x in args.synthetic.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--synthetic expects NxL, e.g. 4096x480, got {args.synthetic!r}")
+        n, l = parse_synthetic(args.synthetic)
+        need = synthetic_bytes(n, l, args.images or 1000)
+        memory = _physical_memory()
+        if memory and need > 0.8 * memory:
+            raise UsageError(f"--synthetic {args.synthetic} with {args.images or 1000} images needs about "
+                             f"{need / 2**30:.0f} GiB, more than this machine's {memory / 2**30:.0f} GiB allows")
+        for dest in ("weights", "inputs", "categories", "bias"):
+            if dest in given:
+                refuse(dest, "does not apply to --synthetic (a synthetic net has its own data)")
+    elif "seed" in given:
+        refuse("seed", "applies to --synthetic only")
+    if bool(args.weights) != bool(args.inputs):
+        raise UsageError("--weights and --inputs go together")
+    if not args.weights:
+        for dest in ("categories", "bias"):
+            if dest in given:
+                refuse(dest, "applies to --weights/--inputs only (the embedded data has its own)"
+                       if not args.synthetic else "does not apply to --synthetic")
+    for dest in ("weights", "inputs", "categories"):
+        path = getattr(args, dest)
+        if path and not os.path.exists(path):
+            refuse(dest, f"{path}: no such file or directory")
+    if not args.workers:
+        for dest in DISTRIBUTED_ONLY + AWS_ONLY:
+            if dest in given:
+                refuse(dest, "applies to distributed runs only: add --workers P")
+        return
+    if args.channel not in AWS_CHANNELS:
+        for dest in AWS_ONLY:
+            if dest in given:
+                refuse(dest, "applies to --channel queue|object only")
+    from fsd_runtime.launch import LaunchError, tree_depth
+
+    try:
+        tree_depth(args.workers, args.fanout)
+    except LaunchError as exc:
+        raise UsageError(f"--workers {args.workers} with --fanout {args.fanout}: {exc}") from None
+    if args.metrics_dir:
+        check_metrics_dir(args.metrics_dir)
+
+
+def check_metrics_dir(directory: str) -> None:
+    """Create ``directory`` if needed and prove it writable, before the run."""
+    probe = os.path.join(directory, f".fsd-probe-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--metrics-dir {directory}: cannot write there ({exc.strerror or exc})") from None
+
+
+def parse_run(argv: list[str]):
+    """Parse and check ``run`` options (argparse exits 2 on malformed ones; UsageError otherwise)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        check_options(args, _given(parser, list(argv)))
+    return args
+
+
+# --- data ---
+
+def load_data(args):
+    """The dataset the data options name: official files, a synthetic net, or the embedded default."""
+    from fsd_runtime import model
+
+    if args.synthetic:
+        n, l = parse_synthetic(args.synthetic)
         ds = model.synthetic(n, l, args.images or 1000, seed=args.seed)
-    elif args.weights or args.inputs:
-        if not (args.weights and args.inputs):
-            raise SystemExit("--weights and --inputs go together")
+    elif args.weights:
         ds = model.load_dataset(args.weights, args.inputs, args.categories, args.bias)
     else:
         ds = model.embedded()
-    if args.images and not args.synthetic and args.images < ds.images.shape[0]:
-        gold = None if ds.categories is None else ds.categories[ds.categories < args.images]
-        ds = model.Dataset(ds.name, ds.network, ds.images.rows(0, args.images), gold)
+    have = ds.images.shape[0]
+    if args.images and not args.synthetic:
+        if args.images > have:
+            raise UsageError(f"--images {args.images}: the data has only {have} images")
+        if args.images < have:
+            gold = None if ds.categories is None else ds.categories[ds.categories < args.images]
+            ds = model.Dataset(ds.name, ds.network, ds.images.rows(0, args.images), gold)
+    if args.workers and args.workers > ds.network.n_neurons:
+        raise UsageError(f"--workers {args.workers}: the net has only {ds.network.n_neurons} neurons "
+                         "a layer (each worker needs at least one)")
     return ds
 
 
-def summary(ds: model.Dataset, categories: np.ndarray, seconds: float) -> dict:
+def summary(ds, categories, seconds: float) -> dict:
     """The keys every run reports (categories are 1-based image ids)."""
+    import numpy as np
+
     n_images = ds.images.shape[0]
     golden = None if ds.categories is None else bool(np.array_equal(categories, ds.categories))
     return {
@@ -65,9 +411,8 @@ def summary(ds: model.Dataset, categories: np.ndarray, seconds: float) -> dict:
     }
 
 
-def run_serial(args, ds: model.Dataset) -> dict:
-    import fsd_kernels
-
+def run_serial(args, ds) -> dict:
+    fsd_kernels = load_kernels(args)
     _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
     net = ds.network.pack()
     _progress(args, f"inferring {ds.images.shape[0]} images ({fsd_kernels.backend} kernels)")
@@ -90,10 +435,15 @@ def launcher_config(args) -> dict:
     return {"kind": "process"}
 
 
-def run_distributed(args, ds: model.Dataset) -> dict:
+class RunFailed(Exception):
+    """The distributed run failed (worker, channel, launch, store, deployment): exit 3."""
+
+
+def run_distributed(args, ds) -> dict:
     """``run --workers P``: the distributed runtime; wall_seconds excludes worker start-up."""
     from contextlib import nullcontext
 
+    load_kernels(args)
     from fsd_runtime.coordinator import run_distributed as run
 
     aws_run = None
@@ -102,21 +452,23 @@ def run_distributed(args, ds: model.Dataset) -> dict:
 
         aws_run = AwsRun(run_options(args), args.workers)
 
-    _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
-    net = ds.network.pack()
-    _progress(args, f"partitioning over {args.workers} workers ({args.partition}), "
-                    f"launching them ({args.channel} channel)")
-    with aws_run or nullcontext():
+    with aws_run or nullcontext():  # checks the deployment first: a missing one is exit 2
+        _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
+        net = ds.network.pack()
         result = run(net, ds.images.arrays, args.workers, partition=args.partition,
                      channel=aws_run.channel_config() if aws_run else channel_config(args),
                      launcher=aws_run.launcher_config() if aws_run else launcher_config(args),
                      storage=aws_run.storage if aws_run else None, fanout=args.fanout,
                      batch_size=args.batch_size, receive_timeout=args.receive_timeout,
-                     run_timeout=args.run_timeout, metrics_dir=args.metrics_dir)
+                     run_timeout=args.run_timeout, metrics_dir=args.metrics_dir,
+                     progress=lambda message: _progress(args, message))
     out = summary(ds, result.categories, result.timings["run_s"])
     out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
                traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),
                startup_seconds=result.timings["startup_s"], timings=result.timings)
+    if args.metrics_dir:
+        out["metrics_error"] = result.metrics_error
+        out["metrics_png"] = result.metrics_paths.get("png")
     if aws_run:
         out.update(invoker=aws_run.invoker,
                    cost=aws_run.cost(result.traffic, result.metrics, ds.images.shape[0]))
@@ -142,68 +494,112 @@ def print_human(out: dict) -> None:
         print(f"traffic        {t['bytes']} bytes in {t['messages']} messages, {t['requests']} requests")
     if "cost" in out:
         print(f"modelled cost  ${out['cost']['usd']:.6f}")
+    if out.get("metrics_path"):
+        png = "and PNG" if out.get("metrics_png") else \
+            "(no PNG: matplotlib is not installed; pip install 'fsd-inference[plot]')"
+        print(f"metrics        {os.path.dirname(out['metrics_path'])}: JSON, CSV {png}")
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data (default: the embedded official 1024x120 net, 10,000 images)")
-    g.add_argument("--weights", help="network: a directory of n{N}-l{k}.tsv layer files (optional "
-                                     "n{N}-bias.tsv, n{N}-ymax.tsv) or an .npz file (docs/formats.md)")
-    g.add_argument("--inputs", help="official input file (image neuron value), .tsv or .tsv.gz")
-    g.add_argument("--categories", help="official categories file, for the golden check")
-    g.add_argument("--bias", type=float, help="bias for a --weights directory without a bias file "
-                                             "(default: the Graph Challenge one for N)")
-    g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 4096x480")
-    g.add_argument("--images", type=int, help="use only the first K images (synthetic: make K)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
+# --- signals ---
+
+class _Signals:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, once: a second signal
+    while the run cleans up is ignored, so the clean-up finishes."""
+
+    def __init__(self):
+        self.saved = {}
+        self.fired = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.fired is None:
+            self.fired = signum
+            raise Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsd-inference", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run inference and check the categories")
-    add_data_options(run)
-    run.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
-    run.add_argument("--batch-size", type=int, default=None, help="images per block (default: by size)")
-    run.add_argument("--json", action="store_true", help="print one JSON object")
-    dist = run.add_argument_group("distributed (with --workers)")
-    dist.add_argument("--workers", type=int, help="run on P workers (default: serial, in this process)")
-    dist.add_argument("--channel", default="local", choices=("local", "queue", "object"),
-                      help="how workers talk: local (default), queue (SNS+SQS), object (S3)")
-    dist.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
-                      help="how neurons are split over workers (default: hypergraph)")
-    dist.add_argument("--fanout", type=int, default=2, help="children per worker in the launch tree")
-    dist.add_argument("--receive-timeout", type=float, default=60.0,
-                      help="seconds a worker waits for a peer's message before the run fails")
-    dist.add_argument("--run-timeout", type=float, default=900.0, help="seconds the whole run may take")
-    dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV, PNG) here")
-    from fsd_runtime.aws import run as awsrun
-
-    awsrun.add_run_options(run)
-    awsrun.add_commands(sub)
-    return parser
+def _error(message: str) -> None:
+    print(f"fsd-inference: error: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    state: dict = {}
+    with _Signals() as signals:
+        try:
+            return _main(argv, state)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            name = signal.Signals(signum).name
+            done = "; the run's workers, sockets and stored objects are removed" if state.get("distributed") else ""
+            print(f"fsd-inference: {'interrupted' if signum == signal.SIGINT else 'terminated'} ({name}){done}",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
+        finally:
+            signals.fired = signals.fired or -1  # no Interrupted raised after main's end
+
+
+def _main(argv: list[str], state: dict) -> int:
+    try:
+        args = parse_run(argv)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    state["distributed"] = bool(getattr(args, "workers", None))
+    if args.command == "clean":
+        from fsd_runtime import liveness
+
+        lines = liveness.sweep(aws=True)
+        print("\n".join(lines) if lines else "nothing to clean")
+        return EXIT_OK if not any(line.startswith("could not") for line in lines) else EXIT_FAILED
     if args.command in ("deploy", "teardown", "cleanup"):
         from fsd_runtime.aws import run as awsrun
 
         return awsrun.cli_command(args)
-    from fsd_runtime.channels import ChannelError
-    from fsd_runtime.coordinator import RunError
-    from fsd_runtime.worker import WorkerError
-
     try:
         ds = load_data(args)
+    except (UsageError, ValueError, OSError) as exc:  # model.DataError is a ValueError
+        _error(str(exc))
+        return EXIT_USAGE
+    except MemoryError:
+        _error("not enough memory to hold the data these options ask for (fewer --images, a smaller "
+               "--synthetic net?)")
+        return EXIT_USAGE
+    try:
         out = run_distributed(args, ds) if args.workers else run_serial(args, ds)
-    except (ValueError, OSError, ChannelError, RunError, WorkerError) as exc:
-        print(f"fsd-inference: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 (every failure of a run: one message, exit 3)
+        if type(exc).__name__ == "DeployError":  # nothing deployed to run on: the user's to fix
+            _error(str(exc))
+            return EXIT_USAGE
+        from fsd_runtime.coordinator import RunError
+        from fsd_runtime.worker import WorkerError
+
+        known = isinstance(exc, (RunError, WorkerError, OSError, ValueError)) or \
+            type(exc).__module__.startswith(("fsd_runtime", "botocore"))
+        _error(str(exc) if known else f"unexpected {type(exc).__name__}: {exc}")
+        if os.environ.get("FSD_DEBUG"):
+            raise
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(out))
     else:
         print_human(out)
-    return 0 if out["golden_match"] is not False else 1
+    sys.stdout.flush()
+    if out.get("metrics_error"):
+        _error(out["metrics_error"] + " (the result above stands)")
+        return EXIT_FAILED
+    return EXIT_OK if out["golden_match"] is not False else EXIT_MISMATCH
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ timeout passes; the launcher then stops whatever still runs.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
 import time
 import uuid
 from collections import Counter
@@ -21,6 +20,7 @@ import numpy as np
 
 from fsd_kernels.infer import Activations
 from fsd_runtime import events as ev
+from fsd_runtime import liveness
 from fsd_runtime import metrics as mx
 from fsd_runtime.channels import channel_class
 from fsd_runtime.launch import ProcessLauncher, make_launcher, tree_depth
@@ -45,6 +45,8 @@ class RunResult:
     metrics_paths: dict = field(default_factory=dict)
     #: Per layer and worker pair: rows, nonzeros and bytes sent (``metrics.merge_pairs``).
     pairs: list[dict] = field(default_factory=list)
+    #: Why ``metrics_dir`` could not be written (None: written, or not asked for).
+    metrics_error: str | None = None
 
     @property
     def categories(self) -> np.ndarray:
@@ -59,39 +61,78 @@ def _coordinator_launcher(config: dict):
     return launcher
 
 
-def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: float) -> None:
-    """Until every worker has a result; raise RunError on the first error record or dead process."""
+#: Seconds between two looks at the workers' beacons (a dead worker is reported within this).
+LIVENESS_SECONDS = 0.25
+
+
+def _worker_of(key: str) -> int:
+    return int(key.rsplit("/", 1)[1].split(".")[0])
+
+
+def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: float,
+          record: liveness.RunRecord | None = None) -> None:
+    """Until every worker has a result; raise RunError on the first error record, dead launched
+    process, or (local worker processes) worker whose process ended without a result."""
     deadline = time.monotonic() + timeout
     delay = 0.002
+    next_look = 0.0
     while True:
+        dead = {}
+        if record is not None and time.monotonic() >= next_look:
+            dead = record.dead_workers()  # before the listing: a result is stored before its worker exits
+            next_look = time.monotonic() + LIVENESS_SECONDS
         keys = storage.list(prefix)  # one listing a poll: on S3 each LIST is billed
         errors = [k for k in keys if k.startswith(f"{prefix}/errors/")]
-        results = [k for k in keys if k.startswith(f"{prefix}/results/")]
+        results = {_worker_of(k) for k in keys if k.startswith(f"{prefix}/results/")}
+        dead = {w: layer for w, layer in dead.items() if w not in results}
         failed = launcher.failures()
-        if errors or failed:
+        if errors or failed or dead:
             time.sleep(0.2)  # let the workers that noticed the same failure report too
-            raise RunError(_failure_message(storage, prefix, launcher))
+            if record is not None:  # a peer's error is often the echo of a death: look again
+                results = {_worker_of(k) for k in storage.list(f"{prefix}/results")}
+                dead = {w: layer for w, layer in record.dead_workers().items() if w not in results}
+            raise RunError(_failure_message(storage, prefix, launcher, record, dead))
         if len(results) == n_workers:
             return
         if time.monotonic() > deadline:
-            done = {int(k.rsplit("/", 1)[1].split(".")[0]) for k in results}
-            missing = sorted(set(range(n_workers)) - done)
+            missing = sorted(set(range(n_workers)) - results)
             raise RunError(f"workers {missing} did not finish within {timeout} s")
         time.sleep(delay)
         delay = min(delay * 1.5, getattr(storage, "poll_seconds", 0.05))  # S3: LISTs are billed
 
 
-def _failure_message(storage: Storage, prefix: str, launcher) -> str:
-    lines = []
+def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=None) -> str:
+    """One line per failed worker, each starting "worker W": the workers that died first (how
+    their process ended, at which layer, the last line of their stderr), then the error records
+    of the others."""
+    dead = dead or {}
+    lines: dict[int | str, str] = {}
     for key in storage.list(f"{prefix}/errors"):
         try:
-            record = json.loads(storage.get(key))
-            lines.append(str(record["error"]))
-        except (ValueError, KeyError, StorageError):
-            lines.append(f"{key}: unreadable error record")
-    for worker, reason in sorted(launcher.failures().items()):
-        lines.append(f"worker {worker}: {reason}")
-    return "distributed run failed: " + "; ".join(lines)
+            error = json.loads(storage.get(key))
+            worker, text = int(error["worker"]), str(error["error"])
+        except (ValueError, KeyError, TypeError, StorageError):
+            lines[key] = f"{key}: unreadable error record"
+            continue
+        if text.startswith("WorkerError: "):  # its message names worker and layer already
+            text = text[len("WorkerError: "):]
+        lines[worker] = text if text.startswith(f"worker {worker}") else f"worker {worker}: {text}"
+    recorded = set(lines)
+    for worker, layer in dead.items():
+        if worker not in lines:
+            where = "during start-up" if layer < 0 else f"at layer {layer}"
+            lines[worker] = f"worker {worker}: died {where}: its process ended without a result or an error record"
+    for worker, reason in launcher.failures().items():
+        if worker not in lines:
+            lines[worker] = f"worker {worker}: {reason}"
+    silent = set(lines) - recorded  # failed without a word: what they last said, if anything
+    if record is not None:
+        for worker in silent:
+            said = record.worker_stderr(worker)
+            if said and said not in lines[worker]:
+                lines[worker] += f" (its last stderr line: {said})"
+    order = sorted(lines, key=lambda k: (isinstance(k, str), k not in silent, str(k).zfill(12)))
+    return "distributed run failed:\n  " + "\n  ".join(lines[k] for k in order)
 
 
 def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neurons: int, ymax):
@@ -137,32 +178,51 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
                     channel: dict | None = None, launcher: dict | None = None,
                     storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
                     receive_timeout: float = 60.0, run_timeout: float = 900.0,
-                    metrics_dir: str | None = None, owners: np.ndarray | None = None) -> RunResult:
+                    metrics_dir: str | None = None, owners: np.ndarray | None = None,
+                    progress=None) -> RunResult:
     """Run ``images`` (CSR arrays: indptr, indices, data) through ``net`` (a PackedNetwork) on
-    ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``."""
+    ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``. ``progress``
+    (optional) is called with one line per stage."""
+    say = progress or (lambda message: None)
     channel = dict(channel or {"kind": "local"})
+    if channel.get("kind") == "local" and "connect_timeout" not in channel:
+        # a peer still starting is waited for as long as the run may take (start-up skew is no
+        # failure; a peer that dies meanwhile is found by the liveness checks)
+        channel["connect_timeout"] = min(float(run_timeout), 3600.0)
     launcher_config = dict(launcher or {"kind": "process"})
     tree_depth(n_workers, fanout)  # validates the tree before anything is created
+    aws = channel.get("kind") not in (None, "local") or storage is not None
+    for line in liveness.sweep(aws=aws):  # leftovers of runs whose coordinator died
+        say(line)
     indptr, indices, data = images
     timings = {}
     start = time.perf_counter()
     if owners is None:
+        say(f"partitioning {net.n_layers} layers over {n_workers} workers ({partition})")
         owners = make_partition(net, n_workers, partition)
     timings["partition_s"] = time.perf_counter() - start
     start = time.perf_counter()
+    say(f"planning the workers' shares (partitioned in {timings['partition_s']:.1f} s)")
     shares = build_shares(net, indptr, indices, data, owners, n_workers)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
     coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource
     kind = channel_class(channel)
-    own_storage = storage is None
-    storage = storage or LocalStorage(tempfile.mkdtemp(prefix="fsd-store-"))
+    record = liveness.RunRecord(run_id)
     run_channel = None
     try:
+        storage = storage or LocalStorage(record.store_dir)
+        record.update(storage=storage.config(), prefix=prefix, n_workers=n_workers)
+        if isinstance(coordinator_launcher, ProcessLauncher):
+            coordinator_launcher.env.update(record.env())
+        say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
         for share in shares:
             storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
         timings["plan_upload_s"] = time.perf_counter() - start
         run_channel = kind.create_run(channel, run_id, n_workers)
+        record.update(channel=run_channel, paths=[run_channel["dir"]] if isinstance(run_channel.get("dir"), str)
+                      and os.path.basename(run_channel["dir"]).startswith("fsd-") else [])
+        say(f"launching {n_workers} workers ({channel.get('kind')} channel)")
         event = ev.WorkerEvent(run_id=run_id, worker_id=0, n_workers=n_workers, fanout=fanout,
                                storage=storage.config(), prefix=prefix, channel=run_channel,
                                launcher=launcher_config, receive_timeout=receive_timeout,
@@ -170,17 +230,20 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         launched = time.time()
         start = time.perf_counter()
         coordinator_launcher.launch([event])
-        _wait(storage, prefix, n_workers, coordinator_launcher, run_timeout)
+        _wait(storage, prefix, n_workers, coordinator_launcher, run_timeout, record)
         timings["launch_to_done_s"] = time.perf_counter() - start
         worker_metrics = [json.loads(storage.get(ev.metrics_key(prefix, w))) for w in range(n_workers)]
         activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, net.n_neurons, net.ymax)
     finally:
-        coordinator_launcher.close()
-        if run_channel is not None:
-            kind.delete_run(run_channel, run_id, n_workers)
-        storage.delete_prefix(prefix)
-        if own_storage:
-            shutil.rmtree(storage.root, ignore_errors=True)
+        with liveness.signals_deferred():
+            try:
+                coordinator_launcher.close()
+                if run_channel is not None:
+                    kind.delete_run(run_channel, run_id, n_workers)
+                if storage is not None:
+                    storage.delete_prefix(prefix)
+            finally:
+                record.close()  # the local store, the socket directory and the record itself
     times = [m["times"] for m in worker_metrics]
     timings["startup_s"] = max(t["ready"] for t in times) - launched
     timings["run_s"] = max(t["finished"] for t in times) - max(t["ready"] for t in times)
@@ -194,6 +257,9 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)
     if metrics_dir:
-        result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},
-                                        result.pairs)
+        try:
+            result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},
+                                            result.pairs)
+        except OSError as exc:  # the result stands; the caller says what was not written
+            result.metrics_error = f"cannot write metrics to {metrics_dir}: {exc}"
     return result

@@ -98,6 +98,8 @@ class ProcessLauncher(Launcher):
     def __init__(self, config: Mapping | None = None, *, own_group: bool = False):
         self.config = dict(config or {"kind": "process"})
         self.own_group = own_group
+        #: Variables added to the workers' environment (the coordinator's run record).
+        self.env: dict[str, str] = {}
         self._procs: dict[int, subprocess.Popen] = {}
 
     def launch(self, events: Sequence[WorkerEvent]) -> None:
@@ -105,7 +107,7 @@ class ProcessLauncher(Launcher):
             try:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", self.entry_module], stdin=subprocess.PIPE,
-                    start_new_session=self.own_group, env=os.environ.copy())
+                    start_new_session=self.own_group, env={**os.environ, **self.env})
                 proc.stdin.write(event.to_json().encode())
                 proc.stdin.close()
             except OSError as exc:

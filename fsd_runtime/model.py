@@ -29,6 +29,8 @@ CHALLENGE_DEGREE = 32
 EMBEDDED_FILE = "graphchallenge-1024x120-first10000.npz.xz"
 #: The Graph Challenge clips activations at 32 (the same default as ``fsd_kernels.YMAX``).
 YMAX = 32.0
+#: An input file's largest image id may exceed its line count this many times (plus 1024) at most.
+MAX_IMAGES_PER_LINE = 16
 
 
 class DataError(ValueError):
@@ -311,6 +313,8 @@ def read_triples(path: str, shape: tuple[int, int]) -> Csr:
     text = _open_text(path)
     limits = (shape[0], shape[1], None)
     tokens = text.split()
+    if not tokens:
+        raise DataError(f"{path}: the file has no entries")
     lines = sum(1 for line in text.splitlines() if line.strip())
     if len(tokens) != 3 * lines:
         raise DataError(_find_bad_line(path, text, 3, limits))
@@ -426,10 +430,19 @@ def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
     if n_images is None:
         text = _open_text(path)
         tokens = text.split()[0::3]
+        if not tokens:
+            raise DataError(f"{path}: the file has no entries")
+        lines = sum(1 for line in text.splitlines() if line.strip())
+        # Image ids far beyond the lines read are refused before anything of their size is
+        # allocated (an image may have no line, but not thousands of times more images than lines).
+        limit = MAX_IMAGES_PER_LINE * lines + 1024
         try:
-            n_images = int(max(float(t) for t in tokens)) if tokens else 0
+            n_images = int(max(float(t) for t in tokens))
         except (ValueError, OverflowError):
-            raise DataError(_find_bad_line(path, text, 3, (2**62, n_neurons, None))) from None
+            raise DataError(_find_bad_line(path, text, 3, (limit, n_neurons, None))) from None
+        if n_images > limit:
+            raise DataError(_find_bad_line(path, text, 3, (limit, n_neurons, None))
+                            + f" (the file has {lines} lines)")
     return read_triples(path, (n_images, n_neurons))
 
 

@@ -78,15 +78,20 @@ class Storage(ABC):
 class LocalStorage(Storage):
     """A directory; ``put`` writes a temporary file and renames it into place."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, *, create: bool = True):
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
+        elif not os.path.isdir(self.root):
+            raise StorageError(f"local store {self.root} does not exist (its run has ended?)")
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        if not os.path.isdir(self.root):  # removed by its run's clean-up: never re-create it
+            raise StorageError(f"local store {self.root} is gone (its run has ended)")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
@@ -137,14 +142,14 @@ class LocalStorage(Storage):
         return sorted(keys)
 
     def config(self) -> dict:
-        return {"kind": "local", "root": self.root}
+        return {"kind": "local", "root": self.root, "create": False}  # a worker never makes a store
 
 
 def _local(config: Mapping) -> Storage:
     root = config.get("root")
     if not isinstance(root, str) or not root:
         raise StorageError(f"local storage needs a 'root' directory, got {root!r}")
-    return LocalStorage(root)
+    return LocalStorage(root, create=bool(config.get("create", True)))
 
 
 _KINDS = Registry("storage", StorageError, {"local": _local})

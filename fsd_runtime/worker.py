@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fsd_runtime import events as ev
+from fsd_runtime import liveness
 from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import Launcher, launch_children, make_launcher
 from fsd_runtime.metrics import LayerMetrics
@@ -173,12 +174,20 @@ class WorkerLoop:
         for state in self.batches:
             state.prefault()
         self.send_plans = [None] + [_send_plan(share, layer) for layer in range(1, share.n_layers)]
+        #: Called with each layer as it starts (a local worker process's beacon).
+        self.on_layer = None
+        #: Until the first message from every peer, peers may still be starting: that wait is
+        #: bounded by the run's deadline, not the receive timeout (a peer that dies meanwhile is
+        #: the coordinator's to report).
+        self.started_up = False
 
     def step(self, layer: int, batch: int) -> int:
         return layer * len(self.batches) + batch
 
     def run(self) -> WorkerResult:
         for layer in range(self.share.n_layers):
+            if self.on_layer is not None:
+                self.on_layer(layer)
             for b, state in enumerate(self.batches):
                 self._layer(layer, b, state)
         last = self.share.n_layers - 1
@@ -313,7 +322,8 @@ class WorkerLoop:
         missing = set(range(self.n_peers)) - {self.me}
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
-        deadline = min(time.monotonic() + self.receive_timeout, self.run_deadline)
+        deadline = min(time.monotonic() + self.receive_timeout, self.run_deadline) if self.started_up \
+            else self.run_deadline
         tally = dict.fromkeys(("chunks_received", "bytes_received", "nnz_received", "duplicates",
                                "messages_received", "rows_received", "wait_s", "decode_s"), 0)
         while missing:
@@ -327,7 +337,7 @@ class WorkerLoop:
                                                       f"{sorted(missing)} ({why})")
                 start = time.perf_counter()
                 try:
-                    chunks = self.channel.receive(step, remaining)
+                    chunks = self.channel.receive(step, min(remaining, 60.0))  # the deadline may be inf
                 except ChannelError as exc:
                     raise WorkerError(self.me, layer, f"batch {b}: receive failed: {exc}") from exc
                 tally["wait_s"] += time.perf_counter() - start
@@ -339,6 +349,7 @@ class WorkerLoop:
                     tally["messages_received"] += 1
                     tally["rows_received"] += s.recv_slots[layer][source].shape[0]
             tally["decode_s"] += time.perf_counter() - start
+        self.started_up = True
         for field, value in tally.items():
             self.metrics.add(layer, field, value)
         return block
@@ -446,7 +457,10 @@ def _cpu_seconds() -> float:
 def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) -> None:
     record = {"worker": event.worker_id, "layer": getattr(exc, "layer", None),
               "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20)}
-    storage.put(ev.error_key(event.prefix, event.worker_id), json.dumps(record).encode())
+    try:
+        storage.put(ev.error_key(event.prefix, event.worker_id), json.dumps(record).encode())
+    except StorageError:  # the run's store is gone: the run ended and nobody reads the record
+        pass
 
 
 def run_from_event(event: Any, storage: Storage | None = None, channel: Channel | None = None,
@@ -459,6 +473,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     """
     started = time.time()
     event = ev.parse(event)
+    beacon = liveness.start_worker(event.worker_id)  # local worker processes of a coordinator only
     storage = storage or make_storage(event.storage)
     try:
         # Before any fan-out: the run must exist (its share is there), and this must be the one
@@ -482,6 +497,8 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
             loop = WorkerLoop(share, channel, run_id=event.run_id, receive_timeout=event.receive_timeout,
                               run_timeout=event.run_timeout - (time.time() - started),
                               batch_size=event.batch_size)
+            if beacon is not None:
+                loop.on_layer = beacon.layer
             gc.freeze()  # start-up's objects are for life: collections during the run skip them
             ready, cpu = time.time(), _cpu_seconds()
             result = loop.run()

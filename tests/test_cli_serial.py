@@ -86,9 +86,9 @@ def test_bad_data_file_is_a_clear_error(capsys, tmp_path):
 
 
 def test_option_errors(capsys):
-    with pytest.raises(SystemExit, match="--weights and --inputs go together"):
-        cli.main(["run", "--weights", "somewhere"])
-    with pytest.raises(SystemExit, match="--synthetic expects NxL"):
-        cli.main(["run", "--synthetic", "big"])
+    code, _, err = run(capsys, "--weights", "somewhere")
+    assert code == 2 and "--weights and --inputs go together" in err
+    code, _, err = run(capsys, "--synthetic", "big")
+    assert code == 2 and "--synthetic expects NxL" in err
     code, _, err = run(capsys, "--synthetic", "1000x2", "--images", "5")
     assert code == 2 and "multiple of 16" in err

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Mapping
 
 from fsd_runtime import cli
-from fsd_runtime.aws import run as awsrun
 
 
 #: ``run`` options a ``{"coordinate": {...}}`` event may set (no file paths: the data is the
@@ -29,17 +28,19 @@ def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
     if unknown:
         raise ValueError(f"'coordinate' has options a coordinator event may not set: {unknown}; "
                          f"allowed: {sorted(COORDINATE_OPTIONS)}")
+    if not options.get("workers") or options.get("channel") not in cli.AWS_CHANNELS:
+        raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
     argv = ["run", "--invoker", "lambda"]
     for key, value in options.items():
         if isinstance(value, (dict, list, bool)) or value is None:
             raise ValueError(f"'coordinate' option {key!r} must be a number or a string, got {value!r}")
         argv += [f"--{key.replace('_', '-')}", str(value)]
     try:
-        args = cli.build_parser().parse_args(argv)
+        args = cli.parse_run(argv)
     except SystemExit:
         raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
-    if not args.workers or args.channel not in awsrun.AWS_CHANNELS:
-        raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
+    except cli.UsageError as exc:
+        raise ValueError(f"'coordinate' options are not valid: {exc}") from None
     if limits is not None:  # inside the deployed function: its own deployment, within its limits
         if args.invoker != "lambda" or args.deployment != limits["deployment"]:
             raise ValueError(f"'coordinate' inside deployment {limits['deployment']!r} runs only "

@@ -46,7 +46,7 @@ from botocore.exceptions import ClientError
 from fsd_runtime.aws import clients as aws
 from fsd_runtime.channels.queue import QueueConfig, QueueResources, topic_name
 
-ARCHITECTURES = ("x86_64", "arm64")
+from fsd_runtime.aws import ARCHITECTURES  # noqa: E402
 HANDLER = "fsd_runtime.aws.handler.handler"
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,22}[a-z0-9]$")
 #: Joins a deployment name to what follows it in every derived name; a name cannot contain it.

@@ -11,7 +11,6 @@ nothing inside Lambda.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,66 +27,11 @@ from fsd_runtime.aws import clients as aws, cost, deploy, invokers, template
 from fsd_runtime.channels.queue import topic_name
 from fsd_runtime.aws.s3storage import S3Storage
 
-AWS_CHANNELS = ("queue", "object")
-INVOKERS = ("local", "lambda", "rie")
+from fsd_runtime.aws import AWS_CHANNELS, INVOKERS
 #: What a worker's own store calls are (fsd_runtime.worker.run_from_event): HEAD its share (billed as
 #: a GET), create its claim, GET its share,
 #: PUT its metrics and its result. The coordinator's calls are counted as they happen.
 WORKER_STORE_CALLS = {"s3_get_requests": 2, "s3_put_requests": 3}
-
-
-def add_run_options(run: argparse.ArgumentParser) -> None:
-    """``run`` options for the AWS channels and invokers."""
-    g = run.add_argument_group("AWS (with --channel queue|object; settings also from env and profiles)")
-    g.add_argument("--invoker", choices=INVOKERS, default=None,
-                   help="how workers start: local (handler in local processes; default), lambda "
-                        "(the deployed function), rie (aws-lambda-rie + awslambdaric on 127.0.0.1)")
-    _add_aws_options(g)
-    g.add_argument("--memory-mb", type=int, default=2048, help="Lambda memory for the cost model")
-    g.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64",
-                   help="Lambda architecture for the cost model")
-
-
-def _add_aws_options(group) -> None:
-    group.add_argument("--deployment", default="fsd-inference", help="deployment name (resource prefix)")
-    group.add_argument("--endpoint-url", help="AWS API endpoint (e.g. a local server); else AWS_ENDPOINT_URL*")
-    group.add_argument("--region", help="AWS region; else AWS_REGION / the profile's")
-    group.add_argument("--profile", help="AWS profile; else AWS_PROFILE")
-
-
-def add_commands(sub) -> None:
-    """The ``deploy`` and ``teardown`` subcommands."""
-    for name, text in (("deploy", "create or update the AWS resources of a deployment (idempotent)"),
-                       ("teardown", "delete every AWS resource of a deployment (idempotent)"),
-                       ("cleanup", "delete what killed runs left behind (run queues, subscriptions, "
-                                   "run objects); the deployment stays")):
-        p = sub.add_parser(name, help=text, description=text)
-        _add_aws_options(p)
-        p.add_argument("--topics", type=int, default=4, help="SNS topics the queue channel spreads over")
-        if name == "deploy":
-            p.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64")
-            p.add_argument("--python", default="3.13", help="Lambda Python runtime version")
-            p.add_argument("--memory-mb", type=int, default=2048)
-            p.add_argument("--timeout", type=int, default=900, help="Lambda timeout in seconds")
-            p.add_argument("--layer-zip", help="layer zip (default: dist/ from ./layer.zip.sh)")
-            p.add_argument("--no-lambda", action="store_true",
-                           help="bucket and topics only (enough for --invoker local|rie)")
-            p.add_argument("--max-workers", type=int, default=64,
-                           help="most workers one run may use (held to inside the function)")
-            p.add_argument("--max-fanout", type=int, default=16, help="most tree children per worker")
-            p.add_argument("--reserved-concurrency", type=int, default=100,
-                           help="concurrent executions reserved for (and capping) the function; 0: none")
-            p.add_argument("--coordinator-mode", action="store_true",
-                           help="let the function also coordinate runs ({\"coordinate\": ...} events)")
-            p.add_argument("--template-only", action="store_true",
-                           help="print the SAM/CloudFormation template instead of calling AWS")
-        else:
-            p.add_argument("--architecture", choices=deploy.ARCHITECTURES, default="x86_64")
-            p.add_argument("--python", default="3.13")
-        if name == "cleanup":
-            p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
-                           help="only what is at least this old (default 0: everything of past runs; "
-                                "do not run it with 0 while a run of the deployment is going)")
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,28 @@ _SEND_BUFFER = 1 << 20
 _WRITABLE = object()
 
 
+#: Longest socket path used (AF_UNIX addresses hold 108 bytes on Linux, 104 on macOS, NUL included).
+MAX_SOCKET_PATH = 100
+#: Where socket directories go when $TMPDIR's path is too long for them.
+SHORT_BASES = ("/tmp", "/var/tmp", "/dev/shm")
+
+
 def _socket_path(directory: str, worker: int) -> str:
     return os.path.join(directory, f"{worker}.sock")
+
+
+def _socket_dir(n_workers: int) -> str:
+    longest = max(n_workers - 1, 0)
+    for base in (None, *SHORT_BASES):
+        if base is not None and not os.path.isdir(base):
+            continue
+        directory = tempfile.mkdtemp(prefix="fsd-", dir=base)
+        if len(os.fsencode(_socket_path(directory, longest))) <= MAX_SOCKET_PATH:
+            return directory
+        os.rmdir(directory)
+    raise ChannelError(f"no directory for the local channel's sockets: $TMPDIR ({tempfile.gettempdir()}) "
+                       f"and {', '.join(SHORT_BASES)} give socket paths longer than {MAX_SOCKET_PATH} bytes "
+                       "(set TMPDIR to a shorter directory)")
 
 
 class LocalChannel(Channel):
@@ -95,8 +115,10 @@ class LocalChannel(Channel):
 
     @classmethod
     def create_run(cls, config: Mapping, run_id: str, n_workers: int) -> dict:
+        """A fresh socket directory in $TMPDIR, or, if $TMPDIR's path is too long for a Unix
+        socket's address, in the first short enough of :data:`SHORT_BASES`."""
         out = dict(config)
-        out["dir"] = tempfile.mkdtemp(prefix="fsd-")
+        out["dir"] = _socket_dir(n_workers)
         return out
 
     @classmethod
