@@ -245,7 +245,7 @@ def sweep(base: str | None = None, *, aws: bool = False) -> list[str]:
 
 
 def _remove_aws(info: dict) -> None:
-    from fsd_runtime import invokers
+    from fsd_runtime.aws import invokers
     from fsd_runtime.channels import channel_class
     from fsd_runtime.storage import make_storage
 

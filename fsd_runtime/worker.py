@@ -145,7 +145,8 @@ class WorkerLoop:
     """
 
     def __init__(self, share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
-                 batch_size: int | None = None, run_timeout: float | None = None):
+                 batch_size: int | None = None, run_timeout: float | None = None,
+                 startup_grace: float | None = None):
         # Imported here, not at module level: a worker starts its tree children before it pays
         # for loading the compiled kernels.
         from fsd_kernels import codec
@@ -176,9 +177,11 @@ class WorkerLoop:
         self.send_plans = [None] + [_send_plan(share, layer) for layer in range(1, share.n_layers)]
         #: Called with each layer as it starts (a local worker process's beacon).
         self.on_layer = None
-        #: Until the first message from every peer, peers may still be starting: that wait is
-        #: bounded by the run's deadline, not the receive timeout (a peer that dies meanwhile is
-        #: the coordinator's to report).
+        #: Until the first message from every peer, peers may still be starting, so that wait is
+        #: not bounded by the receive timeout alone: by ``startup_grace`` seconds more, or, where
+        #: the coordinator watches every worker process (``startup_grace`` None: a dead peer is its
+        #: to report within a second), by the run's deadline.
+        self.startup_grace = startup_grace
         self.started_up = False
 
     def step(self, layer: int, batch: int) -> int:
@@ -322,8 +325,12 @@ class WorkerLoop:
         missing = set(range(self.n_peers)) - {self.me}
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
-        deadline = min(time.monotonic() + self.receive_timeout, self.run_deadline) if self.started_up \
-            else self.run_deadline
+        if self.started_up:
+            deadline = min(time.monotonic() + self.receive_timeout, self.run_deadline)
+        elif self.startup_grace is not None:
+            deadline = min(time.monotonic() + self.receive_timeout + self.startup_grace, self.run_deadline)
+        else:
+            deadline = self.run_deadline
         tally = dict.fromkeys(("chunks_received", "bytes_received", "nnz_received", "duplicates",
                                "messages_received", "rows_received", "wait_s", "decode_s"), 0)
         while missing:
@@ -332,7 +339,8 @@ class WorkerLoop:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     why = "the run's time is up" if deadline == self.run_deadline \
-                        else f"within {self.receive_timeout} s"
+                        else f"within {self.receive_timeout} s" if self.started_up \
+                        else f"within {self.receive_timeout} s + {self.startup_grace:g} s for start-up"
                     raise WorkerError(self.me, layer, f"batch {b}: no complete message from worker(s) "
                                                       f"{sorted(missing)} ({why})")
                 start = time.perf_counter()
@@ -447,6 +455,20 @@ def _first_twins(share: WorkerShare, layer: int, rows: np.ndarray) -> np.ndarray
                      for i, r in enumerate(rows.tolist())], np.int64)
 
 
+#: Start-up allowance per level of the launch tree, for peers nobody watches (Lambda, threads):
+#: an Invoke, a cold start with the layer and the share download, with room for a loaded machine.
+STARTUP_SECONDS_PER_LEVEL = 5.0
+
+
+def startup_grace(event: ev.WorkerEvent) -> float:
+    """How much longer than the receive timeout a worker waits for its peers' first messages
+    when no coordinator watches the worker processes: a peer that never started (an
+    out-of-memory kill on Lambda) fails the run after this, not at the run timeout."""
+    from fsd_runtime.launch import tree_depth
+
+    return STARTUP_SECONDS_PER_LEVEL * max(1, tree_depth(event.n_workers, event.fanout))
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process (all its threads); thread launchers share one process, so
     there it counts every worker's time."""
@@ -496,7 +518,8 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
                                     f"worker {event.worker_id}/{event.n_workers}")
             loop = WorkerLoop(share, channel, run_id=event.run_id, receive_timeout=event.receive_timeout,
                               run_timeout=event.run_timeout - (time.time() - started),
-                              batch_size=event.batch_size)
+                              batch_size=event.batch_size,
+                              startup_grace=None if beacon is not None else startup_grace(event))
             if beacon is not None:
                 loop.on_layer = beacon.layer
             gc.freeze()  # start-up's objects are for life: collections during the run skip them

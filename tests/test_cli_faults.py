@@ -393,21 +393,21 @@ def test_a_first_run_says_it_compiles_and_the_second_does_not(tmp_path):
 # --- AWS channels: nothing of an interrupted run stays (local AWS-API server) ---
 
 def _aws_leftovers(name: str, settings) -> dict:
-    from fsd_runtime import aws, deploy
+    from fsd_runtime.aws import clients as aws, deploy
 
     names = deploy.names_for(deploy.DeploySettings(name=name), settings)
     objects = aws.client("s3", settings).list_objects_v2(Bucket=names.bucket).get("Contents", [])
-    queues = aws.client("sqs", settings).list_queues(QueueNamePrefix=f"{name}-").get("QueueUrls", [])
+    queues = aws.client("sqs", settings).list_queues(QueueNamePrefix=f"{name}_").get("QueueUrls", [])
     subscriptions = [s for s in aws.client("sns", settings).list_subscriptions()["Subscriptions"]
-                     if f":{name}-" in s["TopicArn"]]
+                     if f":{name}_" in s["TopicArn"]]
     return {"objects": [o["Key"] for o in objects], "queues": queues, "subscriptions": subscriptions}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_a_queue_run_ended_by_a_signal_leaves_no_queue_subscription_or_object(aws_server, runs, tmp_path,
                                                                                signum):
-    from fsd_runtime import deploy
-    from fsd_runtime.aws import AwsSettings
+    from fsd_runtime.aws import deploy
+    from fsd_runtime.aws.clients import AwsSettings
 
     settings = AwsSettings(region="us-east-1", endpoint_url=aws_server.endpoint_url)
     name = f"fsd-sig-{uuid.uuid4().hex[:6]}"

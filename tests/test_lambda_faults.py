@@ -19,7 +19,8 @@ import pytest
 from fsd_runtime.aws import deploy
 from fsd_runtime import events as ev
 from fsd_runtime import launch, model, partition
-from fsd_runtime.aws.clients import AwsSettings, client
+from fsd_runtime import worker as worker_module
+from fsd_runtime.aws.clients import client
 from fsd_runtime.coordinator import run_distributed
 from fsd_runtime.aws.handler import ENV_BUCKET, ENV_DEPLOYMENT, ENV_MAX_FANOUT, ENV_MAX_WORKERS, handler
 from fsd_runtime.plan import build_shares
@@ -284,7 +285,10 @@ def test_a_dying_worker_fails_the_run_promptly_and_every_run_resource_goes(aws_s
     with pytest.raises(RunError, match=r"layer 1: .*from worker\(s\) \[2\]") as info:
         run_distributed(net, ds.images.arrays, 4, partition="contiguous", channel=channel,
                         launcher={"kind": "dying"}, storage=store, receive_timeout=2, run_timeout=120)
-    assert time.monotonic() - started < 30  # a receive timeout or two, not the run timeout
+    # the receive timeout plus the start-up grace of a 4-worker tree (nobody watches Lambda
+    # workers), plus planning on a loaded machine: far below the run timeout
+    grace = worker_module.STARTUP_SECONDS_PER_LEVEL * launch.tree_depth(4, 2)
+    assert time.monotonic() - started < 2 + grace + 15 < 120
     assert "layer" in str(info.value)
     time.sleep(0.5)  # let the surviving threads finish writing
     leftover = client("s3", aws_settings).list_objects_v2(Bucket=bucket).get("Contents", [])
