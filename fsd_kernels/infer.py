@@ -11,6 +11,7 @@ import numpy as np
 
 from fsd_kernels import _validate
 from fsd_kernels._backend import kernels
+from fsd_kernels import network
 from fsd_kernels.network import PackedNetwork
 
 #: Most bytes one dense N x B float32 block may take (each thread holds two).
@@ -42,7 +43,7 @@ class Activations(NamedTuple):
         return np.flatnonzero(np.diff(self.indptr))
 
 
-def _run_batch(net, indptr, indices, data, start, stop, shortcuts):
+def _run_batch(net, indptr, indices, data, start, stop, shortcuts, twins):
     n = net.n_neurons
     width = stop - start
     block = np.empty((n, width), np.float32)
@@ -52,11 +53,18 @@ def _run_batch(net, indptr, indices, data, start, stop, shortcuts):
     counts = np.zeros(4, np.int64)
     counts[0] = kernels.csr_rows_to_block(indptr, indices, data, start, stop, block, ids)
     kernels.infer_block(block, work, ids, net.colptrs, net.layer_ptr, net.rowidx, net.vals,
-                        net.biases, net.keeps_saturated, net.ymax, sat_ids, counts, shortcuts)
+                        net.biases, net.keeps_saturated, net.ymax, sat_ids, counts, shortcuts, twins)
     if counts[2] >= 0:
         raise LayerOverflowError(int(counts[2]), int(counts[3]))
     active = block[:, :counts[0]].T
     return ids[:counts[0]].copy(), np.ascontiguousarray(active), sat_ids[:counts[1]].copy()
+
+
+def _twins(net):
+    """The packed twin map, or one computed now for a PackedNetwork built without it."""
+    if net.twins is not None:
+        return net.twins
+    return np.concatenate([network.twin_map(*net.layer_csc(l)) for l in range(net.n_layers)])
 
 
 class LayerOverflowError(ValueError):
@@ -120,9 +128,10 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     spans = [(s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
+    twins = _twins(net)
     pieces, done = [], 0
     with ThreadPoolExecutor(min(threads, max(1, len(spans)))) as pool:
-        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e, bool(shortcuts)) for s, e in spans]
+        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e, bool(shortcuts), twins) for s, e in spans]
         for future, (s, e) in zip(futures, spans):
             pieces.append(future.result())
             done += e - s
