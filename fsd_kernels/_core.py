@@ -31,7 +31,8 @@ EXPORTS = {
     "dense_layer": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1])",
     "csr_rows_to_block": "i8(i8[::1], i4[::1], f4[::1], i8, i8, f4[:, ::1], i8[::1])",
     "coo_to_block": "void(i4[::1], i4[::1], f4[::1], f4[:, ::1])",
-    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1], b1, i4[::1])",
+    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1], b1, i4[::1], f4[::1], f4[::1])",
+    "csr_extremes": "void(i8[::1], i4[::1], f4[::1], i8[::1], i8, i8, f4, f4[::1], f4[::1])",
     "twin_map": "void(i8[::1], i4[::1], f4[::1], f4[::1], i4[::1])",
     "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
     "dense_layer_tracked": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
@@ -326,6 +327,25 @@ def coo_to_block(rows, cols, vals, block):
         block[rows[p], cols[p]] = vals[p]
 
 
+@_kernel
+def csr_extremes(indptr, indices, data, ids, n, n_neurons, ymax, top, gap):
+    """What ``_scan_extremes`` finds in the block ``csr_rows_to_block`` fills, from the CSR rows
+    ``ids[:n]`` themselves: ``top`` = max |v| and ``gap`` = max |v - ymax| per column over all
+    ``n_neurons`` entries, the entries not stored being 0 (|0 - ymax| = ymax). The same maxima
+    of the same values, without reading the dense block again."""
+    for c in range(n):
+        r = ids[c]
+        t = np.float32(0.0)
+        g = np.float32(0.0)
+        if indptr[r + 1] - indptr[r] < n_neurons:
+            g = abs(np.float32(0.0) - ymax)
+        for p in range(indptr[r], indptr[r + 1]):
+            t = max(t, abs(data[p]))
+            g = max(g, abs(data[p] - ymax))
+        top[c] = t
+        gap[c] = g
+
+
 @nb.njit(nogil=True, cache=True)
 def _scan_extremes(block, n, ymax, top, gap):
     """``top`` = max |v| and ``gap`` = max |v - ymax| per column, for a block of raw inputs."""
@@ -402,7 +422,7 @@ def twin_map(colptr, rowidx, vals, bias, twins):
 
 @_kernel
 def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
-                keeps_saturated, ymax, sat_ids, counts, shortcuts, twins):
+                keeps_saturated, ymax, sat_ids, counts, shortcuts, twins, top_in, gap_in):
     """Run one batch of images through every layer, in place.
 
     ``block`` holds ``counts[0]`` image columns (ids in ``ids``); layer l is
@@ -418,7 +438,8 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     On return ``block[:, :counts[0]]`` holds the live, unsaturated columns
     and ``sat_ids[:counts[1]]`` the saturated images; ``counts[2:4]`` is
     (-1, -1), or (layer, image id) of a sum that overflowed to inf/NaN, where
-    the batch stopped (``counts`` has 4 entries). ``shortcuts=False`` turns
+    the batch stopped (``counts`` has 4 entries). ``top_in``/``gap_in``: the input columns'
+    extremes if the caller has them (``csr_extremes``), else empty (the block is scanned). ``shortcuts=False`` turns
     every exact shortcut off (dead columns, parking, zero input rows, twins), so
     that their worth can be measured: the same bits, more work.
     """
@@ -435,7 +456,11 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     outs = np.empty(rows, np.int64)
     n = counts[0]
     if shortcuts:
-        _scan_extremes(block, n, ymax, top, gap)
+        if top_in.shape[0] >= n:
+            top[:n] = top_in[:n]
+            gap[:n] = gap_in[:n]
+        else:
+            _scan_extremes(block, n, ymax, top, gap)
         n = _compact(block, n, ids, top, gap, sat_ids, counts, phys)
     src = block
     dst = work
