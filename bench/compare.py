@@ -1,16 +1,19 @@
-"""fsd_kernels vs scipy.sparse vs SuiteSparse:GraphBLAS, side by side, on four rows.
+"""fsd_kernels vs scipy.sparse vs SuiteSparse:GraphBLAS, side by side, on five rows.
 
 Usage: python bench/compare.py [--json] [--threads T] [--repeats R] [--images K] [--rows ROWS]
 
-Rows (``--rows`` picks some; all four by default):
+Rows (``--rows`` picks some; all five by default):
 
 - ``official``: the embedded official 1024x120 network on the first K official images, each tool as
   its users would run it (ours with its exact shortcuts; scipy and GraphBLAS layer by layer).
 - ``early-exit``: the same, with scipy and GraphBLAS given the exact early exit ours has: stop when
   every live image is saturated (all ymax) and every remaining layer keeps saturation (each tool
   finds that per layer on an all-ymax probe, before timing).
+- ``early-exit-no-twins``: the same, ours without its twin shortcut (``infer(twins=False)``):
+  computing output neurons with equal W column and bias once is an algorithmic shortcut that
+  neither baseline takes, so this row shows the figure without it.
 - ``no-shortcuts``: ours with every exact shortcut off (``infer(shortcuts=False)``: no dead
-  columns, no parking, no zero-row skip) against the baselines of ``official``.
+  columns, no parking, no zero-row skip, no twins) against the baselines of ``official``.
 - ``random``: an unstructured network, 4096 neurons x 60 layers, 32 inputs per neuron at random
   rows, weights N(0, 2/32) of both signs, a uniform bias per neuron in [-0.05, 0.05], and 2,000
   real-valued images (25% of inputs set, uniform in [0, 1)): images neither die nor saturate
@@ -48,11 +51,12 @@ import time
 
 import numpy as np
 
-CONTENDERS = ("ours", "ours-noshortcuts", "scipy", "scipy-exit", "graphblas", "graphblas-exit")
+CONTENDERS = ("ours", "ours-notwins", "ours-noshortcuts", "scipy", "scipy-exit", "graphblas", "graphblas-exit")
 #: row -> (dataset, ours, the baselines it is compared with)
 ROWS = {
     "official": ("official", "ours", ("scipy", "graphblas")),
     "early-exit": ("official", "ours", ("scipy-exit", "graphblas-exit")),
+    "early-exit-no-twins": ("official", "ours-notwins", ("scipy-exit", "graphblas-exit")),
     "no-shortcuts": ("official", "ours-noshortcuts", ("scipy", "graphblas")),
     "random": ("random", "ours", ("scipy", "graphblas")),
 }
@@ -95,16 +99,20 @@ def _ymax(ds) -> np.float32:
     return np.float32(getattr(ds.network, "ymax", 32.0))
 
 
-def prepare_ours(ds, threads, shortcuts=True):
+def prepare_ours(ds, threads, shortcuts=True, twins=True):
     import fsd_kernels
 
     net = ds.network.pack()
 
     def run():
-        result = fsd_kernels.infer(*ds.images.arrays, net, threads=threads, shortcuts=shortcuts)
+        result = fsd_kernels.infer(*ds.images.arrays, net, threads=threads, shortcuts=shortcuts, twins=twins)
         return result.indptr, result.indices, result.data
 
     return run
+
+
+def prepare_ours_notwins(ds, threads):
+    return prepare_ours(ds, threads, twins=False)
 
 
 def prepare_ours_noshortcuts(ds, threads):

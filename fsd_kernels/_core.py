@@ -31,7 +31,9 @@ EXPORTS = {
     "dense_layer": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1])",
     "csr_rows_to_block": "i8(i8[::1], i4[::1], f4[::1], i8, i8, f4[:, ::1], i8[::1])",
     "coo_to_block": "void(i4[::1], i4[::1], f4[::1], f4[:, ::1])",
-    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1], b1)",
+    "infer_block": "void(f4[:, ::1], f4[:, ::1], i8[::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[:, ::1], b1[::1], f4, i8[::1], i8[::1], b1, i4[::1], f4[::1], f4[::1])",
+    "csr_extremes": "void(i8[::1], i4[::1], f4[::1], i8[::1], i8, i8, f4, f4[::1], f4[::1])",
+    "twin_map": "void(i8[::1], i4[::1], f4[::1], f4[::1], i4[::1])",
     "sparse_layer": "i8(i8[::1], i4[::1], f4[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, i8[::1], i4[::1], f4[::1])",
     "dense_layer_tracked": "i8(f4[:, ::1], i8, i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
     "dense_layer_columns": "i8(f4[:, ::1], i8[::1], i8[::1], i4[::1], f4[::1], f4[::1], f4, f4[:, ::1], f4[::1], f4[::1])",
@@ -70,10 +72,25 @@ FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 COLUMN_TILE = 512
 
 
+@nb.njit(nogil=True, cache=True)
+def _first_overflow(block, c0, m, rows, weights, d):
+    """The first of columns [c0, c0 + m) whose sum (the same terms in the same order) is not finite."""
+    for i in range(m):
+        s = np.float32(0.0)
+        for t in range(d):
+            s += weights[t] * block[rows[t], c0 + i]
+        if not abs(s) <= FLOAT32_MAX:
+            return i
+    return 0
+
+
 @nb.njit(nogil=True, cache=True, inline="always")
-def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, gap, skip_zero_rows):
-    # Input columns [c0, c1) of ``block`` give output columns from ``o0`` on. Returns -1, or
-    # the first output column whose sum overflowed (outputs after it are not written).
+def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, gap, skip_zero_rows,
+                outs, alias, phys):
+    # Input columns [c0, c1) of ``block`` give output columns from ``o0`` on, for the output
+    # neurons ``outs``; input neuron k is read from row ``alias[k]`` of ``block``, and ``phys``
+    # lists the rows that ``alias`` points at. Returns -1, or the first output column whose sum
+    # overflowed (outputs after it are not written).
     # Row slices indexed from 0 (not range(c0, c1)): numba then knows the
     # index is never negative, skips wrap-around and the loops vectorise.
     m = c1 - c0
@@ -83,31 +100,49 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, g
     live_row = np.zeros(block.shape[0], np.bool_)
     if not skip_zero_rows:  # the shortcut off (for measuring it): every input row is summed
         live_row[:] = True
-    for k in range(block.shape[0] if skip_zero_rows else 0):
+    for p in range(phys.shape[0] if skip_zero_rows else 0):
+        k = phys[p]
         y = block[k, c0:c1]
         for i in range(m):
             if y[i] != 0.0:
                 live_row[k] = True
                 break
-    n_out = colptr.shape[0] - 1
     degree = 0
-    for j in range(n_out):
+    for jj in range(outs.shape[0]):
+        j = outs[jj]
         degree = max(degree, colptr[j + 1] - colptr[j])
     rows = np.empty(degree, np.int64)
     weights = np.empty(degree, np.float32)
-    for j in range(n_out):
+    track = top.shape[0] > 0
+    zero = np.float32(0.0)
+    for jj in range(outs.shape[0]):
+        j = outs[jj]
         acc = out[j, o0:o0 + m]
-        for i in range(m):
-            acc[i] = 0.0
         d = 0
         for t in range(colptr[j], colptr[j + 1]):
-            if live_row[rowidx[t]]:
-                rows[d] = rowidx[t]
+            k = alias[rowidx[t]]
+            if live_row[k]:
+                rows[d] = k
                 weights[d] = vals[t]
                 d += 1
+        # Eight terms per pass, still added one by one in ascending k; the first pass starts
+        # from +0.0 itself (+0.0 + x is an addition like any other: -0.0 products give +0.0).
         t = 0
+        if d >= 8:
+            w0, w1, w2, w3 = weights[0], weights[1], weights[2], weights[3]
+            w4, w5, w6, w7 = weights[4], weights[5], weights[6], weights[7]
+            y0, y1 = block[rows[0], c0:c1], block[rows[1], c0:c1]
+            y2, y3 = block[rows[2], c0:c1], block[rows[3], c0:c1]
+            y4, y5 = block[rows[4], c0:c1], block[rows[5], c0:c1]
+            y6, y7 = block[rows[6], c0:c1], block[rows[7], c0:c1]
+            for i in range(m):
+                acc[i] = ((((((((zero + w0 * y0[i]) + w1 * y1[i]) + w2 * y2[i]) + w3 * y3[i])
+                             + w4 * y4[i]) + w5 * y5[i]) + w6 * y6[i]) + w7 * y7[i])
+            t = 8
+        else:
+            for i in range(m):
+                acc[i] = 0.0
         while t + 8 <= d:
-            # Eight terms per pass, still added one by one in ascending k.
             w0, w1, w2, w3 = weights[t], weights[t + 1], weights[t + 2], weights[t + 3]
             w4, w5, w6, w7 = weights[t + 4], weights[t + 5], weights[t + 6], weights[t + 7]
             y0, y1 = block[rows[t], c0:c1], block[rows[t + 1], c0:c1]
@@ -118,44 +153,63 @@ def _dense_tile(block, c0, c1, colptr, rowidx, vals, bias, ymax, out, o0, top, g
                 acc[i] = ((((((((acc[i] + w0 * y0[i]) + w1 * y1[i]) + w2 * y2[i]) + w3 * y3[i])
                              + w4 * y4[i]) + w5 * y5[i]) + w6 * y6[i]) + w7 * y7[i])
             t += 8
-        while t < d:
-            w = weights[t]
-            y = block[rows[t], c0:c1]
+        if t + 4 <= d:
+            w0, w1, w2, w3 = weights[t], weights[t + 1], weights[t + 2], weights[t + 3]
+            y0, y1 = block[rows[t], c0:c1], block[rows[t + 1], c0:c1]
+            y2, y3 = block[rows[t + 2], c0:c1], block[rows[t + 3], c0:c1]
             for i in range(m):
-                acc[i] += w * y[i]
-            t += 1
-        overflow = False
-        for i in range(m):
-            overflow |= not abs(acc[i]) <= FLOAT32_MAX
-        if overflow:
+                acc[i] = (((acc[i] + w0 * y0[i]) + w1 * y1[i]) + w2 * y2[i]) + w3 * y3[i]
+            t += 4
+        if t + 2 <= d:
+            w0, w1 = weights[t], weights[t + 1]
+            y0, y1 = block[rows[t], c0:c1], block[rows[t + 1], c0:c1]
             for i in range(m):
-                if not abs(acc[i]) <= FLOAT32_MAX:
-                    return o0 + i
+                acc[i] = (acc[i] + w0 * y0[i]) + w1 * y1[i]
+            t += 2
+        if t < d:
+            w0 = weights[t]
+            y0 = block[rows[t], c0:c1]
+            for i in range(m):
+                acc[i] = acc[i] + w0 * y0[i]
+        # One pass over the sums: overflow check, activation and (if asked) the per-column
+        # largest output and largest distance below ymax, while the row is hot. Outputs lie
+        # in [0, ymax], so a column is all zero iff top == 0 and all ymax iff gap == 0.
         b = bias[j]
-        for i in range(m):
-            acc[i] = _activate(acc[i], b, ymax)
-        if top.shape[0]:
-            # Per column: the largest output and the largest distance below
-            # ymax, while the row is hot (a later scan of the block cost a
-            # fifth of a run). Outputs lie in [0, ymax], so a column is all
-            # zero iff top == 0 and all ymax iff gap == 0, exactly.
+        overflow = False
+        if track:
             column_top = top[o0:o0 + m]
             column_gap = gap[o0:o0 + m]
             for i in range(m):
-                column_top[i] = max(column_top[i], acc[i])
-                column_gap[i] = max(column_gap[i], ymax - acc[i])
+                z = acc[i]
+                overflow |= not abs(z) <= FLOAT32_MAX
+                v = _activate(z, b, ymax)
+                acc[i] = v
+                column_top[i] = max(column_top[i], v)
+                column_gap[i] = max(column_gap[i], ymax - v)
+        else:
+            for i in range(m):
+                z = acc[i]
+                overflow |= not abs(z) <= FLOAT32_MAX
+                acc[i] = _activate(z, b, ymax)
+        if overflow:  # the sums are gone: the same sums again, one column at a time, find it
+            return o0 + _first_overflow(block, c0, m, rows, weights, d)
     return -1
 
 
 @nb.njit(nogil=True, cache=True)
-def _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap, skip_zero_rows):
+def _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap, skip_zero_rows, outs, alias, phys):
     """The first ``n`` columns, ``COLUMN_TILE`` at a time; returns as ``dense_layer``."""
     for c0 in range(0, n, COLUMN_TILE):
         bad = _dense_tile(block, c0, min(c0 + COLUMN_TILE, n), colptr, rowidx, vals, bias, ymax, out,
-                          c0, top, gap, skip_zero_rows)
+                          c0, top, gap, skip_zero_rows, outs, alias, phys)
         if bad >= 0:
             return bad
     return -1
+
+
+@nb.njit(nogil=True, cache=True)
+def _identity(n):
+    return np.arange(n, dtype=np.int64)
 
 
 @_kernel
@@ -170,7 +224,9 @@ def dense_layer(block, n, colptr, rowidx, vals, bias, ymax, out):
     (``out`` is then partly written and must not be used).
     """
     no_tracking = np.empty(0, np.float32)
-    return _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, no_tracking, no_tracking, True)
+    every = _identity(max(block.shape[0], out.shape[0]))
+    return _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, no_tracking, no_tracking, True,
+                        every[:colptr.shape[0] - 1], every[:block.shape[0]], every[:block.shape[0]])
 
 
 @_kernel
@@ -181,7 +237,9 @@ def dense_layer_tracked(block, n, colptr, rowidx, vals, bias, ymax, out, top, ga
     ``dense_layer``."""
     top[:n] = 0.0
     gap[:n] = 0.0
-    return _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap, True)
+    every = _identity(max(block.shape[0], out.shape[0]))
+    return _layer_tiles(block, n, colptr, rowidx, vals, bias, ymax, out, top, gap, True,
+                        every[:colptr.shape[0] - 1], every[:block.shape[0]], every[:block.shape[0]])
 
 
 @_kernel
@@ -194,12 +252,15 @@ def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, t
     top[:n] = 0.0
     gap[:n] = 0.0
     tile = np.empty((block.shape[0], COLUMN_TILE), np.float32)
+    every = _identity(max(block.shape[0], out.shape[0]))
+    outs = every[:colptr.shape[0] - 1]
+    rows = every[:block.shape[0]]
     for c0 in range(0, n, COLUMN_TILE):
         m = min(c0 + COLUMN_TILE, n) - c0
         first = columns[c0]
         if columns[c0 + m - 1] - first == m - 1:  # no column dropped here
             bad = _dense_tile(block, first, first + m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap,
-                              True)
+                              True, outs, rows, rows)
         else:
             picked = columns[c0:c0 + m]
             for r in range(block.shape[0]):
@@ -207,7 +268,7 @@ def dense_layer_columns(block, columns, colptr, rowidx, vals, bias, ymax, out, t
                 dst = tile[r]
                 for i in range(m):
                     dst[i] = src[picked[i]]
-            bad = _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap, True)
+            bad = _dense_tile(tile, 0, m, colptr, rowidx, vals, bias, ymax, out, c0, top, gap, True, outs, rows, rows)
         if bad >= 0:
             return bad
     return -1
@@ -266,6 +327,25 @@ def coo_to_block(rows, cols, vals, block):
         block[rows[p], cols[p]] = vals[p]
 
 
+@_kernel
+def csr_extremes(indptr, indices, data, ids, n, n_neurons, ymax, top, gap):
+    """What ``_scan_extremes`` finds in the block ``csr_rows_to_block`` fills, from the CSR rows
+    ``ids[:n]`` themselves: ``top`` = max |v| and ``gap`` = max |v - ymax| per column over all
+    ``n_neurons`` entries, the entries not stored being 0 (|0 - ymax| = ymax). The same maxima
+    of the same values, without reading the dense block again."""
+    for c in range(n):
+        r = ids[c]
+        t = np.float32(0.0)
+        g = np.float32(0.0)
+        if indptr[r + 1] - indptr[r] < n_neurons:
+            g = abs(np.float32(0.0) - ymax)
+        for p in range(indptr[r], indptr[r + 1]):
+            t = max(t, abs(data[p]))
+            g = max(g, abs(data[p] - ymax))
+        top[c] = t
+        gap[c] = g
+
+
 @nb.njit(nogil=True, cache=True)
 def _scan_extremes(block, n, ymax, top, gap):
     """``top`` = max |v| and ``gap`` = max |v - ymax| per column, for a block of raw inputs."""
@@ -279,8 +359,9 @@ def _scan_extremes(block, n, ymax, top, gap):
 
 
 @nb.njit(nogil=True, cache=True)
-def _compact(block, n, ids, top, gap, sat_ids, counts):
-    """Drop all-zero columns (``top`` == 0), move all-``ymax`` ones (``gap`` == 0) to ``sat_ids``."""
+def _compact(block, n, ids, top, gap, sat_ids, counts, phys):
+    """Drop all-zero columns (``top`` == 0), move all-``ymax`` ones (``gap`` == 0) to ``sat_ids``;
+    only the rows ``phys`` of ``block`` are moved (the others are not read)."""
     keep = np.empty(n, np.int64)
     m = 0
     for i in range(n):
@@ -292,8 +373,8 @@ def _compact(block, n, ids, top, gap, sat_ids, counts):
             counts[1] += 1
     if m == n:
         return n
-    for j in range(block.shape[0]):
-        r = block[j]
+    for p in range(phys.shape[0]):
+        r = block[phys[p]]
         for c in range(m):
             r[c] = r[keep[c]]
     for c in range(m):
@@ -302,8 +383,46 @@ def _compact(block, n, ids, top, gap, sat_ids, counts):
 
 
 @_kernel
+def twin_map(colptr, rowidx, vals, bias, twins):
+    """``twins[j]`` = the first output neuron whose column of W (CSC ``colptr/rowidx/vals``: the
+    same input rows, the same weights bit for bit) and bias (bit for bit) equal those of j, so
+    that j's sums are the very same float operations on the very same inputs as twins[j]'s.
+    ``twins[j] == j`` for the first of each class; ``twins[j] <= j`` always. Equal columns are
+    found by a hash and then compared in full (a hash collision only costs a missed twin)."""
+    n = colptr.shape[0] - 1
+    vbits = vals.view(np.int32)
+    bbits = bias.view(np.int32)
+    h = np.empty(n, np.int64)
+    for j in range(n):
+        x = np.int64(colptr[j + 1] - colptr[j]) * np.int64(1000003) + np.int64(bbits[j])
+        for t in range(colptr[j], colptr[j + 1]):
+            x = (x ^ np.int64(rowidx[t])) * np.int64(1000003)
+            x = (x ^ np.int64(vbits[t])) * np.int64(1000003)
+        h[j] = x
+    order = np.argsort(h, kind="mergesort")  # stable: within equal hashes, ascending j
+    s = 0
+    while s < n:
+        first = order[s]
+        twins[first] = first
+        e = s + 1
+        while e < n and h[order[e]] == h[first]:
+            j = order[e]
+            same = colptr[j + 1] - colptr[j] == colptr[first + 1] - colptr[first] and bbits[j] == bbits[first]
+            if same:
+                a = colptr[first]
+                for t in range(colptr[j], colptr[j + 1]):
+                    if rowidx[t] != rowidx[a] or vbits[t] != vbits[a]:
+                        same = False
+                        break
+                    a += 1
+            twins[j] = first if same else j
+            e += 1
+        s = e
+
+
+@_kernel
 def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
-                keeps_saturated, ymax, sat_ids, counts, shortcuts):
+                keeps_saturated, ymax, sat_ids, counts, shortcuts, twins, top_in, gap_in):
     """Run one batch of images through every layer, in place.
 
     ``block`` holds ``counts[0]`` image columns (ids in ``ids``); layer l is
@@ -313,11 +432,15 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     every layer whose ``keeps_saturated`` flag (checked per layer by the
     caller with this same kernel) says it maps saturation to saturation,
     and put back as an explicit column before any layer that does not.
+    Twin outputs (``twins[l*N:(l+1)*N]`` from ``twin_map``: the same inputs, weights and bias
+    bit for bit) are computed once: the rows of a twin class share one physical row, which
+    the next layer reads through an alias map, and are copied out only at the end.
     On return ``block[:, :counts[0]]`` holds the live, unsaturated columns
     and ``sat_ids[:counts[1]]`` the saturated images; ``counts[2:4]`` is
     (-1, -1), or (layer, image id) of a sum that overflowed to inf/NaN, where
-    the batch stopped (``counts`` has 4 entries). ``shortcuts=False`` turns
-    every exact shortcut off (dead columns, parking, zero input rows), so
+    the batch stopped (``counts`` has 4 entries). ``top_in``/``gap_in``: the input columns'
+    extremes if the caller has them (``csr_extremes``), else empty (the block is scanned). ``shortcuts=False`` turns
+    every exact shortcut off (dead columns, parking, zero input rows, twins), so
     that their worth can be measured: the same bits, more work.
     """
     n_layers = keeps_saturated.shape[0]
@@ -327,17 +450,25 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
     counts[3] = -1
     top = np.empty(block.shape[1], np.float32)
     gap = np.empty(block.shape[1], np.float32)
+    every = _identity(rows)
+    alias = every  # input neuron k of the next layer is in row alias[k] of src
+    phys = every   # the rows alias points at
+    outs = np.empty(rows, np.int64)
     n = counts[0]
     if shortcuts:
-        _scan_extremes(block, n, ymax, top, gap)
-        n = _compact(block, n, ids, top, gap, sat_ids, counts)
+        if top_in.shape[0] >= n:
+            top[:n] = top_in[:n]
+            gap[:n] = gap_in[:n]
+        else:
+            _scan_extremes(block, n, ymax, top, gap)
+        n = _compact(block, n, ids, top, gap, sat_ids, counts, phys)
     src = block
     dst = work
     for layer in range(n_layers):
         if counts[1] > 0 and not keeps_saturated[layer]:
             for c in range(counts[1]):
-                for j in range(rows):
-                    src[j, n + c] = ymax
+                for p in range(phys.shape[0]):
+                    src[phys[p], n + c] = ymax
                 ids[n + c] = sat_ids[c]
             n += counts[1]
             counts[1] = 0
@@ -347,17 +478,40 @@ def infer_block(block, work, ids, colptrs, layer_ptr, rowidx, vals, biases,
         cp = colptrs[base:base + rows + 1]
         lo = layer_ptr[layer]
         hi = layer_ptr[layer + 1]
+        if shortcuts:
+            rep = twins[layer * rows:(layer + 1) * rows]
+            n_outs = 0
+            for j in range(rows):
+                if rep[j] == j:
+                    outs[n_outs] = j
+                    n_outs += 1
+        else:
+            n_outs = rows
+        layer_outs = outs[:n_outs] if shortcuts else every
         top[:n] = 0.0
         gap[:n] = 0.0
-        bad = _layer_tiles(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap, shortcuts)
+        bad = _layer_tiles(src, n, cp, rowidx[lo:hi], vals[lo:hi], biases[layer], ymax, dst, top, gap, shortcuts,
+                           layer_outs, alias, phys)
         if bad >= 0:
             counts[0] = 0
             counts[2] = layer
             counts[3] = ids[bad]
             return
         if shortcuts:
-            n = _compact(dst, n, ids, top, gap, sat_ids, counts)
+            phys = layer_outs.copy()
+            alias = np.empty(rows, np.int64)
+            for j in range(rows):
+                alias[j] = rep[j]
+            n = _compact(dst, n, ids, top, gap, sat_ids, counts, phys)
         src, dst = dst, src
+    # Every row out: a twin's row from its class's row, then (if the last layer wrote work) all.
+    for j in range(rows):
+        a = alias[j]
+        if a != j:
+            s = src[a]
+            r = src[j]
+            for i in range(n):
+                r[i] = s[i]
     if src is not block:
         for j in range(rows):
             for i in range(n):

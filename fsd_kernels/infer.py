@@ -11,6 +11,7 @@ import numpy as np
 
 from fsd_kernels import _validate
 from fsd_kernels._backend import kernels
+from fsd_kernels import network
 from fsd_kernels.network import PackedNetwork
 
 #: Most bytes one dense N x B float32 block may take (each thread holds two).
@@ -42,7 +43,7 @@ class Activations(NamedTuple):
         return np.flatnonzero(np.diff(self.indptr))
 
 
-def _run_batch(net, indptr, indices, data, start, stop, shortcuts):
+def _run_batch(net, indptr, indices, data, start, stop, shortcuts, twins):
     n = net.n_neurons
     width = stop - start
     block = np.empty((n, width), np.float32)
@@ -51,12 +52,26 @@ def _run_batch(net, indptr, indices, data, start, stop, shortcuts):
     sat_ids = np.empty(width, np.int64)
     counts = np.zeros(4, np.int64)
     counts[0] = kernels.csr_rows_to_block(indptr, indices, data, start, stop, block, ids)
+    # the input columns' extremes from the CSR rows (a scan of the dense block cost ~2x the fill)
+    top = np.empty(width, np.float32)
+    gap = np.empty(width, np.float32)
+    kernels.csr_extremes(indptr, indices, data, ids, counts[0], n, net.ymax, top, gap)
     kernels.infer_block(block, work, ids, net.colptrs, net.layer_ptr, net.rowidx, net.vals,
-                        net.biases, net.keeps_saturated, net.ymax, sat_ids, counts, shortcuts)
+                        net.biases, net.keeps_saturated, net.ymax, sat_ids, counts, shortcuts, twins, top, gap)
     if counts[2] >= 0:
         raise LayerOverflowError(int(counts[2]), int(counts[3]))
     active = block[:, :counts[0]].T
     return ids[:counts[0]].copy(), np.ascontiguousarray(active), sat_ids[:counts[1]].copy()
+
+
+def _twins(net, use: bool = True):
+    """The packed twin map, or one computed now for a PackedNetwork built without it; with
+    ``use`` False every neuron its own class (the twin shortcut off)."""
+    if not use:
+        return np.tile(np.arange(net.n_neurons, dtype=np.int32), net.n_layers)
+    if net.twins is not None:
+        return net.twins
+    return np.concatenate([network.twin_map(*net.layer_csc(l)) for l in range(net.n_layers)])
 
 
 class LayerOverflowError(ValueError):
@@ -95,7 +110,8 @@ def _assemble(n_images, n, pieces, ymax):
 
 def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None = None,
           threads: int | None = None,
-          progress: Callable[[int, int], None] | None = None, shortcuts: bool = True) -> Activations:
+          progress: Callable[[int, int], None] | None = None, shortcuts: bool = True,
+          twins: bool = True) -> Activations:
     """Run images (CSR, images x neurons) through ``net``; exact Graph Challenge semantics.
 
     ``threads`` defaults to all cores, ``batch_size`` to :func:`default_batch`;
@@ -103,7 +119,9 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
     A sum that overflows float32 raises :class:`LayerOverflowError` naming layer and image.
     ``shortcuts=False`` computes every image column through every layer, summing every input
     row (no dead columns, no parking, no zero-row skip; blank input images are still skipped):
-    the same bits, to measure what the exact shortcuts are worth.
+    the same bits, to measure what the exact shortcuts are worth. ``twins=False`` turns off only
+    the twin shortcut (outputs with equal W column and bias computed once), an algorithmic one
+    that the other tools lack.
     """
     if not isinstance(net, PackedNetwork):
         raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")
@@ -120,9 +138,10 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     spans = [(s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
+    twin_map = _twins(net, twins)
     pieces, done = [], 0
     with ThreadPoolExecutor(min(threads, max(1, len(spans)))) as pool:
-        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e, bool(shortcuts)) for s, e in spans]
+        futures = [pool.submit(_run_batch, net, indptr, indices, data, s, e, bool(shortcuts), twin_map) for s, e in spans]
         for future, (s, e) in zip(futures, spans):
             pieces.append(future.result())
             done += e - s

@@ -27,6 +27,9 @@ class PackedNetwork(NamedTuple):
     biases: np.ndarray
     keeps_saturated: np.ndarray
     ymax: np.float32
+    #: ``twins[l*N + j]``: the first output neuron of layer l whose W column and bias equal
+    #: neuron j's bit for bit (see ``kernels.twin_map``); ``infer`` computes each class once.
+    twins: np.ndarray | None = None
 
     @property
     def n_layers(self) -> int:
@@ -64,6 +67,13 @@ def keeps_saturated(colptr, rowidx, vals, bias, ymax):
     return not overflowed and bool(np.all(out == ymax))
 
 
+def twin_map(colptr, rowidx, vals, bias):
+    """Per output neuron, the first neuron with the same W column and bias bit for bit (int32)."""
+    twins = np.empty(bias.shape[0], np.int32)
+    kernels.twin_map(colptr, rowidx, vals, np.ascontiguousarray(bias, np.float32), twins)
+    return twins
+
+
 def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX) -> PackedNetwork:
     """Validate and pack layers given as CSR ``(indptr, indices, data)`` with rows = inputs.
 
@@ -77,7 +87,7 @@ def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX)
         raise ValueError(f"n_neurons must be positive, got {n_neurons}")
     n = int(n_neurons)
     ymax = _validate.ymax(ymax)
-    colptrs, rowidx, vals, bias_rows, keeps = [], [], [], [], []
+    colptrs, rowidx, vals, bias_rows, keeps, twins = [], [], [], [], [], []
     layer_ptr = [0]
     for l, ((indptr, indices, data), bias) in enumerate(zip(layers, biases)):
         indptr, indices, data = _validate.csr(f"layer {l} weights", indptr, indices, data, (n, n))
@@ -89,6 +99,7 @@ def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX)
         vals.append(v)
         bias_rows.append(bias)
         keeps.append(keeps_saturated(colptr, rows, v, bias, ymax))
+        twins.append(twin_map(colptr, rows, v, bias))
         layer_ptr.append(layer_ptr[-1] + rows.shape[0])
     return PackedNetwork(
         n_neurons=n,
@@ -99,4 +110,5 @@ def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX)
         biases=np.ascontiguousarray(np.stack(bias_rows)),
         keeps_saturated=np.asarray(keeps, np.bool_),
         ymax=ymax,
+        twins=np.concatenate(twins),
     )

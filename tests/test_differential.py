@@ -194,12 +194,15 @@ def assert_bit_identical(got, want: sp.csr_matrix, what=""):
 
 # --- serial, one layer at a time, distributed ---
 
+SHORTCUTS = {"all": {}, "no twins": {"twins": False}, "none": {"shortcuts": False}}
+
+
 @examples(120)
-@given(user_networks(), st.sampled_from([None, 1, 2, 5]), st.sampled_from([1, 2]), st.booleans())
+@given(user_networks(), st.sampled_from([None, 1, 2, 5]), st.sampled_from([1, 2]), st.sampled_from(list(SHORTCUTS)))
 def test_serial_infer_equals_the_reference(case, batch_size, threads, shortcuts):
     want = expected(case)
     got = fsd_kernels.infer(*images_csr(case[0]), pack(*case[1:]), batch_size=batch_size, threads=threads,
-                            shortcuts=shortcuts)
+                            **SHORTCUTS[shortcuts])
     assert_bit_identical(got, want)
     np.testing.assert_array_equal(got.categories, np.flatnonzero(np.diff(want.indptr)))
 
@@ -366,9 +369,9 @@ def test_shortcuts_stay_exact(name):
     if "saturation" in name or "parked" in name:
         assert not net.keeps_saturated.all() and net.keeps_saturated.any()
     for batch_size in (None, 1):
-        for shortcuts in (True, False):
+        for shortcuts in SHORTCUTS.values():
             assert_bit_identical(fsd_kernels.infer(*images_csr(dense), net, batch_size=batch_size, threads=1,
-                                                   shortcuts=shortcuts), want)
+                                                   **shortcuts), want)
     for p in (1, 2, 3):
         for batch_size in (None, 1):
             assert_bit_identical(distributed(case, p, "contiguous", batch_size).activations, want, f"P={p}")
@@ -403,3 +406,28 @@ def test_more_workers_than_column_groups():
     for p in (5, 8):
         result = distributed(case, p, "hypergraph", None)
         assert_bit_identical(result.activations, want, f"P={p}")
+
+
+def naive_twin_map(net) -> np.ndarray:
+    """Per layer and output neuron: the first neuron with the same input rows, weights and bias,
+    compared as bytes (so 0.0 and -0.0 differ)."""
+    out = []
+    for l in range(net.n_layers):
+        colptr, rowidx, vals, bias = net.layer_csc(l)
+        first: dict = {}
+        out += [first.setdefault((rowidx[colptr[j]:colptr[j + 1]].tobytes(), vals[colptr[j]:colptr[j + 1]].tobytes(),
+                                  bias[j:j + 1].tobytes()), j) for j in range(net.n_neurons)]
+    return np.array(out, np.int64)
+
+
+@examples(60)
+@given(user_networks())
+def test_twin_map_equals_a_naive_grouping(case):
+    net = pack(*case[1:])
+    np.testing.assert_array_equal(net.twins, naive_twin_map(net))
+
+
+def test_official_layers_have_32_or_64_twin_classes(official_packed):
+    twins = official_packed.twins.reshape(official_packed.n_layers, -1)
+    np.testing.assert_array_equal(twins.ravel(), naive_twin_map(official_packed))
+    assert {len(np.unique(row)) for row in twins} == {32, 64}
