@@ -189,7 +189,8 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     rows = mx.merge(worker_metrics)
     total = mx.totals(rows)
     traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
-               "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"])}
+               "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
+               "messages_per_round": mx.messages_per_round(rows)}
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)

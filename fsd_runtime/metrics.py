@@ -14,7 +14,7 @@ import numpy as np
 
 FIELDS = ("messages_sent", "chunks_sent", "bytes_sent", "rows_sent", "nnz_sent",
           "messages_received", "chunks_received", "bytes_received", "rows_received", "nnz_received",
-          "duplicates", "images_active", "compute_s", "wait_s", "encode_s", "decode_s")
+          "duplicates", "images_active", "status_only_sent", "compute_s", "wait_s", "encode_s", "decode_s")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
@@ -77,6 +77,12 @@ def merge(worker_metrics: list[dict]) -> list[dict]:
 def totals(rows: list[dict]) -> dict:
     """Whole-run sums of every field."""
     return {f: sum(r[f] for r in rows) for f in FIELDS}
+
+
+def messages_per_round(rows: list[dict]) -> list[int]:
+    """Messages sent at each step (round) ``l`` = the rows for layer ``l`` (index 0: none), summed
+    over workers and batches. ``docs/runtime.md`` ("Messages per round") gives the formula."""
+    return [int(r["messages_sent"]) for r in per_layer(rows)]
 
 
 def per_layer(rows: list[dict]) -> list[dict]:
