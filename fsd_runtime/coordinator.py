@@ -45,6 +45,8 @@ class RunResult:
     metrics_paths: dict = field(default_factory=dict)
     #: Per layer and worker pair: rows, nonzeros and bytes sent (``metrics.merge_pairs``).
     pairs: list[dict] = field(default_factory=list)
+    #: Every worker's metrics as it wrote them (peak RSS, times, channel counters, chunk log).
+    worker_metrics: list[dict] = field(default_factory=list)
 
     @property
     def categories(self) -> np.ndarray:
@@ -194,6 +196,7 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)
+    result.worker_metrics = worker_metrics
     if metrics_dir:
         result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},
                                         result.pairs)

@@ -333,6 +333,7 @@ class WorkerLoop:
         self.metrics.add_sent(layer, [t for t, _, _ in peers], sent)
         self.metrics.add(layer, "status_only_sent", status_only)
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
+        self.metrics.log_chunks(self.step(layer, b), outgoing)
         try:
             self.channel.send(self.step(layer, b), outgoing)
         except ChannelError as exc:
@@ -525,6 +526,20 @@ def _first_twins(share: WorkerShare, layer: int, rows: np.ndarray) -> np.ndarray
                      for i, r in enumerate(rows.tolist())], np.int64)
 
 
+def peak_rss_kb() -> int | None:
+    """This process's peak resident set (VmHWM of /proc/self/status, kB; None where there is no
+    /proc). Unlike ``ru_maxrss``, a fresh exec'd worker does not inherit its parent's peak. With
+    the thread launcher every worker reports the one shared process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process (all its threads); thread launchers share one process, so
     there it counts every worker's time."""
@@ -570,6 +585,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
             if own_channel:
                 channel.close()
         result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time(), "cpu_s": cpu}
+        result.metrics["peak_rss_kb"] = peak_rss_kb()
         result.metrics["requests"] = channel.requests()
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())
