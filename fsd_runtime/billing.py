@@ -19,9 +19,11 @@ same chunks:
   ``probe_bytes``) and its chunks with one more ranged GET when they lie beyond
   (``object.read_index``); with more than 12 peers it LISTs the step's prefix before
   reading (``poll="auto"``), otherwise it probes each peer's key with a GET, present or not.
-  Polls again depend on timing: ``optimistic`` finds every object in one poll;
-  ``conservative`` makes one poll per object it waits for plus the polls of the channel's
-  back-off schedule within one hop of ``cost.LATENCY`` each step.
+  Polls again depend on timing: ``optimistic`` finds in one poll exactly the objects it waits
+  for (a worker stops reading once it has every message it expects, so later objects of peers
+  with nothing for it stay unread); ``conservative`` makes one poll per object it waits for plus
+  the polls of the channel's back-off schedule within one hop of ``cost.LATENCY`` each step,
+  and reads every object of the step.
 
 The run store (shares, results) and the channels' set-up are not counted here.
 """
@@ -131,20 +133,23 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
     for step, readers in receivers.items():
         for reader, expected in readers.items():
             present = {s: body for s, body in objects[step].items() if s != reader}
-            reads = 0
+            reads = {}  # source -> GETs to read its object (index, and the reader's chunks beyond it)
             for source, body in present.items():
                 index = s3ch.read_index(body[:cfg.probe_bytes], len(body), n_workers, reader, "billing")
-                reads += 1 + (index.size_needed > cfg.probe_bytes)
-                if index.ranges:
+                reads[source] = 1 + (index.size_needed > cfg.probe_bytes) + bool(
+                    index.ranges and max(o + n for o, n in index.ranges) > min(len(body), cfg.probe_bytes))
+                if source in expected:
                     received += len(index.ranges)
-                    reads += max(o + n for o, n in index.ranges) > min(len(body), cfg.probe_bytes)
-            polls = {"optimistic": 1, "conservative": len(expected) + waiting_polls}
-            for mode, n_polls in polls.items():
+            # optimistic: one poll finds exactly the objects it waits for (others come later, unread);
+            # conservative: one poll per awaited object plus the back-off polls, every present object read
+            found = {"optimistic": (expected, 1), "conservative": (set(present), len(expected) + waiting_polls)}
+            for mode, (sources, n_polls) in found.items():
+                read = sum(reads[s] for s in sources)
                 if use_list:
                     lists[mode] += n_polls
-                    gets[mode] += reads
-                else:  # every poll probes every peer's next key; found objects also cost their reads
-                    gets[mode] += n_polls * (n_workers - 1) - len(present) + reads
+                    gets[mode] += read
+                else:  # every poll probes every peer's next key; a found object's probe is its index read
+                    gets[mode] += n_polls * (n_workers - 1) - len(sources) + read
     for mode in ("optimistic", "conservative"):
         out[f"s3_get_requests_{mode}"] = gets[mode]
         out[f"s3_list_requests_{mode}"] = lists[mode]
