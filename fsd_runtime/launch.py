@@ -130,6 +130,56 @@ class ProcessLauncher(Launcher):
         self._procs.clear()
 
 
+class ForkLauncher(ProcessLauncher):
+    """``fork``: the coordinator starts worker 0 as a process (like ``process``); every worker then
+    forks its tree children from itself, after it has imported numpy and loaded the kernels
+    (``worker.run_from_event`` does that first for this kind), so no child pays for them again:
+    start-up stops growing with the number of workers on one machine. Forked children stay in
+    worker 0's process group, which the coordinator kills at the end. POSIX only; a child runs
+    ``run_from_event`` and leaves with ``os._exit`` (status 1 on failure), never returning into
+    its parent's code."""
+
+    def launch(self, events: Sequence[WorkerEvent]) -> None:
+        if self.own_group:  # the coordinator: a fresh process for worker 0
+            return super().launch(events)
+        from fsd_runtime.worker import run_from_event
+
+        for event in events:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                raise LaunchError(f"cannot fork worker {event.worker_id}: {exc}") from exc
+            if pid == 0:  # pragma: no cover (the child; its coverage is the run's result)
+                status = 1
+                try:
+                    run_from_event(event, launcher=ForkLauncher(self.config))
+                    status = 0
+                except BaseException as exc:  # the worker wrote its error record
+                    print(f"fsd_runtime.worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+                finally:
+                    os._exit(status)
+            self._pids[event.worker_id] = pid
+
+    def __init__(self, config: Mapping | None = None, *, own_group: bool = False):
+        super().__init__(config or {"kind": "fork"}, own_group=own_group)
+        self._pids: dict[int, int] = {}
+
+    def failures(self) -> dict[int, str]:
+        failed = super().failures()
+        for worker, pid in list(self._pids.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done:
+                del self._pids[worker]
+                if status:
+                    failed[worker] = f"forked process exited with status {status}"
+        return failed
+
+
 class ThreadLauncher(Launcher):
     """Workers as threads of this process (tests, debugging, custom channels registered in-process)."""
 
@@ -159,7 +209,8 @@ class ThreadLauncher(Launcher):
             thread.join(timeout=0.1)
 
 
-_KINDS = Registry("launcher", LaunchError, {"process": ProcessLauncher, "thread": ThreadLauncher})
+_KINDS = Registry("launcher", LaunchError, {"process": ProcessLauncher, "thread": ThreadLauncher,
+                                            "fork": ForkLauncher})
 
 
 def register_launcher(kind: str, factory: Callable[[Mapping], Launcher] | str) -> None:

@@ -564,6 +564,9 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     event = ev.parse(event)
     storage = storage or make_storage(event.storage)
     try:
+        if event.launcher.get("kind") == "fork":  # children are forked from here: load the kernels first
+            import fsd_kernels.codec  # noqa: F401
+            from fsd_kernels._backend import kernels  # noqa: F401
         launch_children(event, launcher or make_launcher(event.launcher))
         own_channel = channel is None
         # the channel first: peers that are ready sooner can reach this worker while it loads
