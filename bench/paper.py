@@ -1,7 +1,7 @@
 """The seed paper's experiment matrix, run end to end on this machine, row by row beside the paper's.
 
     python bench/paper.py [--sizes 1024,4096] [--workers 8,12,20,42,62,84] [--channels queue,object]
-                          [--images 10000] [--layers 120] [--launcher process] [--json] [--plot DIR]
+                          [--images 10000] [--layers 120] [--launcher fork|process|thread] [--json] [--plot DIR]
 
 The paper's table: bench/data/fsd-inference-results.csv (copied from the seed's results
 spreadsheet, see bench/data/paper-README.md). For each size N and worker count P this runs the
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", default="queue,object")
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--layers", type=int, default=120)
-    ap.add_argument("--launcher", default="process", choices=["process", "thread"])
+    ap.add_argument("--launcher", default="fork", choices=["fork", "process", "thread"])
     ap.add_argument("--receive-timeout", type=float, default=600.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", metavar="DIR")

@@ -60,6 +60,15 @@ def test_synthetic_run_in_batches_is_bit_identical():
     assert result.traffic["chunks"] > result.traffic["messages"]    # small chunks really split
 
 
+def test_forked_workers_are_bit_identical():
+    """The fork launcher: worker 0 a process, every other forked from its tree parent."""
+    ds = model.synthetic(1024, 16, 300, seed=4)
+    net = ds.network.pack()
+    result = run_distributed(net, ds.images.arrays, 7, launcher={"kind": "fork"}, receive_timeout=120)
+    assert_same(result, fsd_kernels.infer(*ds.images.arrays, net))
+    assert all(m["peak_rss_kb"] > 10_000 for m in result.worker_metrics)  # VmHWM, read by each worker
+
+
 def test_bad_partition_and_tree_fail_before_anything_starts(official_packed, official):
     with pytest.raises(ValueError, match="partition"):
         run_distributed(official_packed, official.images.arrays, 2, partition="random")
