@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--launcher", default="fork", choices=["fork", "process", "thread"])
     ap.add_argument("--receive-timeout", type=float, default=600.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rows-file", metavar="PATH", help="also append each row as a JSON line as soon as it is done")
     ap.add_argument("--plot", metavar="DIR")
     args = ap.parse_args(argv)
     import fsd_kernels
@@ -228,6 +229,9 @@ def main(argv=None) -> int:
                            "error": f"{type(exc).__name__}: {exc}"[:500]}
                 row["data"] = source
                 rows.append(row)
+                if args.rows_file:
+                    with open(args.rows_file, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 if not args.json:
                     print(show(row) if "error" not in row else f"{n} {p} {channel}: {row['error']}", flush=True)
                 else:
@@ -236,7 +240,11 @@ def main(argv=None) -> int:
     out = {"rows": rows, "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{os.cpu_count()} cores", "images": args.images, "layers": args.layers}
     if args.plot:
-        out["plots"] = plot([r for r in rows if "error" not in r], args.plot)
+        try:
+            out["plots"] = plot([r for r in rows if "error" not in r], args.plot)
+        except ImportError as exc:
+            out["plots"] = f"not drawn: {exc} (pip install '.[plot]')"
+            print(out["plots"], file=sys.stderr)
     if args.json:
         print(json.dumps(out))
     return 0 if all(r.get("exact") for r in rows) else 1
