@@ -149,6 +149,28 @@ def show(row: dict) -> str:
             f"start {row['startup_seconds']:.1f} s run {row['wall_seconds']:.2f} s")
 
 
+def markdown(rows: list[dict]) -> str:
+    """The README table: ours beside the paper's, with the ratios."""
+    f = lambda x, spec="": "-" if x is None else format(x, spec)  # noqa: E731
+    lines = ["| N | P | channel | exact | bytes: ours / paper (ratio) | requests: ours / paper (ratio) | "
+             "$: ours / paper (ratio) | msgs/round max (of P(P-1)) | rounds | worker peak RSS / Lambda MB | "
+             "start-up s | run s |", "|" + "---|" * 12]
+    for r in sorted(rows, key=lambda r: (r["neurons"], r["workers"], r["channel"])):
+        if "error" in r:
+            lines.append(f"| {r['neurons']} | {r['workers']} | {r['channel']} | error: {r['error'][:80]} |" + " |" * 8)
+            continue
+        p, q = r["paper"] or {}, r.get("ratios") or {}
+        lines.append(
+            f"| {r['neurons']} | {r['workers']} | {r['channel']} | {'yes' if r['exact'] else 'NO'} | "
+            f"{r['bytes'] / 1e6:.2f} MB / {f(p.get('bytes') and p['bytes'] / 1e6, '.0f')} MB ({f(q.get('bytes'), '.3f')}) | "
+            f"{r['requests']:,} / {f(p.get('requests'), ',.0f')} ({f(q.get('requests'), '.3f')}) | "
+            f"{r['usd']:.4f} / {f(p.get('usd'), '.4f')} ({f(q.get('usd'), '.3f')}) | "
+            f"{r['max_messages_per_round']} ({r['all_to_all_per_round']}) | {r['rounds']} | "
+            f"{f(r['worker_peak_rss_mb'], '.0f')} / {f(p.get('lambda_mb') or r.get('lambda_mb_modelled'))} | "
+            f"{r['startup_seconds']:.1f} | {r['wall_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], directory: str) -> list[str]:
     import matplotlib
 
@@ -196,7 +218,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rows-file", metavar="PATH", help="also append each row as a JSON line as soon as it is done")
     ap.add_argument("--plot", metavar="DIR")
+    ap.add_argument("--from-rows", metavar="PATH", help="no runs: print the markdown table (and --plot) of a --rows-file")
     args = ap.parse_args(argv)
+    if args.from_rows:
+        with open(args.from_rows) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(markdown(rows))
+        if args.plot:
+            print("\n".join(plot([r for r in rows if "error" not in r], args.plot)))
+        return 0
     import fsd_kernels
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
