@@ -38,8 +38,10 @@ from fsd_runtime.storage import Storage, make_storage, pack_arrays
 #: message *down* marks the images whose rows are all zero / all ymax on every worker.
 ZERO_FLAG = 0
 YMAX_FLAG = 1
-#: The worker that combines every worker's status and sends the verdict down (see ``status_plan``).
+#: The worker that combines every worker's status and sends the verdict down (see ``WorkerLoop``).
 ROOT = 0
+#: Send plans built at start-up; those of later layers are built when first used.
+EAGER_PLAN_LAYERS = 32
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -222,8 +224,11 @@ class WorkerLoop:
         for state in self.batches:
             state.prefault()
         self.peers = [None] + [message_peers(share, layer) for layer in range(1, share.n_layers)]
-        self.send_plans = [None] + [_send_plan(share, layer, self.peers[layer][0])
-                                    for layer in range(1, share.n_layers)]
+        # Send plans of the first layers are built now (start-up); later ones when first needed:
+        # runs usually end early (all images dead or parked: ~20 rounds of 120 on the challenge
+        # nets), and at P = 84 building all 120 was most of a worker's start-up CPU.
+        self.send_plans = {layer: _send_plan(share, layer, self.peers[layer][0])
+                           for layer in range(1, min(share.n_layers, EAGER_PLAN_LAYERS + 1))}
 
     def step(self, layer: int, batch: int) -> int:
         return layer * len(self.batches) + batch
@@ -317,7 +322,10 @@ class WorkerLoop:
         own[n_out + ZERO_FLAG] = zero
         own[n_out + YMAX_FLAG] = full
         status_nnz = int(np.count_nonzero(zero)) + int(np.count_nonzero(full))
-        union, peers = self.send_plans[layer]
+        plan = self.send_plans.get(layer)
+        if plan is None:
+            plan = self.send_plans[layer] = _send_plan(self.share, layer, self.peers[layer][0])
+        union, peers = plan
         extracted = self.codec.DenseRows(own, union, n)  # each row once, however many peers need it
         outgoing = []
         sent = np.empty((len(peers), 4), np.int64)  # per peer: rows, nnz, bytes, chunks

@@ -304,3 +304,22 @@ def test_local_channel_carries_frames_and_refuses_oversized_ones(tmp_path):
         with pytest.raises(ChannelError, match="exceeds"):
             b.receive(1, 5.0)
         hostile.close()
+
+
+def test_send_plans_built_when_first_needed_give_the_same_bits(monkeypatch):
+    """Plans beyond ``EAGER_PLAN_LAYERS`` are built during the run; force that from layer 3 on."""
+    import fsd_runtime.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "EAGER_PLAN_LAYERS", 2)
+    ds = model.synthetic(1024, 12, 200, seed=6)
+    net = ds.network.pack()
+    shares = build_shares(net, *ds.images.arrays, partition.hypergraph(net, 4))
+    hub = Hub(4)
+    results, errors = run_threads(shares, [HubChannel(hub, p) for p in range(4)])
+    assert not errors
+    serial = fsd_kernels.infer(*ds.images.arrays, net)
+    expected = np.zeros((200, 1024), np.float32)
+    expected[np.repeat(np.arange(200), np.diff(serial.indptr)), serial.indices] = serial.data
+    np.testing.assert_array_equal(assemble(results, 200, 1024, net.ymax).view(np.uint32), expected.view(np.uint32))
+    sent = [r.metrics["layers"][l][r.metrics["fields"].index("messages_sent")] for r in results for l in range(5, 12)]
+    assert sum(sent) > 0 and serial.categories.size > 0   # layers with lazily built plans really sent
