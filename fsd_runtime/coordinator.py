@@ -47,6 +47,8 @@ class RunResult:
     pairs: list[dict] = field(default_factory=list)
     #: Why ``metrics_dir`` could not be written (None: written, or not asked for).
     metrics_error: str | None = None
+    #: Every worker's metrics as it wrote them (peak RSS, times, channel counters, chunk log).
+    worker_metrics: list[dict] = field(default_factory=list)
 
     @property
     def categories(self) -> np.ndarray:
@@ -252,10 +254,12 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     rows = mx.merge(worker_metrics)
     total = mx.totals(rows)
     traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
-               "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"])}
+               "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
+               "messages_per_round": mx.messages_per_round(rows)}
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)
+    result.worker_metrics = worker_metrics
     if metrics_dir:
         try:
             result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},

@@ -131,10 +131,11 @@ class ProcessLauncher(Launcher):
         self._procs.clear()
 
 
-#: ``thread`` lives in fsd_runtime.worker (it runs the worker loop), named by path so that this
-#: module never imports the worker (which imports this one).
+#: ``thread`` and ``fork`` live in fsd_runtime.worker (they run the worker loop), named by path
+#: so that this module never imports the worker (which imports this one).
 _KINDS = Registry("launcher", LaunchError, {"process": ProcessLauncher,
-                                             "thread": "fsd_runtime.worker:ThreadLauncher"})
+                                             "thread": "fsd_runtime.worker:ThreadLauncher",
+                                             "fork": "fsd_runtime.worker:ForkLauncher"})
 
 
 def register_launcher(kind: str, factory: Callable[[Mapping], Launcher] | str) -> None:

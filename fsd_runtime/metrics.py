@@ -14,7 +14,7 @@ import numpy as np
 
 FIELDS = ("messages_sent", "chunks_sent", "bytes_sent", "rows_sent", "nnz_sent",
           "messages_received", "chunks_received", "bytes_received", "rows_received", "nnz_received",
-          "duplicates", "images_active", "compute_s", "wait_s", "encode_s", "decode_s")
+          "duplicates", "images_active", "status_only_sent", "compute_s", "wait_s", "encode_s", "decode_s")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
@@ -29,6 +29,13 @@ class LayerMetrics:
         self.worker = worker
         self.table = np.zeros((n_layers, len(FIELDS)), np.float64)
         self.pairs = np.zeros((n_layers, n_workers, len(PAIR_FIELDS)), np.int64)
+        #: One ``(step, target, bytes)`` per chunk sent, in send order: what a channel's billing
+        #: (SNS batches, S3 objects and ranged reads) depends on (bench/paper.py prices it).
+        self.chunk_log: list[tuple[int, int, int]] = []
+
+    def log_chunks(self, step: int, chunks) -> None:
+        """Record one ``Channel.send`` call's ``(target, chunk)`` list."""
+        self.chunk_log.extend((step, int(t), len(c)) for t, c in chunks)
 
     def add(self, layer: int, field: str, value: float) -> None:
         self.table[layer, _INDEX[field]] += value
@@ -45,7 +52,7 @@ class LayerMetrics:
 
     def to_dict(self) -> dict:
         return {"worker": self.worker, "fields": list(FIELDS), "layers": self.table.tolist(),
-                "pair_fields": list(PAIR_FIELDS), "pairs": self.pairs.tolist()}
+                "pair_fields": list(PAIR_FIELDS), "pairs": self.pairs.tolist(), "chunk_log": self.chunk_log}
 
 
 def merge_pairs(worker_metrics: list[dict]) -> list[dict]:
@@ -77,6 +84,12 @@ def merge(worker_metrics: list[dict]) -> list[dict]:
 def totals(rows: list[dict]) -> dict:
     """Whole-run sums of every field."""
     return {f: sum(r[f] for r in rows) for f in FIELDS}
+
+
+def messages_per_round(rows: list[dict]) -> list[int]:
+    """Messages sent at each step (round) ``l`` = the rows for layer ``l`` (index 0: none), summed
+    over workers and batches. ``docs/runtime.md`` ("Messages per round") gives the formula."""
+    return [int(r["messages_sent"]) for r in per_layer(rows)]
 
 
 def per_layer(rows: list[dict]) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import resource
 import sys
 import threading
@@ -29,17 +30,57 @@ import numpy as np
 from fsd_runtime import events as ev
 from fsd_runtime import liveness
 from fsd_runtime.channels import Channel, ChannelError, make_channel
-from fsd_runtime.launch import Launcher, launch_children, make_launcher
+from fsd_runtime.launch import LaunchError, Launcher, ProcessLauncher, launch_children, make_launcher
 from fsd_runtime.metrics import LayerMetrics
 from fsd_runtime.plan import WorkerShare
 from fsd_runtime.storage import Storage, StorageError, make_storage, pack_arrays
 
 
-#: Status rows a worker adds to every message: neuron id N + ZERO_FLAG marks images whose rows
-#: this worker owns are all zero, N + YMAX_FLAG those where they are all ymax (value 1.0).
+#: Status rows (neuron ids N + ZERO_FLAG, N + YMAX_FLAG, value 1.0): a worker's message *up* to
+#: the root marks the images whose rows this worker owns are all zero / all ymax; the root's
+#: message *down* marks the images whose rows are all zero / all ymax on every worker.
 ZERO_FLAG = 0
 YMAX_FLAG = 1
+#: The worker that combines every worker's status and sends the verdict down (see ``WorkerLoop``).
+ROOT = 0
+#: Send plans built at start-up; those of later layers are built when first used.
+EAGER_PLAN_LAYERS = 32
 _EMPTY = np.zeros(0, np.int64)
+
+
+def status_up(layer: int, n_layers: int) -> bool:
+    """Whether, at step ``layer`` (the rows for ``layer``, sent after computing ``layer - 1``),
+    every worker but the root sends the root its status of ``layer - 1``'s outputs. That status
+    is applied before ``layer + 1``, so only while ``layer + 1`` exists."""
+    return 1 <= layer <= n_layers - 2
+
+
+def status_down(layer: int, n_layers: int) -> bool:
+    """Whether, at step ``layer``, the root sends every worker the global status of ``layer - 2``'s
+    outputs (combined from the statuses that came up at step ``layer - 1``)."""
+    return 2 <= layer <= n_layers - 1
+
+
+def message_peers(share: "WorkerShare", layer: int) -> tuple[list[int], list[int]]:
+    """(targets, sources) of worker ``share.worker``'s messages at step ``layer`` >= 1: the peers
+    whose rows it needs or who need its rows (the plan), plus the status exchange with the root.
+    Sender and receiver derive the same pairs from the same plan, so nobody waits for a message
+    that never comes (a message is sent, possibly without nonzeros, whenever images are active)."""
+    me, P, L = share.worker, share.n_workers, share.n_layers
+    targets = {t for t in range(P) if t != me and share.send_pos[layer][t].shape[0]}
+    sources = {s for s in range(P) if s != me and share.recv_slots[layer][s].shape[0]}
+    if me != ROOT:
+        if status_up(layer, L):
+            targets.add(ROOT)
+        if status_down(layer, L):
+            sources.add(ROOT)
+    else:
+        others = set(range(P)) - {ROOT}
+        if status_up(layer, L):
+            sources |= others
+        if status_down(layer, L):
+            targets |= others
+    return sorted(targets), sorted(sources)
 
 
 #: The codec's run id field holds 16 bytes; run ids may be longer, so it carries a digest.
@@ -89,6 +130,7 @@ class _Batch:
         self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
         self.own = None           # float32 [my outputs of the last layer computed, len(active)]
         self.flags = None         # (all-my-rows-zero, all-my-rows-ymax) per active image
+        self.verdict = None       # root only: (dead, saturated) image ids, to send down next step
         width = active.shape[0] + parked.shape[0]
         self.top = np.zeros(width, np.float32)   # per column: largest output of the last layer
         self.gap = np.zeros(width, np.float32)   # and largest distance below ymax (see dense_layer_tracked)
@@ -133,15 +175,25 @@ class _Batch:
 class WorkerLoop:
     """One worker's layers over its batches; module notes: ``docs/runtime.md`` ("worker loop").
 
-    Per layer and batch: receive the input rows this worker lacks (plus
-    every peer's per-image status), drop images that are globally dead and
-    park the globally saturated ones (exactly what ``infer_block`` does, so
+    Per layer and batch: receive the input rows this worker lacks from the
+    peers that hold them, drop images that are globally dead and park the
+    globally saturated ones (what ``infer_block`` does, one layer later, so
     an image stops costing traffic and compute once its fate is known),
     compute the owned outputs with ``dense_layer`` on the assembled block,
     and immediately send the next layer's rows for this batch so they
-    travel while the other batches compute. Every peer hears from every
-    other at each step where images are active (an empty marker when there
-    is nothing else), so no one waits for a message that never comes.
+    travel while the other batches compute.
+
+    The per-image status goes through the root (``ROOT``), not all-to-all:
+    at step l every other worker sends the root its status of layer l-1's
+    outputs (on its data message to the root, or alone); the root combines
+    them and sends the verdict down at step l+1 (on its data messages, or
+    alone); every worker applies it before layer l+1. Applying it a layer
+    late gives the same bits: a dead image's next outputs are +0 again, and
+    an image saturated after l-1 is parked before l+1 only if layer l keeps
+    saturation (its outputs of layer l are then all ymax, exactly what
+    parking stands for). Every worker applies the same verdict at the same
+    layer, so image columns agree everywhere. Messages per step:
+    ``docs/runtime.md`` ("Messages per round").
     """
 
     def __init__(self, share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
@@ -169,12 +221,18 @@ class WorkerLoop:
         starts = range(0, max(active.shape[0], 1), size)
         most_in = max((a.shape[0] for a in share.in_neurons), default=0)
         most_out = max((a.shape[0] for a in share.out_neurons), default=0)
-        rows = max(most_in + 2 * self.n_peers, most_out + 2)
+        self.status_rows = 2 * self.n_peers if self.me == ROOT else 2  # root: everyone's; others: the verdict
+        rows = max(most_in + self.status_rows, most_out + 2)
         self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY, rows)
                         for i, s in enumerate(starts)]
         for state in self.batches:
             state.prefault()
-        self.send_plans = [None] + [_send_plan(share, layer) for layer in range(1, share.n_layers)]
+        self.peers = [None] + [message_peers(share, layer) for layer in range(1, share.n_layers)]
+        # Send plans of the first layers are built now (start-up); later ones when first needed:
+        # runs usually end early (all images dead or parked: ~20 rounds of 120 on the challenge
+        # nets), and at P = 84 building all 120 was most of a worker's start-up CPU.
+        self.send_plans = {layer: _send_plan(share, layer, self.peers[layer][0])
+                           for layer in range(1, min(share.n_layers, EAGER_PLAN_LAYERS + 1))}
         #: Called with each layer as it starts (a local worker process's beacon).
         self.on_layer = None
         #: Until the first message from every peer, peers may still be starting, so that wait is
@@ -209,9 +267,10 @@ class WorkerLoop:
             columns = np.arange(state.active.shape[0])
         elif state.active.size:
             block = self._receive(layer, b, state)
-            columns = self._drop_finished(block, n_slots, state)
+            columns = self._drop_finished(block, n_slots, state, layer)
         else:
             block, columns = np.zeros((n_slots, 0), np.float32), _EMPTY
+            state.verdict = None  # nothing was active: no status came up
         if state.parked.size and not share.keeps_saturated[layer]:
             # parked images come back as explicit all-ymax columns after the live ones
             # (C order: the kernel takes C-contiguous blocks only)
@@ -258,10 +317,11 @@ class WorkerLoop:
         return block
 
     def _send(self, layer: int, b: int, state: _Batch) -> None:
-        """Send each peer the rows it needs at ``layer`` plus this worker's per-image status.
+        """Send each peer that needs rows at ``layer`` those rows, and the status exchange.
 
-        ``state.own`` has two extra rows after the outputs: the status rows (1.0 where all this
-        worker's rows of an image are zero / ymax), encoded like any row as neurons N and N+1.
+        ``state.own`` has two extra rows after the outputs, encoded like any row as neurons N and
+        N+1: on a worker but the root, its status (1.0 where all its rows of an image are zero /
+        ymax); on the root, the verdict it sends down (see the class notes).
         """
         own = state.own
         start = time.perf_counter()
@@ -269,30 +329,42 @@ class WorkerLoop:
         # outputs lie in [0, ymax]: a column is all zero iff its top is 0, all ymax iff its gap is 0
         zero = state.top[:n] == 0.0
         full = state.gap[:n] == 0.0
+        state.flags = (zero, full)
+        if self.me == ROOT:
+            dead, saturated = state.verdict if state.verdict is not None else (_EMPTY, _EMPTY)
+            zero, full = np.isin(state.active, dead), np.isin(state.active, saturated)
         own[n_out + ZERO_FLAG] = zero
         own[n_out + YMAX_FLAG] = full
-        state.flags = (zero, full)
         status_nnz = int(np.count_nonzero(zero)) + int(np.count_nonzero(full))
-        union, peers = self.send_plans[layer]
+        plan = self.send_plans.get(layer)
+        if plan is None:
+            plan = self.send_plans[layer] = _send_plan(self.share, layer, self.peers[layer][0])
+        union, peers = plan
         extracted = self.codec.DenseRows(own, union, n)  # each row once, however many peers need it
         outgoing = []
         sent = np.empty((len(peers), 4), np.int64)  # per peer: rows, nnz, bytes, chunks
-        for i, (target, subset) in enumerate(peers):
+        status_only = 0
+        for i, (target, subset, status) in enumerate(peers):
             chunks = extracted.encode_subset(subset, layer=layer, source=self.me, target=target, batch=b,
                                              run_id=self.wire_run_id, max_bytes=self.channel.max_chunk_bytes)
-            sent[i] = (subset.positions.shape[0] - 2, sum(map(self.codec.chunk_nnz, chunks)) - status_nnz,
+            n_rows = subset.positions.shape[0] - 2 * status
+            sent[i] = (n_rows, sum(map(self.codec.chunk_nnz, chunks)) - status_nnz * status,
                        sum(map(len, chunks)), len(chunks))
+            status_only += n_rows == 0
             outgoing += [(target, c) for c in chunks]
-        self.metrics.add_sent(layer, [t for t, _ in peers], sent)
+        self.metrics.add_sent(layer, [t for t, _, _ in peers], sent)
+        self.metrics.add(layer, "status_only_sent", status_only)
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
+        self.metrics.log_chunks(self.step(layer, b), outgoing)
         try:
             self.channel.send(self.step(layer, b), outgoing)
         except ChannelError as exc:
             raise WorkerError(self.me, layer, f"batch {b}: send failed: {exc}") from exc
 
     def _slot_map(self, layer: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Per source: neuron id -> block row (-1: that source must not send it); status rows last.
-        Also the block rows peers write (received and status rows), which start as zeros."""
+        """Per source: neuron id -> block row (-1: that source must not send it); status rows last
+        (on the root: two per worker, its own first; elsewhere: the root's verdict). Also the
+        block rows peers write (received and status rows), which start as zeros."""
         cached = self.slot_maps.get(layer)
         if cached is None:
             s = self.share
@@ -302,11 +374,15 @@ class WorkerLoop:
                 m = np.full(s.n_neurons + 2, -1, np.int64)
                 slots = s.recv_slots[layer][source]
                 m[s.in_neurons[layer][slots]] = slots
-                m[s.n_neurons + ZERO_FLAG] = n_slots + 2 * source + ZERO_FLAG
-                m[s.n_neurons + YMAX_FLAG] = n_slots + 2 * source + YMAX_FLAG
+                if self.me == ROOT or source == ROOT:
+                    at = n_slots + (2 * source if self.me == ROOT else 0)
+                    m[s.n_neurons + ZERO_FLAG] = at + ZERO_FLAG
+                    m[s.n_neurons + YMAX_FLAG] = at + YMAX_FLAG
                 maps.append(m)
-            received = np.ones(n_slots + 2 * self.n_peers, np.bool_)
+            received = np.ones(n_slots + self.status_rows, np.bool_)
             received[s.local_slots[layer]] = False
+            if self.me == ROOT:
+                received[n_slots + 2 * ROOT:n_slots + 2 * ROOT + 2] = False  # written from its own flags
             cached = maps, np.flatnonzero(received)
             self.slot_maps = {layer: cached}
         return cached
@@ -315,14 +391,15 @@ class WorkerLoop:
         """The input block of ``layer``: own rows, every peer's rows and status rows."""
         s = self.share
         n_slots, n = s.in_neurons[layer].shape[0], state.active.shape[0]
-        block = state.buffer(INPUTS, n_slots + 2 * self.n_peers, n)
+        block = state.buffer(INPUTS, n_slots + self.status_rows, n)
         maps, received_rows = self._slot_map(layer)
         self.kernels.zero_rows(block, received_rows, n)  # decoding writes only the nonzeros
         self.kernels.copy_rows(state.own, s.local_pos[layer], block, s.local_slots[layer], n)
-        zero, full = state.flags
-        block[n_slots + 2 * self.me + ZERO_FLAG] = zero
-        block[n_slots + 2 * self.me + YMAX_FLAG] = full
-        missing = set(range(self.n_peers)) - {self.me}
+        if self.me == ROOT:
+            zero, full = state.flags
+            block[n_slots + 2 * ROOT + ZERO_FLAG] = zero
+            block[n_slots + 2 * ROOT + YMAX_FLAG] = full
+        missing = set(self.peers[layer][1])
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
         if self.started_up:
@@ -396,12 +473,30 @@ class WorkerLoop:
         tally["nnz_received"] += h.nnz
         return h.source if self.tracker.complete(h.key) else None
 
-    def _drop_finished(self, block: np.ndarray, n_slots: int, state: _Batch) -> np.ndarray:
-        """Drop globally dead images and park globally saturated ones (every worker decides
-        alike, from everyone's status rows); returns the block columns of the images left."""
-        status = block[n_slots:]
-        dead = np.all(status[ZERO_FLAG::2] == 1.0, axis=0)
-        saturated = np.all(status[YMAX_FLAG::2] == 1.0, axis=0) & ~dead
+    def _drop_finished(self, block: np.ndarray, n_slots: int, state: _Batch, layer: int) -> np.ndarray:
+        """Drop the images the verdict of step ``layer`` finds dead after ``layer - 2`` and park
+        those it finds saturated then, if ``layer - 1`` keeps saturation (every worker decides
+        alike, from the same verdict; see the class notes). On the root, first combine every
+        worker's status of ``layer - 1`` into the next verdict. Returns the block columns of the
+        images left."""
+        s, n = self.share, state.active.shape[0]
+        if self.me == ROOT:
+            verdict = state.own[-2:, :n]  # what it sent down at this step
+            if status_up(layer, s.n_layers):
+                status = block[n_slots:n_slots + self.status_rows]
+                dead = np.all(status[ZERO_FLAG::2] == 1.0, axis=0)
+                saturated = np.all(status[YMAX_FLAG::2] == 1.0, axis=0) & ~dead
+                state.verdict = (state.active[dead], state.active[saturated])
+            else:
+                state.verdict = None
+        else:
+            verdict = block[n_slots:n_slots + 2]
+        if not status_down(layer, s.n_layers):
+            return np.arange(n)
+        dead = verdict[ZERO_FLAG] == 1.0
+        saturated = (verdict[YMAX_FLAG] == 1.0) & ~dead
+        if not s.keeps_saturated[layer - 1]:
+            saturated[:] = False  # saturated after layer - 2, but layer - 1 may have changed that
         keep = ~(dead | saturated)
         if keep.all():
             return np.arange(keep.shape[0])
@@ -410,11 +505,12 @@ class WorkerLoop:
         return np.flatnonzero(keep)
 
 
-def _send_plan(share: WorkerShare, layer: int):
+def _send_plan(share: WorkerShare, layer: int, targets: list[int]):
     """What a worker sends at ``layer`` (>= 1): the rows of its previous outputs to extract (one
-    per group of twins, ascending, then the two status rows), and per peer a ``codec.Subset`` of
-    those: each row it gets as the extracted row of its group (its rows, then the status rows,
-    as their neuron ids). Computed once, at start-up.
+    per group of twins, ascending, then the two status rows), and per target (``message_peers``)
+    ``(target, codec.Subset, carries_status)``: each row it gets as the extracted row of its
+    group (its rows, then the status rows if the message carries them, as their neuron ids).
+    Computed once, at start-up.
 
     Twins are outputs with the same weight column and bias: the layer kernel computes them with
     the same float operations on the same inputs, so their rows are equal, bit for bit (the
@@ -424,7 +520,7 @@ def _send_plan(share: WorkerShare, layer: int):
     from fsd_kernels import codec
 
     n_out = share.out_neurons[layer - 1].shape[0]
-    peers = [t for t in range(share.n_workers) if t != share.worker]
+    peers = targets
     wanted = np.zeros(n_out + 2, np.bool_)
     for t in peers:
         wanted[share.send_pos[layer][t]] = True
@@ -438,10 +534,14 @@ def _send_plan(share: WorkerShare, layer: int):
     where[n_out + ZERO_FLAG], where[n_out + YMAX_FLAG] = extracted.shape[0], extracted.shape[0] + 1
     status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
     status_neurons = np.array([share.n_neurons + ZERO_FLAG, share.n_neurons + YMAX_FLAG], np.int32)
-    subsets = [(t, codec.Subset(where[np.concatenate([share.send_pos[layer][t], status_rows])],
-                                np.concatenate([share.out_neurons[layer - 1][share.send_pos[layer][t]],
-                                                status_neurons])))
-               for t in peers]
+    L = share.n_layers
+    subsets = []
+    for t in peers:
+        status = status_down(layer, L) if share.worker == ROOT else (t == ROOT and status_up(layer, L))
+        rows, neurons = share.send_pos[layer][t], share.out_neurons[layer - 1][share.send_pos[layer][t]]
+        if status:
+            rows, neurons = np.concatenate([rows, status_rows]), np.concatenate([neurons, status_neurons])
+        subsets.append((t, codec.Subset(where[rows], neurons), bool(status)))
     return np.concatenate([union[extracted], status_rows]), subsets
 
 
@@ -467,6 +567,20 @@ def startup_grace(event: ev.WorkerEvent) -> float:
     from fsd_runtime.launch import tree_depth
 
     return STARTUP_SECONDS_PER_LEVEL * max(1, tree_depth(event.n_workers, event.fanout))
+
+
+def peak_rss_kb() -> int | None:
+    """This process's peak resident set (VmHWM of /proc/self/status, kB; None where there is no
+    /proc). Unlike ``ru_maxrss``, a fresh exec'd worker does not inherit its parent's peak. With
+    the thread launcher every worker reports the one shared process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_seconds() -> float:
@@ -506,6 +620,9 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
                                "no children started")
         if not storage.create(ev.claim_key(event.prefix, event.worker_id), f"{started}".encode()):
             return None
+        if event.launcher.get("kind") == "fork":  # children are forked from here: load the kernels first
+            import fsd_kernels.codec  # noqa: F401
+            from fsd_kernels._backend import kernels  # noqa: F401
         launch_children(event, launcher or make_launcher(event.launcher))
         own_channel = channel is None
         # the channel first: peers that are ready sooner can reach this worker while it loads
@@ -530,6 +647,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
             if own_channel:
                 channel.close()
         result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time(), "cpu_s": cpu}
+        result.metrics["peak_rss_kb"] = peak_rss_kb()
         result.metrics["requests"] = channel.requests()
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())
@@ -568,6 +686,53 @@ class ThreadLauncher(Launcher):
         for thread in self._threads:
             thread.join(timeout=0.1)
 
+
+class ForkLauncher(ProcessLauncher):
+    """``fork``: the coordinator starts worker 0 as a process (like ``process``); every worker then
+    forks its tree children from itself, after it has imported numpy and loaded the kernels
+    (``worker.run_from_event`` does that first for this kind), so no child pays for them again:
+    start-up stops growing with the number of workers on one machine. Forked children stay in
+    worker 0's process group, which the coordinator kills at the end. POSIX only; a child runs
+    ``run_from_event`` and leaves with ``os._exit`` (status 1 on failure), never returning into
+    its parent's code."""
+
+    def launch(self, events: Sequence[ev.WorkerEvent]) -> None:
+        if self.own_group:  # the coordinator: a fresh process for worker 0
+            return super().launch(events)
+        for event in events:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                raise LaunchError(f"cannot fork worker {event.worker_id}: {exc}") from exc
+            if pid == 0:  # pragma: no cover (the child; its coverage is the run's result)
+                status = 1
+                try:
+                    run_from_event(event, launcher=ForkLauncher(self.config))
+                    status = 0
+                except BaseException as exc:  # the worker wrote its error record
+                    print(f"fsd_runtime.worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+                finally:
+                    os._exit(status)
+            self._pids[event.worker_id] = pid
+
+    def __init__(self, config: Mapping | None = None, *, own_group: bool = False):
+        super().__init__(config or {"kind": "fork"}, own_group=own_group)
+        self._pids: dict[int, int] = {}
+
+    def failures(self) -> dict[int, str]:
+        failed = super().failures()
+        for worker, pid in list(self._pids.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if done:
+                del self._pids[worker]
+                if status:
+                    failed[worker] = f"forked process exited with status {status}"
+        return failed
 
 
 def main() -> int:

@@ -43,7 +43,9 @@ def test_official_run_is_bit_identical_and_golden(official, official_packed, ser
         assert p["rows"] == plan["rows"][p["layer"]][p["source"]][p["target"]]
     assert sum(p["rows"] for p in result.pairs) == sum(plan["volume"][l] for l in layers)
     assert sum(p["bytes"] for p in result.pairs) == t["bytes"]
-    assert t["messages"] <= 19 * n_workers * (n_workers - 1)    # early exit: ~19 rounds, not 120
+    # early exit: ~20 rounds, not 120; a round: the pairs that exchange rows + at most 2 (P-1) status
+    assert t["messages"] <= 20 * (len({(p["source"], p["target"]) for p in result.pairs}) + 2 * (n_workers - 1))
+    assert sum(t["messages_per_round"]) == t["messages"] and t["messages_per_round"][21:] == [0] * 99
     assert "workers_cpu_s" not in result.timings    # threads: one process clock for all workers
 
 
@@ -56,6 +58,15 @@ def test_synthetic_run_in_batches_is_bit_identical():
     assert_same(result, serial)
     assert serial.categories.size > 0
     assert result.traffic["chunks"] > result.traffic["messages"]    # small chunks really split
+
+
+def test_forked_workers_are_bit_identical():
+    """The fork launcher: worker 0 a process, every other forked from its tree parent."""
+    ds = model.synthetic(1024, 16, 300, seed=4)
+    net = ds.network.pack()
+    result = run_distributed(net, ds.images.arrays, 7, launcher={"kind": "fork"}, receive_timeout=120)
+    assert_same(result, fsd_kernels.infer(*ds.images.arrays, net))
+    assert all(m["peak_rss_kb"] > 10_000 for m in result.worker_metrics)  # VmHWM, read by each worker
 
 
 def test_bad_partition_and_tree_fail_before_anything_starts(official_packed, official):

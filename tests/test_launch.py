@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from fsd_runtime.worker import ForkLauncher
 from fsd_runtime import events as ev
 from fsd_runtime import launch, model, partition
 from fsd_runtime.channels.local import LocalChannel
@@ -54,7 +55,8 @@ def _group_members(pgid: int) -> list[int]:
     return found
 
 
-def test_tree_launch_of_processes_leaves_no_orphans_when_a_worker_is_killed(tmp_path):
+@pytest.mark.parametrize("kind", ["process", "fork"])
+def test_tree_launch_of_processes_leaves_no_orphans_when_a_worker_is_killed(tmp_path, kind):
     """Workers 0..3 start as a tree of processes; worker 3's share is missing so it fails at once
     and the others block waiting for it. Killing one of them and then closing the launcher must
     leave no process of the tree alive."""
@@ -68,8 +70,8 @@ def test_tree_launch_of_processes_leaves_no_orphans_when_a_worker_is_killed(tmp_
     channel = LocalChannel.create_run({"kind": "local"}, "orphans", 4)
     event = ev.WorkerEvent(run_id="orphans", worker_id=0, n_workers=4, fanout=2,
                            storage=storage.config(), prefix=prefix, channel=channel,
-                           launcher={"kind": "process"}, receive_timeout=120)
-    launcher = launch.ProcessLauncher(own_group=True)
+                           launcher={"kind": kind}, receive_timeout=120)
+    launcher = launch.ProcessLauncher(own_group=True) if kind == "process" else ForkLauncher(own_group=True)
     try:
         launcher.launch([event])
         root = launcher._procs[0].pid

@@ -146,14 +146,23 @@ def test_worker_loop_is_bit_identical_to_serial_on_a_synthetic_net(n_workers, ba
     assert 0 < serial.categories.size       # the check means something: some images survive
 
 
+def _alive_and_saturated(ds, biases, last: int, ymax: float = 32.0) -> tuple[int, int]:
+    """(images with a nonzero row, images whose row is all ymax) after layer ``last``, serially."""
+    a = fsd_kernels.infer(*ds.images.arrays,
+                          model.Network(1024, ds.network.layers[:last + 1], biases[:last + 1]).pack())
+    full = np.zeros(a.indptr.shape[0] - 1, np.int64)
+    np.add.at(full, np.repeat(np.arange(full.shape[0]), np.diff(a.indptr)), a.data == ymax)
+    return int(np.count_nonzero(np.diff(a.indptr))), int(np.count_nonzero(full == 1024))
+
+
 def test_parked_saturated_images_come_back_before_a_layer_that_breaks_saturation():
-    """Layer 12 maps an all-ymax image to something else (bias -40 on ten neurons): images parked
+    """Layer 14 maps an all-ymax image to something else (bias -40 on ten neurons): images parked
     as saturated must be put back as ymax columns there, exactly as the serial run does."""
     ds = model.synthetic(1024, 24, 300, seed=5)
     biases = [b.copy() for b in ds.network.biases]
-    biases[12][:10] = -40.0
+    biases[14][:10] = -40.0
     net = model.Network(1024, ds.network.layers, biases).pack()
-    assert not net.keeps_saturated[12] and net.keeps_saturated[:12].all()
+    assert not net.keeps_saturated[14] and net.keeps_saturated[:14].all()
     shares = build_shares(net, *ds.images.arrays, partition.hypergraph(net, 3))
     hub = Hub(3)
     results, errors = run_threads(shares, [HubChannel(hub, p) for p in range(3)])
@@ -163,9 +172,15 @@ def test_parked_saturated_images_come_back_before_a_layer_that_breaks_saturation
     expected[np.repeat(np.arange(300), np.diff(serial.indptr)), serial.indices] = serial.data
     np.testing.assert_array_equal(assemble(results, 300, 1024, net.ymax).view(np.uint32),
                                   expected.view(np.uint32))
-    active_12 = sum(r.metrics["layers"][12][r.metrics["fields"].index("images_active")] for r in results)
-    active_11 = sum(r.metrics["layers"][11][r.metrics["fields"].index("images_active")] for r in results)
-    assert active_12 > active_11     # parked images really came back at layer 12
+    active = [sum(r.metrics["layers"][l][r.metrics["fields"].index("images_active")] for r in results) / 3
+              for l in range(24)]  # the same on each of the 3 workers
+    # The verdict on layer l's outputs is applied before layer l + 2 (one layer late): images dead
+    # after l are dropped, those saturated after l parked (layer l + 1 keeps saturation here).
+    alive_11, saturated_11 = _alive_and_saturated(ds, biases, 11)
+    assert saturated_11 > 0
+    assert active[13] == alive_11 - saturated_11     # parked before layer 13
+    alive_12, _ = _alive_and_saturated(ds, biases, 12)
+    assert active[14] == alive_12                    # every live image is a column at 14: they came back
 
 
 class Tamper(HubChannel):
@@ -209,14 +224,16 @@ def test_twin_rows_are_extracted_once_and_messages_keep_their_bytes():
         row = rows_by_column.setdefault(key, rng.choice(np.float32([0, 0, 0.5, 32]), n))
         own[i] = row
     own[n_out:] = rng.random((2, n)) < 0.3
-    extracted, subsets = _send_plan(s, layer)
-    peers = [t for t in range(4) if t != 1]
+    peers = [t for t in range(4) if t != 1]  # contiguous ranges: every peer needs some of worker 1's rows
+    extracted, subsets = _send_plan(s, layer, peers)
     union = np.union1d(np.concatenate([s.send_pos[layer][t] for t in peers]), [n_out, n_out + 1])
     assert extracted.shape[0] <= len(rows_by_column) + 2 < union.shape[0] // 3  # one row a group of twins
     plain = codec.DenseRows(own, union, n)
     folded = codec.DenseRows(own, extracted, n)
-    for t, subset in subsets:
-        positions = np.searchsorted(union, np.concatenate([s.send_pos[layer][t], [n_out, n_out + 1]]))
+    assert [(t, status) for t, _, status in subsets] == [(0, True), (2, False), (3, False)]  # status: up to the root
+    for t, subset, status in subsets:
+        rows = np.concatenate([s.send_pos[layer][t], [n_out, n_out + 1] if status else []]).astype(np.int64)
+        positions = np.searchsorted(union, rows)
         for max_bytes in (None, 300):
             want = plain.encode(positions, subset.neurons, layer=layer, source=1, target=t, max_bytes=max_bytes)
             assert folded.encode_subset(subset, layer=layer, source=1, target=t, max_bytes=max_bytes) == want
@@ -287,3 +304,22 @@ def test_local_channel_carries_frames_and_refuses_oversized_ones(tmp_path):
         with pytest.raises(ChannelError, match="exceeds"):
             b.receive(1, 5.0)
         hostile.close()
+
+
+def test_send_plans_built_when_first_needed_give_the_same_bits(monkeypatch):
+    """Plans beyond ``EAGER_PLAN_LAYERS`` are built during the run; force that from layer 3 on."""
+    import fsd_runtime.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "EAGER_PLAN_LAYERS", 2)
+    ds = model.synthetic(1024, 12, 200, seed=6)
+    net = ds.network.pack()
+    shares = build_shares(net, *ds.images.arrays, partition.hypergraph(net, 4))
+    hub = Hub(4)
+    results, errors = run_threads(shares, [HubChannel(hub, p) for p in range(4)])
+    assert not errors
+    serial = fsd_kernels.infer(*ds.images.arrays, net)
+    expected = np.zeros((200, 1024), np.float32)
+    expected[np.repeat(np.arange(200), np.diff(serial.indptr)), serial.indices] = serial.data
+    np.testing.assert_array_equal(assemble(results, 200, 1024, net.ymax).view(np.uint32), expected.view(np.uint32))
+    sent = [r.metrics["layers"][l][r.metrics["fields"].index("messages_sent")] for r in results for l in range(5, 12)]
+    assert sum(sent) > 0 and serial.categories.size > 0   # layers with lazily built plans really sent

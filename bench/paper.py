@@ -1,0 +1,288 @@
+"""The seed paper's experiment matrix, run end to end on this machine, row by row beside the paper's.
+
+    python bench/paper.py [--sizes 1024,4096] [--workers 8,12,20,42,62,84] [--channels queue,object]
+                          [--images 10000] [--layers 120] [--launcher fork|process|thread] [--json] [--plot DIR]
+
+The paper's table: bench/data/fsd-inference-results.csv (copied from the seed's results
+spreadsheet, see bench/data/paper-README.md). For each size N and worker count P this runs the
+whole inference with P local worker processes over the local channel (Unix sockets), checks the
+final activations against the serial ``fsd_kernels.infer`` bit for bit, and reports, per channel:
+
+- measured: wall time (run without start-up), start-up, each worker's compute / codec / waiting
+  seconds (max and mean over workers), messages, chunks and bytes on the local wire, messages
+  per round, each worker's peak RSS (VmHWM, read by the worker itself);
+- modelled from exactly the chunks sent (``fsd_runtime.billing``, the AWS channels' own packing
+  code): the bytes, billed requests (queue: PublishBatch + ReceiveMessage calls; object: PUT +
+  GET + LIST) and $ of that channel (``fsd_runtime.cost``, Lambda memory as in the paper's row,
+  worker durations = measured compute + codec, slowed to the Lambda CPU share, + one hop of
+  ``cost.LATENCY`` per round + INIT). ``usd`` / ``requests`` use the conservative assumptions
+  (one message per ReceiveMessage; S3 polls one per awaited object plus the back-off polls
+  of one hop), ``*_optimistic`` the other end.
+
+Data: N = 1024 uses the official Graph Challenge images (embedded, first 10,000) on the
+official net; other N use the package's challenge-like synthetic net and images
+(``model.synthetic``), since the official larger files are not available offline. The queue
+run cuts chunks at the queue channel's limit, the object run at the object channel's (one run
+each). Bytes in the JSON are the modelled channel's bytes (base85 text + attributes on the
+queue, object bodies on S3); ``local_bytes`` the chunk bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+PAPER_CSV = os.path.join(HERE, "data", "fsd-inference-results.csv")
+PAPER_WORKERS = (8, 12, 20, 42, 62, 84)
+PAPER_SIZES = (1024, 4096, 16384, 65536)
+LAMBDA_MB = {1024: 1000, 4096: 1500, 16384: 2000, 65536: 4000}
+
+
+def paper_rows() -> dict[tuple[str, int, int], dict]:
+    """The paper's rows by (channel, neurons, workers); the RANDOM-placement row is left out."""
+    rows = {}
+    with open(PAPER_CSV) as f:
+        for r in csv.DictReader(f):
+            if r["config"].endswith("_RANDOM"):
+                continue
+            num = lambda k: float(r[k]) if r[k] not in ("", None) else None  # noqa: E731
+            if r["channel"] == "queue":
+                requests = (num("sns_publishes") or 0) + (num("sqs_polls") or 0)
+                mb = num("mb_sent")
+            else:
+                requests = sum(num(k) or 0 for k in ("s3_puts", "s3_gets", "s3_lists"))
+                mb = num("mb_written")
+            rows[(r["channel"], int(r["neurons"]), int(r["workers"]))] = {
+                "config": r["config"], "bytes": mb * 1e6 if mb is not None else None, "requests": requests,
+                "usd": num("total_usd"), "lambda_mb": int(r["lambda_mb"]), "per_worker_s": num("per_worker_s"),
+                "comm_s": num("comm_s"), "compute_s": num("compute_s"), "compress_s": num("compress_s"),
+                "messages": num("messages")}
+    return rows
+
+
+def dataset(n: int, layers: int, images: int):
+    from fsd_runtime import model
+
+    if n == 1024 and images <= 10000 and layers == 120:
+        ds = model.embedded()
+        if images < ds.images.shape[0]:
+            ds = model.Dataset(ds.name, ds.network, ds.images.rows(0, images), None)
+        return ds, f"official Graph Challenge 1024x120 net, first {images} official images (embedded)"
+    return model.synthetic(n, layers, images, seed=0), f"synthetic challenge-like {n}x{layers}, {images} images (seed 0)"
+
+
+def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict, timeout: float) -> dict:
+    from fsd_runtime.aws import billing, cost
+    from fsd_runtime.coordinator import run_distributed
+
+    local = {"kind": "local"}
+    if channel == "queue":
+        local["max_chunk_bytes"] = billing.queue_max_chunk_bytes(p)
+    start = time.perf_counter()
+    result = run_distributed(net, images, p, channel=local, launcher={"kind": launcher},
+                             receive_timeout=timeout, run_timeout=timeout * 4)
+    wall_total = time.perf_counter() - start
+    a = result.activations
+    exact = bool(np.array_equal(a.indptr, serial.indptr) and np.array_equal(a.indices, serial.indices)
+                 and np.array_equal(a.data.view(np.uint32), serial.data.view(np.uint32)))
+    wm = result.worker_metrics
+    if channel == "queue":
+        req = billing.queue_requests(wm)
+    else:
+        req = billing.object_requests(wm, p)
+    memory = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
+    # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the
+    # replay allows; optimistic: the cost model's default hop and the fewest requests
+    seconds = {"conservative": cost.modelled_worker_seconds(result.metrics, channel, latency=cost.SEED_MEASURED,
+                                                            memory_mb=memory),
+               "optimistic": cost.modelled_worker_seconds(result.metrics, channel, memory_mb=memory)}
+    n_images = images[0].shape[0] - 1
+    usd = {mode: cost.run_cost(billing.with_mode(req, mode), seconds[mode], n_images=n_images, memory_mb=memory)["usd"]
+           for mode in ("conservative", "optimistic")}
+    per_worker = {}
+    for r in result.metrics:
+        acc = per_worker.setdefault(r["worker"], {"compute_s": 0.0, "codec_s": 0.0, "wait_s": 0.0})
+        acc["compute_s"] += r["compute_s"]
+        acc["codec_s"] += r["encode_s"] + r["decode_s"]
+        acc["wait_s"] += r["wait_s"]
+    split = {k: {"max": max(w[k] for w in per_worker.values()), "mean": float(np.mean([w[k] for w in per_worker.values()]))}
+             for k in ("compute_s", "codec_s", "wait_s")}
+    rss = [m.get("peak_rss_kb") for m in wm]
+    mpr = result.traffic["messages_per_round"]
+    row = {
+        "neurons": n, "workers": p, "channel": channel, "exact": exact, "images": n_images,
+        "bytes": int(req["bytes_sent"]), "local_bytes": result.traffic["bytes"],
+        "messages": result.traffic["messages"], "chunks": result.traffic["chunks"],
+        "messages_per_round": mpr, "rounds": sum(1 for m in mpr if m), "max_messages_per_round": max(mpr),
+        "all_to_all_per_round": p * (p - 1),
+        "requests": billing.billed_total(channel, req), "requests_optimistic": billing.billed_total(channel, req, "optimistic"),
+        "request_counts": req, "usd": usd["conservative"], "usd_optimistic": usd["optimistic"],
+        "lambda_mb_modelled": memory, "modelled_worker_s_max": max(seconds),
+        "wall_seconds": result.timings["run_s"], "startup_seconds": result.timings["startup_s"],
+        "coordinator_seconds": wall_total, "partition_s": result.timings["partition_s"],
+        "plan_upload_s": result.timings["plan_upload_s"], "time_split": split,
+        "worker_peak_rss_mb": (max(rss) / 1024) if all(r is not None for r in rss) else None,
+        "worker_peak_rss_mb_mean": float(np.mean(rss)) / 1024 if all(r is not None for r in rss) else None,
+        "launcher": launcher,
+        "paper": {k: paper.get(k) for k in ("bytes", "requests", "usd", "lambda_mb", "messages", "per_worker_s",
+                                              "comm_s", "compute_s", "compress_s")} if paper else None,
+    }
+    if paper:
+        row["ratios"] = {k: (row[k] / paper[k]) if paper.get(k) else None for k in ("bytes", "requests", "usd")}
+    return row
+
+
+def show(row: dict) -> str:
+    p = row["paper"] or {}
+    r = row.get("ratios") or {}
+    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+    return (f"{row['neurons']:>6} {row['workers']:>3} {row['channel']:<6} exact={row['exact']!s:<5} "
+            f"bytes {row['bytes'] / 1e6:9.2f} MB (paper {f(p.get('bytes') and p['bytes'] / 1e6, '9.1f')}, x{f(r.get('bytes'), '.4f')}) "
+            f"req {row['requests']:>7} (paper {f(p.get('requests'), '9.0f')}, x{f(r.get('requests'), '.4f')}) "
+            f"$ {row['usd']:.5f} (paper {f(p.get('usd'), '.4f')}, x{f(r.get('usd'), '.4f')}) "
+            f"msg/round max {row['max_messages_per_round']} of P(P-1)={row['all_to_all_per_round']} "
+            f"rss {f(row['worker_peak_rss_mb'], '.0f')}/{p.get('lambda_mb', '-')} MB "
+            f"start {row['startup_seconds']:.1f} s run {row['wall_seconds']:.2f} s")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README table: ours beside the paper's, with the ratios."""
+    f = lambda x, spec="": "-" if x is None else format(x, spec)  # noqa: E731
+    lines = ["| N | P | channel | exact | bytes: ours / paper (ratio) | requests: ours / paper (ratio) | "
+             "$: ours / paper (ratio) | msgs/round max (of P(P-1)) | rounds | worker peak RSS / Lambda MB | "
+             "start-up s | run s |", "|" + "---|" * 12]
+    for r in sorted(rows, key=lambda r: (r["neurons"], r["workers"], r["channel"])):
+        if "error" in r:
+            lines.append(f"| {r['neurons']} | {r['workers']} | {r['channel']} | error: {r['error'][:80]} |" + " |" * 8)
+            continue
+        p, q = r["paper"] or {}, r.get("ratios") or {}
+        lines.append(
+            f"| {r['neurons']} | {r['workers']} | {r['channel']} | {'yes' if r['exact'] else 'NO'} | "
+            f"{r['bytes'] / 1e6:.2f} MB / {f(p.get('bytes') and p['bytes'] / 1e6, '.0f')} MB ({f(q.get('bytes'), '.3f')}) | "
+            f"{r['requests']:,} / {f(p.get('requests'), ',.0f')} ({f(q.get('requests'), '.3f')}) | "
+            f"{r['usd']:.4f} / {f(p.get('usd'), '.4f')} ({f(q.get('usd'), '.3f')}) | "
+            f"{r['max_messages_per_round']} ({r['all_to_all_per_round']}) | {r['rounds']} | "
+            f"{f(r['worker_peak_rss_mb'], '.0f')} / {f(p.get('lambda_mb') or r.get('lambda_mb_modelled'))} | "
+            f"{r['startup_seconds']:.1f} | {r['wall_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], directory: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for channel in sorted({r["channel"] for r in rows}):
+        fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for n in sorted({r["neurons"] for r in rows if r["channel"] == channel}):
+            mine = sorted((r for r in rows if r["channel"] == channel and r["neurons"] == n), key=lambda r: r["workers"])
+            ws = [r["workers"] for r in mine]
+            line, = top.plot(ws, [r["usd"] for r in mine], "o-", label=f"ours N={n}")
+            bottom.plot(ws, [r["bytes"] for r in mine], "o-", color=line.get_color(), label=f"ours N={n}")
+            theirs = [(r["workers"], r["paper"]) for r in mine if r["paper"]]
+            if theirs:
+                top.plot([w for w, _ in theirs], [q["usd"] for _, q in theirs], "s--", color=line.get_color(),
+                         alpha=0.6, label=f"paper N={n}")
+                bottom.plot([w for w, _ in theirs], [q["bytes"] for _, q in theirs], "s--", color=line.get_color(),
+                            alpha=0.6, label=f"paper N={n}")
+        for ax, what in ((top, "modelled $ per run (10,000 images)"), (bottom, "bytes on the wire")):
+            ax.set_yscale("log")
+            ax.set_xlabel("workers")
+            ax.set_ylabel(what)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{channel} channel: ours (solid) vs the paper (dashed)")
+        fig.tight_layout()
+        path = os.path.join(directory, f"paper-{channel}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1024,4096,16384,65536")
+    ap.add_argument("--workers", default=",".join(map(str, PAPER_WORKERS)))
+    ap.add_argument("--channels", default="queue,object")
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--layers", type=int, default=120)
+    ap.add_argument("--launcher", default="fork", choices=["fork", "process", "thread"])
+    ap.add_argument("--receive-timeout", type=float, default=600.0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rows-file", metavar="PATH", help="also append each row as a JSON line as soon as it is done")
+    ap.add_argument("--plot", metavar="DIR")
+    ap.add_argument("--from-rows", metavar="PATH", help="no runs: print the markdown table (and --plot) of a --rows-file")
+    args = ap.parse_args(argv)
+    if args.from_rows:
+        with open(args.from_rows) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(markdown(rows))
+        if args.plot:
+            print("\n".join(plot([r for r in rows if "error" not in r], args.plot)))
+        return 0
+    import fsd_kernels
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    workers = [int(w) for w in args.workers.split(",") if w]
+    channels = [c for c in args.channels.split(",") if c]
+    bad = [c for c in channels if c not in ("queue", "object")]
+    if bad:
+        ap.error(f"unknown channel(s) {bad}; choose from queue, object")
+    table = paper_rows()
+    rows, notes = [], []
+    for n in sizes:
+        try:
+            ds, source = dataset(n, args.layers, args.images)
+        except MemoryError as exc:
+            notes.append({"neurons": n, "error": f"MemoryError: {exc}"})
+            continue
+        net = ds.network.pack()
+        images = ds.images.arrays
+        t0 = time.perf_counter()
+        serial = fsd_kernels.infer(*images, net)
+        notes.append({"neurons": n, "data": source, "serial_seconds": time.perf_counter() - t0,
+                      "categories": int(serial.categories.size)})
+        for p in workers:
+            for channel in channels:
+                paper = table.get((channel, n, p)) or {}
+                try:
+                    row = run_one(net, images, serial, n, p, channel, args.launcher, paper, args.receive_timeout)
+                except Exception as exc:  # reported, not hidden: a configuration that did not run
+                    row = {"neurons": n, "workers": p, "channel": channel, "exact": False,
+                           "error": f"{type(exc).__name__}: {exc}"[:500]}
+                row["data"] = source
+                rows.append(row)
+                if args.rows_file:
+                    with open(args.rows_file, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if not args.json:
+                    print(show(row) if "error" not in row else f"{n} {p} {channel}: {row['error']}", flush=True)
+                else:
+                    print(json.dumps({k: row.get(k) for k in ("neurons", "workers", "channel", "exact", "error")}),
+                          file=sys.stderr, flush=True)
+    out = {"rows": rows, "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{os.cpu_count()} cores", "images": args.images, "layers": args.layers}
+    if args.plot:
+        try:
+            out["plots"] = plot([r for r in rows if "error" not in r], args.plot)
+        except ImportError as exc:
+            out["plots"] = f"not drawn: {exc} (pip install '.[plot]')"
+            print(out["plots"], file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+    return 0 if all(r.get("exact") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
