@@ -30,8 +30,11 @@ from fsd_runtime.coordinator import RunError
 EXAMPLES = int(os.environ.get("FSD_DIFFERENTIAL_EXAMPLES", "0")) or None
 
 
-def examples(default: int):
-    return settings(max_examples=EXAMPLES or default, deadline=None, derandomize=EXAMPLES is None,
+def examples(default: int, campaign_cap: int | None = None):
+    """``default`` examples in the suite (derandomized); the campaign's count, at most
+    ``campaign_cap`` (for the slow process-worker runs)."""
+    n = min(EXAMPLES, campaign_cap or EXAMPLES) if EXAMPLES else default
+    return settings(max_examples=n, deadline=None, derandomize=EXAMPLES is None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -235,7 +238,7 @@ def test_distributed_run_equals_the_reference(case, n_workers, partition, batch_
     assert_bit_identical(result.activations, want, f"P={n_workers} {partition} batch {batch_size}")
 
 
-@examples(3)
+@examples(3, campaign_cap=25)
 @given(user_networks(max_n=24, max_layers=4, max_images=8), st.integers(2, 5))
 def test_distributed_process_workers_equal_the_reference(case, n_workers):
     n_workers = min(n_workers, case[0].shape[1])
