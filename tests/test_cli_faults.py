@@ -21,6 +21,8 @@ import pytest
 
 from fsd_runtime import cli
 
+from proc_helpers import processes_with_marker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEACON = struct.Struct("<qq")
 
@@ -30,23 +32,7 @@ def _env(tmp: str, marker: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, "TMPDIR": tmp, "FSD_TEST_MARKER": marker}
 
 
-def _marked(marker: str) -> list[int]:
-    """Live (non-zombie) processes carrying the test's marker in their environment."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if f"FSD_TEST_MARKER={marker}".encode() not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        found.append(int(entry))
-    return found
+_marked = processes_with_marker
 
 
 def _beacons(tmp: str, skip=()) -> dict[int, tuple[int, int]]:
@@ -187,7 +173,7 @@ def test_clean_removes_what_a_dead_run_left(runs, tmp_path):
     dead = _power_cut(run)
     done = subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "clean"], env=_env(run.tmp, run.marker),
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and f"removed leftovers of dead run" in done.stdout and dead in done.stdout, done
+    assert done.returncode == 0 and "removed leftovers of dead run" in done.stdout and dead in done.stdout, done
     assert run.leftovers() == []
 
 

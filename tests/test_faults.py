@@ -19,6 +19,8 @@ from fsd_runtime.channels.local import LocalChannel
 from fsd_runtime.coordinator import RunError, run_distributed
 from fsd_runtime.worker import wire_run_id
 
+from proc_helpers import processes_with_marker
+
 
 class ChaosChannel(LocalChannel):
     """LocalChannel that sends some chunks twice, holds some back for a later receive, hands
@@ -104,22 +106,7 @@ def test_a_hung_worker_fails_the_run_within_the_timeout_naming_worker_and_layer(
     assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith("fsd-")]
 
 
-def _processes_with_marker(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if f"FSD_TEST_MARKER={marker}".encode() not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        found.append(int(entry))
-    return found
+_processes_with_marker = processes_with_marker
 
 
 def _loading_kernels(pid: int) -> bool:
