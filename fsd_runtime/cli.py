@@ -155,11 +155,13 @@ def _finite(text: str) -> float:
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the embedded official 1024x120 net, 10,000 images)")
-    g.add_argument("--weights", help="directory of official n{N}-l{k}.tsv layer files (with --inputs)")
+    g.add_argument("--weights", help="network: a directory of n{N}-l{k}.tsv layer files (optional n{N}-bias.tsv, "
+                                     "n{N}-ymax.tsv) or an .npz file (docs/formats.md); with --inputs")
     g.add_argument("--inputs", help="official input file (image neuron value), .tsv or .tsv.gz (with --weights)")
     g.add_argument("--categories", help="official categories file, for the golden check (with --weights)")
     g.add_argument("--bias", type=_finite,
-                   help="bias for --weights (default: the Graph Challenge one for N)")
+                   help="bias for a --weights directory without a bias file (default: the Graph "
+                        "Challenge one for N)")
     g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 4096x480")
     g.add_argument("--images", type=_positive_int,
                    help="use only the first K images (synthetic: make K; default 1000)")
