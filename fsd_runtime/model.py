@@ -728,12 +728,35 @@ def generate_images(n_images: int, n_neurons: int, seed: int = 0, max_strokes: i
     points = start[:, None, :] + (stop - start)[:, None, :] * t
     radius = scale * (1.0 + 0.15 * np.log2(scale)) if scale > 1 else scale
     reach = int(np.ceil(radius))
-    dense = np.zeros((n_images, n_neurons), bool)
-    owners = np.broadcast_to(owner[:, None], points.shape[:2])
-    for dy in range(-reach, reach + 1):
-        for dx in range(-reach, reach + 1):
-            if dy * dy + dx * dx > radius * radius:
-                continue
+    offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)
+               if dy * dy + dx * dx <= radius * radius]
+    centre_y, centre_x = np.rint(points[..., 0]), np.rint(points[..., 1])
+    inside = centre_y.size > 0 and (centre_y.min() - reach >= 0 and centre_y.max() + reach <= height - 1
+                                    and centre_x.min() - reach >= 0 and centre_x.max() + reach <= width - 1)
+    if inside and len(offsets) > 24:
+        # Wide strokes (large N): a pixel is drawn iff some centre pixel rint(p) lies within
+        # ``radius`` of it, found by one exact Euclidean distance transform per image instead of
+        # writing every disk offset around every point. The same pixels as the loop below: no
+        # stroke reaches the border (no clipping) and rint(p + d) = rint(p) + d for integer d
+        # (ties of .5 aside). 65536 neurons x 10,000 images: minutes -> seconds.
+        from scipy.ndimage import distance_transform_edt
+
+        centres = owner[:, None].astype(np.int64) * n_neurons + (centre_y.astype(np.int64) * width
+                                                                   + centre_x.astype(np.int64))
+        centres = np.unique(centres)
+        dense = np.zeros((n_images, n_neurons), bool)
+        bounds = np.searchsorted(centres, np.arange(n_images + 1) * n_neurons)
+        free = np.ones((height, width), bool)
+        for i in np.flatnonzero(np.diff(bounds)):
+            mine = centres[bounds[i]:bounds[i + 1]] - i * n_neurons
+            free.fill(True)
+            free.flat[mine] = False
+            squared = np.rint(np.square(distance_transform_edt(free)))
+            dense[i] = (squared <= radius * radius).ravel()
+    else:
+        dense = np.zeros((n_images, n_neurons), bool)
+        owners = np.broadcast_to(owner[:, None], points.shape[:2])
+        for dy, dx in offsets:
             y = np.clip(np.rint(points[..., 0] + dy).astype(np.int64), 0, height - 1)
             x = np.clip(np.rint(points[..., 1] + dx).astype(np.int64), 0, width - 1)
             dense[owners, y * width + x] = True

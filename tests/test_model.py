@@ -245,3 +245,40 @@ def test_official_directory_with_a_bias_file_needs_no_challenge_width(tmp_path):
     net = model.read_network(str(tmp_path))
     assert net.ymax == 4.5
     assert np.stack(net.biases).tolist() == [[-1, 0, 0, 0, 0], [0, 0, 0, 0, 0.125]]
+
+
+def _naive_strokes(n_images: int, n_neurons: int, seed: int, max_strokes: int = 5) -> np.ndarray:
+    """The synthetic images' definition, point by point: every disk offset around every stroke
+    point, clipped to the grid (the generator's loop-free wide-stroke path must draw the same)."""
+    height, width = model.image_grid(n_neurons)
+    scale = min(height, width) / 32
+    rng = np.random.default_rng(seed)
+    strokes = rng.integers(1, max_strokes + 1, n_images)
+    owner = np.repeat(np.arange(n_images), strokes)
+    box = np.array([height, width], np.float64) / 32
+    start = rng.uniform(6, 26, (owner.size, 2)) * box
+    stop = rng.uniform(6, 26, (owner.size, 2)) * box
+    radius = scale * (1.0 + 0.15 * np.log2(scale)) if scale > 1 else scale
+    reach = int(np.ceil(radius))
+    dense = np.zeros((n_images, n_neurons), bool)
+    for s in range(owner.size):
+        for t in np.linspace(0.0, 1.0, int(40 * scale)):
+            y, x = start[s] + (stop[s] - start[s]) * t
+            for dy in range(-reach, reach + 1):
+                for dx in range(-reach, reach + 1):
+                    if dy * dy + dx * dx <= radius * radius:
+                        yy = min(max(int(np.rint(y + dy)), 0), height - 1)
+                        xx = min(max(int(np.rint(x + dx)), 0), width - 1)
+                        dense[owner[s], yy * width + xx] = True
+    return dense
+
+
+@pytest.mark.parametrize("n_neurons, n_images", [(1024, 12), (4096, 6), (16384, 3), (65536, 2)])
+def test_synthetic_images_match_the_point_by_point_definition(n_neurons, n_images):
+    got = model.generate_images(n_images, n_neurons, seed=7)
+    want = _naive_strokes(n_images, n_neurons, seed=7)
+    dense = np.zeros_like(want)
+    rows = np.repeat(np.arange(n_images), np.diff(got.indptr))
+    dense[rows, got.indices] = True
+    assert np.array_equal(dense, want)
+    assert np.all(got.data == 1.0)
