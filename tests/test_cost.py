@@ -146,3 +146,31 @@ def test_billed_durations_come_from_the_report_lines(aws_settings):
                         logEvents=[{"timestamp": now + i, "message": m} for i, m in enumerate(lines)])
     assert billed_from_logs(logs, function, "run1", 2, now - 1000, wait_s=0) == [1.5, 2.507]
     assert billed_from_logs(logs, function, "run1", 3, now - 1000, wait_s=0) is None  # worker 2 missing
+
+
+@pytest.mark.parametrize("peak, want", [(1, 128), (102.4, 128), (102.5, 192), (207.0, 320), (550.0, 704),
+                                        (8191.0, 10240)])
+def test_fitting_memory_is_the_smallest_64_mb_step_with_a_quarter_to_spare(peak, want):
+    got = cost.fitting_memory_mb(peak)
+    assert got == want and got % 64 == 0 and got >= peak * 1.25
+    assert got == 128 or got - 64 < peak * 1.25  # one step less would not fit
+
+
+def test_fitting_memory_refuses_what_lambda_cannot_hold_or_nonsense():
+    for bad in (0.0, -5.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            cost.fitting_memory_mb(bad)
+    with pytest.raises(ValueError, match="more than Lambda"):
+        cost.fitting_memory_mb(9000.0)
+    with pytest.raises(ValueError):
+        cost.fitting_memory_mb(100.0, headroom=0.5)
+
+
+def test_below_one_vcpu_less_memory_never_costs_more_in_the_model():
+    rows = [{"worker": 0, "layer": l, "compute_s": 0.2, "encode_s": 0.05, "decode_s": 0.05,
+             "messages_sent": 1, "messages_received": 1} for l in range(20)]
+    usd = []
+    for mb in (128, 320, 1000, 1769):
+        seconds = cost.modelled_worker_seconds(rows, "queue", latency=cost.SEED_MEASURED, memory_mb=mb)
+        usd.append(cost.run_cost({}, seconds, n_images=10000, memory_mb=mb)["parts"]["lambda_compute"])
+    assert usd == sorted(usd) and usd[0] < usd[-1]

@@ -233,3 +233,25 @@ def run_cost(requests: Mapping[str, float], worker_seconds: Sequence[float], *, 
             "billed_requests": billed, "gb_seconds": gb_seconds, "invocations": invocations,
             "memory_mb": memory_mb, "architecture": architecture,
             "prices": {**asdict(prices), "lambda_gb_second": dict(prices.lambda_gb_second)}}
+
+
+#: Lambda's memory sizes step by 1 MB from 128 MB; sized here in 64 MB steps.
+MEMORY_STEP_MB = 64
+
+
+def fitting_memory_mb(peak_rss_mb: float, *, headroom: float = 1.25, most_mb: int = 10240) -> int:
+    """The smallest Lambda memory size (a multiple of 64 MB, at least 128) that holds a worker
+    whose measured peak resident set is ``peak_rss_mb``, with ``headroom`` to spare.
+
+    Below one vCPU (1,769 MB) Lambda's CPU share, and so a CPU-bound worker's duration, scale
+    with memory: GB-seconds of compute stay the same, while the seconds spent waiting for
+    messages cost in proportion to memory. The smallest size that fits is then the cheapest in
+    the model (``modelled_worker_seconds``), which counts the slower compute. ValueError if the
+    worker does not fit in Lambda's largest size."""
+    if not (math.isfinite(peak_rss_mb) and peak_rss_mb > 0) or headroom < 1:
+        raise ValueError(f"peak_rss_mb must be positive and headroom >= 1, got {peak_rss_mb}, {headroom}")
+    need = math.ceil(peak_rss_mb * headroom / MEMORY_STEP_MB) * MEMORY_STEP_MB
+    if need > most_mb:
+        raise ValueError(f"a worker peaking at {peak_rss_mb:.0f} MB needs {need} MB with headroom "
+                         f"{headroom}: more than Lambda's {most_mb} MB (use more workers or smaller batches)")
+    return max(128, need)
