@@ -2,7 +2,9 @@
 
 Bytes are encoded chunk bytes (what crosses the wire); ``rows_*`` count
 activation rows (one neuron over a batch's images) and ``nnz_*`` their
-nonzeros. Times are seconds of wall clock spent in each phase.
+nonzeros. ``*_s`` times are seconds of wall clock spent in each phase; ``*_cpu_s`` the CPU
+time of the worker's thread in the busy ones (what a worker with a core of its own would take:
+on a machine running more workers than cores, wall clock also counts waiting for a core).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import numpy as np
 
 FIELDS = ("messages_sent", "chunks_sent", "bytes_sent", "rows_sent", "nnz_sent",
           "messages_received", "chunks_received", "bytes_received", "rows_received", "nnz_received",
-          "duplicates", "images_active", "status_only_sent", "compute_s", "wait_s", "encode_s", "decode_s")
+          "duplicates", "images_active", "status_only_sent", "compute_s", "wait_s", "encode_s", "decode_s",
+          "compute_cpu_s", "encode_cpu_s", "decode_cpu_s")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 

@@ -284,7 +284,7 @@ class WorkerLoop:
         self.metrics.add(layer, "images_active", n)
         out = state.buffer(OUTPUTS, share.out_neurons[layer].shape[0] + 2, n)  # + status rows
         if n:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             bad = self.kernels.dense_layer_columns(block[:n_slots], columns, share.colptr[layer],
                                                    share.rowidx[layer], share.vals[layer], share.bias[layer],
                                                    share.ymax, out, state.top, state.gap)
@@ -293,6 +293,7 @@ class WorkerLoop:
                                                   "overflowed float32 to inf/NaN; the network's weights or "
                                                   "inputs are too large for float32")
             self.metrics.add(layer, "compute_s", time.perf_counter() - start)
+            self.metrics.add(layer, "compute_cpu_s", time.thread_time() - cpu)
         state.own = out
         if layer + 1 < share.n_layers and n:
             self._send(layer + 1, b, state)
@@ -324,7 +325,7 @@ class WorkerLoop:
         ymax); on the root, the verdict it sends down (see the class notes).
         """
         own = state.own
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         n_out, n = own.shape[0] - 2, own.shape[1]
         # outputs lie in [0, ymax]: a column is all zero iff its top is 0, all ymax iff its gap is 0
         zero = state.top[:n] == 0.0
@@ -355,6 +356,7 @@ class WorkerLoop:
         self.metrics.add_sent(layer, [t for t, _, _ in peers], sent)
         self.metrics.add(layer, "status_only_sent", status_only)
         self.metrics.add(layer, "encode_s", time.perf_counter() - start)
+        self.metrics.add(layer, "encode_cpu_s", time.thread_time() - cpu)
         self.metrics.log_chunks(self.step(layer, b), outgoing)
         try:
             self.channel.send(self.step(layer, b), outgoing)
@@ -409,7 +411,7 @@ class WorkerLoop:
         else:
             deadline = self.run_deadline
         tally = dict.fromkeys(("chunks_received", "bytes_received", "nnz_received", "duplicates",
-                               "messages_received", "rows_received", "wait_s", "decode_s"), 0)
+                               "messages_received", "rows_received", "wait_s", "decode_s", "decode_cpu_s"), 0)
         while missing:
             chunks, backlog = backlog, []
             if not chunks:
@@ -426,7 +428,7 @@ class WorkerLoop:
                 except ChannelError as exc:
                     raise WorkerError(self.me, layer, f"batch {b}: receive failed: {exc}") from exc
                 tally["wait_s"] += time.perf_counter() - start
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             for chunk in chunks:
                 source = self._route(chunk, layer, b, block, maps, tally)
                 if source is not None:
@@ -434,6 +436,7 @@ class WorkerLoop:
                     tally["messages_received"] += 1
                     tally["rows_received"] += s.recv_slots[layer][source].shape[0]
             tally["decode_s"] += time.perf_counter() - start
+            tally["decode_cpu_s"] += time.thread_time() - cpu
         self.started_up = True
         for field, value in tally.items():
             self.metrics.add(layer, field, value)

@@ -174,3 +174,13 @@ def test_below_one_vcpu_less_memory_never_costs_more_in_the_model():
         seconds = cost.modelled_worker_seconds(rows, "queue", latency=cost.SEED_MEASURED, memory_mb=mb)
         usd.append(cost.run_cost({}, seconds, n_images=10000, memory_mb=mb)["parts"]["lambda_compute"])
     assert usd == sorted(usd) and usd[0] < usd[-1]
+
+
+def test_busy_time_is_cpu_time_where_the_metrics_have_it():
+    wall = {"compute_s": 3.0, "encode_s": 1.0, "decode_s": 1.0}
+    assert cost.busy_seconds(wall) == 5.0  # older metrics: wall clock
+    both = {**wall, "compute_cpu_s": 0.5, "encode_cpu_s": 0.25, "decode_cpu_s": 0.25}
+    assert cost.busy_seconds(both) == 1.0
+    rows = [{"worker": 0, "layer": 0, "messages_sent": 0, "messages_received": 0, **both}]
+    [seconds] = cost.modelled_worker_seconds(rows, "local", memory_mb=cost.FULL_VCPU_MB)
+    assert seconds == pytest.approx(1.0 + cost.LATENCY.init_s)

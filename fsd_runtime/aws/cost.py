@@ -93,8 +93,8 @@ def tree_depths(n_workers: int, fanout: int) -> list[int]:
 
 #: Where each duration term comes from: measured here, or modelled (from measured sizes).
 TERM_SOURCES = {
-    "compute_s": "measured (kernels, encode, decode on this machine's core; divided by the CPU share "
-                 "of the memory size)",
+    "compute_s": "measured (kernels, encode, decode: the worker thread's CPU time on this machine's "
+                 "core; divided by the CPU share of the memory size)",
     "straggler_wait_s": "measured (per layer: the slowest worker's compute minus this worker's)",
     "exchange_s": "modelled (layers with traffic x the preset's hop)",
     "init_s": "modelled (the preset's INIT)",
@@ -118,8 +118,7 @@ def duration_terms(rows: Iterable[Mapping], channel_kind: str, *, latency: Laten
     hops: dict[int, int] = {}
     for row in rows:
         w, layer = int(row["worker"]), int(row.get("layer", 0))
-        compute[w, layer] = compute.get((w, layer), 0.0) + (row["compute_s"] + row["encode_s"]
-                                                            + row["decode_s"]) * slow
+        compute[w, layer] = compute.get((w, layer), 0.0) + busy_seconds(row) * slow
         hops[w] = hops.get(w, 0) + int(row["messages_sent"] > 0 or row["messages_received"] > 0)
     workers = sorted(hops)
     layers = sorted({layer for _, layer in compute})
@@ -167,18 +166,27 @@ def cpu_share(memory_mb: int) -> float:
     return min(1.0, memory_mb / FULL_VCPU_MB)
 
 
+def busy_seconds(row: Mapping) -> float:
+    """A metrics row's kernel + encode + decode time: the worker thread's CPU time where the row
+    has it (``*_cpu_s``; wall clock on a machine with more workers than cores also counts the
+    waits for a core, which a Lambda worker with its own vCPU does not have), else wall clock."""
+    if "compute_cpu_s" in row:
+        return row["compute_cpu_s"] + row["encode_cpu_s"] + row["decode_cpu_s"]
+    return row["compute_s"] + row["encode_s"] + row["decode_s"]
+
+
 def modelled_worker_seconds(rows: Iterable[Mapping], channel_kind: str, latency: LatencyModel = LATENCY,
                             memory_mb: int = FULL_VCPU_MB) -> list[float]:
-    """Per worker: measured compute + encode + decode (on one core; slowed by the CPU share of
-    ``memory_mb``), plus ``hop_s`` per layer with traffic, plus ``init_s``. ``rows`` are the
-    coordinator's merged metrics (fsd_runtime.metrics)."""
+    """Per worker: measured compute + encode + decode (``busy_seconds``: CPU time on one core;
+    slowed by the CPU share of ``memory_mb``), plus ``hop_s`` per layer with traffic, plus
+    ``init_s``. ``rows`` are the coordinator's merged metrics (fsd_runtime.metrics)."""
     if channel_kind not in latency.hop_s:
         raise ValueError(f"no latency model for channel kind {channel_kind!r}; known: {sorted(latency.hop_s)}")
     compute: dict[int, float] = {}
     hops: dict[int, int] = {}
     for row in rows:
         w = int(row["worker"])
-        compute[w] = compute.get(w, 0.0) + row["compute_s"] + row["encode_s"] + row["decode_s"]
+        compute[w] = compute.get(w, 0.0) + busy_seconds(row)
         talked = row["messages_sent"] > 0 or row["messages_received"] > 0
         hops[w] = hops.get(w, 0) + int(talked)
     slow = 1.0 / cpu_share(memory_mb)
