@@ -79,7 +79,8 @@ def dataset(n: int, layers: int, images: int):
     return model.synthetic(n, layers, images, seed=0), f"synthetic challenge-like {n}x{layers}, {images} images (seed 0)"
 
 
-def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict, timeout: float) -> dict:
+def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict, timeout: float,
+            owners=None) -> dict:
     from fsd_runtime.aws import billing, cost
     from fsd_runtime.coordinator import run_distributed
 
@@ -88,7 +89,7 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
         local["max_chunk_bytes"] = billing.queue_max_chunk_bytes(p)
     start = time.perf_counter()
     result = run_distributed(net, images, p, channel=local, launcher={"kind": launcher},
-                             receive_timeout=timeout, run_timeout=timeout * 4)
+                             receive_timeout=timeout, run_timeout=timeout * 4, owners=owners)
     wall_total = time.perf_counter() - start
     a = result.activations
     exact = bool(np.array_equal(a.indptr, serial.indptr) and np.array_equal(a.indices, serial.indices)
@@ -98,15 +99,24 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
         req = billing.queue_requests(wm)
     else:
         req = billing.object_requests(wm, p)
-    memory = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
-    # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the
-    # replay allows; optimistic: the cost model's default hop and the fewest requests
-    seconds = {"conservative": cost.modelled_worker_seconds(result.metrics, channel, latency=cost.SEED_MEASURED,
-                                                            memory_mb=memory),
-               "optimistic": cost.modelled_worker_seconds(result.metrics, channel, memory_mb=memory)}
+    rss = [m.get("peak_rss_kb") for m in wm]
+    peak_mb = max(rss) / 1024 if rss and all(r is not None for r in rss) else None
+    paper_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
+    # Lambda memory: the smallest size that holds the measured worker peak with a quarter to spare
+    # (the peak is of JIT-compiled kernels, ~140 MB more than the native module on Lambda), the
+    # paper's size when no peak was read; $ at the paper's size too, beside it
+    memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
     n_images = images[0].shape[0] - 1
-    usd = {mode: cost.run_cost(billing.with_mode(req, mode), seconds[mode], n_images=n_images, memory_mb=memory)["usd"]
-           for mode in ("conservative", "optimistic")}
+
+    def priced(mode: str, memory_mb: int) -> float:
+        # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the
+        # replay allows; optimistic: the cost model's default hop and the fewest requests
+        latency = cost.SEED_MEASURED if mode == "conservative" else cost.LATENCY
+        seconds = cost.modelled_worker_seconds(result.metrics, channel, latency=latency, memory_mb=memory_mb)
+        return cost.run_cost(billing.with_mode(req, mode), seconds, n_images=n_images, memory_mb=memory_mb)["usd"]
+
+    seconds = cost.modelled_worker_seconds(result.metrics, channel, latency=cost.SEED_MEASURED, memory_mb=memory)
+    usd = {mode: priced(mode, memory) for mode in ("conservative", "optimistic")}
     per_worker = {}
     for r in result.metrics:
         acc = per_worker.setdefault(r["worker"], {"compute_s": 0.0, "codec_s": 0.0, "wait_s": 0.0})
@@ -115,7 +125,6 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
         acc["wait_s"] += r["wait_s"]
     split = {k: {"max": max(w[k] for w in per_worker.values()), "mean": float(np.mean([w[k] for w in per_worker.values()]))}
              for k in ("compute_s", "codec_s", "wait_s")}
-    rss = [m.get("peak_rss_kb") for m in wm]
     mpr = result.traffic["messages_per_round"]
     row = {
         "neurons": n, "workers": p, "channel": channel, "exact": exact, "images": n_images,
@@ -125,11 +134,12 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
         "all_to_all_per_round": p * (p - 1),
         "requests": billing.billed_total(channel, req), "requests_optimistic": billing.billed_total(channel, req, "optimistic"),
         "request_counts": req, "usd": usd["conservative"], "usd_optimistic": usd["optimistic"],
-        "lambda_mb_modelled": memory, "modelled_worker_s_max": max(seconds),
+        "usd_at_paper_memory": priced("conservative", paper_mb), "lambda_mb_modelled": memory,
+        "lambda_mb_paper": paper_mb, "modelled_worker_s_max": max(seconds),
         "wall_seconds": result.timings["run_s"], "startup_seconds": result.timings["startup_s"],
         "coordinator_seconds": wall_total, "partition_s": result.timings["partition_s"],
         "plan_upload_s": result.timings["plan_upload_s"], "time_split": split,
-        "worker_peak_rss_mb": (max(rss) / 1024) if all(r is not None for r in rss) else None,
+        "worker_peak_rss_mb": peak_mb,
         "worker_peak_rss_mb_mean": float(np.mean(rss)) / 1024 if all(r is not None for r in rss) else None,
         "launcher": launcher,
         "paper": {k: paper.get(k) for k in ("bytes", "requests", "usd", "lambda_mb", "messages", "per_worker_s",
@@ -232,6 +242,7 @@ def main(argv=None) -> int:
             print("\n".join(plot([r for r in rows if "error" not in r], args.plot)))
         return 0
     import fsd_kernels
+    from fsd_runtime.partition import make_partition
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     workers = [int(w) for w in args.workers.split(",") if w]
@@ -254,10 +265,16 @@ def main(argv=None) -> int:
         notes.append({"neurons": n, "data": source, "serial_seconds": time.perf_counter() - t0,
                       "categories": int(serial.categories.size)})
         for p in workers:
+            # one partition for both channels' runs of a configuration (the same owners either way)
+            t0 = time.perf_counter()
+            owners = make_partition(net, p, "hypergraph")
+            partition_s = time.perf_counter() - t0
             for channel in channels:
                 paper = table.get((channel, n, p)) or {}
                 try:
-                    row = run_one(net, images, serial, n, p, channel, args.launcher, paper, args.receive_timeout)
+                    row = run_one(net, images, serial, n, p, channel, args.launcher, paper, args.receive_timeout,
+                                  owners=owners)
+                    row["partition_s"] = partition_s
                 except Exception as exc:  # reported, not hidden: a configuration that did not run
                     row = {"neurons": n, "workers": p, "channel": channel, "exact": False,
                            "error": f"{type(exc).__name__}: {exc}"[:500]}
