@@ -149,9 +149,15 @@ class Beacon:
         self.record = record
         self.pid = os.getpid()
         path = os.path.join(record, "workers", str(worker))
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Locked before it is visible: the coordinator takes a beacon it can lock for a dead
+        # worker, so a beacon created under its own name and locked a moment later could be seen
+        # free in between (a live worker reported "died during start-up", under load). The lock
+        # belongs to the open file, which the rename keeps.
+        staging = f"{path}.{self.pid}.new"
+        self.fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         self.layer(-1)
+        os.rename(staging, path)
 
     def layer(self, layer: int) -> None:
         os.pwrite(self.fd, _BEACON.pack(self.pid, layer), 0)

@@ -466,3 +466,34 @@ def test_start_up_skew_never_counts_against_the_receive_timeout(runs, tmp_path):
     os.kill(workers[2][0], signal.SIGCONT)
     rc, out, err = run.finish(120)
     assert rc == 0 and "golden match: yes" in out, err
+
+
+def test_a_beacon_is_locked_before_the_coordinator_can_see_it(tmp_path, monkeypatch):
+    """The coordinator reports a worker dead when it can lock the worker's beacon; a beacon
+    visible under its name before its worker locked it read as a dead worker (seen under load:
+    a live forked worker "died during start-up")."""
+    import fcntl
+
+    from fsd_runtime import liveness
+
+    record = liveness.RunRecord("beaconrace" + "0" * 6, base=str(tmp_path))
+    final = os.path.join(record.dir, "workers", "7")
+    seen_before_lock = []
+    real_flock = fcntl.flock
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and not op & fcntl.LOCK_NB:
+            seen_before_lock.append(os.path.exists(final) and record.dead_workers().get(7) is not None)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(liveness.fcntl, "flock", flock)
+    try:
+        beacon = liveness.Beacon(record.dir, 7)
+        monkeypatch.setattr(liveness.fcntl, "flock", real_flock)
+        assert seen_before_lock == [False]
+        assert record.dead_workers() == {}  # locked and visible: alive
+        os.close(beacon.fd)
+        assert record.dead_workers() == {7: -1}  # its process gone: dead, at start-up
+        assert sorted(os.listdir(os.path.join(record.dir, "workers"))) == ["7"]
+    finally:
+        record.close()
