@@ -715,7 +715,8 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)
         try:
             import fsd_kernels.codec  # noqa: F401  (load the kernels now: start-up, not run time)
-            share = WorkerShare.from_bytes(storage.get(ev.share_key(event.prefix, event.worker_id)))
+            with storage.open(ev.share_key(event.prefix, event.worker_id)) as stored:  # parsed as read
+                share = WorkerShare.from_bytes(stored)
             if share.worker != event.worker_id or share.n_workers != event.n_workers:
                 raise ev.EventError(f"share of worker {share.worker}/{share.n_workers} given to "
                                     f"worker {event.worker_id}/{event.n_workers}")

@@ -220,3 +220,37 @@ def test_84_local_workers_need_no_timeout_flag(launcher):
     assert np.array_equal(a.indptr, serial.indptr) and np.array_equal(a.data.view(np.uint32),
                                                                       serial.data.view(np.uint32))
     assert len(result.worker_metrics) == 84
+
+
+# --- loading a share ---
+
+def test_a_share_read_from_its_file_is_parsed_as_read_without_a_second_copy(tmp_path):
+    import tracemalloc
+
+    from fsd_runtime.plan import WorkerShare
+    from fsd_runtime.storage import LocalStorage
+
+    ds = model.synthetic(512, 24, 50, seed=4)
+    net = ds.network.pack()
+    share = build_shares(net, *ds.images.arrays, np.zeros((24, 512), np.int64), 1)[0]
+    store = LocalStorage(str(tmp_path))
+    store.put("share.npz", share.to_bytes())
+    peaks = {}
+    for how in ("bytes", "file"):
+        tracemalloc.start()
+        if how == "bytes":
+            got = WorkerShare.from_bytes(store.get("share.npz"))
+        else:
+            with store.open("share.npz") as f:
+                got = WorkerShare.from_bytes(f)
+        held, peaks[how] = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        for name in ("colptr", "rowidx", "vals", "bias", "in_neurons", "out_neurons"):
+            assert all(np.array_equal(a, b) for a, b in zip(getattr(got, name), getattr(share, name)))
+        assert np.array_equal(got.x_data, share.x_data) and np.array_equal(got.active, share.active)
+        del got
+    size = len(share.to_bytes())
+    assert peaks["bytes"] > 1.9 * size  # the bytes and the arrays at once
+    assert peaks["file"] < 1.2 * size   # the arrays, and one read buffer
+    with pytest.raises(Exception, match="no stored object"):
+        store.open("missing.npz")
