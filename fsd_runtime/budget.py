@@ -15,7 +15,7 @@ import numpy as np
 #: Bytes of one activation (float32).
 FLOAT_BYTES = 4
 #: A worker process before its share and buffers: the interpreter, numpy, the kernels and the
-#: codec, the channel. Measured on 2026-12-08: 187 MB with the numba JIT kernels (this machine,
+#: codec, the channel. Measured on 2026-12-07: 187 MB with the numba JIT kernels (this machine,
 #: x86_64); the AOT native module of the Lambda layer needs about 140 MB less.
 WORKER_OVERHEAD_MB = 200.0
 
