@@ -77,7 +77,7 @@ def _launcher_config(launcher) -> dict:
 def run(network, images, *, workers: int | None = None, partition: str = "hypergraph",
         batch_size: int | None = None, threads: int | None = None, launcher="process",
         channel="local", bias: float | None = None, fanout: int = 2,
-        receive_timeout: float = 60.0, run_timeout: float = 900.0,
+        receive_timeout: float | None = None, run_timeout: float | None = None,
         metrics_dir: str | None = None) -> InferenceResult:
     """Run ``images`` through ``network``: serially in this process (``workers=None``, kernel
     ``threads``), or on ``workers`` local workers (``launcher`` "process" or "thread", the local

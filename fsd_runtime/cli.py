@@ -38,7 +38,8 @@ EXIT_TEXT = """exit status:
 MAX_WORKERS = 256
 
 #: ``run`` options that apply to distributed runs only (dest names).
-DISTRIBUTED_ONLY = ("channel", "partition", "fanout", "receive_timeout", "run_timeout", "metrics_dir")
+DISTRIBUTED_ONLY = ("channel", "partition", "fanout", "receive_timeout", "run_timeout", "metrics_dir",
+                    "worker_memory_mb")
 #: ``run`` options that apply to the AWS channels only.
 AWS_ONLY = ("invoker", "deployment", "endpoint_url", "region", "profile", "memory_mb", "architecture")
 
@@ -248,16 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
                       help="how neurons are split over workers (default: hypergraph)")
     dist.add_argument("--fanout", type=_positive_int, default=2, help="children per worker in the launch tree")
-    dist.add_argument("--receive-timeout", type=_seconds, default=60.0,
+    dist.add_argument("--receive-timeout", type=_seconds, default=None,
                       help="seconds a worker waits for a peer's message once every peer has started "
                            "(start-up is bounded by --run-timeout; a dead local worker is reported "
-                           "within a second)")
-    dist.add_argument("--run-timeout", type=_seconds, default=900.0, help="seconds the whole run may take")
+                           "within a second; default: from the work, at least 60, see docs/runtime.md)")
+    dist.add_argument("--run-timeout", type=_seconds, default=None,
+                      help="seconds the whole run may take (default: from the work, at least 900)")
+    dist.add_argument("--worker-memory-mb", type=_megabytes, default=None,
+                      help="each worker's memory budget: without --batch-size, images are batched to fit "
+                           "it (default: the Lambda function's memory; locally, the memory available "
+                           "shared by the workers)")
     dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV; PNG with "
                                             "matplotlib) here; checked before the run")
     add_aws_run_options(run)
     add_commands(sub)
     return parser
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected megabytes, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 10**7):
+        raise argparse.ArgumentTypeError(f"expected megabytes in (0, 10000000], got {text!r}")
+    return value
 
 
 def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -457,13 +473,19 @@ def run_distributed(args, ds) -> dict:
     with aws_run or nullcontext():  # checks the deployment first: a missing one is exit 2
         _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
         net = ds.network.pack()
-        result = run(net, ds.images.arrays, args.workers, partition=args.partition,
-                     channel=aws_run.channel_config() if aws_run else channel_config(args),
-                     launcher=aws_run.launcher_config() if aws_run else launcher_config(args),
-                     storage=aws_run.storage if aws_run else None, fanout=args.fanout,
-                     batch_size=args.batch_size, receive_timeout=args.receive_timeout,
-                     run_timeout=args.run_timeout, metrics_dir=args.metrics_dir,
-                     progress=lambda message: _progress(args, message))
+        from fsd_runtime.budget import MemoryBudgetError
+
+        try:
+            result = run(net, ds.images.arrays, args.workers, partition=args.partition,
+                         channel=aws_run.channel_config() if aws_run else channel_config(args),
+                         launcher=aws_run.launcher_config() if aws_run else launcher_config(args),
+                         storage=aws_run.storage if aws_run else None, fanout=args.fanout,
+                         batch_size=args.batch_size, receive_timeout=args.receive_timeout,
+                         run_timeout=args.run_timeout, metrics_dir=args.metrics_dir,
+                         progress=lambda message: _progress(args, message),
+                         worker_memory_mb=args.worker_memory_mb or (aws_run.memory_mb if aws_run else None))
+        except MemoryBudgetError as exc:  # before launch: the options' to fix
+            raise UsageError(f"--worker-memory-mb: {exc}") from None
     out = summary(ds, result.categories, result.timings["run_s"])
     out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
                traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),

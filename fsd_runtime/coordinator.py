@@ -176,16 +176,50 @@ def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neur
     return Activations(indptr, (keys % n_neurons).astype(np.int32), values, n_neurons)
 
 
+def _fit_batches(shares, batch_size, worker_memory_mb, launcher_kind, say):
+    """(batch size, memory budget) of a run: an explicit batch size wins (said if it exceeds the
+    budget); else the largest that fits the budget (``budget.batch_size_for``)."""
+    from fsd_runtime import budget
+
+    if worker_memory_mb is None:
+        worker_memory_mb = budget.default_worker_memory_mb(len(shares), launcher_kind)
+    if worker_memory_mb is None:
+        return batch_size, None
+    if batch_size is not None:
+        need = max(budget.peak_bytes(budget.footprint(s), batch_size) for s in shares) / 2**20
+        if need > worker_memory_mb:
+            say(f"batches of {batch_size} images need about {need:.0f} MB a worker, more than its "
+                f"{worker_memory_mb:.0f} MB (the batch size given wins)")
+        return batch_size, worker_memory_mb
+    batch_size = budget.batch_size_for(shares, worker_memory_mb)
+    if batch_size is not None:
+        say(f"batches of {batch_size} images fit {worker_memory_mb:.0f} MB a worker")
+    return batch_size, worker_memory_mb
+
+
 def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph",
                     channel: dict | None = None, launcher: dict | None = None,
                     storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
-                    receive_timeout: float = 60.0, run_timeout: float = 900.0,
+                    receive_timeout: float | None = None, run_timeout: float | None = None,
                     metrics_dir: str | None = None, owners: np.ndarray | None = None,
-                    progress=None) -> RunResult:
+                    progress=None, worker_memory_mb: float | None = None) -> RunResult:
     """Run ``images`` (CSR arrays: indptr, indices, data) through ``net`` (a PackedNetwork) on
     ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``. ``progress``
-    (optional) is called with one line per stage."""
+    (optional) is called with one line per stage.
+
+    ``receive_timeout``/``run_timeout`` None: derived from the work (``budget.run_timeouts``).
+    ``worker_memory_mb``: each worker's memory budget (None: on one machine, the memory available
+    shared by the workers); without ``batch_size``, images are batched to fit it
+    (``budget.batch_size_for``; ``budget.MemoryBudgetError`` before launch if one image does not)."""
+    from fsd_runtime import budget
+
     say = progress or (lambda message: None)
+    launcher_kind = (launcher or {"kind": "process"}).get("kind")
+    if receive_timeout is None or run_timeout is None:
+        auto = budget.run_timeouts(net, images[0].shape[0] - 1, n_workers, tree_depth(n_workers, fanout),
+                                   launcher_kind)
+        receive_timeout = auto.receive if receive_timeout is None else receive_timeout
+        run_timeout = auto.run if run_timeout is None else run_timeout
     channel = dict(channel or {"kind": "local"})
     if channel.get("kind") == "local" and "connect_timeout" not in channel:
         # a peer still starting is waited for as long as the run may take (start-up skew is no
@@ -206,6 +240,7 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     start = time.perf_counter()
     say(f"planning the workers' shares (partitioned in {timings['partition_s']:.1f} s)")
     shares = build_shares(net, indptr, indices, data, owners, n_workers)
+    batch_size, worker_memory_mb = _fit_batches(shares, batch_size, worker_memory_mb, launcher_kind, say)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
     coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource
@@ -228,7 +263,8 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         event = ev.WorkerEvent(run_id=run_id, worker_id=0, n_workers=n_workers, fanout=fanout,
                                storage=storage.config(), prefix=prefix, channel=run_channel,
                                launcher=launcher_config, receive_timeout=receive_timeout,
-                               run_timeout=run_timeout, batch_size=batch_size)
+                               run_timeout=run_timeout, batch_size=batch_size,
+                               worker_memory_mb=worker_memory_mb)
         launched = time.time()
         start = time.perf_counter()
         coordinator_launcher.launch([event])

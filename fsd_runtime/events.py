@@ -61,6 +61,9 @@ class WorkerEvent:
     run_timeout: float = 900.0
     #: Images per pipelined batch (None: all of the worker's images in one batch).
     batch_size: int | None = None
+    #: The memory budget a worker was planned under, MB (None: none); the batch size above fits
+    #: it (``fsd_runtime.budget``). Reported in the worker's metrics.
+    worker_memory_mb: float | None = None
     #: Start this worker's tree children (False when the coordinator starts every worker itself).
     launch_children: bool = True
     version: int = EVENT_VERSION
@@ -158,6 +161,10 @@ def parse(event: Any) -> WorkerEvent:
     batch_size = event.get("batch_size")
     if batch_size is not None:
         batch_size = _int("batch_size", batch_size, 1, 10**9)
+    worker_memory_mb = event.get("worker_memory_mb")
+    if worker_memory_mb is not None and (isinstance(worker_memory_mb, bool) or not isinstance(worker_memory_mb, (int, float))
+                                         or not 0 < worker_memory_mb <= 10**7):
+        raise EventError(f"event field 'worker_memory_mb' must be MB in (0, 10000000], got {worker_memory_mb!r}")
     launch_children = event.get("launch_children", True)
     if not isinstance(launch_children, bool):
         raise EventError(f"event field 'launch_children' must be true or false, got {launch_children!r}")
@@ -173,6 +180,7 @@ def parse(event: Any) -> WorkerEvent:
         receive_timeout=_seconds("receive_timeout", event.get("receive_timeout", 60.0)),
         run_timeout=_seconds("run_timeout", event.get("run_timeout", 900.0)),
         batch_size=batch_size,
+        worker_memory_mb=None if worker_memory_mb is None else float(worker_memory_mb),
         launch_children=launch_children,
         extra=dict(extra),
     )

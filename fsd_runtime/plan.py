@@ -76,8 +76,9 @@ class WorkerShare:
         return pack_arrays(arrays)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "WorkerShare":
-        """Load and check a share; a malformed one raises StorageError (a ValueError)."""
+    def from_bytes(cls, data) -> "WorkerShare":
+        """Load and check a share (bytes, or a binary file object: ``Storage.open``); a malformed
+        one raises StorageError (a ValueError)."""
         z = unpack_arrays(data, "worker share")
         try:
             return _check(_unflatten_share(z))

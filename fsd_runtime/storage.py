@@ -53,6 +53,12 @@ class Storage(ABC):
     def get(self, key: str) -> bytes:
         """The bytes at ``key``; :class:`StorageError` if there are none."""
 
+    def open(self, key: str):
+        """A binary file object over the bytes at ``key`` (close it after use): readers that parse
+        as they read (``unpack_arrays``) never hold the bytes and what they parse at once. This
+        default holds the bytes (``get``); stores with files override it."""
+        return io.BytesIO(self.get(key))
+
     @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether ``key`` holds bytes."""
@@ -124,6 +130,12 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise StorageError(f"no stored object at {key!r} (in {self.root})") from None
 
+    def open(self, key: str):
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"no stored object at {key!r} (in {self.root})") from None
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
@@ -175,10 +187,12 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def unpack_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
-    """Bytes from :func:`pack_arrays` back to arrays; anything else is a :class:`StorageError`."""
+def unpack_arrays(data, where: str) -> dict[str, np.ndarray]:
+    """Bytes from :func:`pack_arrays` (or a binary file object over them, read array by array:
+    the arrays are then never held next to the whole bytes) back to arrays; anything else is a
+    :class:`StorageError`."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        with np.load(data if hasattr(data, "read") else io.BytesIO(data), allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise StorageError(f"{where}: not a valid array archive ({exc})") from None

@@ -122,10 +122,44 @@ class WorkerResult:
 INPUTS, OUTPUTS = 0, 1
 
 
+class _Buffer:
+    """A float32 buffer allocated once at its largest size, handed out as C-contiguous
+    ``[rows, columns]`` views (a fresh 20 MB array a step cost more in page faults than the
+    layer's arithmetic)."""
+
+    def __init__(self, size: int):
+        self.size = size          # elements allocated when first used
+        self.flat = None
+        self.still_zero = False   # untouched since ``prefault`` zeroed it
+
+    def view(self, rows: int, columns: int) -> np.ndarray:
+        size = rows * columns
+        if self.flat is None or self.flat.shape[0] < size:
+            self.flat = np.empty(max(size, self.size), np.float32)
+        self.still_zero = False
+        return self.flat[:size].reshape(rows, columns)
+
+    def zeros(self, rows: int, columns: int) -> np.ndarray:
+        """:meth:`view` filled with zeros (free the first time: ``prefault`` zeroed it)."""
+        before, still_zero = self.flat, self.still_zero
+        block = self.view(rows, columns)
+        if not still_zero or self.flat is not before:  # used, or grown (np.empty)
+            block.fill(0.0)
+        return block
+
+    def prefault(self) -> None:
+        """Allocate and touch the buffer now (start-up), not at the first layer (run time)."""
+        if self.flat is None or not self.still_zero:
+            self.view(1, 1)
+            self.flat.fill(0.0)
+            self.still_zero = True
+
+
 class _Batch:
     """One batch's state, the same on every worker: live unsaturated image columns, parked images."""
 
-    def __init__(self, active: np.ndarray, parked: np.ndarray, buffer_rows: int):
+    def __init__(self, active: np.ndarray, parked: np.ndarray, buffer_rows: int,
+                 inputs: _Buffer | None = None):
         self.active = active      # int64 image ids, one per column of ``own``
         self.parked = parked      # int64 image ids whose activations are all ymax (not materialised)
         self.own = None           # float32 [my outputs of the last layer computed, len(active)]
@@ -134,42 +168,42 @@ class _Batch:
         width = active.shape[0] + parked.shape[0]
         self.top = np.zeros(width, np.float32)   # per column: largest output of the last layer
         self.gap = np.zeros(width, np.float32)   # and largest distance below ymax (see dense_layer_tracked)
-        self._buffer_rows = buffer_rows   # most rows a buffer holds in any layer
-        self._buffers: list[np.ndarray | None] = [None, None]
-        self._still_zero = [False, False]  # untouched since ``prefault`` zeroed it
+        # The input buffer is only used within one step, so the batches share one (the loop's);
+        # the outputs of a batch live from its step of one layer to its step of the next.
+        self._buffers = [inputs or _Buffer(buffer_rows * width), _Buffer(buffer_rows * width)]
 
     def buffer(self, which: int, rows: int, columns: int) -> np.ndarray:
-        """A C-contiguous ``[rows, columns]`` float32 view of this batch's buffer ``which``
-        (``INPUTS`` or ``OUTPUTS``).
-
-        Two buffers, allocated once at their largest size (a fresh 20 MB array a step cost more
-        in page faults than the layer's arithmetic): a layer's input block is assembled in one,
-        its outputs go to the other, over the previous outputs, which the input block has
-        copied by then.
-        """
-        size = rows * columns
-        flat = self._buffers[which]
-        if flat is None or flat.shape[0] < size:
-            widest = self.active.shape[0] + self.parked.shape[0]
-            flat = np.empty(max(size, self._buffer_rows * widest), np.float32)
-            self._buffers[which] = flat
-        self._still_zero[which] = False
-        return flat[:size].reshape(rows, columns)
+        """A C-contiguous ``[rows, columns]`` float32 view of buffer ``which`` (``INPUTS``, shared
+        by the batches, or this batch's ``OUTPUTS``): a layer's input block is assembled in one,
+        its outputs go to the other, over the previous outputs, which the input block has copied
+        by then."""
+        return self._buffers[which].view(rows, columns)
 
     def zeros(self, which: int, rows: int, columns: int) -> np.ndarray:
         """:meth:`buffer` filled with zeros (free the first time: ``prefault`` zeroed it)."""
-        before, still_zero = self._buffers[which], self._still_zero[which]
-        block = self.buffer(which, rows, columns)
-        if not still_zero or self._buffers[which] is not before:  # used, or grown (np.empty)
-            block.fill(0.0)
-        return block
+        return self._buffers[which].zeros(rows, columns)
 
     def prefault(self) -> None:
         """Allocate and touch both buffers now (start-up), not at the first layer (run time)."""
-        for which in (INPUTS, OUTPUTS):
-            self.buffer(which, 1, 1)
-            self._buffers[which].fill(0.0)
-            self._still_zero[which] = True
+        for buffer in self._buffers:
+            buffer.prefault()
+
+    def release(self) -> None:
+        """Drop this batch's output buffer (its outputs are copied into the result)."""
+        self.own = None
+        self._buffers[OUTPUTS] = _Buffer(0)
+
+
+def split_batches(active: np.ndarray, saturated: np.ndarray, size: int | None):
+    """The batches, the same on every worker: the images (active and saturated, by id) in runs of
+    ``size`` (None: one batch); each batch's (active, parked) ids."""
+    images = np.union1d(active, saturated)
+    size = size or max(images.shape[0], 1)
+    out = []
+    for start in range(0, max(images.shape[0], 1), size):
+        chunk = images[start:start + size]
+        out.append((active[np.isin(active, chunk)], saturated[np.isin(saturated, chunk)]))
+    return out
 
 
 class WorkerLoop:
@@ -216,15 +250,18 @@ class WorkerLoop:
         self.tracker = codec.ChunkTracker()
         self.pending: dict[tuple[int, int], list[bytes]] = {}
         self.slot_maps: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
-        active = share.active
-        size = batch_size or max(active.shape[0], 1)
-        starts = range(0, max(active.shape[0], 1), size)
-        most_in = max((a.shape[0] for a in share.in_neurons), default=0)
-        most_out = max((a.shape[0] for a in share.out_neurons), default=0)
-        self.status_rows = 2 * self.n_peers if self.me == ROOT else 2  # root: everyone's; others: the verdict
-        rows = max(most_in + self.status_rows, most_out + 2)
-        self.batches = [_Batch(active[s:s + size], share.saturated if i == 0 else _EMPTY, rows)
-                        for i, s in enumerate(starts)]
+        from fsd_runtime import budget
+
+        self.footprint = budget.footprint(share)
+        self.status_rows = budget.status_rows(self.me, self.n_peers)  # root: everyone's; others: the verdict
+        # One input buffer for all batches (rows: most input slots + status rows; layer 0's
+        # block and a block with parked images back fit too), an output buffer per batch.
+        fp = self.footprint
+        parts = split_batches(share.active, share.saturated, batch_size)
+        widest = max(a.shape[0] + p.shape[0] for a, p in parts)
+        self.inputs = _Buffer(fp.in_rows * widest)
+        self.batches = [_Batch(a, p, fp.out_rows, self.inputs) for a, p in parts]
+        self.batch_size = widest
         for state in self.batches:
             state.prefault()
         self.peers = [None] + [message_peers(share, layer) for layer in range(1, share.n_layers)]
@@ -252,12 +289,22 @@ class WorkerLoop:
             for b, state in enumerate(self.batches):
                 self._layer(layer, b, state)
         last = self.share.n_layers - 1
-        return WorkerResult(
-            worker=self.me, neurons=self.share.out_neurons[last],
-            active=np.concatenate([s.active for s in self.batches]),
-            rows=np.ascontiguousarray(np.hstack([s.own[:-2] for s in self.batches])),
-            saturated=np.concatenate([s.parked for s in self.batches]),
-            metrics=self.metrics.to_dict())
+        self.inputs.flat = None  # the run is over: the result is assembled batch by batch
+        n_rows = self.share.out_neurons[last].shape[0]
+        active = np.concatenate([s.active for s in self.batches])
+        rows = np.empty((n_rows, active.shape[0]), np.float32)
+        at = 0
+        for state in self.batches:
+            n = state.active.shape[0]
+            if n:
+                rows[:, at:at + n] = state.own[:n_rows]
+            at += n
+            state.release()
+        metrics = self.metrics.to_dict()
+        metrics["batches"] = len(self.batches)
+        metrics["batch_size"] = self.batch_size
+        return WorkerResult(worker=self.me, neurons=self.share.out_neurons[last], active=active, rows=rows,
+                            saturated=np.concatenate([s.parked for s in self.batches]), metrics=metrics)
 
     def _layer(self, layer: int, b: int, state: _Batch) -> None:
         share = self.share
@@ -364,7 +411,8 @@ class WorkerLoop:
             raise WorkerError(self.me, layer, f"batch {b}: send failed: {exc}") from exc
 
     def _slot_map(self, layer: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Per source: neuron id -> block row (-1: that source must not send it); status rows last
+        """Per source: neuron id -> block row (-1: that source must not send it; None: a peer that
+        sends nothing at this step); status rows last
         (on the root: two per worker, its own first; elsewhere: the root's verdict). Also the
         block rows peers write (received and status rows), which start as zeros."""
         cached = self.slot_maps.get(layer)
@@ -372,7 +420,11 @@ class WorkerLoop:
             s = self.share
             n_slots = s.in_neurons[layer].shape[0]
             maps = []
+            sources = set(self.peers[layer][1])
             for source in range(self.n_peers):
+                if source not in sources:  # sends nothing at this step: no map (they grow with P x N)
+                    maps.append(None)
+                    continue
                 m = np.full(s.n_neurons + 2, -1, np.int64)
                 slots = s.recv_slots[layer][source]
                 m[s.in_neurons[layer][slots]] = slots
@@ -458,6 +510,9 @@ class WorkerLoop:
             raise WorkerError(self.me, layer, f"batch {b}: chunk from worker {h.source} for worker "
                                               f"{h.target}, layer {h.layer}, batch {h.batch} is misaddressed")
         here, theirs = self.step(layer, b), self.step(h.layer, h.batch)
+        if theirs == here and maps[h.source] is None:
+            raise WorkerError(self.me, layer, f"batch {b}: worker {h.source} sent a chunk, but nothing is "
+                                              "expected from it at this step")
         if theirs > here:
             self.pending.setdefault((h.layer, h.batch), []).append(chunk)
             return None
@@ -586,6 +641,36 @@ def peak_rss_kb() -> int | None:
     return None
 
 
+def _own_start_rss_kb() -> int | None:
+    """VmRSS when this worker started: in a forked worker, the pages it shares with its parent
+    (which its VmHWM counts too)."""
+    from fsd_runtime import budget
+
+    return budget.rss_kb()
+
+
+def memory_metrics(start_rss_kb: int | None, loop: "WorkerLoop", budget_mb: float | None) -> dict:
+    """A worker's memory, for its metrics:
+
+    - ``peak_rss_kb``: VmHWM, the process's peak resident set (a forked worker's counts the pages
+      it shares with its parent; a thread worker's is the whole process);
+    - ``start_rss_kb``: VmRSS when the worker started, and ``peak_growth_kb`` = peak - start: what
+      the worker itself added at its peak (for a forked worker, its own memory);
+    - ``pss_kb`` / ``uss_kb`` at the end (smaps_rollup): shared pages split between sharers / private pages;
+    - ``memory_estimate_kb``: ``budget.peak_bytes`` for its share and batches (without the
+      process overhead) and ``memory_budget_mb``, the budget it was planned under (None: none).
+    """
+    from fsd_runtime import budget
+
+    peak = peak_rss_kb()
+    out = {"peak_rss_kb": peak, "start_rss_kb": start_rss_kb,
+           "peak_growth_kb": peak - start_rss_kb if peak is not None and start_rss_kb is not None else None,
+           "memory_estimate_kb": budget.peak_bytes(loop.footprint, loop.batch_size, overhead_mb=0) // 1024,
+           "memory_budget_mb": budget_mb}
+    out.update(budget.smaps_kb())
+    return out
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process (all its threads); thread launchers share one process, so
     there it counts every worker's time."""
@@ -611,6 +696,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
     configs name; adapters pass ready-made ones (e.g. a shared boto3 client).
     """
     started = time.time()
+    start_rss = _own_start_rss_kb()
     event = ev.parse(event)
     beacon = liveness.start_worker(event.worker_id)  # local worker processes of a coordinator only
     storage = storage or make_storage(event.storage)
@@ -632,7 +718,8 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)
         try:
             import fsd_kernels.codec  # noqa: F401  (load the kernels now: start-up, not run time)
-            share = WorkerShare.from_bytes(storage.get(ev.share_key(event.prefix, event.worker_id)))
+            with storage.open(ev.share_key(event.prefix, event.worker_id)) as stored:  # parsed as read
+                share = WorkerShare.from_bytes(stored)
             if share.worker != event.worker_id or share.n_workers != event.n_workers:
                 raise ev.EventError(f"share of worker {share.worker}/{share.n_workers} given to "
                                     f"worker {event.worker_id}/{event.n_workers}")
@@ -650,7 +737,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
             if own_channel:
                 channel.close()
         result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time(), "cpu_s": cpu}
-        result.metrics["peak_rss_kb"] = peak_rss_kb()
+        result.metrics.update(memory_metrics(start_rss, loop, event.worker_memory_mb))
         result.metrics["requests"] = channel.requests()
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())

@@ -14,7 +14,7 @@ from fsd_runtime import cli
 #: embedded default or a synthetic net; AWS settings come from the function's environment).
 COORDINATE_OPTIONS = frozenset({
     "workers", "channel", "invoker", "deployment", "images", "synthetic", "seed", "partition",
-    "fanout", "batch_size", "receive_timeout", "run_timeout", "memory_mb", "architecture"})
+    "fanout", "batch_size", "receive_timeout", "run_timeout", "memory_mb", "architecture", "worker_memory_mb"})
 
 
 def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
