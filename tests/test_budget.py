@@ -205,12 +205,7 @@ def test_explicit_timeouts_win_and_defaults_come_from_the_work(monkeypatch):
     assert (seen[1]["receive_timeout"], seen[1]["run_timeout"]) == (auto.receive, auto.run) == (60.0, 900.0)
 
 
-@pytest.mark.parametrize("launcher", [
-    "thread",
-    pytest.param("fork", marks=pytest.mark.xfail(
-        reason="on main at 9d16c93 too: forked runs of 16 workers or more fail with an empty failure "
-               "message (a worker reported dead, then not: a liveness race with forked workers)", strict=False)),
-])
+@pytest.mark.parametrize("launcher", ["thread", "fork"])
 def test_84_local_workers_need_no_timeout_flag(launcher):
     ds = model.synthetic(256, 4, 200, seed=5)
     net = ds.network.pack()
