@@ -13,11 +13,18 @@ final activations against the serial ``fsd_kernels.infer`` bit for bit, and repo
   per round, each worker's peak RSS (VmHWM, read by the worker itself);
 - modelled from exactly the chunks sent (``fsd_runtime.billing``, the AWS channels' own packing
   code): the bytes, billed requests (queue: PublishBatch + ReceiveMessage calls; object: PUT +
-  GET + LIST) and $ of that channel (``fsd_runtime.cost``, Lambda memory as in the paper's row,
-  worker durations = measured compute + codec, slowed to the Lambda CPU share, + one hop of
-  ``cost.LATENCY`` per round + INIT). ``usd`` / ``requests`` use the conservative assumptions
-  (one message per ReceiveMessage; S3 polls one per awaited object plus the back-off polls
-  of one hop), ``*_optimistic`` the other end.
+  GET + LIST) and $ of that channel (``fsd_runtime.cost``; worker durations = measured CPU time
+  of compute + codec, slowed to the Lambda CPU share, + one hop per round + INIT). ``usd`` /
+  ``requests`` use the conservative assumptions (the seed's measured 0.481 s exchange per
+  round; one message per ReceiveMessage; S3 polls one per awaited object plus the back-off
+  polls of one hop), ``*_optimistic`` the other end. Lambda memory (``lambda_mb_modelled``):
+  the smallest size holding the measured worker peak with a quarter to spare
+  (``cost.fitting_memory_mb``); ``usd_at_paper_memory`` prices the paper's size.
+
+Workers run within the paper's Lambda memory for N (and this machine's memory over P): the
+runtime batches the images where buffers would not fit (``batches`` in the row). Timeouts are
+the runtime's defaults, derived from the work. ``--save-runs DIR`` keeps each run's chunk log
+and metrics; ``--reprice DIR`` prices them again without running.
 
 Data: N = 1024 uses the official Graph Challenge images (embedded, first 10,000) on the
 official net; other N use the package's challenge-like synthetic net and images
@@ -80,43 +87,27 @@ def dataset(n: int, layers: int, images: int):
 
 
 def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict, timeout: float,
-            owners=None) -> dict:
-    from fsd_runtime.aws import billing, cost
+            owners=None, save_dir: str | None = None) -> dict:
+    from fsd_runtime.aws import billing
     from fsd_runtime.coordinator import run_distributed
 
     local = {"kind": "local"}
     if channel == "queue":
         local["max_chunk_bytes"] = billing.queue_max_chunk_bytes(p)
+    from fsd_runtime import budget
+
+    # each worker within the paper's Lambda memory for this N, and all of them within this machine
+    here = budget.default_worker_memory_mb(p, launcher)
+    lambda_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
     start = time.perf_counter()
     result = run_distributed(net, images, p, channel=local, launcher={"kind": launcher},
-                             receive_timeout=timeout, run_timeout=timeout * 4, owners=owners)
+                             receive_timeout=timeout, run_timeout=None if timeout is None else timeout * 4,
+                             owners=owners, worker_memory_mb=min(lambda_mb, here) if here else lambda_mb)
     wall_total = time.perf_counter() - start
     a = result.activations
     exact = bool(np.array_equal(a.indptr, serial.indptr) and np.array_equal(a.indices, serial.indices)
                  and np.array_equal(a.data.view(np.uint32), serial.data.view(np.uint32)))
     wm = result.worker_metrics
-    if channel == "queue":
-        req = billing.queue_requests(wm)
-    else:
-        req = billing.object_requests(wm, p)
-    rss = [m.get("peak_rss_kb") for m in wm]
-    peak_mb = max(rss) / 1024 if rss and all(r is not None for r in rss) else None
-    paper_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
-    # Lambda memory: the smallest size that holds the measured worker peak with a quarter to spare
-    # (the peak is of JIT-compiled kernels, ~140 MB more than the native module on Lambda), the
-    # paper's size when no peak was read; $ at the paper's size too, beside it
-    memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
-    n_images = images[0].shape[0] - 1
-
-    def priced(mode: str, memory_mb: int) -> float:
-        # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the
-        # replay allows; optimistic: the cost model's default hop and the fewest requests
-        latency = cost.SEED_MEASURED if mode == "conservative" else cost.LATENCY
-        seconds = cost.modelled_worker_seconds(result.metrics, channel, latency=latency, memory_mb=memory_mb)
-        return cost.run_cost(billing.with_mode(req, mode), seconds, n_images=n_images, memory_mb=memory_mb)["usd"]
-
-    seconds = cost.modelled_worker_seconds(result.metrics, channel, latency=cost.SEED_MEASURED, memory_mb=memory)
-    usd = {mode: priced(mode, memory) for mode in ("conservative", "optimistic")}
     per_worker = {}
     for r in result.metrics:
         acc = per_worker.setdefault(r["worker"], {"compute_s": 0.0, "codec_s": 0.0, "wait_s": 0.0})
@@ -126,25 +117,67 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
     split = {k: {"max": max(w[k] for w in per_worker.values()), "mean": float(np.mean([w[k] for w in per_worker.values()]))}
              for k in ("compute_s", "codec_s", "wait_s")}
     mpr = result.traffic["messages_per_round"]
+    rss = [m.get("peak_rss_kb") for m in wm]
+    growth = [m.get("peak_growth_kb") for m in wm]
     row = {
-        "neurons": n, "workers": p, "channel": channel, "exact": exact, "images": n_images,
-        "bytes": int(req["bytes_sent"]), "local_bytes": result.traffic["bytes"],
+        "neurons": n, "workers": p, "channel": channel, "exact": exact, "images": images[0].shape[0] - 1,
+        "local_bytes": result.traffic["bytes"],
         "messages": result.traffic["messages"], "chunks": result.traffic["chunks"],
         "messages_per_round": mpr, "rounds": sum(1 for m in mpr if m), "max_messages_per_round": max(mpr),
         "all_to_all_per_round": p * (p - 1),
-        "requests": billing.billed_total(channel, req), "requests_optimistic": billing.billed_total(channel, req, "optimistic"),
-        "request_counts": req, "usd": usd["conservative"], "usd_optimistic": usd["optimistic"],
-        "usd_at_paper_memory": priced("conservative", paper_mb), "lambda_mb_modelled": memory,
-        "lambda_mb_paper": paper_mb, "modelled_worker_s_max": max(seconds),
         "wall_seconds": result.timings["run_s"], "startup_seconds": result.timings["startup_s"],
         "coordinator_seconds": wall_total, "partition_s": result.timings["partition_s"],
         "plan_upload_s": result.timings["plan_upload_s"], "time_split": split,
-        "worker_peak_rss_mb": peak_mb,
-        "worker_peak_rss_mb_mean": float(np.mean(rss)) / 1024 if all(r is not None for r in rss) else None,
+        "worker_peak_rss_mb": max(rss) / 1024 if rss and all(r is not None for r in rss) else None,
+        "worker_peak_rss_mb_mean": float(np.mean(rss)) / 1024 if rss and all(r is not None for r in rss) else None,
+        "worker_peak_growth_mb": max(growth) / 1024 if growth and all(g is not None for g in growth) else None,
+        "batches": max(int(m.get("batches") or 1) for m in wm),
         "launcher": launcher,
+    }
+    if save_dir:  # what pricing needs, so a changed cost model can re-price without re-running
+        os.makedirs(save_dir, exist_ok=True)
+        with open(os.path.join(save_dir, f"{n}-{p}-{channel}.json"), "w") as f:
+            json.dump({"row": row, "worker_metrics": [{k: m.get(k) for k in ("worker", "chunk_log")} for m in wm],
+                       "metrics": result.metrics}, f)
+    return price(row, wm, result.metrics, paper)
+
+
+def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dict) -> dict:
+    """``row`` with the modelled channel's bytes, billed requests and $ (module notes), from the
+    run's chunk log (``worker_metrics``) and per-layer metrics."""
+    from fsd_runtime.aws import billing, cost
+
+    channel, p, n = row["channel"], row["workers"], row["neurons"]
+    if channel == "queue":
+        req = billing.queue_requests(worker_metrics)
+    else:
+        req = billing.object_requests(worker_metrics, p)
+    paper_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
+    # Lambda memory: the smallest size that holds the measured worker peak with a quarter to spare
+    # (the peak is of JIT-compiled kernels, ~140 MB more than the native module on Lambda), the
+    # paper's size when no peak was read; $ at the paper's size too, beside it
+    peak_mb = row.get("worker_peak_rss_mb")
+    memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
+
+    def priced(mode: str, memory_mb: int) -> float:
+        # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the
+        # replay allows; optimistic: the cost model's default hop and the fewest requests
+        latency = cost.SEED_MEASURED if mode == "conservative" else cost.LATENCY
+        seconds = cost.modelled_worker_seconds(metrics, channel, latency=latency, memory_mb=memory_mb)
+        return cost.run_cost(billing.with_mode(req, mode), seconds, n_images=row["images"],
+                             memory_mb=memory_mb)["usd"]
+
+    seconds = cost.modelled_worker_seconds(metrics, channel, latency=cost.SEED_MEASURED, memory_mb=memory)
+    row = dict(row)
+    row.update({
+        "bytes": int(req["bytes_sent"]),
+        "requests": billing.billed_total(channel, req), "requests_optimistic": billing.billed_total(channel, req, "optimistic"),
+        "request_counts": req, "usd": priced("conservative", memory), "usd_optimistic": priced("optimistic", memory),
+        "usd_at_paper_memory": priced("conservative", paper_mb), "lambda_mb_modelled": memory,
+        "lambda_mb_paper": paper_mb, "modelled_worker_s_max": max(seconds),
         "paper": {k: paper.get(k) for k in ("bytes", "requests", "usd", "lambda_mb", "messages", "per_worker_s",
                                               "comm_s", "compute_s", "compress_s")} if paper else None,
-    }
+    })
     if paper:
         row["ratios"] = {k: (row[k] / paper[k]) if paper.get(k) else None for k in ("bytes", "requests", "usd")}
     return row
@@ -228,12 +261,27 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--layers", type=int, default=120)
     ap.add_argument("--launcher", default="fork", choices=["fork", "process", "thread"])
-    ap.add_argument("--receive-timeout", type=float, default=600.0)
+    ap.add_argument("--receive-timeout", type=float, default=None,
+                    help="seconds (default: the runtime's, derived from the work; the run timeout is 4x)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rows-file", metavar="PATH", help="also append each row as a JSON line as soon as it is done")
     ap.add_argument("--plot", metavar="DIR")
     ap.add_argument("--from-rows", metavar="PATH", help="no runs: print the markdown table (and --plot) of a --rows-file")
+    ap.add_argument("--save-runs", metavar="DIR", help="also keep each run's chunk log and metrics (for --reprice)")
+    ap.add_argument("--reprice", metavar="DIR", help="no runs: price the runs kept by --save-runs again, as --json rows")
     args = ap.parse_args(argv)
+    if args.reprice:
+        table = paper_rows()
+        rows = []
+        for name in sorted(os.listdir(args.reprice)):
+            if name.endswith(".json"):
+                with open(os.path.join(args.reprice, name)) as f:
+                    saved = json.load(f)
+                r = saved["row"]
+                rows.append(price(r, saved["worker_metrics"], saved["metrics"],
+                                  table.get((r["channel"], r["neurons"], r["workers"])) or {}))
+        print(json.dumps({"rows": rows, "repriced": args.reprice}))
+        return 0
     if args.from_rows:
         with open(args.from_rows) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -273,7 +321,7 @@ def main(argv=None) -> int:
                 paper = table.get((channel, n, p)) or {}
                 try:
                     row = run_one(net, images, serial, n, p, channel, args.launcher, paper, args.receive_timeout,
-                                  owners=owners)
+                                  owners=owners, save_dir=args.save_runs)
                     row["partition_s"] = partition_s
                 except Exception as exc:  # reported, not hidden: a configuration that did not run
                     row = {"neurons": n, "workers": p, "channel": channel, "exact": False,
