@@ -449,8 +449,10 @@ def channel_config(args) -> dict:
 
 
 def launcher_config(args) -> dict:
-    """The launcher config the run options name (local processes by default)."""
-    return {"kind": "process"}
+    """The launcher config the run options name: local processes, forked where the OS can
+    (worker 0 loads numpy and the kernels once and every other worker is forked from its tree
+    parent: start-up does not grow with P), else each started afresh."""
+    return {"kind": "fork" if hasattr(os, "fork") else "process"}
 
 
 class RunFailed(Exception):
