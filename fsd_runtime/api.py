@@ -17,7 +17,7 @@ import fsd_kernels
 from fsd_kernels import Activations, PackedNetwork
 from fsd_runtime import model
 
-LAUNCHERS = ("process", "thread")
+LAUNCHERS = ("fork", "process", "thread")
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,14 @@ def _launcher_config(launcher) -> dict:
 
 
 def run(network, images, *, workers: int | None = None, partition: str = "hypergraph",
-        batch_size: int | None = None, threads: int | None = None, launcher="process",
+        batch_size: int | None = None, threads: int | None = None, launcher: str | dict | None = None,
         channel="local", bias: float | None = None, fanout: int = 2,
         receive_timeout: float | None = None, run_timeout: float | None = None,
         metrics_dir: str | None = None) -> InferenceResult:
     """Run ``images`` through ``network``: serially in this process (``workers=None``, kernel
-    ``threads``), or on ``workers`` local workers (``launcher`` "process" or "thread", the local
-    channel, neurons split by ``partition``). Both give bit-identical activations.
+    ``threads``), or on ``workers`` local workers (``launcher`` "fork", "process" or "thread";
+    default fork where the OS can, else process; the local channel, neurons split by
+    ``partition``). Both give bit-identical activations.
 
     ``network``: a directory of official layer files or an .npz file (see docs/formats.md), a
     :class:`~fsd_runtime.model.Network` or an ``fsd_kernels.PackedNetwork``; ``bias`` is the
@@ -106,7 +107,8 @@ def run(network, images, *, workers: int | None = None, partition: str = "hyperg
 
     channel_config = {"kind": channel} if isinstance(channel, str) else dict(channel)
     result = run_distributed(net, x.arrays, workers, partition=partition, channel=channel_config,
-                             launcher=_launcher_config(launcher), fanout=fanout, batch_size=batch_size,
+                             launcher=_launcher_config(launcher or ("fork" if hasattr(os, "fork") else "process")),
+                             fanout=fanout, batch_size=batch_size,
                              receive_timeout=receive_timeout, run_timeout=run_timeout,
                              metrics_dir=metrics_dir)
     timings.update(result.timings)
