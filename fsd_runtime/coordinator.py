@@ -25,7 +25,7 @@ from fsd_runtime import metrics as mx
 from fsd_runtime.channels import channel_class
 from fsd_runtime.launch import ProcessLauncher, make_launcher, tree_depth
 from fsd_runtime.partition import make_partition
-from fsd_runtime.plan import build_shares
+from fsd_runtime.plan import build_shares, initial_status
 from fsd_runtime.storage import LocalStorage, Storage, StorageError, unpack_arrays
 
 
@@ -176,15 +176,24 @@ def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neur
     return Activations(indptr, (keys % n_neurons).astype(np.int32), values, n_neurons)
 
 
-def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph",
+def run_distributed(net, images, n_workers: int | None = None, *, partition: str | None = None,
                     channel: dict | None = None, launcher: dict | None = None,
                     storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
                     receive_timeout: float = 60.0, run_timeout: float = 900.0,
                     metrics_dir: str | None = None, owners: np.ndarray | None = None,
-                    progress=None) -> RunResult:
+                    progress=None, prepared=None) -> RunResult:
     """Run ``images`` (CSR arrays: indptr, indices, data) through ``net`` (a PackedNetwork) on
     ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``. ``progress``
-    (optional) is called with one line per stage."""
+    (optional) is called with one line per stage.
+
+    ``prepared``: a prepared model (a directory from :func:`fsd_runtime.prepared.prepare`, or a
+    ``PreparedModel``) to run instead of partitioning and planning ``net`` here. This coordinator
+    then reads only the model's metadata and layer-0 rows besides the images; ``net`` may be
+    None, and if given must be the network the model was prepared from (same content hash).
+    ``n_workers`` (default: the model's) and ``partition`` must match the model's. Local runs
+    read the workers' segments where they are; a run on another store (S3) uploads the model to
+    ``models/{digest}`` of that store once, and later runs reuse it.
+    """
     say = progress or (lambda message: None)
     channel = dict(channel or {"kind": "local"})
     if channel.get("kind") == "local" and "connect_timeout" not in channel:
@@ -192,20 +201,39 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         # failure; a peer that dies meanwhile is found by the liveness checks)
         channel["connect_timeout"] = min(float(run_timeout), 3600.0)
     launcher_config = dict(launcher or {"kind": "process"})
+    model = None
+    if prepared is not None:
+        from fsd_runtime import prepared as prep
+
+        if owners is not None:
+            raise ValueError("owners do not apply to a prepared model (it holds its own partition)")
+        model = prep.open_model(prepared)
+        prep.check_model(model, n_workers=n_workers, partition=partition)
+        if net is not None:
+            prep.check_model(model, network_hash=prep.network_hash(net))
+        n_workers, partition = model.n_workers, model.partition
+    elif net is None or n_workers is None:
+        raise ValueError("a run needs a network and a worker count, or a prepared model")
+    partition = partition or "hypergraph"
     tree_depth(n_workers, fanout)  # validates the tree before anything is created
     aws = channel.get("kind") not in (None, "local") or storage is not None
     for line in liveness.sweep(aws=aws):  # leftovers of runs whose coordinator died
         say(line)
     indptr, indices, data = images
+    n_neurons = model.n_neurons if model is not None else net.n_neurons
+    ymax = model.ymax if model is not None else net.ymax
+    if indices.size and int(indices.max()) >= n_neurons:
+        raise ValueError(f"the images have neuron ids beyond the network's {n_neurons} neurons")
     timings = {}
     start = time.perf_counter()
-    if owners is None:
+    if model is None and owners is None:
         say(f"partitioning {net.n_layers} layers over {n_workers} workers ({partition})")
         owners = make_partition(net, n_workers, partition)
     timings["partition_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    say(f"planning the workers' shares (partitioned in {timings['partition_s']:.1f} s)")
-    shares = build_shares(net, indptr, indices, data, owners, n_workers)
+    if model is None:
+        say(f"planning the workers' shares (partitioned in {timings['partition_s']:.1f} s)")
+        shares = build_shares(net, indptr, indices, data, owners, n_workers)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
     coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource
@@ -217,9 +245,21 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         record.update(storage=storage.config(), prefix=prefix, n_workers=n_workers)
         if isinstance(coordinator_launcher, ProcessLauncher):
             coordinator_launcher.env.update(record.env())
-        say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
-        for share in shares:
-            storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+        if model is None:
+            say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
+            for share in shares:
+                storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+        else:
+            if not isinstance(storage, LocalStorage) and model.storage.config() != storage.config():
+                # workers elsewhere (Lambda) read the model from the run's store: put it there once
+                model, uploaded = prep.publish(model, storage, say)
+                timings["model_uploaded"] = uploaded
+            say(f"storing {n_workers} inputs shares of the prepared model in {model.where()}")
+            in0 = prep.layer0_inputs(model)
+            active, saturated = initial_status(indptr, data, n_neurons, ymax)
+            for w in range(n_workers):
+                storage.put(ev.share_key(prefix, w),
+                            prep.inputs_share(model, w, in0[w], (indptr, indices, data), active, saturated))
         timings["plan_upload_s"] = time.perf_counter() - start
         run_channel = kind.create_run(channel, run_id, n_workers)
         record.update(channel=run_channel, paths=[run_channel["dir"]] if isinstance(run_channel.get("dir"), str)
@@ -228,14 +268,15 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         event = ev.WorkerEvent(run_id=run_id, worker_id=0, n_workers=n_workers, fanout=fanout,
                                storage=storage.config(), prefix=prefix, channel=run_channel,
                                launcher=launcher_config, receive_timeout=receive_timeout,
-                               run_timeout=run_timeout, batch_size=batch_size)
+                               run_timeout=run_timeout, batch_size=batch_size,
+                               model=model.location() if model is not None else None)
         launched = time.time()
         start = time.perf_counter()
         coordinator_launcher.launch([event])
         _wait(storage, prefix, n_workers, coordinator_launcher, run_timeout, record)
         timings["launch_to_done_s"] = time.perf_counter() - start
         worker_metrics = [json.loads(storage.get(ev.metrics_key(prefix, w))) for w in range(n_workers)]
-        activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, net.n_neurons, net.ymax)
+        activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, n_neurons, ymax)
     finally:
         with liveness.signals_deferred():
             try:
