@@ -76,10 +76,14 @@ def _packed_stream(net) -> _CscStream:
     return _CscStream("packed network", int(net.n_neurons), int(net.n_layers), np.float32(net.ymax), layers)
 
 
-def _csc_stream(stream) -> _CscStream:
-    """A model.LayerStream packed layer by layer exactly as ``fsd_kernels.pack`` packs a network."""
+def _csc_stream(stream, keeps: bool = True) -> _CscStream:
+    """A model.LayerStream packed layer by layer exactly as ``fsd_kernels.pack`` packs a network
+    (``keeps``: with each layer's keeps_saturated, which runs a kernel; else None)."""
     from fsd_kernels import _validate
-    from fsd_kernels.network import csr_to_csc, keeps_saturated
+    from fsd_kernels.network import csr_to_csc
+
+    if keeps:
+        from fsd_kernels.network import keeps_saturated
 
     n = int(stream.n_neurons)
     ymax = _validate.ymax(stream.ymax)
@@ -93,7 +97,7 @@ def _csc_stream(stream) -> _CscStream:
             bias = np.broadcast_to(np.float32(bias), (n,)) if np.ndim(bias) == 0 else bias
             bias = _validate.vector(f"layer {l} bias", bias, n)
             colptr, rows, vals = csr_to_csc(indptr, indices, data, n)
-            yield colptr, rows, vals, bias, bool(keeps_saturated(colptr, rows, vals, bias, ymax))
+            yield colptr, rows, vals, bias, bool(keeps_saturated(colptr, rows, vals, bias, ymax)) if keeps else None
             count += 1
         if count != stream.n_layers:
             raise PreparedError(f"{stream.name}: {count} layers, not the {stream.n_layers} it announced")
@@ -106,7 +110,7 @@ def parse_source(text: str):
     from fsd_runtime import model
 
     if text == "embedded":
-        return model.embedded().network
+        return model.embedded()
     if text.startswith("synthetic:"):
         parts = text.split(":")
         try:
@@ -120,7 +124,7 @@ def parse_source(text: str):
     return None
 
 
-def network_stream(source, bias: float | None = None) -> _CscStream:
+def network_stream(source, bias: float | None = None, keeps: bool = True) -> _CscStream:
     """The network ``source`` names, one packed layer at a time. ``source``: a directory of
     official layer files or an .npz network file (read a layer at a time), ``"embedded"``,
     ``"synthetic:NxL[:SEED]"`` (generated a layer at a time), a ``model.LayerStream``, or a
@@ -134,18 +138,19 @@ def network_stream(source, bias: float | None = None) -> _CscStream:
             source = parsed
     if bias is not None and not isinstance(source, (str, os.PathLike)):
         raise PreparedError("bias applies to network directories only")
+    name = "network"
     if isinstance(source, model.Dataset):
-        source = source.network
+        source, name = source.network, source.name
     if isinstance(source, PackedNetwork):
         return _packed_stream(source)
     if isinstance(source, (str, os.PathLike)):
-        return _csc_stream(model.stream_network(os.fspath(source), bias))
+        return _csc_stream(model.stream_network(os.fspath(source), bias), keeps)
     if isinstance(source, model.Network):
         net = source
-        source = model.LayerStream("network", net.n_neurons, net.n_layers, net.ymax,
+        source = model.LayerStream(name, net.n_neurons, net.n_layers, net.ymax,
                                    lambda: zip(net.layers, net.biases))
     if isinstance(source, model.LayerStream):
-        return _csc_stream(source)
+        return _csc_stream(source, keeps)
     raise TypeError(f"a network source must be a path, 'embedded', 'synthetic:NxL[:SEED]', a LayerStream, "
                     f"a Network or a PackedNetwork, got {type(source).__name__}")
 
@@ -163,7 +168,7 @@ def _hash_end(h, n: int, n_layers: int, ymax) -> str:
 def network_hash(source, bias: float | None = None) -> str:
     """sha256 (hex) of a network's content, read one layer at a time (a ``PackedNetwork`` too):
     equal for the same weights, biases and ymax in any of the formats."""
-    stream = network_stream(source, bias)
+    stream = network_stream(source, bias, keeps=False)
     h = hashlib.sha256(b"fsd-network-v1")
     count = 0
     for colptr, rowidx, vals, b, _ in stream.layers():
