@@ -298,6 +298,8 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
                                          storage=aws_run.storage, run_timeout=240)
             assert_same(result.activations, serial)
             uploaded.append(result.timings["model_uploaded"])
+            segments = len(prepared.open_model(small_model).meta["segments"])
+            assert result.traffic["model_gets_per_worker"] == 1 + segments  # priced by AwsRun.cost
         assert uploaded == [True, False]
         bucket = deploy.names_for(deploy.DeploySettings(name=name), settings).bucket
         keys = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]

@@ -234,6 +234,8 @@ class AwsRun:
         requests: Counter = Counter(traffic.get("channel_requests", {}))
         requests.update(cost.s3_counters(self.storage.call.attempts))
         requests.update({k: v * self.n_workers for k, v in WORKER_STORE_CALLS.items()})
+        # a prepared model's run: each worker also GETs model.json and its segments
+        requests.update({"s3_get_requests": int(traffic.get("model_gets_per_worker", 0)) * self.n_workers})
         run_id, share_bytes = self._sizes("shares")
         _, result_bytes = self._sizes("results")
         bills, terms = {}, {}
