@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -399,8 +400,13 @@ def check_options(args, given: set[str]) -> None:
                 refuse(dest, "does not apply to --synthetic (a synthetic net has its own data)")
     elif "seed" in given:
         refuse("seed", "applies to --synthetic only")
+    if args.prepared and args.prepared.startswith("s3:"):
+        if args.channel not in AWS_CHANNELS:
+            refuse("prepared", "s3:PREFIX names a model in a deployment's bucket: add --channel queue|object")
+        if not re.fullmatch(r"[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*", args.prepared[3:]) or ".." in args.prepared:
+            refuse("prepared", f"s3:PREFIX needs a plain key prefix, e.g. s3:models/0123abcd, got {args.prepared!r}")
     if args.prepared:
-        if not os.path.isdir(args.prepared):
+        if not args.prepared.startswith("s3:") and not os.path.isdir(args.prepared):
             refuse("prepared", f"{args.prepared}: no such directory (make one with `fsd-inference prepare`)")
         if args.weights and not args.inputs:
             raise UsageError("--weights needs --inputs (with --prepared, --inputs may come alone)")
@@ -492,7 +498,12 @@ def open_prepared(args):
     from fsd_runtime.launch import LaunchError, tree_depth
 
     try:
-        found = prepared.open_model(args.prepared)
+        if args.prepared.startswith("s3:"):  # a model a run uploaded to the deployment's bucket
+            from fsd_runtime.aws.run import prepared_store, run_options
+
+            found = prepared.open_model(prepared_store(run_options(args)), args.prepared[3:])
+        else:
+            found = prepared.open_model(args.prepared)
         prepared.check_model(found, n_workers=args.workers,
                              partition=args.partition if getattr(args, "partition_given", False) else None)
     except prepared.PreparedError as exc:
@@ -623,6 +634,8 @@ def run_distributed(args, ds) -> dict:
     out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
                traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),
                startup_seconds=result.timings["startup_s"], timings=result.timings)
+    if result.model:
+        out["prepared_model"] = result.model
     if args.metrics_dir:
         out["metrics_error"] = result.metrics_error
         out["metrics_png"] = result.metrics_paths.get("png")

@@ -49,6 +49,8 @@ class RunResult:
     metrics_error: str | None = None
     #: Every worker's metrics as it wrote them (peak RSS, times, channel counters, chunk log).
     worker_metrics: list[dict] = field(default_factory=list)
+    #: Where the prepared model the workers read is (a directory, or the store's ``models/...``).
+    model: str | None = None
 
     @property
     def categories(self) -> np.ndarray:
@@ -303,6 +305,9 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)
     result.worker_metrics = worker_metrics
+    result.model = None if model is None else (model.storage.root if isinstance(model.storage, LocalStorage)
+                                               else f"s3:{model.prefix}" if model.storage.config().get("kind") == "s3"
+                                               else model.where())
     if metrics_dir:
         try:
             result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},

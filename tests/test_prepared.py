@@ -306,5 +306,21 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         digest = prepared.model_digest(prepared.open_model(small_model).meta)
         assert keys and all(k.startswith(f"models/{digest}/") for k in keys), keys  # the runs' objects are gone
         assert len(keys) == len([f for _, _, fs in os.walk(small_model) for f in fs])
+        # later runs name the uploaded model alone: the CLI, and the Lambda coordinator's mode
+        from fsd_runtime.aws.coordinate import coordinate
+
+        want = [int(c) + 1 for c in serial.categories]
+        out = coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "invoker": "local",
+                          "deployment": name, "synthetic": "256x8", "seed": 1, "images": 60})
+        assert out["categories"] == want and out["prepared_model"] == f"s3:models/{digest}" and out["workers"] == 3
+        with pytest.raises(ValueError, match="must be s3:PREFIX"):
+            coordinate({"prepared": small_model, "channel": "object", "deployment": name})
+        with pytest.raises(ValueError, match="another network"):
+            coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "invoker": "local",
+                        "deployment": name, "synthetic": "256x8", "seed": 2, "images": 5})
+        keys_after = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
+        assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
+                         "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)

@@ -78,6 +78,16 @@ def run_options(args) -> RunOptions:
                       fanout=getattr(args, "fanout", 2))
 
 
+def prepared_store(options: RunOptions) -> S3Storage:
+    """The deployment's bucket, where ``run --prepared s3:PREFIX`` finds a prepared model (one a
+    run uploaded to ``models/{digest}``)."""
+    try:
+        names = deploy.names_for(deploy.DeploySettings(name=options.deployment), options.aws)
+    except (ClientError, BotoCoreError) as exc:
+        raise deploy.DeployError(f"cannot reach AWS to find deployment {options.deployment!r}: {exc}") from None
+    return S3Storage(names.bucket, options.aws)
+
+
 def command_options(args) -> CommandOptions:
     """CLI layer: a parsed ``deploy``/``teardown``/``cleanup`` command line."""
     return CommandOptions(command=args.command, settings=deploy_settings(args), aws=aws_settings(args),
