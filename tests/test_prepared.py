@@ -324,3 +324,34 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
                          "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+# --- the worker event's model field ---
+
+def _event(**model):
+    from fsd_runtime import events
+
+    return {"run_id": "r1", "worker_id": 0, "n_workers": 2, "fanout": 2, "prefix": "runs/r1",
+            "storage": {"kind": "s3", "bucket": "the-bucket"}, "channel": {"kind": "object", "bucket": "the-bucket"},
+            "launcher": {"kind": "lambda", "function": "fn"}, "version": events.EVENT_VERSION, **model}
+
+
+def test_the_event_names_a_model_checked_like_every_field():
+    from fsd_runtime import events
+    from fsd_runtime.aws.handler import check_deployed_event
+
+    assert events.parse(_event()).model is None
+    parsed = events.parse(_event(model={"prefix": "models/abc"}))
+    assert parsed.model == {"prefix": "models/abc"} and events.parse(parsed.to_json()).model == parsed.model
+    for bad in ({"prefix": "../x"}, {"prefix": "/abs"}, {"prefix": "m", "other": 1}, "models/abc",
+                {"prefix": "m", "storage": {"root": "/x"}}):
+        with pytest.raises(events.EventError, match="model"):
+            events.parse(_event(model=bad))
+    limits = {"deployment": "d", "bucket": "the-bucket", "max_workers": 8, "max_fanout": 4, "function": "fn",
+              "endpoint_url": None}
+    check_deployed_event(events.parse(_event(model={"prefix": "models/abc"})), limits)
+    check_deployed_event(events.parse(_event(model={"prefix": "m", "storage": {"kind": "s3", "bucket": "the-bucket"}})),
+                         limits)
+    for storage in ({"kind": "local", "root": "/tmp/x"}, {"kind": "s3", "bucket": "another"}):
+        with pytest.raises(events.EventError, match="prepared model must be in the deployment's bucket"):
+            check_deployed_event(events.parse(_event(model={"prefix": "m", "storage": storage})), limits)
