@@ -327,6 +327,9 @@ def prepare_command(args) -> int:
     except OSError as exc:
         _error(f"cannot write the prepared model to {args.out}: {exc}")
         return EXIT_FAILED
+    except MemoryError:
+        _error("not enough memory to prepare this network (a smaller --segment-mb?)")
+        return EXIT_USAGE
     if args.json:
         print(json.dumps({k: v for k, v in meta.items() if k != "keeps_saturated"}))
     else:
