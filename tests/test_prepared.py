@@ -355,3 +355,19 @@ def test_the_event_names_a_model_checked_like_every_field():
     for storage in ({"kind": "local", "root": "/tmp/x"}, {"kind": "s3", "bucket": "another"}):
         with pytest.raises(events.EventError, match="prepared model must be in the deployment's bucket"):
             check_deployed_event(events.parse(_event(model={"prefix": "m", "storage": storage})), limits)
+
+
+def test_prepare_into_a_store_prefix_and_run_from_there(tmp_path):
+    from fsd_runtime.storage import LocalStorage
+
+    store = LocalStorage(str(tmp_path / "store"))
+    store.put("other/keep.txt", b"not the model's")
+    meta = prepared.prepare("synthetic:256x6:4", (store, "models/m1"), 2, partition="contiguous")
+    found = prepared.open_model(store, "models/m1")
+    assert found.meta["network_hash"] == meta["network_hash"] and found.partition == "contiguous"
+    with pytest.raises(prepared.PreparedError, match="already holds objects"):
+        prepared.prepare("synthetic:256x6:4", (store, "models/m1"), 2)
+    ds = model.synthetic(256, 6, 40, seed=4)
+    result = run_distributed(None, ds.images.arrays, prepared=found, launcher={"kind": "thread"})
+    assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, ds.network.pack()))
+    assert store.get("other/keep.txt") == b"not the model's"
