@@ -1,6 +1,7 @@
 """fsd_runtime: the thin runtime of FSD-Inference (model, partition, worker loop, channels, launch).
 
-Public API: ``run`` (a whole run, serial or distributed) and its ``InferenceResult``; ``Network``,
+Public API: ``run`` (a whole run, serial or distributed) and its ``InferenceResult``; ``prepare``
+(a model partitioned and planned once, for runs with ``prepared=DIR``); ``Network``,
 ``load_network``, ``save_network``, ``DataError`` for networks users bring. Every Lambda worker and
 the CLI import this package, so the names are resolved lazily: ``import fsd_runtime`` imports
 nothing heavy (no numpy, numba, scipy or boto3).
@@ -15,6 +16,7 @@ _LAZY = {
     "DataError": "fsd_runtime.model",
     "load_network": "fsd_runtime.model",
     "save_network": "fsd_runtime.model",
+    "prepare": "fsd_runtime.prepared",
 }
 
 __all__ = sorted(_LAZY)

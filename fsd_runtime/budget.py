@@ -111,15 +111,21 @@ def batch_size_for(shares, budget_mb: float, overhead_mb: float = WORKER_OVERHEA
 
 def default_worker_memory_mb(n_workers: int, launcher_kind: str | None) -> float | None:
     """The memory budget of a worker when none is given: on one machine (process, fork and thread
-    launchers) the memory available now shared by the workers; None elsewhere (the AWS run passes
-    its function's memory)."""
+    launchers) the memory available now shared by the workers (each fresh process with its own
+    ``WORKER_OVERHEAD_MB``; forked workers and threads share one); None elsewhere (the AWS run
+    passes its function's memory)."""
     if launcher_kind not in ("process", "fork", "thread"):
         return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024 / n_workers
+                    available = int(line.split()[1]) / 1024
+                    if launcher_kind == "process":  # every worker its own interpreter and kernels
+                        return available / n_workers
+                    # forked workers share their parent's pages of the interpreter and kernels
+                    # (copy-on-write), threads their process: that overhead is there once
+                    return max(available - WORKER_OVERHEAD_MB, 0.0) / n_workers + WORKER_OVERHEAD_MB
     except (OSError, ValueError, IndexError):
         pass
     return None
@@ -178,6 +184,16 @@ def run_timeouts(net, n_images: int, n_workers: int, depth: int, launcher_kind: 
     edges = max((int(net.layer_csc(l)[0][-1]) for l in range(net.n_layers)), default=0)
     local = launcher_kind in ("process", "fork", "thread")
     return timeouts(layers=net.n_layers, neurons=net.n_neurons, edges_per_layer=edges, images=n_images,
+                    workers=n_workers, depth=depth, cores=(os.cpu_count() or 1) if local else None,
+                    fresh_processes=launcher_kind == "process")
+
+
+def model_timeouts(meta: dict, n_images: int, depth: int, launcher_kind: str | None) -> Timeouts:
+    """:func:`timeouts` for a run of a prepared model (``fsd_runtime.prepared``; its metadata)."""
+    layers, n_workers = int(meta["n_layers"]), int(meta["n_workers"])
+    edges = int(meta.get("most_edges") or math.ceil(int(meta["nnz"]) / max(layers, 1)))
+    local = launcher_kind in ("process", "fork", "thread")
+    return timeouts(layers=layers, neurons=int(meta["n_neurons"]), edges_per_layer=edges, images=n_images,
                     workers=n_workers, depth=depth, cores=(os.cpu_count() or 1) if local else None,
                     fresh_processes=launcher_kind == "process")
 

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -259,9 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each worker's memory budget: without --batch-size, images are batched to fit "
                            "it (default: the Lambda function's memory; locally, the memory available "
                            "shared by the workers)")
+    dist.add_argument("--prepared", metavar="DIR",
+                      help="run a model made by `fsd-inference prepare` (no partitioning or planning "
+                           "here; --workers defaults to the model's; the data options still name the "
+                           "network, which must be the model's, or give --inputs alone)")
     dist.add_argument("--metrics-dir", help="write per-worker, per-layer metrics (JSON, CSV; PNG with "
                                             "matplotlib) here; checked before the run")
     add_aws_run_options(run)
+    add_prepare_command(sub)
     add_commands(sub)
     return parser
 
@@ -274,6 +280,84 @@ def _megabytes(text: str) -> float:
     if not (math.isfinite(value) and 0 < value <= 10**7):
         raise argparse.ArgumentTypeError(f"expected megabytes in (0, 10000000], got {text!r}")
     return value
+
+
+def add_prepare_command(sub) -> None:
+    text = ("partition a network and plan every worker's share once, layer by layer (memory does not "
+            "grow with the layers), into a directory that `run --prepared DIR` reuses")
+    p = sub.add_parser("prepare", help=text, description=text + ".", allow_abbrev=False,
+                       epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("network (default: the embedded official 1024x120 net)")
+    g.add_argument("--weights", help="a directory of n{N}-l{k}.tsv layer files (optional n{N}-bias.tsv, "
+                                     "n{N}-ymax.tsv) or an .npz network file (docs/formats.md)")
+    g.add_argument("--bias", type=_finite, help="bias for a --weights directory without a bias file")
+    g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 16384x480")
+    g.add_argument("--seed", type=int, default=None, help="seed for --synthetic (default 0)")
+    p.add_argument("--out", required=True, help="a new (or empty) directory for the prepared model")
+    p.add_argument("--workers", type=_workers, required=True, help=f"workers of the runs, 1..{MAX_WORKERS}")
+    p.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
+                   help="how neurons are split over workers (default: hypergraph)")
+    p.add_argument("--segment-mb", type=_positive_int, default=64,
+                   help="buffered worker parts (all workers) written out as one segment each (default 64)")
+    p.add_argument("--json", action="store_true", help="print the model's metadata as one JSON object")
+
+
+def check_prepare_options(args) -> None:
+    if args.synthetic:
+        parse_synthetic(args.synthetic)
+        for dest in ("weights", "bias"):
+            if getattr(args, dest) is not None:
+                raise UsageError(f"--{dest} does not apply to --synthetic (a synthetic net has its own data)")
+    elif args.seed is not None:
+        raise UsageError("--seed applies to --synthetic only")
+    if args.bias is not None and not args.weights:
+        raise UsageError("--bias applies to --weights only")
+    if args.weights and not os.path.exists(args.weights):
+        raise UsageError(f"--weights {args.weights}: no such file or directory")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise UsageError(f"--out {args.out}: exists and is not an empty directory")
+
+
+def prepare_command(args) -> int:
+    """``prepare``: exit 0 with the model's metadata, 2 on bad data, 3 if writing failed."""
+    try:
+        check_prepare_options(args)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    load_kernels(args)
+    from fsd_runtime import prepared
+
+    if args.synthetic:
+        n, layers = parse_synthetic(args.synthetic)
+        source = f"synthetic:{n}x{layers}:{args.seed or 0}"
+    else:
+        source = args.weights or "embedded"
+    try:
+        meta = prepared.prepare(source, args.out, args.workers, partition=args.partition, bias=args.bias,
+                                segment_bytes=args.segment_mb * 2**20,
+                                progress=lambda message: _progress(args, message))
+    except (ValueError, TypeError) as exc:  # DataError, PreparedError: the input's fault
+        _error(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _error(f"cannot write the prepared model to {args.out}: {exc}")
+        return EXIT_FAILED
+    except MemoryError:
+        _error("not enough memory to prepare this network (a smaller --segment-mb?)")
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({k: v for k, v in meta.items() if k != "keeps_saturated"}))
+    else:
+        t = meta["timings"]
+        print(f"prepared       {meta['name']}: {meta['n_neurons']} neurons x {meta['n_layers']} layers "
+              f"for {meta['n_workers']} workers ({meta['partition']})")
+        print(f"written        {os.path.abspath(args.out)}: {meta['bytes']} bytes in "
+              f"{len(meta['segments'])} segments a worker")
+        print(f"time           {t['total_s']:.1f} s (read {t['read_s']:.1f}, partition {t['partition_s']:.1f}, "
+              f"plan {t['plan_s']:.1f}, write {t['write_s']:.1f})")
+        print(f"network hash   {meta['network_hash']}")
+    return EXIT_OK
 
 
 def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -324,7 +408,8 @@ def check_options(args, given: set[str]) -> None:
 
     if args.synthetic:
         n, l = parse_synthetic(args.synthetic)
-        need = synthetic_bytes(n, l, args.images or 1000)
+        # with --prepared only the images are made (the net is streamed, to check its hash)
+        need = synthetic_bytes(n, 0 if args.prepared else l, args.images or 1000)
         memory = _physical_memory()
         if memory and need > 0.8 * memory:
             raise UsageError(f"--synthetic {args.synthetic} with {args.images or 1000} images needs about "
@@ -334,9 +419,21 @@ def check_options(args, given: set[str]) -> None:
                 refuse(dest, "does not apply to --synthetic (a synthetic net has its own data)")
     elif "seed" in given:
         refuse("seed", "applies to --synthetic only")
-    if bool(args.weights) != bool(args.inputs):
+    if args.prepared and args.prepared.startswith("s3:"):
+        if args.channel not in AWS_CHANNELS:
+            refuse("prepared", "s3:PREFIX names a model in a deployment's bucket: add --channel queue|object")
+        if not re.fullmatch(r"[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*", args.prepared[3:]) or ".." in args.prepared:
+            refuse("prepared", f"s3:PREFIX needs a plain key prefix, e.g. s3:models/0123abcd, got {args.prepared!r}")
+    if args.prepared:
+        if not args.prepared.startswith("s3:") and not os.path.isdir(args.prepared):
+            refuse("prepared", f"{args.prepared}: no such directory (make one with `fsd-inference prepare`)")
+        if args.weights and not args.inputs:
+            raise UsageError("--weights needs --inputs (with --prepared, --inputs may come alone)")
+        if "bias" in given and not args.weights:
+            refuse("bias", "applies to --weights only")
+    elif bool(args.weights) != bool(args.inputs):
         raise UsageError("--weights and --inputs go together")
-    if not args.weights:
+    if not args.weights and not (args.prepared and args.inputs):
         for dest in ("categories", "bias"):
             if dest in given:
                 refuse(dest, "applies to --weights/--inputs only (the embedded data has its own)"
@@ -345,7 +442,7 @@ def check_options(args, given: set[str]) -> None:
         path = getattr(args, dest)
         if path and not os.path.exists(path):
             refuse(dest, f"{path}: no such file or directory")
-    if not args.workers:
+    if not args.workers and not args.prepared:
         for dest in DISTRIBUTED_ONLY + AWS_ONLY:
             if dest in given:
                 refuse(dest, "applies to distributed runs only: add --workers P")
@@ -356,10 +453,12 @@ def check_options(args, given: set[str]) -> None:
                 refuse(dest, "applies to --channel queue|object only")
     from fsd_runtime.launch import LaunchError, tree_depth
 
-    try:
-        tree_depth(args.workers, args.fanout)
-    except LaunchError as exc:
-        raise UsageError(f"--workers {args.workers} with --fanout {args.fanout}: {exc}") from None
+    args.partition_given = "partition" in given
+    if args.workers:  # with --prepared and no --workers: checked once the model's count is read
+        try:
+            tree_depth(args.workers, args.fanout)
+        except LaunchError as exc:
+            raise UsageError(f"--workers {args.workers} with --fanout {args.fanout}: {exc}") from None
     if args.metrics_dir:
         check_metrics_dir(args.metrics_dir)
 
@@ -409,6 +508,72 @@ def load_data(args):
         raise UsageError(f"--workers {args.workers}: the net has only {ds.network.n_neurons} neurons "
                          "a layer (each worker needs at least one)")
     return ds
+
+
+def open_prepared(args):
+    """The ``--prepared`` model, checked against the worker count and partition asked for;
+    ``args.workers`` becomes the model's. UsageError if it is none or not the one asked for."""
+    from fsd_runtime import prepared
+    from fsd_runtime.launch import LaunchError, tree_depth
+
+    try:
+        if args.prepared.startswith("s3:"):  # a model a run uploaded to the deployment's bucket
+            from fsd_runtime.aws.run import prepared_store, run_options
+
+            found = prepared.open_model(prepared_store(run_options(args)), args.prepared[3:])
+        else:
+            found = prepared.open_model(args.prepared)
+        prepared.check_model(found, n_workers=args.workers,
+                             partition=args.partition if getattr(args, "partition_given", False) else None)
+    except prepared.PreparedError as exc:
+        raise UsageError(f"--prepared {exc}") from None
+    args.workers, args.partition = found.n_workers, found.partition
+    try:
+        tree_depth(args.workers, args.fanout)
+    except LaunchError as exc:
+        raise UsageError(f"--prepared model's {args.workers} workers with --fanout {args.fanout}: {exc}") from None
+    return found
+
+
+def load_prepared_data(args, found):
+    """The images (and golden categories) the data options name, for a prepared model; the network
+    they name is streamed through once to check it is the model's (never held whole)."""
+    from types import SimpleNamespace
+
+    from fsd_runtime import model, prepared
+
+    n = found.n_neurons
+    gold = None
+    if args.synthetic:
+        sn, sl = parse_synthetic(args.synthetic)
+        source, name = f"synthetic:{sn}x{sl}:{args.seed}", f"synthetic-{sn}x{sl}"
+        if sn != n:
+            raise UsageError(f"--prepared {found.where()} is a network of {n} neurons, --synthetic has {sn}")
+        images = model.generate_images(args.images or 1000, n, seed=args.seed + 1)
+    elif args.inputs:
+        source = args.weights
+        name = os.path.basename(os.path.normpath(args.weights or found.meta.get("name") or args.prepared))
+        images = model.read_images(args.inputs, n)
+        if args.categories:
+            gold = model.read_categories(args.categories)
+            gold = gold[gold < images.shape[0]]
+    else:
+        ds = model.embedded()
+        source, name, images, gold = ds.network, ds.name, ds.images, ds.categories
+    if args.images and not args.synthetic:
+        if args.images > images.shape[0]:
+            raise UsageError(f"--images {args.images}: the data has only {images.shape[0]} images")
+        images = images.rows(0, args.images)
+        gold = None if gold is None else gold[gold < args.images]
+    if source is not None:
+        load_kernels(args)
+        _progress(args, "checking that the network is the prepared model's (read one layer at a time)")
+        try:
+            prepared.check_model(found, network_hash=prepared.network_hash(source, args.bias))
+        except prepared.PreparedError as exc:
+            raise UsageError(f"--prepared {exc}") from None
+    net = SimpleNamespace(n_layers=found.n_layers, n_neurons=n, nnz=found.meta["nnz"])
+    return model.Dataset(name, net, images, gold)
 
 
 def summary(ds, categories, seconds: float) -> dict:
@@ -473,12 +638,16 @@ def run_distributed(args, ds) -> dict:
         aws_run = AwsRun(run_options(args), args.workers)
 
     with aws_run or nullcontext():  # checks the deployment first: a missing one is exit 2
-        _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
-        net = ds.network.pack()
+        if args.prepared:
+            net = None
+        else:
+            _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
+            net = ds.network.pack()
         from fsd_runtime.budget import MemoryBudgetError
 
         try:
             result = run(net, ds.images.arrays, args.workers, partition=args.partition,
+                         prepared=getattr(args, "prepared_model", None),
                          channel=aws_run.channel_config() if aws_run else channel_config(args),
                          launcher=aws_run.launcher_config() if aws_run else launcher_config(args),
                          storage=aws_run.storage if aws_run else None, fanout=args.fanout,
@@ -492,6 +661,8 @@ def run_distributed(args, ds) -> dict:
     out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
                traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),
                startup_seconds=result.timings["startup_s"], timings=result.timings)
+    if result.model:
+        out["prepared_model"] = result.model
     if args.metrics_dir:
         out["metrics_error"] = result.metrics_error
         out["metrics_png"] = result.metrics_paths.get("png")
@@ -579,19 +750,25 @@ def _main(argv: list[str], state: dict) -> int:
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    state["distributed"] = bool(getattr(args, "workers", None))
+    state["distributed"] = bool(getattr(args, "workers", None) or getattr(args, "prepared", None))
     if args.command == "clean":
         from fsd_runtime import liveness
 
         lines = liveness.sweep(aws=True)
         print("\n".join(lines) if lines else "nothing to clean")
         return EXIT_OK if not any(line.startswith("could not") for line in lines) else EXIT_FAILED
+    if args.command == "prepare":
+        return prepare_command(args)
     if args.command in ("deploy", "teardown", "cleanup"):
         from fsd_runtime.aws import run as awsrun
 
         return awsrun.cli_command(args)
     try:
-        ds = load_data(args)
+        if args.prepared:
+            args.prepared_model = open_prepared(args)
+            ds = load_prepared_data(args, args.prepared_model)
+        else:
+            ds = load_data(args)
     except (UsageError, ValueError, OSError) as exc:  # model.DataError is a ValueError
         _error(str(exc))
         return EXIT_USAGE

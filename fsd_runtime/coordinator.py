@@ -25,7 +25,7 @@ from fsd_runtime import metrics as mx
 from fsd_runtime.channels import channel_class
 from fsd_runtime.launch import ProcessLauncher, make_launcher, tree_depth
 from fsd_runtime.partition import make_partition
-from fsd_runtime.plan import build_shares
+from fsd_runtime.plan import build_shares, initial_status
 from fsd_runtime.storage import LocalStorage, Storage, StorageError, unpack_arrays
 
 
@@ -49,6 +49,8 @@ class RunResult:
     metrics_error: str | None = None
     #: Every worker's metrics as it wrote them (peak RSS, times, channel counters, chunk log).
     worker_metrics: list[dict] = field(default_factory=list)
+    #: Where the prepared model the workers read is (a directory, or the store's ``models/...``).
+    model: str | None = None
 
     @property
     def categories(self) -> np.ndarray:
@@ -176,33 +178,34 @@ def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neur
     return Activations(indptr, (keys % n_neurons).astype(np.int32), values, n_neurons)
 
 
-def _fit_batches(shares, batch_size, worker_memory_mb, launcher_kind, say):
-    """(batch size, memory budget) of a run: an explicit batch size wins (said if it exceeds the
-    budget); else the largest that fits the budget (``budget.batch_size_for``)."""
+def _fit_batches(footprints, batch_size, worker_memory_mb, launcher_kind, say):
+    """(batch size, memory budget) of a run from every worker's ``budget.Footprint`` (None: not
+    known, no batching): an explicit batch size wins (said if it exceeds the budget); else the
+    largest that fits the budget (``budget.batch_size_for``)."""
     from fsd_runtime import budget
 
     if worker_memory_mb is None:
-        worker_memory_mb = budget.default_worker_memory_mb(len(shares), launcher_kind)
-    if worker_memory_mb is None:
-        return batch_size, None
+        worker_memory_mb = budget.default_worker_memory_mb(len(footprints or ()), launcher_kind)
+    if worker_memory_mb is None or footprints is None:
+        return batch_size, worker_memory_mb
     if batch_size is not None:
-        need = max(budget.peak_bytes(budget.footprint(s), batch_size) for s in shares) / 2**20
+        need = max(budget.peak_bytes(fp, batch_size) for fp in footprints) / 2**20
         if need > worker_memory_mb:
             say(f"batches of {batch_size} images need about {need:.0f} MB a worker, more than its "
                 f"{worker_memory_mb:.0f} MB (the batch size given wins)")
         return batch_size, worker_memory_mb
-    batch_size = budget.batch_size_for(shares, worker_memory_mb)
+    batch_size = budget.batch_size_for(footprints, worker_memory_mb)
     if batch_size is not None:
         say(f"batches of {batch_size} images fit {worker_memory_mb:.0f} MB a worker")
     return batch_size, worker_memory_mb
 
 
-def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph",
+def run_distributed(net, images, n_workers: int | None = None, *, partition: str | None = None,
                     channel: dict | None = None, launcher: dict | None = None,
                     storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
                     receive_timeout: float | None = None, run_timeout: float | None = None,
                     metrics_dir: str | None = None, owners: np.ndarray | None = None,
-                    progress=None, worker_memory_mb: float | None = None) -> RunResult:
+                    progress=None, worker_memory_mb: float | None = None, prepared=None) -> RunResult:
     """Run ``images`` (CSR arrays: indptr, indices, data) through ``net`` (a PackedNetwork) on
     ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``. ``progress``
     (optional) is called with one line per stage.
@@ -210,14 +213,41 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     ``receive_timeout``/``run_timeout`` None: derived from the work (``budget.run_timeouts``).
     ``worker_memory_mb``: each worker's memory budget (None: on one machine, the memory available
     shared by the workers); without ``batch_size``, images are batched to fit it
-    (``budget.batch_size_for``; ``budget.MemoryBudgetError`` before launch if one image does not)."""
+    (``budget.batch_size_for``; ``budget.MemoryBudgetError`` before launch if one image does not).
+
+    ``prepared``: a prepared model (a directory from :func:`fsd_runtime.prepared.prepare`, or a
+    ``PreparedModel``) to run instead of partitioning and planning ``net`` here. This coordinator
+    then reads only the model's metadata and layer-0 rows besides the images; ``net`` may be
+    None, and if given must be the network the model was prepared from (same content hash).
+    ``n_workers`` (default: the model's) and ``partition`` must match the model's. Local runs
+    read the workers' segments where they are; a run on another store (S3) uploads the model to
+    ``models/{digest}`` of that store once, and later runs reuse it.
+    """
     from fsd_runtime import budget
 
     say = progress or (lambda message: None)
     launcher_kind = (launcher or {"kind": "process"}).get("kind")
+    launcher_config = dict(launcher or {"kind": "process"})
+    model = None
+    if prepared is not None:
+        from fsd_runtime import prepared as prep
+
+        if owners is not None:
+            raise ValueError("owners do not apply to a prepared model (it holds its own partition)")
+        model = prep.open_model(prepared)
+        prep.check_model(model, n_workers=n_workers, partition=partition)
+        if net is not None:
+            prep.check_model(model, network_hash=prep.network_hash(net))
+        n_workers, partition = model.n_workers, model.partition
+    elif net is None or n_workers is None:
+        raise ValueError("a run needs a network and a worker count, or a prepared model")
+    partition = partition or "hypergraph"
+    depth = tree_depth(n_workers, fanout)  # validates the tree before anything is created
     if receive_timeout is None or run_timeout is None:
-        auto = budget.run_timeouts(net, images[0].shape[0] - 1, n_workers, tree_depth(n_workers, fanout),
-                                   launcher_kind)
+        if model is None:
+            auto = budget.run_timeouts(net, images[0].shape[0] - 1, n_workers, depth, launcher_kind)
+        else:
+            auto = budget.model_timeouts(model.meta, images[0].shape[0] - 1, depth, launcher_kind)
         receive_timeout = auto.receive if receive_timeout is None else receive_timeout
         run_timeout = auto.run if run_timeout is None else run_timeout
     channel = dict(channel or {"kind": "local"})
@@ -225,22 +255,28 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         # a peer still starting is waited for as long as the run may take (start-up skew is no
         # failure; a peer that dies meanwhile is found by the liveness checks)
         channel["connect_timeout"] = min(float(run_timeout), 3600.0)
-    launcher_config = dict(launcher or {"kind": "process"})
-    tree_depth(n_workers, fanout)  # validates the tree before anything is created
     aws = channel.get("kind") not in (None, "local") or storage is not None
     for line in liveness.sweep(aws=aws):  # leftovers of runs whose coordinator died
         say(line)
     indptr, indices, data = images
+    n_neurons = model.n_neurons if model is not None else net.n_neurons
+    ymax = model.ymax if model is not None else net.ymax
+    if indices.size and int(indices.max()) >= n_neurons:
+        raise ValueError(f"the images have neuron ids beyond the network's {n_neurons} neurons")
     timings = {}
     start = time.perf_counter()
-    if owners is None:
+    if model is None and owners is None:
         say(f"partitioning {net.n_layers} layers over {n_workers} workers ({partition})")
         owners = make_partition(net, n_workers, partition)
     timings["partition_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    say(f"planning the workers' shares (partitioned in {timings['partition_s']:.1f} s)")
-    shares = build_shares(net, indptr, indices, data, owners, n_workers)
-    batch_size, worker_memory_mb = _fit_batches(shares, batch_size, worker_memory_mb, launcher_kind, say)
+    if model is None:
+        say(f"planning the workers' shares (partitioned in {timings['partition_s']:.1f} s)")
+        shares = build_shares(net, indptr, indices, data, owners, n_workers)
+        fps = [budget.footprint(share) for share in shares]
+    else:
+        fps = prep.footprints(model, indptr, indptr.shape[0] - 1)
+    batch_size, worker_memory_mb = _fit_batches(fps, batch_size, worker_memory_mb, launcher_kind, say)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
     coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource
@@ -252,9 +288,21 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
         record.update(storage=storage.config(), prefix=prefix, n_workers=n_workers)
         if isinstance(coordinator_launcher, ProcessLauncher):
             coordinator_launcher.env.update(record.env())
-        say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
-        for share in shares:
-            storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+        if model is None:
+            say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
+            for share in shares:
+                storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+        else:
+            if not isinstance(storage, LocalStorage) and model.storage.config() != storage.config():
+                # workers elsewhere (Lambda) read the model from the run's store: put it there once
+                model, uploaded = prep.publish(model, storage, say)
+                timings["model_uploaded"] = uploaded
+            say(f"storing {n_workers} inputs shares of the prepared model in {model.where()}")
+            in0 = prep.layer0_inputs(model)
+            active, saturated = initial_status(indptr, data, n_neurons, ymax)
+            for w in range(n_workers):
+                storage.put(ev.share_key(prefix, w),
+                            prep.inputs_share(model, w, in0[w], (indptr, indices, data), active, saturated))
         timings["plan_upload_s"] = time.perf_counter() - start
         run_channel = kind.create_run(channel, run_id, n_workers)
         record.update(channel=run_channel, paths=[run_channel["dir"]] if isinstance(run_channel.get("dir"), str)
@@ -264,14 +312,15 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
                                storage=storage.config(), prefix=prefix, channel=run_channel,
                                launcher=launcher_config, receive_timeout=receive_timeout,
                                run_timeout=run_timeout, batch_size=batch_size,
-                               worker_memory_mb=worker_memory_mb)
+                               worker_memory_mb=worker_memory_mb,
+                               model=model.location() if model is not None else None)
         launched = time.time()
         start = time.perf_counter()
         coordinator_launcher.launch([event])
         _wait(storage, prefix, n_workers, coordinator_launcher, run_timeout, record)
         timings["launch_to_done_s"] = time.perf_counter() - start
         worker_metrics = [json.loads(storage.get(ev.metrics_key(prefix, w))) for w in range(n_workers)]
-        activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, net.n_neurons, net.ymax)
+        activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, n_neurons, ymax)
     finally:
         with liveness.signals_deferred():
             try:
@@ -292,10 +341,15 @@ def run_distributed(net, images, n_workers: int, *, partition: str = "hypergraph
     traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
                "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
                "messages_per_round": mx.messages_per_round(rows)}
+    if model is not None:  # each worker's store reads of the model: model.json and its segments
+        traffic["model_gets_per_worker"] = 1 + len(model.meta["segments"])
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)
     result.worker_metrics = worker_metrics
+    result.model = None if model is None else (model.storage.root if isinstance(model.storage, LocalStorage)
+                                               else f"s3:{model.prefix}" if model.storage.config().get("kind") == "s3"
+                                               else model.where())
     if metrics_dir:
         try:
             result.metrics_paths = mx.write(rows, metrics_dir, {"timings": timings, "traffic": traffic},

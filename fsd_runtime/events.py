@@ -67,6 +67,9 @@ class WorkerEvent:
     #: Start this worker's tree children (False when the coordinator starts every worker itself).
     launch_children: bool = True
     version: int = EVENT_VERSION
+    #: Where this run's prepared model is (fsd_runtime.prepared): ``{"storage": config, "prefix":
+    #: str}`` (storage default: the run's); None: the run's shares are whole.
+    model: dict | None = None
     #: Free-form settings for adapters (ignored by the worker loop).
     extra: dict = field(default_factory=dict)
 
@@ -168,6 +171,14 @@ def parse(event: Any) -> WorkerEvent:
     launch_children = event.get("launch_children", True)
     if not isinstance(launch_children, bool):
         raise EventError(f"event field 'launch_children' must be true or false, got {launch_children!r}")
+    model = event.get("model")
+    if model is not None:
+        if not isinstance(model, Mapping) or set(model) - {"storage", "prefix"}:
+            raise EventError(f"event field 'model' must be an object with 'storage' and 'prefix', got {model!r}")
+        prefix = model.get("prefix", "")
+        model = {"prefix": "" if prefix == "" else _text("model prefix", prefix, _PREFIX)}
+        if event["model"].get("storage") is not None:
+            model["storage"] = _config("model storage", event["model"]["storage"])
     return WorkerEvent(
         run_id=_text("run_id", event["run_id"], _RUN_ID),
         worker_id=_worker("worker_id", event["worker_id"], n_workers),
@@ -183,4 +194,5 @@ def parse(event: Any) -> WorkerEvent:
         worker_memory_mb=None if worker_memory_mb is None else float(worker_memory_mb),
         launch_children=launch_children,
         extra=dict(extra),
+        model=model,
     )

@@ -355,6 +355,29 @@ def read_network(directory: str, bias: float | None = None) -> Network:
 
     Without a bias file every neuron gets ``bias`` (default: the Graph Challenge bias for N).
     """
+    stream = stream_network_dir(directory, bias)
+    layers, biases = [], []
+    for layer, row in stream.layers():
+        layers.append(layer)
+        biases.append(row)
+    return Network(stream.n_neurons, layers, biases, stream.ymax)
+
+
+@dataclass(frozen=True)
+class LayerStream:
+    """A network read one layer at a time: ``layers()`` yields (W_l as Csr, bias vector float32)
+    for l = 0..n_layers-1, reading (or generating) each layer only when it is asked for."""
+
+    name: str
+    n_neurons: int
+    n_layers: int
+    ymax: float
+    layers: object  # () -> iterator of (Csr, np.ndarray)
+
+
+def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream:
+    """:func:`read_network`'s directory, one layer file at a time (a per-neuron bias file, if
+    there is one, is read whole: L x N floats)."""
     if not os.path.isdir(directory):
         raise DataError(f"{directory}: not a directory of n{{N}}-l{{k}}.tsv layer files")
     found, extra = {}, {"bias": [], "ymax": []}
@@ -387,16 +410,21 @@ def read_network(directory: str, bias: float | None = None) -> Network:
         if bias is not None:
             raise DataError(f"{bias_path}: per-neuron biases are given here; do not pass a scalar bias too")
         biases = read_biases(bias_path, n_layers, n)
+        bias_of = biases.__getitem__
     else:
         if bias is None:
             if n not in CHALLENGE_BIAS:
                 raise DataError(f"{directory}: no Graph Challenge bias for N={n}; pass a bias "
                                 f"or add an n{n}-bias.tsv file")
             bias = CHALLENGE_BIAS[n]
-        biases = [np.full(n, bias, np.float32) for _ in range(n_layers)]
+        bias_of = lambda l: np.full(n, bias, np.float32)  # noqa: E731
     ymax = read_ymax(extra["ymax"][0][1]) if extra["ymax"] else YMAX
-    layers = [read_triples(found[k][1], (n, n)) for k in range(1, n_layers + 1)]
-    return Network(n, layers, biases, ymax)
+
+    def layers():
+        for k in range(1, n_layers + 1):
+            yield read_triples(found[k][1], (n, n)), bias_of(k - 1)
+
+    return LayerStream(os.path.basename(os.path.normpath(directory)), n, n_layers, ymax, layers)
 
 
 def read_biases(path: str, n_layers: int, n_neurons: int) -> list[np.ndarray]:
@@ -580,6 +608,107 @@ def _read_npz(path: str, zf: zipfile.ZipFile, max_bytes: int) -> Network:
     return Network(n, layers, rows, ymax)
 
 
+def _member_stream(path: str, zf: zipfile.ZipFile, key: str):
+    """An open member positioned after its .npy header, with (dtype, fortran order)."""
+    f = zf.open(f"{key}.npy")
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, fortran, dtype = read(f)
+    return f, dtype, fortran
+
+
+def _read_items(path: str, key: str, f, dtype: np.dtype, count: int) -> np.ndarray:
+    want = count * dtype.itemsize
+    chunks, got = [], 0
+    while got < want:
+        chunk = f.read(want - got)
+        if not chunk:
+            raise DataError(f"{path}: field {key!r} ends early")
+        chunks.append(chunk)
+        got += len(chunk)
+    return np.frombuffer(b"".join(chunks), dtype)
+
+
+def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream:
+    """:func:`read_network_npz`, one layer at a time: the four large fields are read as streams
+    (indptr and biases row by row, indices and data a layer's run at a time), every layer checked
+    as the whole-file reader checks it. A file written column-major (never by
+    :func:`save_network`) is read whole instead."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            headers = _npz_headers(path, zf, max_bytes)
+            small = {k: _npz_field(path, zf, k)[()] for k in ("version", "n_neurons", "ymax")}
+            fortran = any(_member_stream(path, zf, k)[2] for k in ("indptr", "biases"))
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
+    if int(small["version"]) != NPZ_VERSION:
+        raise DataError(f"{path}: field 'version' is {int(small['version'])}, this reader knows {NPZ_VERSION}")
+    n = int(small["n_neurons"])
+    if not 1 <= n <= np.iinfo(np.int32).max:
+        raise DataError(f"{path}: field 'n_neurons' must lie in 1..{np.iinfo(np.int32).max}, is {n}")
+    ymax = check_ymax(small["ymax"], f"{path}: field 'ymax'")
+    (n_layers, width), _ = headers["indptr"]
+    if n_layers < 1 or width != n + 1:
+        raise DataError(f"{path}: field 'indptr' must have shape (L >= 1, {n + 1}), has {(n_layers, width)}")
+    if headers["biases"][0] != (n_layers, n):
+        raise DataError(f"{path}: field 'biases' must have shape {(n_layers, n)}, has {headers['biases'][0]}")
+    nnz = headers["indices"][0][0]
+    if headers["data"][0][0] != nnz:
+        raise DataError(f"{path}: fields 'indices' and 'data' differ in length ({nnz}, {headers['data'][0][0]})")
+    name = os.path.basename(path)
+
+    def whole():
+        net = read_network_npz(path, max_bytes)
+        yield from zip(net.layers, net.biases)
+
+    def layers():
+        try:
+            with zipfile.ZipFile(path) as zf:
+                streams = {k: _member_stream(path, zf, k) for k in ("indptr", "indices", "data", "biases")}
+                used = 0
+                for l in range(n_layers):
+                    f, dtype, _ = streams["indptr"]
+                    row = _as_array(f"{path}: field 'indptr'", _read_items(path, "indptr", f, dtype, n + 1),
+                                    np.int64, "iu")
+                    if row[0] != 0 or np.any(np.diff(row) < 0) or used + row[-1] > nnz:
+                        raise DataError(f"{path}: field 'indptr': every layer's row pointers must start "
+                                        f"at 0, never decrease and end within 'indices'")
+                    count = int(row[-1])
+                    part = {k: _read_items(path, k, streams[k][0], streams[k][1], count)
+                            for k in ("indices", "data")}
+                    used += count
+                    layer = check_csr(f"{path}: layer {l}", row, part["indices"], part["data"], (n, n))
+                    f, dtype, _ = streams["biases"]
+                    bias = _read_items(path, "biases", f, dtype, n)
+                    if bias.dtype.kind not in "fiub":
+                        raise DataError(f"{path}: field 'biases': expected real numbers, got dtype {bias.dtype}")
+                    with np.errstate(over="ignore"):
+                        bias = bias.astype(np.float32)  # a writable copy
+                    if not np.all(np.isfinite(bias)):
+                        raise DataError(f"{path}: field 'biases': layer {l} bias: values must be finite")
+                    yield layer, bias
+                if used != nnz:
+                    raise DataError(f"{path}: field 'indptr' counts {used} entries but 'indices' has {nnz}")
+                for f, _, _ in streams.values():
+                    f.close()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
+
+    return LayerStream(name, n, n_layers, ymax, whole if fortran else layers)
+
+
+def stream_network(path: str, bias: float | None = None) -> LayerStream:
+    """:func:`load_network`'s sources, one layer at a time (see :class:`LayerStream`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return stream_network_dir(path, bias)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such network directory or .npz file")
+    if bias is not None:
+        raise DataError(f"{path}: an .npz network holds its own biases; do not pass a bias")
+    return stream_network_npz(path)
+
+
 def load_network(path: str, bias: float | None = None) -> Network:
     """A network from disk: a directory of official layer files (see :func:`read_network`) or an
     .npz file (see :func:`save_network`); ``bias`` applies to directories without a bias file."""
@@ -677,6 +806,17 @@ def generate_network(n_neurons: int, n_layers: int, seed: int = 0,
     N=1024 layers 1-6 are exactly the official ones, and the official
     images give the official 337 categories on this net too.
     """
+    stream = stream_synthetic(n_neurons, n_layers, seed, bias)
+    layers, biases = [], []
+    for layer, row in stream.layers():
+        layers.append(layer)
+        biases.append(row)
+    return Network(n_neurons, layers, biases)
+
+
+def stream_synthetic(n_neurons: int, n_layers: int, seed: int = 0, bias: float | None = None) -> LayerStream:
+    """:func:`generate_network`, one layer at a time: the same layers for the same seed (one
+    generator, drawn from in layer order either way)."""
     d = CHALLENGE_DEGREE
     if n_neurons < d or n_neurons % _HIGH_RADIX:
         raise ValueError(f"n_neurons must be a multiple of {_HIGH_RADIX} and at least {d}, got {n_neurons}")
@@ -685,17 +825,19 @@ def generate_network(n_neurons: int, n_layers: int, seed: int = 0,
     if bias is None:
         bias = CHALLENGE_BIAS.get(n_neurons, -0.3)
     n_shifts = int(np.log2(n_neurons // _HIGH_RADIX))
-    rng = np.random.default_rng(seed)
-    indptr = np.arange(0, n_neurons * d + 1, d, dtype=np.int64)
-    values = np.full(n_neurons * d, CHALLENGE_WEIGHT, np.float32)
-    layers = []
-    for l in range(n_layers):
-        cols = _radix_layer(n_neurons, 2 ** (l % n_shifts))
-        if l >= n_shifts:
-            cols = cols[rng.permutation(n_neurons)]
-        cols = np.sort(cols, axis=1).ravel().astype(np.int32)
-        layers.append(Csr(indptr, cols, values, (n_neurons, n_neurons)))
-    return Network(n_neurons, layers, [np.full(n_neurons, bias, np.float32) for _ in layers])
+
+    def layers():
+        rng = np.random.default_rng(seed)
+        indptr = np.arange(0, n_neurons * d + 1, d, dtype=np.int64)
+        values = np.full(n_neurons * d, CHALLENGE_WEIGHT, np.float32)
+        for l in range(n_layers):
+            cols = _radix_layer(n_neurons, 2 ** (l % n_shifts))
+            if l >= n_shifts:
+                cols = cols[rng.permutation(n_neurons)]
+            cols = np.sort(cols, axis=1).ravel().astype(np.int32)
+            yield Csr(indptr, cols, values, (n_neurons, n_neurons)), np.full(n_neurons, bias, np.float32)
+
+    return LayerStream(f"synthetic-{n_neurons}x{n_layers}", n_neurons, n_layers, YMAX, layers)
 
 
 def image_grid(n_neurons: int) -> tuple[int, int]:

@@ -128,6 +128,19 @@ def volume(net, owners: np.ndarray) -> dict:
     return report
 
 
+def layer_owners(method: str, colptr: np.ndarray, rowidx: np.ndarray, in_owner: np.ndarray | None,
+                 n_workers: int, *, imbalance: float = DEFAULT_IMBALANCE) -> np.ndarray:
+    """One layer's owners by the named method from that layer's CSC and the previous layer's
+    owners alone (None at layer 0): the same rows :func:`make_partition` gives, one at a time."""
+    n = colptr.shape[0] - 1
+    if method == "contiguous":
+        return contiguous(n, 1, n_workers)[0]
+    if method == "hypergraph":
+        _check(n, n_workers)
+        return _layer(colptr, rowidx, in_owner, n_workers, imbalance)
+    raise ValueError(f"unknown partition method {method!r}; choose one of {METHODS}")
+
+
 def make_partition(net, n_workers: int, method: str) -> np.ndarray:
     """``owners`` for a PackedNetwork by the named method."""
     if method == "contiguous":

@@ -21,6 +21,7 @@ before a kernel can see it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -191,6 +192,84 @@ def initial_status(indptr, data, n_neurons: int, ymax) -> tuple[np.ndarray, np.n
     return np.flatnonzero((nnz > 0) & ~saturated), np.flatnonzero(saturated)
 
 
+class LayerPlan(NamedTuple):
+    """One worker's part of one layer (the per-layer entries of :class:`WorkerShare`)."""
+
+    out_neurons: np.ndarray
+    in_neurons: np.ndarray
+    colptr: np.ndarray
+    rowidx: np.ndarray
+    vals: np.ndarray
+    bias: np.ndarray
+    local_slots: np.ndarray
+    local_pos: np.ndarray
+    recv_slots: list
+    send_pos: list
+
+
+def plan_layer(layer: int, csc, owners_l: np.ndarray, owners_prev: np.ndarray | None,
+               n_workers: int) -> list[LayerPlan]:
+    """Every worker's :class:`LayerPlan` of layer ``layer``, from that layer alone.
+
+    ``csc`` is the layer's (colptr, rowidx, vals, bias); ``owners_l`` its owners and
+    ``owners_prev`` the previous layer's (None at layer 0). Nothing of other layers is needed,
+    so a network can be planned one layer at a time (fsd_runtime.prepared).
+    """
+    colptr, rowidx, vals, bias = csc
+    empty = np.zeros(0, np.int64)
+    per = []
+    for p in range(n_workers):
+        outs = np.flatnonzero(owners_l == p).astype(np.int32)
+        needed, sub_ptr, slots, sub_vals = _restrict_layer(colptr, rowidx, vals, outs)
+        per.append((outs, needed, sub_ptr, slots, sub_vals, np.ascontiguousarray(bias[outs])))
+    plans = []
+    for p in range(n_workers):
+        if layer == 0:
+            plans.append(LayerPlan(*per[p], empty, empty, [empty] * n_workers, [empty] * n_workers))
+            continue
+        needed = per[p][1]
+        src = owners_prev[needed]
+        prev_outs = np.flatnonzero(owners_prev == p).astype(np.int32)
+        mine = np.flatnonzero(src == p)
+        local_pos = np.searchsorted(prev_outs, needed[mine]).astype(np.int64)
+        recv = [empty if s == p else np.flatnonzero(src == s) for s in range(n_workers)]
+        sends = []
+        for q in range(n_workers):
+            if q == p:
+                sends.append(empty)
+                continue
+            their = per[q][1]
+            rows = their[owners_prev[their] == p]
+            sends.append(np.searchsorted(prev_outs, rows).astype(np.int64))
+        plans.append(LayerPlan(*per[p], mine, local_pos, recv, sends))
+    return plans
+
+
+def input_rows(indptr, indices, data, in_neurons0: np.ndarray, n_neurons: int):
+    """(x_indptr, x_slots, x_data): the images (CSR) restricted to a worker's layer-0 input rows,
+    columns renumbered as its slots."""
+    n_images = indptr.shape[0] - 1
+    col_slot = np.full(n_neurons, -1, np.int64)
+    col_slot[in_neurons0] = np.arange(in_neurons0.shape[0])
+    keep = col_slot[indices] >= 0
+    x_indptr = np.zeros(n_images + 1, np.int64)
+    row_of = np.repeat(np.arange(n_images), np.diff(indptr))
+    np.cumsum(np.bincount(row_of[keep], minlength=n_images), out=x_indptr[1:])
+    return x_indptr, col_slot[indices[keep]].astype(np.int32), np.ascontiguousarray(data[keep], np.float32)
+
+
+def check_owners(owners: np.ndarray, shape: tuple[int, int], n_workers: int | None) -> int:
+    """Refuse a malformed partition; the worker count (default: the largest owner + 1)."""
+    if owners.shape != shape:
+        raise ValueError(f"owners must have shape {shape}, got {owners.shape}")
+    if owners.min() < 0:
+        raise ValueError("owners must be worker ids >= 0")
+    n_workers = int(owners.max()) + 1 if n_workers is None else int(n_workers)
+    if owners.max() >= n_workers:
+        raise ValueError(f"owners name worker {int(owners.max())}, but there are {n_workers} workers")
+    return n_workers
+
+
 def build_shares(net, indptr, indices, data, owners: np.ndarray,
                  n_workers: int | None = None) -> list[WorkerShare]:
     """Every worker's share of ``net`` (a PackedNetwork) and the images (CSR images x neurons).
@@ -198,62 +277,24 @@ def build_shares(net, indptr, indices, data, owners: np.ndarray,
     ``owners`` is the partition, shape (layers, neurons), values 0..P-1 (see fsd_runtime.partition).
     ``n_workers`` defaults to the largest owner + 1; a worker may own no neuron of a layer (or of
     any layer: it then only reports, vacuously, that its rows are all zero and all ymax).
+    Layer by layer the same :func:`plan_layer` as a prepared model (fsd_runtime.prepared).
     """
     L, n = net.n_layers, net.n_neurons
     owners = np.asarray(owners)
-    if owners.shape != (L, n):
-        raise ValueError(f"owners must have shape {(L, n)}, got {owners.shape}")
-    if owners.min() < 0:
-        raise ValueError("owners must be worker ids >= 0")
-    n_workers = int(owners.max()) + 1 if n_workers is None else int(n_workers)
-    if owners.max() >= n_workers:
-        raise ValueError(f"owners name worker {int(owners.max())}, but there are {n_workers} workers")
-    n_images = indptr.shape[0] - 1
+    n_workers = check_owners(owners, (L, n), n_workers)
     active, saturated = initial_status(indptr, data, n, net.ymax)
-    per = [[None] * L for _ in range(n_workers)]
+    per: list[list[LayerPlan]] = [[] for _ in range(n_workers)]
     for l in range(L):
-        colptr, rowidx, vals, bias = net.layer_csc(l)
+        plans = plan_layer(l, net.layer_csc(l), owners[l], owners[l - 1] if l else None, n_workers)
         for p in range(n_workers):
-            outs = np.flatnonzero(owners[l] == p).astype(np.int32)
-            needed, sub_ptr, slots, sub_vals = _restrict_layer(colptr, rowidx, vals, outs)
-            per[p][l] = (outs, needed, sub_ptr, slots, sub_vals, np.ascontiguousarray(bias[outs]))
+            per[p].append(plans[p])
     shares = []
-    empty = np.zeros(0, np.int64)
     for p in range(n_workers):
-        local_slots, local_pos = [empty], [empty]
-        recv_slots = [[empty] * n_workers]
-        send_pos = [[empty] * n_workers]
-        for l in range(1, L):
-            needed = per[p][l][1]
-            src = owners[l - 1][needed]
-            prev_outs = per[p][l - 1][0]
-            mine = np.flatnonzero(src == p)
-            local_slots.append(mine)
-            local_pos.append(np.searchsorted(prev_outs, needed[mine]).astype(np.int64))
-            recv_slots.append([empty if s == p else np.flatnonzero(src == s) for s in range(n_workers)])
-            sends = []
-            for q in range(n_workers):
-                if q == p:
-                    sends.append(empty)
-                    continue
-                their = per[q][l][1]
-                rows = their[owners[l - 1][their] == p]
-                sends.append(np.searchsorted(prev_outs, rows).astype(np.int64))
-            send_pos.append(sends)
-        needed0 = per[p][0][1]
-        col_slot = np.full(n, -1, np.int64)
-        col_slot[needed0] = np.arange(needed0.shape[0])
-        keep = col_slot[indices] >= 0
-        x_indptr = np.zeros(n_images + 1, np.int64)
-        row_of = np.repeat(np.arange(n_images), np.diff(indptr))
-        np.cumsum(np.bincount(row_of[keep], minlength=n_images), out=x_indptr[1:])
+        x_indptr, x_slots, x_data = input_rows(indptr, indices, data, per[p][0].in_neurons, n)
+        lists = {name: [getattr(per[p][l], name) for l in range(L)] for name in LayerPlan._fields}
         shares.append(WorkerShare(
-            worker=p, n_workers=n_workers, n_neurons=n, n_images=n_images, ymax=np.float32(net.ymax),
-            keeps_saturated=np.asarray(net.keeps_saturated, np.bool_),
-            out_neurons=[per[p][l][0] for l in range(L)], in_neurons=[per[p][l][1] for l in range(L)],
-            colptr=[per[p][l][2] for l in range(L)], rowidx=[per[p][l][3] for l in range(L)],
-            vals=[per[p][l][4] for l in range(L)], bias=[per[p][l][5] for l in range(L)],
-            local_slots=local_slots, local_pos=local_pos, recv_slots=recv_slots, send_pos=send_pos,
-            x_indptr=x_indptr, x_slots=col_slot[indices[keep]].astype(np.int32),
-            x_data=np.ascontiguousarray(data[keep], np.float32), active=active, saturated=saturated))
+            worker=p, n_workers=n_workers, n_neurons=n, n_images=indptr.shape[0] - 1,
+            ymax=np.float32(net.ymax), keeps_saturated=np.asarray(net.keeps_saturated, np.bool_),
+            x_indptr=x_indptr, x_slots=x_slots, x_data=x_data, active=active, saturated=saturated,
+            **lists))
     return shares

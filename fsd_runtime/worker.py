@@ -33,6 +33,7 @@ from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import LaunchError, Launcher, ProcessLauncher, launch_children, make_launcher
 from fsd_runtime.metrics import LayerMetrics
 from fsd_runtime.plan import WorkerShare
+from fsd_runtime.prepared import load_share
 from fsd_runtime.storage import Storage, StorageError, make_storage, pack_arrays
 
 
@@ -718,8 +719,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)
         try:
             import fsd_kernels.codec  # noqa: F401  (load the kernels now: start-up, not run time)
-            with storage.open(ev.share_key(event.prefix, event.worker_id)) as stored:  # parsed as read
-                share = WorkerShare.from_bytes(stored)
+            share = load_share(storage, event)  # whole (parsed as read), or its inputs and its model's segments
             if share.worker != event.worker_id or share.n_workers != event.n_workers:
                 raise ev.EventError(f"share of worker {share.worker}/{share.n_workers} given to "
                                     f"worker {event.worker_id}/{event.n_workers}")

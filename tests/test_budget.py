@@ -249,3 +249,18 @@ def test_a_share_read_from_its_file_is_parsed_as_read_without_a_second_copy(tmp_
     assert peaks["file"] < 1.2 * size   # the arrays, and one read buffer
     with pytest.raises(Exception, match="no stored object"):
         store.open("missing.npz")
+
+
+def test_the_local_default_budget_counts_a_shared_overhead_once(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    8192000 kB\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                         *a, **k))
+    available = 8192000 / 1024
+    assert budget.default_worker_memory_mb(84, "process") == pytest.approx(available / 84)
+    for kind in ("fork", "thread"):
+        got = budget.default_worker_memory_mb(84, kind)
+        assert got == pytest.approx((available - budget.WORKER_OVERHEAD_MB) / 84 + budget.WORKER_OVERHEAD_MB)
+        assert 84 * (got - budget.WORKER_OVERHEAD_MB) + budget.WORKER_OVERHEAD_MB == pytest.approx(available)
+    assert budget.default_worker_memory_mb(84, "lambda") is None

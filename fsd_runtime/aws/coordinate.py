@@ -14,7 +14,8 @@ from fsd_runtime import cli
 #: embedded default or a synthetic net; AWS settings come from the function's environment).
 COORDINATE_OPTIONS = frozenset({
     "workers", "channel", "invoker", "deployment", "images", "synthetic", "seed", "partition",
-    "fanout", "batch_size", "receive_timeout", "run_timeout", "memory_mb", "architecture", "worker_memory_mb"})
+    "fanout", "batch_size", "receive_timeout", "run_timeout", "memory_mb", "architecture", "worker_memory_mb",
+    "prepared"})
 
 
 def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
@@ -28,8 +29,11 @@ def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
     if unknown:
         raise ValueError(f"'coordinate' has options a coordinator event may not set: {unknown}; "
                          f"allowed: {sorted(COORDINATE_OPTIONS)}")
-    if not options.get("workers") or options.get("channel") not in cli.AWS_CHANNELS:
-        raise ValueError("'coordinate' needs 'workers' and 'channel' (queue or object)")
+    if not (options.get("workers") or options.get("prepared")) or options.get("channel") not in cli.AWS_CHANNELS:
+        raise ValueError("'coordinate' needs 'workers' (or 'prepared') and 'channel' (queue or object)")
+    prepared = options.get("prepared")
+    if prepared is not None and not str(prepared).startswith("s3:"):
+        raise ValueError("'coordinate' option 'prepared' must be s3:PREFIX, a model in the deployment's bucket")
     argv = ["run", "--invoker", "lambda"]
     for key, value in options.items():
         if isinstance(value, (dict, list, bool)) or value is None:
@@ -41,6 +45,11 @@ def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
         raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
     except cli.UsageError as exc:
         raise ValueError(f"'coordinate' options are not valid: {exc}") from None
+    if args.prepared:  # its worker count and partition, from the model's metadata
+        try:
+            args.prepared_model = cli.open_prepared(args)
+        except cli.UsageError as exc:
+            raise ValueError(f"'coordinate' options are not valid: {exc}") from None
     if limits is not None:  # inside the deployed function: its own deployment, within its limits
         if args.invoker != "lambda" or args.deployment != limits["deployment"]:
             raise ValueError(f"'coordinate' inside deployment {limits['deployment']!r} runs only "
@@ -48,4 +57,6 @@ def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
         if args.workers > limits["max_workers"] or args.fanout > limits["max_fanout"]:
             raise ValueError(f"'coordinate' asks {args.workers} workers / fan-out {args.fanout}; the "
                              f"deployment allows {limits['max_workers']} / {limits['max_fanout']}")
+    if args.prepared:  # the coordinator reads the model's metadata and the images, never the net whole
+        return cli.run_distributed(args, cli.load_prepared_data(args, args.prepared_model))
     return cli.run_distributed(args, cli.load_data(args))

@@ -87,13 +87,17 @@ def check_deployed_event(event: events.WorkerEvent, limits: dict) -> None:
                f"{launcher.get('function')!r}")
     if storage.get("kind") != "s3" or storage.get("bucket") != limits["bucket"]:
         refuse(f"storage must be the deployment's bucket {limits['bucket']!r}")
+    model_storage = (event.model or {}).get("storage")
+    if model_storage is not None and (model_storage.get("kind") != "s3" or model_storage.get("bucket") != limits["bucket"]):
+        refuse(f"a prepared model must be in the deployment's bucket {limits['bucket']!r}")
     if channel.get("kind") not in _AWS_CHANNELS:
         refuse(f"channel must be one of {_AWS_CHANNELS}, got {channel.get('kind')!r}")
     if channel.get("kind") == "queue" and channel.get("prefix") != limits["deployment"]:
         refuse(f"queue channel prefix must be {limits['deployment']!r}, got {channel.get('prefix')!r}")
     if channel.get("kind") == "object" and channel.get("bucket") != limits["bucket"]:
         refuse(f"object channel bucket must be {limits['bucket']!r}, got {channel.get('bucket')!r}")
-    for name, config in (("launcher", launcher), ("storage", storage), ("channel", channel)):
+    for name, config in (("launcher", launcher), ("storage", storage), ("channel", channel),
+                         ("model storage", model_storage or {})):
         settings = config.get("aws") or {}
         if not isinstance(settings, dict):
             refuse(f"{name} 'aws' must be an object")

@@ -78,6 +78,16 @@ def run_options(args) -> RunOptions:
                       fanout=getattr(args, "fanout", 2))
 
 
+def prepared_store(options: RunOptions) -> S3Storage:
+    """The deployment's bucket, where ``run --prepared s3:PREFIX`` finds a prepared model (one a
+    run uploaded to ``models/{digest}``)."""
+    try:
+        names = deploy.names_for(deploy.DeploySettings(name=options.deployment), options.aws)
+    except (ClientError, BotoCoreError) as exc:
+        raise deploy.DeployError(f"cannot reach AWS to find deployment {options.deployment!r}: {exc}") from None
+    return S3Storage(names.bucket, options.aws)
+
+
 def command_options(args) -> CommandOptions:
     """CLI layer: a parsed ``deploy``/``teardown``/``cleanup`` command line."""
     return CommandOptions(command=args.command, settings=deploy_settings(args), aws=aws_settings(args),
@@ -234,6 +244,8 @@ class AwsRun:
         requests: Counter = Counter(traffic.get("channel_requests", {}))
         requests.update(cost.s3_counters(self.storage.call.attempts))
         requests.update({k: v * self.n_workers for k, v in WORKER_STORE_CALLS.items()})
+        # a prepared model's run: each worker also GETs model.json and its segments
+        requests.update({"s3_get_requests": int(traffic.get("model_gets_per_worker", 0)) * self.n_workers})
         run_id, share_bytes = self._sizes("shares")
         _, result_bytes = self._sizes("results")
         bills, terms = {}, {}

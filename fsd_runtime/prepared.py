@@ -1,0 +1,626 @@
+"""A model prepared once: partitioned, planned and stored per worker, reused by any number of runs.
+
+``prepare(source, out, P)`` reads (or generates) the network one layer at a time, partitions that
+layer given the previous layer's owners (:func:`fsd_runtime.partition.layer_owners`), plans it for
+every worker (:func:`fsd_runtime.plan.plan_layer`) and appends each worker's part to that worker's
+current segment; segments are written out whenever the buffered parts reach ``segment_bytes``. So
+at most one layer of the network, its plans and one segment's worth of parts are in memory,
+whatever the number of layers. A run then loads only ``model.json`` and ``layer0.npz`` (each
+worker's layer-0 input neurons) besides its images: it writes each worker a small *inputs* share
+(the images restricted to that worker's layer-0 rows), and each worker reads its own segments.
+
+Layout under a store prefix (a local directory is a store with no prefix)::
+
+    model.json                      metadata; written last, so it marks a complete model
+    layer0.npz                      every worker's layer-0 input neurons (flat + pointers)
+    workers/{w}/seg-{s:05d}.npz     worker w's weights and plans of segment s's layers
+
+Every archive is an npz read without pickle and checked before use: a segment's meta must match
+``model.json``, and the share a worker assembles goes through the same index checks as any
+worker share (``fsd_runtime.plan``). ``network_hash`` (sha256 of every layer's CSC weights and
+bias, N, L and ymax) lets a run refuse a model prepared from another network.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fsd_runtime import events as ev
+from fsd_runtime.plan import LayerPlan, WorkerShare, _check, _flatten, _split, plan_layer
+from fsd_runtime.storage import LocalStorage, Storage, StorageError, make_storage, pack_arrays, unpack_arrays
+
+FORMAT = "fsd-inference prepared model"
+VERSION = 1
+MODEL_KEY = "model.json"
+LAYER0_KEY = "layer0.npz"
+#: Buffered worker parts (all workers together) that close a segment; one layer at least.
+DEFAULT_SEGMENT_BYTES = 64 * 2**20
+#: A model.json larger than this is refused unread (it holds a few numbers per layer).
+MAX_MODEL_JSON_BYTES = 2**24
+#: Where a run on a shared store (S3) puts a prepared model it uploads, for later runs to reuse.
+MODELS_PREFIX = "models"
+_SEGMENT_VERSION = 1
+_INPUTS_VERSION = 1
+_SINGLE = ("out_neurons", "in_neurons", "colptr", "rowidx", "vals", "bias", "local_slots", "local_pos")
+_SINGLE_DTYPES = (np.int32, np.int32, np.int64, np.int32, np.float32, np.float32, np.int64, np.int64)
+
+
+class PreparedError(ValueError):
+    """A prepared model is missing, incomplete or malformed, or is not the one a run asks for
+    (other worker count, partition or network); the message says which, in one line."""
+
+
+# --- networks as layer streams, in the packed (CSC) form the plans take ---
+
+@dataclass(frozen=True)
+class _CscStream:
+    name: str
+    n_neurons: int
+    n_layers: int
+    ymax: np.float32
+    layers: object  # () -> iterator of (colptr, rowidx, vals, bias, keeps_saturated)
+
+
+def _packed_stream(net) -> _CscStream:
+    def layers():
+        for l in range(net.n_layers):
+            yield (*net.layer_csc(l), bool(net.keeps_saturated[l]))
+
+    return _CscStream("packed network", int(net.n_neurons), int(net.n_layers), np.float32(net.ymax), layers)
+
+
+def _csc_stream(stream, keeps: bool = True) -> _CscStream:
+    """A model.LayerStream packed layer by layer exactly as ``fsd_kernels.pack`` packs a network
+    (``keeps``: with each layer's keeps_saturated, which runs a kernel; else None)."""
+    from fsd_kernels import _validate
+    from fsd_kernels.network import csr_to_csc
+
+    if keeps:
+        from fsd_kernels.network import keeps_saturated
+
+    n = int(stream.n_neurons)
+    ymax = _validate.ymax(stream.ymax)
+
+    def layers():
+        count = 0
+        for l, (w, bias) in enumerate(stream.layers()):
+            if l >= stream.n_layers:
+                raise PreparedError(f"{stream.name}: more than the {stream.n_layers} layers it announced")
+            indptr, indices, data = _validate.csr(f"layer {l} weights", *w.arrays, (n, n))
+            bias = np.broadcast_to(np.float32(bias), (n,)) if np.ndim(bias) == 0 else bias
+            bias = _validate.vector(f"layer {l} bias", bias, n)
+            colptr, rows, vals = csr_to_csc(indptr, indices, data, n)
+            yield colptr, rows, vals, bias, bool(keeps_saturated(colptr, rows, vals, bias, ymax)) if keeps else None
+            count += 1
+        if count != stream.n_layers:
+            raise PreparedError(f"{stream.name}: {count} layers, not the {stream.n_layers} it announced")
+
+    return _CscStream(stream.name, n, int(stream.n_layers), ymax, layers)
+
+
+def parse_source(text: str):
+    """``"embedded"`` or ``"synthetic:NxL[:SEED]"`` as a layer stream; None for anything else."""
+    from fsd_runtime import model
+
+    if text == "embedded":
+        return model.embedded()
+    if text.startswith("synthetic:"):
+        parts = text.split(":")
+        try:
+            n, layers = (int(x) for x in parts[1].lower().split("x"))
+            seed = int(parts[2]) if len(parts) == 3 else 0
+            if len(parts) > 3:
+                raise ValueError
+        except ValueError:
+            raise PreparedError(f"expected synthetic:NxL[:SEED], e.g. synthetic:4096x120:0, got {text!r}") from None
+        return model.stream_synthetic(n, layers, seed)
+    return None
+
+
+def network_stream(source, bias: float | None = None, keeps: bool = True) -> _CscStream:
+    """The network ``source`` names, one packed layer at a time. ``source``: a directory of
+    official layer files or an .npz network file (read a layer at a time), ``"embedded"``,
+    ``"synthetic:NxL[:SEED]"`` (generated a layer at a time), a ``model.LayerStream``, or a
+    network already in memory (``model.Network``, ``model.Dataset``, ``fsd_kernels.PackedNetwork``)."""
+    from fsd_kernels import PackedNetwork
+    from fsd_runtime import model
+
+    if isinstance(source, str):
+        parsed = parse_source(source)
+        if parsed is not None:
+            source = parsed
+    if bias is not None and not isinstance(source, (str, os.PathLike)):
+        raise PreparedError("bias applies to network directories only")
+    name = "network"
+    if isinstance(source, model.Dataset):
+        source, name = source.network, source.name
+    if isinstance(source, PackedNetwork):
+        return _packed_stream(source)
+    if isinstance(source, (str, os.PathLike)):
+        return _csc_stream(model.stream_network(os.fspath(source), bias), keeps)
+    if isinstance(source, model.Network):
+        net = source
+        source = model.LayerStream(name, net.n_neurons, net.n_layers, net.ymax,
+                                   lambda: zip(net.layers, net.biases))
+    if isinstance(source, model.LayerStream):
+        return _csc_stream(source, keeps)
+    raise TypeError(f"a network source must be a path, 'embedded', 'synthetic:NxL[:SEED]', a LayerStream, "
+                    f"a Network or a PackedNetwork, got {type(source).__name__}")
+
+
+def _hash_layer(h, colptr, rowidx, vals, bias) -> None:
+    for a, dtype in ((colptr, np.int64), (rowidx, np.int32), (vals, np.float32), (bias, np.float32)):
+        h.update(np.ascontiguousarray(a, dtype).tobytes())
+
+
+def _hash_end(h, n: int, n_layers: int, ymax) -> str:
+    h.update(np.array([n, n_layers], np.int64).tobytes() + np.float32(ymax).tobytes())
+    return h.hexdigest()
+
+
+def network_hash(source, bias: float | None = None) -> str:
+    """sha256 (hex) of a network's content, read one layer at a time (a ``PackedNetwork`` too):
+    equal for the same weights, biases and ymax in any of the formats."""
+    stream = network_stream(source, bias, keeps=False)
+    h = hashlib.sha256(b"fsd-network-v1")
+    count = 0
+    for colptr, rowidx, vals, b, _ in stream.layers():
+        _hash_layer(h, colptr, rowidx, vals, b)
+        count += 1
+    return _hash_end(h, stream.n_neurons, count, stream.ymax)
+
+
+# --- preparing ---
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A complete prepared model: where it is and its metadata (``model.json``)."""
+
+    storage: Storage
+    prefix: str
+    meta: dict
+
+    def key(self, rest: str) -> str:
+        return f"{self.prefix}/{rest}" if self.prefix else rest
+
+    @property
+    def n_workers(self) -> int:
+        return self.meta["n_workers"]
+
+    @property
+    def n_neurons(self) -> int:
+        return self.meta["n_neurons"]
+
+    @property
+    def n_layers(self) -> int:
+        return self.meta["n_layers"]
+
+    @property
+    def partition(self) -> str:
+        return self.meta["partition"]
+
+    @property
+    def network_hash(self) -> str:
+        return self.meta["network_hash"]
+
+    @property
+    def ymax(self) -> np.float32:
+        return np.float32(self.meta["ymax"])
+
+    def location(self) -> dict:
+        """What a worker event carries to find the model (``WorkerEvent.model``)."""
+        return {"storage": self.storage.config(), "prefix": self.prefix}
+
+    def where(self) -> str:
+        root = getattr(self.storage, "root", None)
+        base = root if root else f"{self.storage.config().get('kind')} store"
+        return f"{base}/{self.prefix}" if self.prefix else base
+
+
+def segment_key(worker: int, segment: int) -> str:
+    return f"workers/{worker}/seg-{segment:05d}.npz"
+
+
+def _segment_bytes(worker: int, n_workers: int, n_neurons: int, first: int, plans: list[LayerPlan]) -> bytes:
+    arrays = {"version": np.int64(_SEGMENT_VERSION),
+              "meta": np.array([worker, n_workers, n_neurons, first, len(plans)], np.int64)}
+    for name in _SINGLE:
+        arrays[name], arrays[name + "_ptr"] = _flatten([getattr(p, name) for p in plans])
+    for name in ("recv_slots", "send_pos"):
+        arrays[name], arrays[name + "_ptr"] = _flatten([a for p in plans for a in getattr(p, name)])
+    return pack_arrays(arrays)
+
+
+def _plan_bytes(plan: LayerPlan) -> int:
+    return sum(getattr(plan, name).nbytes for name in _SINGLE) + \
+        sum(a.nbytes for name in ("recv_slots", "send_pos") for a in getattr(plan, name))
+
+
+def _target(out) -> tuple[Storage, str, str | None, str | None]:
+    """(store, prefix, directory this call creates, empty directory it fills) of ``prepare``'s ``out``."""
+    if isinstance(out, PreparedModel):
+        out = (out.storage, out.prefix)
+    if isinstance(out, Storage):
+        out = (out, "")
+    if isinstance(out, tuple):
+        storage, prefix = out
+        if storage.list(prefix) if prefix else (storage.exists(MODEL_KEY) or storage.list("workers")):
+            raise PreparedError(f"{prefix or 'the store'} already holds objects; prepare into an empty prefix")
+        return storage, prefix, None, None
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a directory, a Storage or (Storage, prefix), got {type(out).__name__}")
+    path = os.path.abspath(os.fspath(out))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise PreparedError(f"{path}: exists and is not an empty directory; prepare into a new one")
+    created = None if os.path.isdir(path) else path
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise PreparedError(f"{path}: cannot create the directory ({exc.strerror or exc})") from None
+    return LocalStorage(path), "", created, None if created else path
+
+
+def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias: float | None = None,
+            segment_bytes: int = DEFAULT_SEGMENT_BYTES, progress=None) -> dict:
+    """Prepare ``source`` (see :func:`network_stream`) for runs on ``n_workers`` workers into
+    ``out`` (a new or empty directory, a Storage, or (Storage, prefix)), streaming one layer at a
+    time. Returns the model's metadata (what ``model.json`` holds), with ``timings`` in seconds
+    (``read_s``, ``partition_s``, ``plan_s``, ``write_s``, ``total_s``) and ``bytes`` written.
+    On any failure what was written is removed again."""
+    from fsd_runtime.partition import METHODS, layer_owners
+
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    if partition not in METHODS:
+        raise PreparedError(f"unknown partition method {partition!r}; choose one of {METHODS}")
+    if isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer)) or n_workers < 1:
+        raise PreparedError(f"n_workers must be a positive integer, got {n_workers!r}")
+    if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, (int, np.integer)) or segment_bytes < 1:
+        raise PreparedError(f"segment_bytes must be a positive integer, got {segment_bytes!r}")
+    n_workers = int(n_workers)
+    stream = network_stream(source, bias)
+    n = stream.n_neurons
+    if n_workers > n:
+        raise PreparedError(f"{n_workers} workers for {n} neurons: each worker needs a neuron")
+    storage, prefix, created, local = _target(out)
+    model = PreparedModel(storage, prefix, {})
+    timings = dict.fromkeys(("read_s", "partition_s", "plan_s", "write_s"), 0.0)
+    try:
+        h = hashlib.sha256(b"fsd-network-v1")
+        buffers: list[list[LayerPlan]] = [[] for _ in range(n_workers)]
+        buffered, first, segments, keeps, written = 0, 0, [], [], 0
+        layer0, owners_prev, nnz, most_edges = None, None, 0, 0
+        # per worker, what sizes its memory (budget.Footprint, without the run's inputs)
+        sizes = [dict.fromkeys(("share_bytes", "most_in", "most_out", "last_rows", "sources"), 0)
+                 for _ in range(n_workers)]
+
+        def flush():
+            nonlocal buffered, first, written
+            tick = time.perf_counter()
+            count = len(buffers[0])
+            for p in range(n_workers):
+                data = _segment_bytes(p, n_workers, n, first, buffers[p])
+                storage.put(model.key(segment_key(p, len(segments))), data)
+                written += len(data)
+                buffers[p] = []
+            segments.append([first, count])
+            first, buffered = first + count, 0
+            timings["write_s"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        l = -1
+        for l, (colptr, rowidx, vals, b, keep) in enumerate(stream.layers()):
+            timings["read_s"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            _hash_layer(h, colptr, rowidx, vals, b)
+            owners = layer_owners(partition, colptr, rowidx, owners_prev, n_workers)
+            timings["partition_s"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            plans = plan_layer(l, (colptr, rowidx, vals, b), owners, owners_prev, n_workers)
+            if l == 0:
+                layer0 = [plan.in_neurons for plan in plans]
+            for p in range(n_workers):
+                buffers[p].append(plans[p])
+                size = _plan_bytes(plans[p])
+                buffered += size
+                sizes[p]["share_bytes"] += size
+                sizes[p]["most_in"] = max(sizes[p]["most_in"], int(plans[p].in_neurons.shape[0]))
+                sizes[p]["most_out"] = max(sizes[p]["most_out"], int(plans[p].out_neurons.shape[0]))
+                sizes[p]["last_rows"] = int(plans[p].out_neurons.shape[0])
+                sizes[p]["sources"] = max(sizes[p]["sources"], sum(
+                    1 for s, r in enumerate(plans[p].recv_slots) if s != p and r.shape[0]))
+            keeps.append(keep)
+            nnz += int(rowidx.shape[0])
+            most_edges = max(most_edges, int(rowidx.shape[0]))
+            owners_prev = owners
+            del plans, colptr, rowidx, vals, b
+            timings["plan_s"] += time.perf_counter() - tick
+            if buffered >= segment_bytes:
+                flush()
+            if (l + 1) % 100 == 0:
+                say(f"prepared {l + 1} of {stream.n_layers} layers")
+            tick = time.perf_counter()
+        if l < 0:
+            raise PreparedError(f"{stream.name}: the network has no layers")
+        if buffers[0]:
+            flush()
+        tick = time.perf_counter()
+        flat, ptr = _flatten(layer0)
+        data = pack_arrays({"version": np.int64(VERSION), "in_neurons": flat, "ptr": ptr})
+        storage.put(model.key(LAYER0_KEY), data)
+        written += len(data)
+        meta = {
+            "format": FORMAT, "version": VERSION, "name": stream.name, "n_neurons": n,
+            "n_layers": l + 1, "n_workers": n_workers, "partition": partition,
+            "ymax": float(stream.ymax), "keeps_saturated": keeps, "nnz": nnz, "most_edges": most_edges,
+            "worker_sizes": sizes,
+            "network_hash": _hash_end(h, n, l + 1, stream.ymax), "segments": segments,
+        }
+        timings["write_s"] += time.perf_counter() - tick
+        timings["total_s"] = time.perf_counter() - started
+        meta["timings"] = timings
+        text = json.dumps(meta).encode()
+        meta["bytes"] = written + len(text)
+        storage.put(model.key(MODEL_KEY), text)  # last: a model.json means a complete model
+    except BaseException:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        elif local:  # an empty directory of the user's: empty again
+            for name in os.listdir(local):
+                path = os.path.join(local, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+        else:
+            for key in storage.list(prefix) if prefix else storage.list("workers") + \
+                    [k for k in (LAYER0_KEY, MODEL_KEY) if storage.exists(k)]:
+                storage.delete(key)
+        raise
+    say(f"prepared {l + 1} layers of {n} neurons for {n_workers} workers in {timings['total_s']:.1f} s")
+    return meta
+
+
+# --- opening and checking ---
+
+def _meta_error(where: str, what: str) -> PreparedError:
+    return PreparedError(f"{where}: not a usable prepared model ({what})")
+
+
+def _check_meta(meta, where: str) -> dict:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _meta_error(where, "model.json is not one")
+    if meta.get("version") != VERSION:
+        raise _meta_error(where, f"version {meta.get('version')!r}, this code reads {VERSION}")
+
+    def integer(name, low, high):
+        v = meta.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise _meta_error(where, f"{name} must be an integer in {low}..{high}, got {v!r}")
+        return v
+
+    n = integer("n_neurons", 1, np.iinfo(np.int32).max)
+    L = integer("n_layers", 1, 10**7)
+    integer("n_workers", 1, min(n, ev.MAX_WORKERS))
+    integer("nnz", 0, 2**62)
+    if not isinstance(meta.get("partition"), str):
+        raise _meta_error(where, "no partition method")
+    ymax = meta.get("ymax")
+    if isinstance(ymax, bool) or not isinstance(ymax, (int, float)) or not (math.isfinite(ymax) and ymax > 0):
+        raise _meta_error(where, f"ymax must be a finite positive number, got {ymax!r}")
+    keeps = meta.get("keeps_saturated")
+    if not isinstance(keeps, list) or len(keeps) != L or not all(isinstance(k, bool) for k in keeps):
+        raise _meta_error(where, f"keeps_saturated must be {L} true/false values")
+    digest = meta.get("network_hash")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise _meta_error(where, "network_hash must be 64 hex digits")
+    segments, expect = meta.get("segments"), 0
+    if not isinstance(segments, list) or not segments:
+        raise _meta_error(where, "no segments")
+    for seg in segments:
+        if not (isinstance(seg, list) and len(seg) == 2 and all(type(x) is int for x in seg)
+                and seg[0] == expect and seg[1] >= 1):
+            raise _meta_error(where, "segments must be [first layer, layers] pairs covering every layer in order")
+        expect += seg[1]
+    if expect != L:
+        raise _meta_error(where, f"segments cover {expect} layers, not {L}")
+    return meta
+
+
+def open_model(where, prefix: str = "") -> PreparedModel:
+    """The prepared model at ``where``: a directory, a Storage (with ``prefix``) or a
+    PreparedModel; :class:`PreparedError` if there is none, or an incomplete or malformed one."""
+    if isinstance(where, PreparedModel):
+        return where
+    if isinstance(where, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(where))
+        if not os.path.isdir(path):
+            raise PreparedError(f"{path}: no such prepared model directory (make one with `fsd-inference prepare`)")
+        where = LocalStorage(path, create=False)
+    if not isinstance(where, Storage):
+        raise TypeError(f"a prepared model is a directory, a Storage or a PreparedModel, got {type(where).__name__}")
+    model = PreparedModel(where, prefix, {})
+    label = model.where()
+    key = model.key(MODEL_KEY)
+    if not where.exists(key):
+        raise PreparedError(f"{label}: not a prepared model (no {MODEL_KEY}: made by `fsd-inference prepare`? "
+                            "an interrupted prepare leaves none)")
+    text = where.get(key)
+    if len(text) > MAX_MODEL_JSON_BYTES:
+        raise _meta_error(label, f"{MODEL_KEY} has {len(text)} bytes")
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise _meta_error(label, f"{MODEL_KEY} is not JSON: {exc}") from None
+    return PreparedModel(where, prefix, _check_meta(meta, label))
+
+
+def check_model(model: PreparedModel, *, n_workers: int | None = None, partition: str | None = None,
+                network_hash: str | None = None, n_neurons: int | None = None) -> None:
+    """Refuse a model that is not the one a run asks for, in one line naming what differs."""
+    label = model.where()
+    if n_workers is not None and n_workers != model.n_workers:
+        raise PreparedError(f"{label} is prepared for {model.n_workers} workers, the run asks for {n_workers} "
+                            f"(prepare it again with --workers {n_workers})")
+    if partition is not None and partition != model.partition:
+        raise PreparedError(f"{label} is partitioned by {model.partition}, the run asks for {partition}")
+    if n_neurons is not None and n_neurons != model.n_neurons:
+        raise PreparedError(f"{label} is a network of {model.n_neurons} neurons, the run's has {n_neurons}")
+    if network_hash is not None and network_hash != model.network_hash:
+        raise PreparedError(f"{label} was prepared from another network (hash {model.network_hash[:12]}, "
+                            f"the run's is {network_hash[:12]})")
+
+
+def layer0_inputs(model: PreparedModel) -> list[np.ndarray]:
+    """Every worker's layer-0 input neurons (ascending, checked)."""
+    z = unpack_arrays(model.storage.get(model.key(LAYER0_KEY)), f"{model.where()}/{LAYER0_KEY}")
+    try:
+        parts = _split(z["in_neurons"], z["ptr"], np.int32)
+    except KeyError as exc:
+        raise _meta_error(model.where(), f"{LAYER0_KEY} lacks {exc}") from None
+    if len(parts) != model.n_workers or any(
+            a.size and (a[0] < 0 or a[-1] >= model.n_neurons or np.any(np.diff(a) <= 0)) for a in parts):
+        raise _meta_error(model.where(), f"{LAYER0_KEY} does not hold {model.n_workers} ascending neuron sets")
+    return parts
+
+
+# --- a run's inputs shares, and a worker's share assembled from its segments ---
+
+def inputs_share(model: PreparedModel, worker: int, in_neurons0: np.ndarray, images, active, saturated) -> bytes:
+    """The per-run part of worker ``worker``'s share: the images restricted to its layer-0 rows."""
+    from fsd_runtime.plan import input_rows
+
+    indptr, indices, data = images
+    x_indptr, x_slots, x_data = input_rows(indptr, indices, data, in_neurons0, model.n_neurons)
+    return pack_arrays({
+        "inputs_version": np.int64(_INPUTS_VERSION),
+        "meta": np.array([worker, model.n_workers, model.n_neurons, indptr.shape[0] - 1], np.int64),
+        "network_hash": np.frombuffer(bytes.fromhex(model.network_hash), np.uint8),
+        "x_indptr": x_indptr, "x_slots": x_slots, "x_data": x_data,
+        "active": np.asarray(active, np.int64), "saturated": np.asarray(saturated, np.int64)})
+
+
+def _load_segment(model: PreparedModel, worker: int, index: int, first: int, count: int) -> dict:
+    key = model.key(segment_key(worker, index))
+    z = unpack_arrays(model.storage.get(key), f"prepared model segment {key}")
+    try:
+        if int(z["version"]) != _SEGMENT_VERSION:
+            raise StorageError(f"prepared model segment {key}: version {int(z['version'])} is not {_SEGMENT_VERSION}")
+        meta = [int(v) for v in z["meta"]]
+        if meta != [worker, model.n_workers, model.n_neurons, first, count]:
+            raise StorageError(f"prepared model segment {key} is of another worker, model or layer range")
+        lists = {name: _split(z[name], z[name + "_ptr"], dtype) for name, dtype in zip(_SINGLE, _SINGLE_DTYPES)}
+        P = model.n_workers
+        for name in ("recv_slots", "send_pos"):
+            flat = _split(z[name], z[name + "_ptr"], np.int64)
+            if len(flat) != count * P:
+                raise StorageError(f"prepared model segment {key}: {name} has {len(flat)} parts, not {count}x{P}")
+            lists[name] = [flat[l * P:(l + 1) * P] for l in range(count)]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise StorageError(f"prepared model segment {key} is malformed ({type(exc).__name__}: {exc})") from None
+    if any(len(v) != count for v in lists.values()):
+        raise StorageError(f"prepared model segment {key} does not hold {count} layers")
+    return lists
+
+
+def load_worker_share(model: PreparedModel, inputs: bytes, worker: int) -> WorkerShare:
+    """Worker ``worker``'s whole share: its segments of ``model`` and its run's ``inputs`` share,
+    checked as any share is (a malformed one raises StorageError, a ValueError)."""
+    z = unpack_arrays(inputs, f"inputs share of worker {worker}")
+    try:
+        if int(z["inputs_version"]) != _INPUTS_VERSION:
+            raise StorageError(f"inputs share version {int(z['inputs_version'])} is not {_INPUTS_VERSION}")
+        w, n_workers, n_neurons, n_images = (int(v) for v in z["meta"])
+        digest = np.asarray(z["network_hash"], np.uint8).tobytes().hex()
+        x = {k: z[k] for k in ("x_indptr", "x_slots", "x_data", "active", "saturated")}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StorageError(f"inputs share of worker {worker} is malformed ({type(exc).__name__}: {exc})") from None
+    if (w, n_workers, n_neurons) != (worker, model.n_workers, model.n_neurons) or digest != model.network_hash:
+        raise StorageError(f"inputs share of worker {worker} is for another worker or another prepared model")
+    lists: dict[str, list] = {name: [] for name in (*_SINGLE, "recv_slots", "send_pos")}
+    for index, (first, count) in enumerate(model.meta["segments"]):
+        for name, part in _load_segment(model, worker, index, first, count).items():
+            lists[name].extend(part)
+    share = WorkerShare(
+        worker=worker, n_workers=n_workers, n_neurons=n_neurons, n_images=n_images, ymax=model.ymax,
+        keeps_saturated=np.asarray(model.meta["keeps_saturated"], np.bool_),
+        x_indptr=np.ascontiguousarray(x["x_indptr"], np.int64), x_slots=np.ascontiguousarray(x["x_slots"], np.int32),
+        x_data=np.ascontiguousarray(x["x_data"], np.float32), active=np.ascontiguousarray(x["active"], np.int64),
+        saturated=np.ascontiguousarray(x["saturated"], np.int64), **lists)
+    try:
+        return _check(share)
+    except (IndexError, TypeError) as exc:
+        raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def footprints(model: "PreparedModel", indptr: np.ndarray, n_images: int) -> list | None:
+    """Every worker's ``budget.Footprint`` for a run of ``n_images`` images (the network part
+    from the model's metadata, the inputs estimated as every image nonzero on every worker: an
+    upper bound), or None for a model prepared without the sizes."""
+    from fsd_runtime import budget
+
+    sizes = model.meta.get("worker_sizes")
+    if not isinstance(sizes, list) or len(sizes) != model.n_workers:
+        return None
+    inputs = 12 * int(indptr[-1]) + 8 * (n_images + 1) + 8 * n_images
+    out = []
+    for w, size in enumerate(sizes):
+        sources = int(size["sources"]) + (1 if w != 0 else model.n_workers - 1)
+        out.append(budget.Footprint(
+            worker=w, share_bytes=int(size["share_bytes"]) + inputs,
+            in_rows=int(size["most_in"]) + budget.status_rows(w, model.n_workers),
+            out_rows=int(size["most_out"]) + 2, last_rows=int(size["last_rows"]), n_images=n_images,
+            map_bytes=8 * (model.n_neurons + 2) * min(sources, model.n_workers)))
+    return out
+
+
+def load_share(storage: Storage, event) -> WorkerShare:
+    """The share of the worker of ``event`` (a WorkerEvent): whole from the run's store, or, with
+    ``event.model``, its run's inputs share and its segments of the prepared model."""
+    key = ev.share_key(event.prefix, event.worker_id)
+    if event.model is None:
+        with storage.open(key) as stored:  # parsed as read: not held beside its arrays
+            return WorkerShare.from_bytes(stored)
+    data = storage.get(key)
+    location = event.model
+    config = location.get("storage")
+    model_storage = storage if config is None or config == storage.config() else make_storage(config)
+    try:
+        model = open_model(model_storage, location.get("prefix", ""))
+    except PreparedError as exc:
+        raise StorageError(str(exc)) from None
+    return load_worker_share(model, data, event.worker_id)
+
+
+# --- a prepared model on a shared store, uploaded once ---
+
+def model_digest(meta: dict) -> str:
+    """A name for a prepared model's content (its metadata but the timings and sizes)."""
+    core = {k: v for k, v in meta.items() if k not in ("timings", "bytes")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def publish(model: PreparedModel, storage: Storage, progress=None) -> tuple[PreparedModel, bool]:
+    """``model`` on ``storage`` under ``models/{digest}``: uploaded unless a complete copy is
+    there already (then reused). Returns (the model there, whether it was uploaded now)."""
+    say = progress or (lambda message: None)
+    target = PreparedModel(storage, f"{MODELS_PREFIX}/{model_digest(model.meta)}", model.meta)
+    if storage.exists(target.key(MODEL_KEY)):
+        try:
+            there = open_model(storage, target.prefix)
+            if model_digest(there.meta) == model_digest(model.meta):
+                say(f"reusing the prepared model at {target.prefix}")
+                return there, False
+        except (PreparedError, StorageError):
+            pass  # a broken copy: upload over it
+    keys = [LAYER0_KEY] + [segment_key(w, s) for w in range(model.n_workers)
+                           for s in range(len(model.meta["segments"]))]
+    say(f"uploading the prepared model ({len(keys) + 1} objects) to {target.prefix}")
+    for key in keys:
+        storage.put(target.key(key), model.storage.get(model.key(key)))
+    storage.put(target.key(MODEL_KEY), model.storage.get(model.key(MODEL_KEY)))  # last: complete
+    return open_model(storage, target.prefix), True

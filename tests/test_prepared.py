@@ -1,0 +1,408 @@
+"""A model prepared once (fsd_runtime.prepared) and the runs that reuse it.
+
+References: the independent scipy reference of test_differential.py on random networks, the
+serial kernels (``fsd_kernels.infer``) and the golden categories on the official 1024x120 net,
+and the shares the coordinator plans from the whole network (``plan.build_shares``), array for
+array. Memory: the preparing process's traced peak at 60 and at 600 layers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fsd_kernels
+import fsd_runtime
+from fsd_runtime import cli, model, partition, plan, prepared
+from fsd_runtime.coordinator import RunError, run_distributed
+from test_differential import assert_bit_identical, examples, expected, images_csr, user_networks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def network_of(case) -> model.Network:
+    _, layers, biases, ymax = case
+    return model.Network.from_layers(layers, biases, ymax=ymax)
+
+
+def assert_same(got, want):
+    for a, b in zip((got.indptr, got.indices, got.data), (want.indptr, want.indices, want.data)):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+# --- streaming sources ---
+
+def test_synthetic_layers_stream_as_generated_and_start_as_the_official_ones(official):
+    whole = model.generate_network(1024, 40, seed=9)
+    for l, (w, b) in enumerate(model.stream_synthetic(1024, 40, seed=9).layers()):
+        for got, want in zip(w.arrays, whole.layers[l].arrays):
+            assert np.array_equal(got, want)
+        assert np.array_equal(b, whole.biases[l])
+    # independent of either generator: the first log2(1024/16) = 6 layers are the official ones
+    for w, off in zip(model.stream_synthetic(1024, 6, seed=3).layers(), official.network.layers[:6]):
+        assert np.array_equal(w[0].indptr, off.indptr) and np.array_equal(w[0].indices, off.indices)
+
+
+def _write_tsv_dir(directory, net: model.Network, bias_file: bool):
+    os.makedirs(directory)
+    n = net.n_neurons
+    for k, w in enumerate(net.layers, 1):
+        rows = np.repeat(np.arange(n), np.diff(w.indptr)) + 1
+        np.savetxt(os.path.join(directory, f"n{n}-l{k}.tsv"), np.c_[rows, w.indices + 1, w.data],
+                   fmt="%d\t%d\t%.9g")
+    if bias_file:
+        lines = [f"{l + 1}\t{j + 1}\t{b[j]:.9g}" for l, b in enumerate(net.biases) for j in range(n) if b[j]]
+        with open(os.path.join(directory, f"n{n}-bias.tsv"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def test_network_files_stream_to_the_same_hash_as_read_whole(tmp_path):
+    rng = np.random.default_rng(4)
+    n, L = 48, 5
+    layers = [sp.random(n, n, density=0.2, random_state=rng, format="csr", dtype=np.float32) -
+              sp.random(n, n, density=0.1, random_state=rng, format="csr", dtype=np.float32) for _ in range(L)]
+    net = model.Network.from_layers(layers, [rng.uniform(-1, 1, n).astype(np.float32) for _ in range(L)], ymax=8.0)
+    npz = str(tmp_path / "net.npz")
+    model.save_network(net, npz)
+    _write_tsv_dir(str(tmp_path / "dir"), model.load_network(npz), bias_file=True)
+    (tmp_path / "dir" / f"n{n}-ymax.tsv").write_text("8\n")
+    want = prepared.network_hash(net.pack())
+    assert prepared.network_hash(npz) == prepared.network_hash(str(tmp_path / "dir")) == want
+    streamed = list(model.stream_network(npz).layers())
+    whole = model.load_network(npz)
+    for (w, b), ww, wb in zip(streamed, whole.layers, whole.biases):
+        assert all(np.array_equal(x, y) for x, y in zip(w.arrays, ww.arrays)) and np.array_equal(b, wb)
+    other = model.Network.from_layers(layers, [np.zeros(n, np.float32)] * L, ymax=8.0)
+    assert prepared.network_hash(other) != want
+
+
+def test_a_truncated_npz_fails_while_streaming_with_a_clear_error(tmp_path):
+    net = model.generate_network(64, 4)
+    path = str(tmp_path / "net.npz")
+    np.savez(path, version=np.int64(1), n_neurons=np.int64(64), ymax=np.float32(32),
+             indptr=np.stack([w.indptr for w in net.layers]),
+             indices=np.concatenate([w.indices for w in net.layers])[:-5],
+             data=np.concatenate([w.data for w in net.layers])[:-5], biases=np.stack(net.biases))
+    out = tmp_path / "model"
+    with pytest.raises(model.DataError, match="net.npz"):
+        prepared.prepare(path, str(out), 2)
+    assert not out.exists(), "a failed prepare leaves nothing behind"
+
+
+# --- prepared shares are the planned shares; prepared runs equal the references ---
+
+@examples(25)
+@given(user_networks(max_n=30, max_layers=6), st.integers(1, 6), st.sampled_from(["contiguous", "hypergraph"]),
+       st.sampled_from([1, 5000, 2**26]))
+def test_prepared_shares_equal_the_planned_shares(tmp_path_factory, case, n_workers, method, segment_bytes):
+    n_workers = min(n_workers, case[0].shape[1])
+    net = network_of(case)
+    packed = net.pack()
+    out = tmp_path_factory.mktemp("prep") / "m"
+    meta = prepared.prepare(net, str(out), n_workers, partition=method, segment_bytes=segment_bytes)
+    assert meta["network_hash"] == prepared.network_hash(packed)
+    assert meta["keeps_saturated"] == [bool(k) for k in packed.keeps_saturated]
+    images = images_csr(case[0])
+    shares = plan.build_shares(packed, *images, partition.make_partition(packed, n_workers, method), n_workers)
+    found = prepared.open_model(str(out))
+    in0 = prepared.layer0_inputs(found)
+    active, saturated = plan.initial_status(images[0], images[2], packed.n_neurons, packed.ymax)
+    for w in range(n_workers):
+        got = prepared.load_worker_share(found, prepared.inputs_share(found, w, in0[w], images, active, saturated), w)
+        assert got.to_bytes() == shares[w].to_bytes()
+
+
+@examples(25)
+@given(user_networks(max_n=30, max_layers=5), st.integers(1, 7), st.sampled_from(["contiguous", "hypergraph"]),
+       st.sampled_from([None, 2]))
+def test_prepared_run_equals_the_reference(tmp_path_factory, case, n_workers, method, batch_size):
+    n_workers = min(n_workers, case[0].shape[1])
+    want = expected(case)
+    out = str(tmp_path_factory.mktemp("prep") / "m")
+    prepared.prepare(network_of(case), out, n_workers, partition=method, segment_bytes=3000)
+    result = fsd_runtime.run(None, sp.csr_matrix(case[0]), prepared=out, batch_size=batch_size, launcher="thread")
+    assert result.workers == n_workers
+    assert_bit_identical(result.activations, want, f"P={n_workers} {method}")
+
+
+def test_prepared_official_run_with_process_workers_equals_serial(tmp_path, official, official_packed):
+    out = str(tmp_path / "official")
+    meta = prepared.prepare("embedded", out, 4, segment_bytes=4 * 2**20)
+    assert (meta["n_neurons"], meta["n_layers"], meta["n_workers"]) == (1024, 120, 4)
+    assert len(meta["segments"]) > 1 and meta["name"] == "graphchallenge-1024x120"
+    assert meta["network_hash"] == prepared.network_hash(official_packed)
+    images = official.images.rows(0, 2000)
+    serial = fsd_kernels.infer(*images.arrays, official_packed)
+    # the network given too: its hash is checked against the model's
+    result = run_distributed(official_packed, images.arrays, prepared=out, launcher={"kind": "process"})
+    assert_same(result.activations, serial)
+    assert np.array_equal(result.categories, official.categories[official.categories < 2000])
+    assert result.n_workers == 4 and result.partition == "hypergraph" and result.timings["partition_s"] < 1
+    assert sorted(os.listdir(out)) == ["layer0.npz", "model.json", "workers"], "runs leave the model as it was"
+
+
+# --- memory: bounded in the number of layers ---
+
+_PROBE = """
+import json, os, sys, tempfile, tracemalloc
+from fsd_runtime import prepared
+peaks = {}
+with tempfile.TemporaryDirectory(prefix="prepare-probe-") as d:
+    prepared.prepare("synthetic:1024x4:0", os.path.join(d, "warm"), 4)  # imports, kernels, caches
+    tracemalloc.start()
+    for layers in (60, 600):
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        meta = prepared.prepare(f"synthetic:1024x{layers}:0", os.path.join(d, str(layers)), 4,
+                                segment_bytes=2**20)
+        peaks[layers] = [tracemalloc.get_traced_memory()[1] - base, len(meta["segments"])]
+print(json.dumps(peaks))
+"""
+
+
+def test_preparing_memory_does_not_grow_with_layers():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    peaks = {int(k): v for k, v in json.loads(done.stdout).items()}
+    (peak60, segs60), (peak600, segs600) = peaks[60], peaks[600]
+    assert segs600 >= 10 * segs60 - 10, "both runs close segments at the same size"
+    # 600 layers of 1024 neurons are about 160 MB of weights and plans; the whole network
+    # held would be tens of MB above the 60-layer peak. Bounded: within 20% (and 1 MB).
+    assert peak600 <= 1.2 * peak60 + 2**20, peaks
+    assert peak600 < 16 * 2**20, peaks
+
+
+# --- refusals: one clear line, nothing run ---
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("small") / "m")
+    prepared.prepare("synthetic:256x8:1", out, 3)
+    return out
+
+
+def test_runs_refuse_a_model_that_is_not_the_one_asked_for(small_model):
+    ds = model.synthetic(256, 8, 20, seed=1)
+    with pytest.raises(prepared.PreparedError, match="prepared for 3 workers, the run asks for 2"):
+        run_distributed(None, ds.images.arrays, 2, prepared=small_model)
+    with pytest.raises(prepared.PreparedError, match="partitioned by hypergraph"):
+        run_distributed(None, ds.images.arrays, prepared=small_model, partition="contiguous")
+    other = model.generate_network(256, 8, seed=2).pack()
+    with pytest.raises(prepared.PreparedError, match="another network"):
+        run_distributed(other, ds.images.arrays, prepared=small_model)
+    with pytest.raises(prepared.PreparedError, match="another network"):
+        fsd_runtime.run("synthetic:256x8:2", ds.images, prepared=small_model)
+    with pytest.raises(ValueError, match="beyond the network's 256 neurons"):
+        run_distributed(None, model.synthetic(1024, 1, 5).images.arrays, prepared=small_model)
+
+
+def test_incomplete_or_tampered_models_are_refused(tmp_path, small_model):
+    import shutil
+
+    with pytest.raises(prepared.PreparedError, match="no such prepared model directory"):
+        prepared.open_model(str(tmp_path / "none"))
+    copy = tmp_path / "copy"
+    shutil.copytree(small_model, copy)
+    (copy / "model.json").unlink()
+    with pytest.raises(prepared.PreparedError, match="no model.json"):
+        prepared.open_model(str(copy))
+    shutil.rmtree(copy)
+    shutil.copytree(small_model, copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["segments"][0][1] += 1
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(prepared.PreparedError, match="segments"):
+        prepared.open_model(str(copy))
+    shutil.rmtree(copy)
+    shutil.copytree(small_model, copy)
+    segment = copy / "workers" / "1" / "seg-00000.npz"
+    z = dict(np.load(segment))
+    z["rowidx"] = z["rowidx"] + 10**6  # indices no kernel may follow
+    np.savez(segment, **z)
+    ds = model.synthetic(256, 8, 20, seed=1)
+    with pytest.raises(RunError, match="worker 1.*rowidx"):
+        run_distributed(None, ds.images.arrays, prepared=str(copy), launcher={"kind": "thread"})
+    with pytest.raises(prepared.PreparedError, match="not an empty directory"):
+        prepared.prepare("synthetic:256x2", small_model, 2)
+
+
+# --- the CLI ---
+
+def test_cli_prepare_then_run_prepared(capsys, tmp_path, official):
+    out = str(tmp_path / "m")
+    assert cli.main(["prepare", "--out", out, "--workers", "3", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert (meta["n_workers"], meta["n_layers"], meta["partition"]) == (3, 120, "hypergraph")
+    assert cli.main(["run", "--prepared", out, "--images", "800", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["golden_match"] is True and result["workers"] == 3 and result["mode"] == "distributed"
+    assert result["categories"] == [int(c) + 1 for c in official.categories if c < 800]
+    for argv, message in (
+            (["--workers", "2"], "prepared for 3 workers, the run asks for 2"),
+            (["--partition", "contiguous"], "partitioned by hypergraph, the run asks for contiguous"),
+            (["--synthetic", "1024x120", "--images", "5"], "prepared from another network"),
+            (["--synthetic", "256x120"], "a network of 1024 neurons, --synthetic has 256")):
+        assert cli.main(["run", "--prepared", out, *argv]) == cli.EXIT_USAGE, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("fsd-inference: error: --prepared") and message in err[-1], err
+        assert "Traceback" not in "\n".join(err)
+
+
+def test_cli_prepare_refuses_bad_options_with_exit_2(capsys, tmp_path, small_model):
+    for argv, message in (
+            (["--out", small_model, "--workers", "2"], "not an empty directory"),
+            (["--out", str(tmp_path / "a"), "--workers", "2", "--seed", "3"], "--seed applies to --synthetic"),
+            (["--out", str(tmp_path / "b"), "--workers", "2", "--weights", str(tmp_path / "none")],
+             "no such file"),
+            (["--out", str(tmp_path / "c"), "--workers", "300"], "at most"),
+            (["--out", str(tmp_path / "d"), "--workers", "40", "--synthetic", "32x2"], "40 workers for 32 neurons")):
+        try:
+            code = cli.main(["prepare", *argv])
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code
+        assert code == cli.EXIT_USAGE, argv
+        assert message in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert cli.main(["run", "--prepared", str(tmp_path / "none")]) == cli.EXIT_USAGE
+    assert "no such directory" in capsys.readouterr().err
+
+
+# --- S3: the model uploaded once, reused by later runs ---
+
+def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
+    from fsd_runtime.aws import deploy
+    from fsd_runtime.aws.clients import AwsSettings, client
+    from fsd_runtime.aws.run import AwsRun, RunOptions
+
+    settings = AwsSettings(region="us-east-1", endpoint_url=aws_server.endpoint_url)
+    assert settings.endpoint_url.startswith("http://127.0.0.1:")
+    name = f"fsd-prep-{uuid.uuid4().hex[:6]}"
+    deploy.deploy(deploy.DeploySettings(name=name, topics=1, lambda_function=False), settings)
+    try:
+        ds = model.synthetic(256, 8, 60, seed=1)
+        serial = fsd_kernels.infer(*ds.images.arrays, ds.network.pack())
+        uploaded = []
+        for _ in range(2):
+            with AwsRun(RunOptions(channel="object", invoker="local", deployment=name, aws=settings), 3) as aws_run:
+                result = run_distributed(None, ds.images.arrays, prepared=small_model,
+                                         channel=aws_run.channel_config(), launcher=aws_run.launcher_config(),
+                                         storage=aws_run.storage, run_timeout=240)
+            assert_same(result.activations, serial)
+            uploaded.append(result.timings["model_uploaded"])
+            segments = len(prepared.open_model(small_model).meta["segments"])
+            assert result.traffic["model_gets_per_worker"] == 1 + segments  # priced by AwsRun.cost
+        assert uploaded == [True, False]
+        bucket = deploy.names_for(deploy.DeploySettings(name=name), settings).bucket
+        keys = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
+        digest = prepared.model_digest(prepared.open_model(small_model).meta)
+        assert keys and all(k.startswith(f"models/{digest}/") for k in keys), keys  # the runs' objects are gone
+        assert len(keys) == len([f for _, _, fs in os.walk(small_model) for f in fs])
+        # later runs name the uploaded model alone: the CLI, and the Lambda coordinator's mode
+        from fsd_runtime.aws.coordinate import coordinate
+
+        want = [int(c) + 1 for c in serial.categories]
+        out = coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "invoker": "local",
+                          "deployment": name, "synthetic": "256x8", "seed": 1, "images": 60})
+        assert out["categories"] == want and out["prepared_model"] == f"s3:models/{digest}" and out["workers"] == 3
+        with pytest.raises(ValueError, match="must be s3:PREFIX"):
+            coordinate({"prepared": small_model, "channel": "object", "deployment": name})
+        with pytest.raises(ValueError, match="another network"):
+            coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "invoker": "local",
+                        "deployment": name, "synthetic": "256x8", "seed": 2, "images": 5})
+        keys_after = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
+        assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
+                         "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
+    finally:
+        deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+# --- the worker event's model field ---
+
+def _event(**model):
+    from fsd_runtime import events
+
+    return {"run_id": "r1", "worker_id": 0, "n_workers": 2, "fanout": 2, "prefix": "runs/r1",
+            "storage": {"kind": "s3", "bucket": "the-bucket"}, "channel": {"kind": "object", "bucket": "the-bucket"},
+            "launcher": {"kind": "lambda", "function": "fn"}, "version": events.EVENT_VERSION, **model}
+
+
+def test_the_event_names_a_model_checked_like_every_field():
+    from fsd_runtime import events
+    from fsd_runtime.aws.handler import check_deployed_event
+
+    assert events.parse(_event()).model is None
+    parsed = events.parse(_event(model={"prefix": "models/abc"}))
+    assert parsed.model == {"prefix": "models/abc"} and events.parse(parsed.to_json()).model == parsed.model
+    for bad in ({"prefix": "../x"}, {"prefix": "/abs"}, {"prefix": "m", "other": 1}, "models/abc",
+                {"prefix": "m", "storage": {"root": "/x"}}):
+        with pytest.raises(events.EventError, match="model"):
+            events.parse(_event(model=bad))
+    limits = {"deployment": "d", "bucket": "the-bucket", "max_workers": 8, "max_fanout": 4, "function": "fn",
+              "endpoint_url": None}
+    check_deployed_event(events.parse(_event(model={"prefix": "models/abc"})), limits)
+    check_deployed_event(events.parse(_event(model={"prefix": "m", "storage": {"kind": "s3", "bucket": "the-bucket"}})),
+                         limits)
+    for storage in ({"kind": "local", "root": "/tmp/x"}, {"kind": "s3", "bucket": "another"}):
+        with pytest.raises(events.EventError, match="prepared model must be in the deployment's bucket"):
+            check_deployed_event(events.parse(_event(model={"prefix": "m", "storage": storage})), limits)
+
+
+def test_prepare_into_a_store_prefix_and_run_from_there(tmp_path):
+    from fsd_runtime.storage import LocalStorage
+
+    store = LocalStorage(str(tmp_path / "store"))
+    store.put("other/keep.txt", b"not the model's")
+    meta = prepared.prepare("synthetic:256x6:4", (store, "models/m1"), 2, partition="contiguous")
+    found = prepared.open_model(store, "models/m1")
+    assert found.meta["network_hash"] == meta["network_hash"] and found.partition == "contiguous"
+    with pytest.raises(prepared.PreparedError, match="already holds objects"):
+        prepared.prepare("synthetic:256x6:4", (store, "models/m1"), 2)
+    ds = model.synthetic(256, 6, 40, seed=4)
+    result = run_distributed(None, ds.images.arrays, prepared=found, launcher={"kind": "thread"})
+    assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, ds.network.pack()))
+    assert store.get("other/keep.txt") == b"not the model's"
+
+
+def test_a_prepared_model_sizes_its_workers_like_the_planned_shares(tmp_path):
+    """The footprint a run of a prepared model batches by (from model.json, without reading the
+    weights) is the planned shares' footprint, the inputs bounded from above."""
+    from fsd_runtime import budget
+
+    ds = model.synthetic(512, 12, 300, seed=3)
+    net = ds.network.pack()
+    out = str(tmp_path / "m")
+    prepared.prepare(ds.network, out, 5)
+    indptr, indices, data = ds.images.arrays
+    owners = partition.make_partition(net, 5, "hypergraph")
+    planned = [budget.footprint(s) for s in plan.build_shares(net, indptr, indices, data, owners, 5)]
+    got = prepared.footprints(prepared.open_model(out), indptr, indptr.shape[0] - 1)
+    for fp, want in zip(got, planned):
+        assert (fp.in_rows, fp.out_rows, fp.last_rows, fp.n_images, fp.map_bytes) == \
+            (want.in_rows, want.out_rows, want.last_rows, want.n_images, want.map_bytes)
+        assert want.share_bytes <= fp.share_bytes <= want.share_bytes + 24 * int(indptr[-1]) + 16 * 301
+
+
+def test_a_prepared_run_under_a_small_budget_runs_in_batches_bit_identical(tmp_path):
+    ds = model.synthetic(512, 12, 400, seed=4)
+    net = ds.network.pack()
+    out = str(tmp_path / "m")
+    prepared.prepare(ds.network, out, 3)
+    from fsd_runtime import budget
+
+    indptr = ds.images.arrays[0]
+    fps = prepared.footprints(prepared.open_model(out), indptr, indptr.shape[0] - 1)
+    one, whole = (max(budget.peak_bytes(fp, b) for fp in fps) for b in (1, None))
+    result = run_distributed(None, ds.images.arrays, prepared=out, launcher={"kind": "thread"},
+                             worker_memory_mb=(one + whole) / 2 / 2**20)
+    assert max(m["batches"] for m in result.worker_metrics) > 1
+    assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, net))
