@@ -4,9 +4,12 @@
                           [--images 10000] [--layers 120] [--launcher fork|process|thread] [--json] [--plot DIR]
 
 The paper's table: bench/data/fsd-inference-results.csv (copied from the seed's results
-spreadsheet, see bench/data/paper-README.md). For each size N and worker count P this runs the
-whole inference with P local worker processes over the local channel (Unix sockets), checks the
-final activations against the serial ``fsd_kernels.infer`` bit for bit, and reports, per channel:
+spreadsheet, see bench/data/paper-README.md). For each size N and worker count P this prepares
+the model once (``fsd_runtime.prepared.prepare``: partition and plans, streamed layer by layer;
+``prepare_s`` in the row), runs the whole inference from it for each channel with P local worker
+processes over the local channel (Unix sockets; the run's coordinator never holds the network),
+checks the final activations against the serial ``fsd_kernels.infer`` bit for bit, and reports,
+per channel:
 
 - measured: wall time (run without start-up), start-up, each worker's compute / codec / waiting
   seconds (max and mean over workers), messages, chunks and bytes on the local wire, messages
@@ -40,6 +43,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -86,8 +90,8 @@ def dataset(n: int, layers: int, images: int):
     return model.synthetic(n, layers, images, seed=0), f"synthetic challenge-like {n}x{layers}, {images} images (seed 0)"
 
 
-def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict, timeout: float,
-            owners=None, save_dir: str | None = None) -> dict:
+def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict,
+            timeout: float | None, save_dir: str | None = None) -> dict:
     from fsd_runtime.aws import billing
     from fsd_runtime.coordinator import run_distributed
 
@@ -100,9 +104,9 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
     here = budget.default_worker_memory_mb(p, launcher)
     lambda_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
     start = time.perf_counter()
-    result = run_distributed(net, images, p, channel=local, launcher={"kind": launcher},
+    result = run_distributed(None, images, p, channel=local, launcher={"kind": launcher}, prepared=model_dir,
                              receive_timeout=timeout, run_timeout=None if timeout is None else timeout * 4,
-                             owners=owners, worker_memory_mb=min(lambda_mb, here) if here else lambda_mb)
+                             worker_memory_mb=min(lambda_mb, here) if here else lambda_mb)
     wall_total = time.perf_counter() - start
     a = result.activations
     exact = bool(np.array_equal(a.indptr, serial.indptr) and np.array_equal(a.indices, serial.indices)
@@ -126,8 +130,7 @@ def run_one(net, images, serial, n: int, p: int, channel: str, launcher: str, pa
         "messages_per_round": mpr, "rounds": sum(1 for m in mpr if m), "max_messages_per_round": max(mpr),
         "all_to_all_per_round": p * (p - 1),
         "wall_seconds": result.timings["run_s"], "startup_seconds": result.timings["startup_s"],
-        "coordinator_seconds": wall_total, "partition_s": result.timings["partition_s"],
-        "plan_upload_s": result.timings["plan_upload_s"], "time_split": split,
+        "coordinator_seconds": wall_total, "plan_upload_s": result.timings["plan_upload_s"], "time_split": split,
         "worker_peak_rss_mb": max(rss) / 1024 if rss and all(r is not None for r in rss) else None,
         "worker_peak_rss_mb_mean": float(np.mean(rss)) / 1024 if rss and all(r is not None for r in rss) else None,
         "worker_peak_growth_mb": max(growth) / 1024 if growth and all(g is not None for g in growth) else None,
@@ -294,7 +297,7 @@ def main(argv=None) -> int:
             print("\n".join(plot([r for r in rows if "error" not in r], args.plot)))
         return 0
     import fsd_kernels
-    from fsd_runtime.partition import make_partition
+    from fsd_runtime import prepared
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     workers = [int(w) for w in args.workers.split(",") if w]
@@ -310,36 +313,37 @@ def main(argv=None) -> int:
         except MemoryError as exc:
             notes.append({"neurons": n, "error": f"MemoryError: {exc}"})
             continue
-        net = ds.network.pack()
         images = ds.images.arrays
         t0 = time.perf_counter()
-        serial = fsd_kernels.infer(*images, net)
+        serial = fsd_kernels.infer(*images, ds.network.pack())  # the reference; runs never see the net
         notes.append({"neurons": n, "data": source, "serial_seconds": time.perf_counter() - t0,
                       "categories": int(serial.categories.size)})
         for p in workers:
-            # one partition for both channels' runs of a configuration (the same owners either way)
-            t0 = time.perf_counter()
-            owners = make_partition(net, p, "hypergraph")
-            partition_s = time.perf_counter() - t0
-            for channel in channels:
-                paper = table.get((channel, n, p)) or {}
-                try:
-                    row = run_one(net, images, serial, n, p, channel, args.launcher, paper, args.receive_timeout,
-                                  owners=owners, save_dir=args.save_runs)
-                    row["partition_s"] = partition_s
-                except Exception as exc:  # reported, not hidden: a configuration that did not run
-                    row = {"neurons": n, "workers": p, "channel": channel, "exact": False,
-                           "error": f"{type(exc).__name__}: {exc}"[:500]}
-                row["data"] = source
-                rows.append(row)
-                if args.rows_file:
-                    with open(args.rows_file, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if not args.json:
-                    print(show(row) if "error" not in row else f"{n} {p} {channel}: {row['error']}", flush=True)
-                else:
-                    print(json.dumps({k: row.get(k) for k in ("neurons", "workers", "channel", "exact", "error")}),
-                          file=sys.stderr, flush=True)
+            # prepared once (partition and plans, streamed layer by layer), reused by both channels' runs
+            with tempfile.TemporaryDirectory(prefix="fsd-paper-model-") as scratch:
+                model_dir = os.path.join(scratch, "model")
+                meta = prepared.prepare(ds.network, model_dir, p)
+                for channel in channels:
+                    paper = table.get((channel, n, p)) or {}
+                    try:
+                        row = run_one(model_dir, images, serial, n, p, channel, args.launcher, paper,
+                                      args.receive_timeout, save_dir=args.save_runs)
+                        row["prepare_s"] = meta["timings"]["total_s"]
+                        row["partition_s"] = meta["timings"]["partition_s"]
+                        row["model_bytes"] = meta["bytes"]
+                    except Exception as exc:  # reported, not hidden: a configuration that did not run
+                        row = {"neurons": n, "workers": p, "channel": channel, "exact": False,
+                               "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    row["data"] = source
+                    rows.append(row)
+                    if args.rows_file:
+                        with open(args.rows_file, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    if not args.json:
+                        print(show(row) if "error" not in row else f"{n} {p} {channel}: {row['error']}", flush=True)
+                    else:
+                        print(json.dumps({k: row.get(k) for k in ("neurons", "workers", "channel", "exact", "error")}),
+                              file=sys.stderr, flush=True)
     out = {"rows": rows, "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{os.cpu_count()} cores", "images": args.images, "layers": args.layers}
     if args.plot:
