@@ -186,6 +186,73 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
     return row
 
 
+def streamed_reference(stream, images, chunk: int = 60):
+    """The serial ``fsd_kernels.infer`` result of a network too large to hold: ``chunk`` layers
+    at a time, each chunk's output the next one's input (the same bits as one call: each layer
+    depends only on the previous one's activations)."""
+    import fsd_kernels
+    from fsd_runtime import model
+
+    x = images
+    pending = []
+
+    def flush(x):
+        net = model.Network(stream.n_neurons, [w for w, _ in pending], [b for _, b in pending], ymax=stream.ymax)
+        out = fsd_kernels.infer(*x, net.pack())
+        pending.clear()
+        return out
+
+    out = None
+    for w, b in stream.layers():
+        pending.append((w, b))
+        if len(pending) == chunk:
+            out = flush(x)
+            x = (out.indptr, out.indices, out.data)
+    if pending:
+        out = flush(x)
+    return out
+
+
+#: Issue 13 item 4, beyond the paper (no target): (neurons, layers, images, workers).
+BEYOND = ((1024, 120, 60000, 8), (1024, 120, 60000, 62), (16384, 480, 10000, 42), (16384, 1920, 10000, 42))
+
+
+def beyond(args, table, launcher: str) -> list[dict]:
+    """Run what fits of :data:`BEYOND` on the queue channel; for what does not, say why."""
+    from fsd_runtime import budget, model, prepared
+
+    rows = []
+    for n, layers, n_images, p in BEYOND:
+        if args.beyond_max_layers and layers > args.beyond_max_layers:
+            rows.append({"neurons": n, "layers": layers, "images": n_images, "workers": p, "channel": "queue",
+                         "ran": False, "why": f"more than --beyond-max-layers {args.beyond_max_layers}"})
+            continue
+        source = f"synthetic challenge-like {n}x{layers}, {n_images} images (seed 0)"
+        images = model.generate_images(n_images, n, seed=1).arrays
+        t0 = time.perf_counter()
+        serial = streamed_reference(model.stream_synthetic(n, layers, 0), images)
+        serial_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="fsd-paper-model-") as scratch:
+            model_dir = os.path.join(scratch, "model")
+            meta = prepared.prepare(f"synthetic:{n}x{layers}:0", model_dir, p)
+            fps = prepared.footprints(prepared.open_model(model_dir), images[0], n_images)
+            need_mb = max(budget.peak_bytes(fp, None) for fp in fps) / 2**20
+            try:
+                row = run_one(model_dir, images, serial, n, p, "queue", launcher, {}, args.receive_timeout)
+            except Exception as exc:  # reported: what did not run, and why
+                row = {"neurons": n, "workers": p, "channel": "queue", "exact": False,
+                       "error": f"{type(exc).__name__}: {exc}"[:500]}
+        row.update({"layers": layers, "images": n_images, "ran": "error" not in row, "data": source,
+                    "serial_seconds": serial_s, "prepare_s": meta["timings"]["total_s"], "model_bytes": meta["bytes"],
+                    "worker_need_mb_one_batch": need_mb})
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("neurons", "layers", "images", "workers", "exact", "error",
+                                                  "worker_peak_rss_mb", "lambda_mb_modelled",
+                                                  "modelled_worker_s_max", "batches", "prepare_s")}),
+              file=sys.stderr, flush=True)
+    return rows
+
+
 def show(row: dict) -> str:
     p = row["paper"] or {}
     r = row.get("ratios") or {}
@@ -276,7 +343,15 @@ def main(argv=None) -> int:
     ap.add_argument("--from-rows", metavar="PATH", help="no runs: print the markdown table (and --plot) of a --rows-file")
     ap.add_argument("--save-runs", metavar="DIR", help="also keep each run's chunk log and metrics (for --reprice)")
     ap.add_argument("--reprice", metavar="DIR", help="no runs: price the runs kept by --save-runs again, as --json rows")
+    ap.add_argument("--beyond", action="store_true",
+                    help="instead of the matrix: 60,000 images at 1024 neurons, 480 and 1920 layers at 16384 "
+                         "(queue channel; checked against a serial run streamed chunk by chunk)")
+    ap.add_argument("--beyond-max-layers", type=int, default=None, help="with --beyond: skip deeper nets")
     args = ap.parse_args(argv)
+    if args.beyond:
+        rows = beyond(args, paper_rows(), args.launcher)
+        print(json.dumps({"beyond": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+        return 0 if all(r.get("exact") for r in rows if r.get("ran")) else 1
     if args.reprice:
         table = paper_rows()
         rows = []

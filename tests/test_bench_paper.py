@@ -1,0 +1,42 @@
+"""bench/paper.py's own logic: the streamed serial reference of its beyond-the-paper rows, and the
+re-pricing of kept runs (the numbers in README come from these)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fsd_kernels
+from fsd_runtime import model
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import paper  # noqa: E402
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40, 500])
+def test_the_streamed_reference_is_the_whole_network_run(chunk):
+    ds = model.synthetic(1024, 45, 300, seed=0)
+    want = fsd_kernels.infer(*ds.images.arrays, ds.network.pack())
+    got = paper.streamed_reference(model.stream_synthetic(1024, 45, 0), ds.images.arrays, chunk=chunk)
+    assert want.categories.size > 0
+    assert np.array_equal(want.indptr, got.indptr) and np.array_equal(want.indices, got.indices)
+    assert np.array_equal(want.data.view(np.uint32), got.data.view(np.uint32))
+
+
+def test_kept_runs_reprice_to_the_rows_first_printed(tmp_path, capsys):
+    keep = tmp_path / "runs"
+    assert paper.main(["--sizes", "1024", "--workers", "3", "--images", "300", "--json",
+                       "--save-runs", str(keep)]) == 0
+    first = {r["channel"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(first) == {"queue", "object"} and all(r["exact"] for r in first.values())
+    assert paper.main(["--reprice", str(keep)]) == 0
+    again = {r["channel"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    for channel, row in first.items():
+        for key in ("bytes", "requests", "requests_optimistic", "usd", "usd_optimistic", "usd_at_paper_memory",
+                    "lambda_mb_modelled", "request_counts"):
+            assert again[channel][key] == row[key], (channel, key)
+        # Lambda memory fits the measured worker with a quarter to spare, at most the paper's
+        assert row["worker_peak_rss_mb"] * 1.25 <= row["lambda_mb_modelled"] <= 1000
