@@ -25,7 +25,11 @@ same chunks:
   awaited object at the first poll; ``conservative`` has them all arrive after the worker
   waited ``latency``'s object hop (the seed's measured 0.481 s) plus the measured straggler
   wait (and at its first receive the launch-tree skew), polling all the while
-  (``object_receive_requests``; ``object.polls_until``).
+  (``object_receive_requests``; ``object.polls_until``). Given that wait, this is the most the
+  channel can be billed in $ (a poll costs at most the price ``use_list`` chose for all awaited
+  keys); the request count of that scenario is exact for it, but other arrival orders within the
+  wait can make a few more, cheaper requests (a LIST poll turning into up to 12 GET probes once
+  few keys are still awaited).
 
 The run store (shares, results) and the channels' set-up are not counted here.
 """
