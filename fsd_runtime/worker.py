@@ -477,6 +477,7 @@ class WorkerLoop:
                                                       f"{sorted(missing)} ({why})")
                 start = time.perf_counter()
                 try:
+                    self.channel.expect(step, missing)
                     chunks = self.channel.receive(step, min(remaining, 60.0))  # the deadline may be inf
                 except ChannelError as exc:
                     raise WorkerError(self.me, layer, f"batch {b}: receive failed: {exc}") from exc

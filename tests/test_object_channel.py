@@ -204,3 +204,105 @@ def test_official_run_over_s3_is_bit_exact_and_leaves_nothing_behind(aws, aws_se
     assert counted["messages_received"] == counted["messages_sent"] == result.traffic["chunks"]
     s3 = aws_client("s3", aws_settings)
     assert s3.list_objects_v2(Bucket="fsd-e2e-object").get("KeyCount", 0) == 0
+
+
+class FakeTime:
+    """A clock the channel sleeps on; sends scheduled at a time happen when the clock passes it."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.due: list[tuple[float, object]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+        for at, action in [d for d in self.due if d[0] <= self.now]:
+            self.due.remove((at, action))
+            action()
+
+
+def awaited_scenario(channels, reader: int, awaited: list[int], arrive_s: float, step: int = 3):
+    """Every worker but ``reader`` sends at ``step``; the ``awaited`` ones to ``reader`` (among
+    others), the rest only to others. The awaited objects are PUT ``arrive_s`` (fake) seconds after
+    the reader's first receive; the others at once. Returns the reader's chunks and the objects
+    it should read."""
+    n = len(channels)
+    fake = FakeTime()
+    channels[reader]._clock, channels[reader]._sleep = fake.clock, fake.sleep
+    objects = {}
+    for source in range(n):
+        if source == reader:
+            continue
+        others = [t for t in range(n) if t not in (source, reader)]
+        chunks = [(t, f"{source}->{t}".encode() * 3) for t in others]
+        if source in awaited:
+            chunks += [(reader, f"{source}->reader {i}".encode() * 40) for i in range(2)]
+            objects[source] = pack_object(chunks, n)
+            fake.due.append((arrive_s, lambda c=channels[source], ch=chunks: c.send(step, ch)))
+        else:
+            channels[source].send(step, chunks)
+    if arrive_s <= 0:
+        fake.sleep(0.0)
+    got, missing = [], set(awaited)
+    while missing:
+        channels[reader].expect(step, missing)
+        new = channels[reader].receive(step, timeout=30)
+        got += new
+        missing -= {int(c.split(b"->")[0]) for c in new}
+    return got, objects
+
+
+@pytest.mark.parametrize("poll,arrive_s", [("auto", 0.0), ("auto", 0.3), ("auto", 2.5), ("list", 0.3)])
+def test_polls_follow_the_step_schedule_and_the_billing_replay_exactly(run, aws, poll, arrive_s):
+    from fsd_runtime.aws import billing
+
+    config, _, channels = run(5, poll=poll)
+    cfg = ObjectConfig.parse(config)
+    reader, awaited = 0, [2, 4]
+    got, objects = awaited_scenario(channels, reader, awaited, arrive_s)
+    assert len(got) == 2 * len(awaited)
+    reads = sum(billing.object_read_gets(body, reader, 5, cfg.probe_bytes)[0] for body in objects.values())
+    model = billing.object_receive_requests(cfg, len(awaited), reads, arrive_s, keys_in_step=4)
+    counts = channels[reader].counts
+    assert counts["s3_polls"] == model["polls"]
+    assert counts["s3_get_requests"] == model["gets"]
+    assert counts.get("s3_get_misses", 0) == model["misses"]
+    assert counts.get("s3_list_requests", 0) == model["lists"]
+    assert (model["lists"] > 0) == (poll == "list")
+    # the schedule does not depend on how many objects come in: 0, 25, 75, 175, 375, 775 ms, ...
+    from fsd_runtime.channels.object import polls_until
+    assert [polls_until(cfg, s) for s in (0, 0.01, 0.025, 0.3, 0.481, 2.5)] == [1, 2, 2, 5, 6, 8]
+
+
+def test_only_the_awaited_sources_are_read(run, aws):
+    _, _, channels = run(6, poll="get")
+    reader, awaited = 1, [3]
+    got, _ = awaited_scenario(channels, reader, awaited, 0.0)
+    assert sorted(got) == sorted(f"3->reader {i}".encode() * 40 for i in range(2))
+    # one GET of worker 3's object; the four objects of peers with nothing for worker 1 are never read
+    assert channels[reader].counts["s3_get_requests"] == 1 and channels[reader].counts["s3_polls"] == 1
+
+
+def test_a_hint_naming_a_non_peer_is_refused(run):
+    _, _, channels = run(3)
+    with pytest.raises(ChannelError, match="not peers"):
+        channels[0].expect(0, [0])
+    with pytest.raises(ChannelError, match="not peers"):
+        channels[0].expect(0, [3])
+
+
+def test_read_gets_of_large_indexes_match_the_replay(run, aws):
+    from fsd_runtime.aws import billing
+
+    config, _, channels = run(8, probe_bytes=64)
+    cfg = ObjectConfig.parse(config)
+    chunks = [(t, bytes([t, i]) * 30) for t in range(1, 8) for i in range(3)]
+    channels[0].send(0, chunks)
+    body = pack_object(chunks, 8)
+    for reader in range(1, 8):
+        channels[reader].expect(0, [0])
+        assert len(channels[reader].receive(0, timeout=2)) == 3
+        assert channels[reader].counts["s3_get_requests"] == billing.object_read_gets(body, reader, 8, 64)[0]

@@ -14,16 +14,22 @@ same chunks:
   ``optimistic`` packs 10 messages a call, ``conservative`` one message a call (each long poll
   returns as soon as one message arrives). Long polls make no empty calls while waiting
   (waits under 20 s).
-* object (S3, ``channels/object.py``): one PUT per worker and step (``object.pack_object``);
-  every receiving worker reads the index of every object of the step (a ranged GET of
-  ``probe_bytes``) and its chunks with one more ranged GET when they lie beyond
-  (``object.read_index``); with more than 12 peers it LISTs the step's prefix before
-  reading (``poll="auto"``), otherwise it probes each peer's key with a GET, present or not.
-  Polls again depend on timing: ``optimistic`` finds in one poll exactly the objects it waits
-  for (a worker stops reading once it has every message it expects, so later objects of peers
-  with nothing for it stay unread); ``conservative`` makes one poll per object it waits for plus
-  the polls of the channel's back-off schedule within one hop of ``cost.LATENCY`` each step,
-  and reads every object of the step.
+* object (S3, ``channels/object.py``): one PUT per worker and step (``object.pack_object``).
+  Each receiving worker reads exactly the objects of the peers that sent it chunks (the worker
+  loop names them, ``Channel.expect``): a ranged GET of ``probe_bytes`` each, more when the
+  index or its chunks lie beyond (``object_read_gets``); the objects of peers with nothing for
+  it are never read. It learns what arrived by polling on a schedule fixed per step (0, then
+  intervals doubling from ``poll_interval`` to ``max_poll_interval``): each poll probes every
+  awaited key with a GET or, when that costs more than one LIST (more than 12 keys), LISTs the
+  step's prefix (``object.use_list``). Polls depend on timing: ``optimistic`` finds every
+  awaited object at the first poll; ``conservative`` has them all arrive after the worker
+  waited ``latency``'s object hop (the seed's measured 0.481 s) plus the measured straggler
+  wait (and at its first receive the launch-tree skew), polling all the while
+  (``object_receive_requests``; ``object.polls_until``). Given that wait, this is the most the
+  channel can be billed in $ (a poll costs at most the price ``use_list`` chose for all awaited
+  keys); the request count of that scenario is exact for it, but other arrival orders within the
+  wait can make a few more, cheaper requests (a LIST poll turning into up to 12 GET probes once
+  few keys are still awaited).
 
 The run store (shares, results) and the channels' set-up are not counted here.
 """
@@ -37,7 +43,7 @@ from fsd_kernels import codec
 from fsd_runtime.aws.clients import billed_chunks
 from fsd_runtime.channels import object as s3ch
 from fsd_runtime.channels import queue as qch
-from fsd_runtime.aws.cost import LATENCY, PRICES
+from fsd_runtime.aws.cost import SEED_MEASURED, LatencyModel, cpu_share, tree_depths
 
 #: The coordinator's run ids are 16 characters; the ``run`` attribute's size depends only on that.
 RUN_ID = "0" * 16
@@ -95,27 +101,68 @@ def queue_requests(worker_metrics: list[dict], max_message_bytes: int = qch.DEFA
     return out
 
 
-def _polls_within(seconds: float, first: float, most: float) -> int:
-    """Polls the object channel makes while waiting ``seconds`` (its doubling back-off)."""
-    t, interval, polls = 0.0, first, 1
-    while t + interval < seconds:
-        t += interval
-        interval = min(2 * interval, most)
-        polls += 1
-    return polls
+def object_read_gets(body: bytes, reader: int, n_workers: int, probe_bytes: int) -> tuple[int, int]:
+    """(GETs, chunks) for ``reader`` to read its part of one step object, as ``ObjectChannel._fetch``
+    does: a ranged GET of ``probe_bytes`` (the probe or the first read), one more each time the
+    index continues beyond what it has, one more if the reader's chunks lie beyond."""
+    head = body[:probe_bytes]
+    index = s3ch.read_index(head, len(body), n_workers, reader, "billing")
+    gets = 1
+    while index.size_needed > len(head):
+        head = body[:index.size_needed]
+        index = s3ch.read_index(head, len(body), n_workers, reader, "billing")
+        gets += 1
+    if index.ranges and max(o + n for o, n in index.ranges) > len(head):
+        gets += 1
+    return gets, len(index.ranges)
 
 
-def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | None = None,
-                    hop_s: float | None = None) -> dict:
+def object_receive_requests(config: s3ch.ObjectConfig, awaited: int, reads: int, wait_s: float,
+                            keys_in_step: int = 1) -> dict:
+    """What ``ObjectChannel.receive`` bills for one worker and step when all of its ``awaited``
+    objects (read with ``reads`` GETs in all) are PUT ``wait_s`` seconds after the step's first
+    receive: ``polls_until`` polls of the step's schedule, each a LIST of the step's prefix (one
+    per 1,000 keys) or a GET probe of every awaited key, whichever ``use_list`` picks for
+    ``awaited`` keys; every probe but the last poll's misses, the last poll's probes are the
+    first reads. ``wait_s`` <= 0: one poll finds them all."""
+    polls = s3ch.polls_until(config, wait_s)
+    if s3ch.use_list(config, awaited):
+        return {"polls": polls, "lists": polls * max(1, -(-keys_in_step // 1000)), "gets": reads, "misses": 0}
+    return {"polls": polls, "lists": 0, "gets": (polls - 1) * awaited + reads, "misses": (polls - 1) * awaited}
+
+
+def _layer_seconds(worker_metrics: list[dict]) -> dict[tuple[int, int], float]:
+    """(worker, layer) -> measured compute + encode + decode seconds (this machine's core)."""
+    out = {}
+    for m in worker_metrics:
+        fields = m.get("fields")
+        if not fields:
+            continue
+        at = [fields.index(f) for f in ("compute_s", "encode_s", "decode_s")]
+        for layer, row in enumerate(m["layers"]):
+            out[(int(m["worker"]), layer)] = sum(row[i] for i in at)
+    return out
+
+
+def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | None = None, *,
+                    latency: LatencyModel = SEED_MEASURED, memory_mb: int = 2048, fanout: int = 2,
+                    n_batches: int = 1) -> dict:
     """Counters in the object channel's names, for both timing assumptions (see the module notes);
-    the plain ``s3_*`` keys are the conservative ones."""
+    the plain ``s3_*`` keys are the conservative ones.
+
+    Each worker reads, at each step, exactly the objects of the peers that sent it chunks (the
+    worker loop tells the channel whom it awaits, ``Channel.expect``). Optimistic: one poll finds
+    them all. Conservative: they all arrive after the worker waited ``latency``'s object hop plus
+    the measured straggler wait (per layer, the slowest worker's compute + codec seconds of the
+    layer before minus this worker's, slowed to the CPU share of ``memory_mb``) plus, at the
+    worker's first receive, the launch-tree skew (``cost.duration_terms``'s term; ``fanout``),
+    and the channel polls on its schedule meanwhile (``object_receive_requests``). ``n_batches``:
+    the run's batches per layer (step = layer x n_batches + batch)."""
     cfg = s3ch.ObjectConfig.parse({"bucket": "fsd-billing", **(config or {})})
-    hop_s = LATENCY.hop_s["object"] if hop_s is None else hop_s
-    waiting_polls = _polls_within(hop_s, cfg.poll_interval, cfg.max_poll_interval)
-    use_list = (cfg.poll == "list") or (cfg.poll == "auto" and (n_workers - 1) * PRICES.s3_get > PRICES.s3_put)
+    sends = _by_sender_step(worker_metrics)
     objects: dict[int, dict[int, bytes]] = defaultdict(dict)   # step -> source -> object body
     out = {"s3_put_requests": 0, "bytes_sent": 0, "messages_sent": 0}
-    for (worker, step), chunks in sorted(_by_sender_step(worker_metrics).items()):
+    for (worker, step), chunks in sorted(sends.items()):
         # distinct dummy payloads of the logged sizes (real chunks differ: their headers name the target)
         body = s3ch.pack_object([(t, i.to_bytes(4, "little") + bytes(n - 4)) for i, (t, n) in enumerate(chunks)],
                                 n_workers)
@@ -124,37 +171,46 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
         out["bytes_sent"] += len(body)
         out["messages_sent"] += len(chunks)
     receivers: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))  # step -> reader -> sources
-    for (worker, step), chunks in _by_sender_step(worker_metrics).items():
+    for (worker, step), chunks in sends.items():
         for t, _ in chunks:
             receivers[step][t].add(worker)
-    gets = {"optimistic": 0, "conservative": 0}
-    lists = {"optimistic": 0, "conservative": 0}
-    received = 0
+    seconds = _layer_seconds(worker_metrics)
+    slow = 1.0 / cpu_share(memory_mb)
+    layers = {layer for _, layer in seconds}
+    slowest = {layer: max(v for (_, l), v in seconds.items() if l == layer) for layer in layers}
+    depths = tree_depths(n_workers, fanout)
+    level_s = latency.invoke_s + latency.init_s + 2 * latency.s3_request_s
+    first_step: dict[int, int] = {}
+    for step in sorted(receivers):
+        for reader in receivers[step]:
+            first_step.setdefault(reader, step)
+    totals = {mode: dict.fromkeys(("polls", "lists", "gets", "misses"), 0) for mode in ("optimistic", "conservative")}
+    reads_total = received = 0
     for step, readers in receivers.items():
+        before = step // n_batches - 1   # the layer whose compute precedes this step's messages
         for reader, expected in readers.items():
-            present = {s: body for s, body in objects[step].items() if s != reader}
-            reads = {}  # source -> GETs to read its object (index, and the reader's chunks beyond it)
-            for source, body in present.items():
-                index = s3ch.read_index(body[:cfg.probe_bytes], len(body), n_workers, reader, "billing")
-                reads[source] = 1 + (index.size_needed > cfg.probe_bytes) + bool(
-                    index.ranges and max(o + n for o, n in index.ranges) > min(len(body), cfg.probe_bytes))
-                if source in expected:
-                    received += len(index.ranges)
-            # optimistic: one poll finds exactly the objects it waits for (others come later, unread);
-            # conservative: one poll per awaited object plus the back-off polls, every present object read
-            found = {"optimistic": (expected, 1), "conservative": (set(present), len(expected) + waiting_polls)}
-            for mode, (sources, n_polls) in found.items():
-                read = sum(reads[s] for s in sources)
-                if use_list:
-                    lists[mode] += n_polls
-                    gets[mode] += read
-                else:  # every poll probes every peer's next key; a found object's probe is its index read
-                    gets[mode] += n_polls * (n_workers - 1) - len(sources) + read
-    for mode in ("optimistic", "conservative"):
-        out[f"s3_get_requests_{mode}"] = gets[mode]
-        out[f"s3_list_requests_{mode}"] = lists[mode]
-    out["s3_get_requests"] = gets["conservative"]
-    out["s3_list_requests"] = lists["conservative"]
+            reads = 0
+            for source in expected:
+                gets, n_chunks = object_read_gets(objects[step][source], reader, n_workers, cfg.probe_bytes)
+                reads += gets
+                received += n_chunks
+            reads_total += reads
+            wait = latency.hop_s["object"] + slow * max(
+                0.0, slowest.get(before, 0.0) - seconds.get((reader, before), 0.0)) / n_batches
+            if step == first_step[reader]:
+                wait += (max(depths) - depths[reader]) * level_s
+            for mode, w in (("optimistic", 0.0), ("conservative", wait)):
+                got = object_receive_requests(cfg, len(expected), reads, w, len(objects[step]))
+                for key, value in got.items():
+                    totals[mode][key] += value
+    for mode, t in totals.items():
+        out[f"s3_get_requests_{mode}"] = t["gets"]
+        out[f"s3_list_requests_{mode}"] = t["lists"]
+        out[f"s3_polls_{mode}"] = t["polls"]
+        out[f"s3_get_misses_{mode}"] = t["misses"]
+    out["s3_get_reads"] = reads_total
+    out["s3_get_requests"] = out["s3_get_requests_conservative"]
+    out["s3_list_requests"] = out["s3_list_requests_conservative"]
     out["messages_received"] = received
     return out
 

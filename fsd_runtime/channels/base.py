@@ -21,7 +21,7 @@ run id are never delivered (the worker loop also drops them).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 
 class ChannelError(RuntimeError):
@@ -44,6 +44,13 @@ class Channel(ABC):
         """Chunks that have arrived for this worker, waiting up to ``timeout`` seconds for
         at least one; ``step`` is the round the caller is waiting for (a hint: chunks of
         other steps may come back too). Returns ``[]`` on timeout."""
+
+    def expect(self, step: int, sources: Iterable[int]) -> None:
+        """A hint before ``receive(step, ...)``: the workers whose chunks of ``step`` this worker
+        still awaits (the worker loop knows them from its plan). A channel may then look for
+        chunks of those sources only (the object channel reads and probes only their keys); it
+        must still deliver whatever chunks it does receive. Channels that deliver everything
+        pushed to them (local, queue) ignore it; without a hint, every peer may have sent."""
 
     @classmethod
     @abstractmethod

@@ -11,9 +11,19 @@ PUTs all its chunks of a step, for every target, as one object: a small index
 (below) then the distinct chunks, each stored once with the list of targets
 that need it. A receiver reads the index with a ranged GET of the first
 ``probe_bytes`` and fetches its own chunks with one more ranged GET when they
-lie beyond. To learn what has arrived it either GETs each source's next part
-directly (a missing key is one cheap GET) or, when that many GETs would cost
-more than one LIST, LISTs the step's prefix first (``poll="auto"``).
+lie beyond. Given the worker's hint (``Channel.expect``: the sources whose
+chunks it still awaits) it looks for those sources' keys only, and never reads
+the objects of peers that have nothing for it. To learn what has arrived it
+either GETs each awaited source's next part directly (a missing key is one
+cheap GET) or, when that many GETs would cost more than one LIST, LISTs the
+step's prefix first (``poll="auto"``, decided at every poll).
+
+Polls follow one schedule per step, anchored at the first ``receive`` of the
+step: at ``poll_times(config)`` = 0, then intervals doubling from
+``poll_interval`` up to ``max_poll_interval`` (not reset when something
+arrives). So a step's polls depend only on how long the worker waits, not on
+how many objects come in: waiting ``w`` seconds costs ``polls_until(config, w)``
+polls (``fsd_runtime.aws.billing`` prices exactly this).
 
 Object layout (little-endian), validated before anything is used::
 
@@ -33,7 +43,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from fsd_runtime.aws.clients import AwsSettings, Caller, adapter_fields, client
 from fsd_runtime.channels.base import Channel, ChannelError
@@ -51,6 +61,38 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 class ObjectFormatError(ChannelError, ValueError):
     """An object in the run's prefix is not a well-formed channel object."""
+
+
+def poll_offset(config: "ObjectConfig", i: int) -> float:
+    """Seconds after a step's first ``receive`` at which the channel makes its poll ``i`` (0-based):
+    0, then intervals doubling from ``poll_interval`` to at most ``max_poll_interval``."""
+    t, interval = 0.0, config.poll_interval
+    for _ in range(i):
+        t += interval
+        interval = min(2 * interval, config.max_poll_interval)
+    return t
+
+
+def polls_until(config: "ObjectConfig", seconds: float) -> int:
+    """Polls of a step whose last awaited object is PUT ``seconds`` after the step's first
+    ``receive``: every poll scheduled before then, and the first one at or after it (which finds
+    it; S3 is read-after-write consistent)."""
+    if seconds <= 0:
+        return 1
+    polls, t, interval = 1, 0.0, config.poll_interval
+    while t < seconds:
+        t += interval
+        interval = min(2 * interval, config.max_poll_interval)
+        polls += 1
+    return polls
+
+
+def use_list(config: "ObjectConfig", n_keys: int) -> bool:
+    """Whether a poll for ``n_keys`` awaited keys LISTs the step's prefix (one LIST) rather than
+    probing each key with a GET: ``poll="auto"`` takes the cheaper by list price."""
+    if config.poll != "auto":
+        return config.poll == "list"
+    return n_keys * PRICES.s3_get > PRICES.s3_put  # a LIST is billed like a PUT
 
 
 def pack_object(chunks: Sequence[tuple[int, bytes]], n_workers: int) -> bytes:
@@ -169,12 +211,15 @@ def object_key(config: ObjectConfig, run_id: str, step: int, source: int, part: 
     return f"{step_prefix(config, run_id, step)}w{source:05d}/p{part:03d}"
 
 
-def list_keys(call: Caller, s3, bucket: str, prefix: str) -> list[str]:
-    """Every key under ``prefix`` (ListObjectsV2, 1000 a page); [] if the bucket is gone."""
+def list_keys(call: Caller, s3, bucket: str, prefix: str, counts: Counter | None = None) -> list[str]:
+    """Every key under ``prefix`` (ListObjectsV2, 1000 a page); [] if the bucket is gone. Each
+    page is counted in ``counts["s3_list_requests"]`` when given."""
     keys, token = [], {}
     while True:
         page = call("ListObjectsV2", s3.list_objects_v2, absent=frozenset({"NoSuchBucket"}),
                     Bucket=bucket, Prefix=prefix, **token)
+        if counts is not None:
+            counts["s3_list_requests"] += 1
         if page is None:
             return keys
         keys.extend(o["Key"] for o in page.get("Contents", []))
@@ -231,6 +276,9 @@ class ObjectChannel(Channel):
         self.counts: Counter[str] = Counter()
         self._parts_sent: Counter[int] = Counter()
         self._parts_read: dict[int, Counter[int]] = {}
+        self._expected: tuple[int, frozenset[int]] | None = None   # (step, sources awaited)
+        self._schedule: list | None = None                        # [step, start, next poll]
+        self._clock, self._sleep = time.monotonic, time.sleep     # (tests drive a fake clock)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"s3-w{worker_id}")
 
     @classmethod
@@ -263,32 +311,45 @@ class ObjectChannel(Channel):
         self.counts["messages_sent"] += len(chunks)
         self.counts["bytes_sent"] += len(body)
 
+    def expect(self, step: int, sources: Iterable[int]) -> None:
+        wanted = frozenset(int(x) for x in sources)
+        if any(not 0 <= x < self.n_workers or x == self.worker for x in wanted):
+            raise ChannelError(f"worker {self.worker}: expected sources {sorted(wanted)} are not peers "
+                               f"of 0..{self.n_workers - 1}")
+        self._expected = (step, wanted)
+
     def receive(self, step: int, timeout: float) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        interval = self.config.poll_interval
-        parts = self._parts_read.setdefault(step, Counter())
+        """Polls ``step``'s awaited keys on the step's schedule (``poll_offset``) until something
+        arrives or ``timeout`` is spent."""
+        now = self._clock()
+        deadline = now + timeout
+        if self._schedule is None or self._schedule[0] != step:
+            self._schedule = [step, now, 0]  # the step's first receive: poll 0 is due now
+            self._parts_read = {step: Counter()}
+        parts = self._parts_read[step]
         while True:
+            due = self._schedule[1] + poll_offset(self.config, self._schedule[2])
+            if due > now:
+                if due > deadline:
+                    self._sleep(max(0.0, deadline - now))
+                    return []
+                self._sleep(due - now)
+            self._schedule[2] += 1
             found = self._poll(step, parts)
             if found:
                 return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            time.sleep(min(interval, remaining))
-            interval = min(interval * 2, self.config.max_poll_interval)
-
-    def _use_list(self, n_probes: int) -> bool:
-        if self.config.poll != "auto":
-            return self.config.poll == "list"
-        return n_probes * PRICES.s3_get > PRICES.s3_put  # a LIST is billed like a PUT
+            now = self._clock()
 
     def _poll(self, step: int, parts: Counter[int]) -> list[bytes]:
-        """Chunks of every new object of ``step``; marks them read."""
-        sources = [s for s in range(self.n_workers) if s != self.worker]
-        if self._use_list(len(sources)):
-            self.counts["s3_list_requests"] += 1
+        """Chunks of every new object of ``step`` from the sources awaited; marks them read."""
+        if self._expected is not None and self._expected[0] == step:
+            sources = sorted(self._expected[1])
+        else:
+            sources = [s for s in range(self.n_workers) if s != self.worker]
+        self.counts["s3_polls"] += 1
+        if use_list(self.config, len(sources)):
             present = set(list_keys(self.call, self.s3, self.config.bucket,
-                                    step_prefix(self.config, self.run_id, step)))
+                                    step_prefix(self.config, self.run_id, step), self.counts))
             sources = [s for s in sources
                        if object_key(self.config, self.run_id, step, s, parts[s]) in present]
         results = list(self._pool.map(lambda s: self._fetch(step, s, parts[s]), sources))
@@ -305,6 +366,7 @@ class ObjectChannel(Channel):
                            Key=key, Range=f"bytes={first}-{last}")
         self.counts["s3_get_requests"] += 1
         if answer is None:
+            self.counts["s3_get_misses"] += 1
             return None
         size = int(answer["ContentRange"].rsplit("/", 1)[-1]) if "ContentRange" in answer else answer["ContentLength"]
         data = answer["Body"].read()
