@@ -19,8 +19,10 @@ per channel:
   GET + LIST) and $ of that channel (``fsd_runtime.cost``; worker durations = measured CPU time
   of compute + codec, slowed to the Lambda CPU share, + one hop per round + INIT). ``usd`` /
   ``requests`` use the conservative assumptions (the seed's measured 0.481 s exchange per
-  round; one message per ReceiveMessage; S3 polls one per awaited object plus the back-off
-  polls of one hop), ``*_optimistic`` the other end. Lambda memory (``lambda_mb_modelled``):
+  round; one message per ReceiveMessage; S3: each worker reads only its senders' objects and
+  polls on the channel's per-step schedule while waiting 0.481 s plus the measured straggler
+  wait, plus the launch skew at its first receive), ``*_optimistic`` the other end (one poll,
+  ten messages a ReceiveMessage). Lambda memory (``lambda_mb_modelled``):
   the smallest size holding the measured worker peak with a quarter to spare
   (``cost.fitting_memory_mb``); ``usd_at_paper_memory`` prices the paper's size.
 
@@ -140,7 +142,8 @@ def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launch
     if save_dir:  # what pricing needs, so a changed cost model can re-price without re-running
         os.makedirs(save_dir, exist_ok=True)
         with open(os.path.join(save_dir, f"{n}-{p}-{channel}.json"), "w") as f:
-            json.dump({"row": row, "worker_metrics": [{k: m.get(k) for k in ("worker", "chunk_log")} for m in wm],
+            json.dump({"row": row, "worker_metrics": [{k: m.get(k) for k in ("worker", "chunk_log", "fields", "layers")}
+                                                      for m in wm],
                        "metrics": result.metrics}, f)
     return price(row, wm, result.metrics, paper)
 
@@ -151,16 +154,16 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
     from fsd_runtime.aws import billing, cost
 
     channel, p, n = row["channel"], row["workers"], row["neurons"]
-    if channel == "queue":
-        req = billing.queue_requests(worker_metrics)
-    else:
-        req = billing.object_requests(worker_metrics, p)
     paper_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
     # Lambda memory: the smallest size that holds the measured worker peak with a quarter to spare
     # (the peak is of JIT-compiled kernels, ~140 MB more than the native module on Lambda), the
     # paper's size when no peak was read; $ at the paper's size too, beside it
     peak_mb = row.get("worker_peak_rss_mb")
     memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
+    if channel == "queue":
+        req = billing.queue_requests(worker_metrics)
+    else:  # the conservative polls wait out the straggler time at this memory's CPU share
+        req = billing.object_requests(worker_metrics, p, memory_mb=memory, n_batches=row.get("batches") or 1)
 
     def priced(mode: str, memory_mb: int) -> float:
         # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the

@@ -43,7 +43,7 @@ from fsd_kernels import codec
 from fsd_runtime.aws.clients import billed_chunks
 from fsd_runtime.channels import object as s3ch
 from fsd_runtime.channels import queue as qch
-from fsd_runtime.aws.cost import SEED_MEASURED, LatencyModel, cpu_share, tree_depths
+from fsd_runtime.aws.cost import SEED_MEASURED, LatencyModel, busy_seconds, cpu_share, tree_depths
 
 #: The coordinator's run ids are 16 characters; the ``run`` attribute's size depends only on that.
 RUN_ID = "0" * 16
@@ -132,15 +132,15 @@ def object_receive_requests(config: s3ch.ObjectConfig, awaited: int, reads: int,
 
 
 def _layer_seconds(worker_metrics: list[dict]) -> dict[tuple[int, int], float]:
-    """(worker, layer) -> measured compute + encode + decode seconds (this machine's core)."""
+    """(worker, layer) -> measured compute + encode + decode seconds (``cost.busy_seconds``: the
+    worker thread's CPU time on this machine's core where the metrics have it)."""
     out = {}
     for m in worker_metrics:
         fields = m.get("fields")
         if not fields:
             continue
-        at = [fields.index(f) for f in ("compute_s", "encode_s", "decode_s")]
         for layer, row in enumerate(m["layers"]):
-            out[(int(m["worker"]), layer)] = sum(row[i] for i in at)
+            out[(int(m["worker"]), layer)] = busy_seconds(dict(zip(fields, row)))
     return out
 
 
