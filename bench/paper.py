@@ -238,7 +238,7 @@ def beyond(args, table, launcher: str) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="fsd-paper-model-") as scratch:
             model_dir = os.path.join(scratch, "model")
             meta = prepared.prepare(f"synthetic:{n}x{layers}:0", model_dir, p)
-            fps = prepared.footprints(prepared.open_model(model_dir), images[0], n_images)
+            fps = prepared.footprints(prepared.open_model(model_dir), images[0], images[1])
             need_mb = max(budget.peak_bytes(fp, None) for fp in fps) / 2**20
             try:
                 row = run_one(model_dir, images, serial, n, p, "queue", launcher, {}, args.receive_timeout)

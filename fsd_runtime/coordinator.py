@@ -275,7 +275,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
         shares = build_shares(net, indptr, indices, data, owners, n_workers)
         fps = [budget.footprint(share) for share in shares]
     else:
-        fps = prep.footprints(model, indptr, indptr.shape[0] - 1)
+        fps = prep.footprints(model, indptr, indices)
     batch_size, worker_memory_mb = _fit_batches(fps, batch_size, worker_memory_mb, launcher_kind, say)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"

@@ -557,21 +557,27 @@ def load_worker_share(model: PreparedModel, inputs: bytes, worker: int) -> Worke
         raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
 
 
-def footprints(model: "PreparedModel", indptr: np.ndarray, n_images: int) -> list | None:
-    """Every worker's ``budget.Footprint`` for a run of ``n_images`` images (the network part
-    from the model's metadata, the inputs estimated as every image nonzero on every worker: an
-    upper bound), or None for a model prepared without the sizes."""
+def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray) -> list | None:
+    """Every worker's ``budget.Footprint`` for a run of the images (CSR ``indptr``, ``indices``):
+    the network part from the model's metadata, the inputs part counted exactly (the images'
+    nonzeros in the worker's layer-0 input rows, as ``inputs_share`` keeps them); None for a model
+    prepared without the sizes."""
     from fsd_runtime import budget
 
     sizes = model.meta.get("worker_sizes")
     if not isinstance(sizes, list) or len(sizes) != model.n_workers:
         return None
-    inputs = 12 * int(indptr[-1]) + 8 * (n_images + 1) + 8 * n_images
+    n_images = int(indptr.shape[0]) - 1
+    per_neuron = np.bincount(np.asarray(indices, np.int64), minlength=model.n_neurons)
+    in0 = layer0_inputs(model)
+    # x_slots (int32) and x_data (float32) per kept nonzero, x_indptr, the images' status, and
+    # the per-layer saturation flags (bool)
+    fixed = 8 * (n_images + 1) + 8 * n_images + len(model.meta["keeps_saturated"])
     out = []
     for w, size in enumerate(sizes):
         sources = int(size["sources"]) + (1 if w != 0 else model.n_workers - 1)
         out.append(budget.Footprint(
-            worker=w, share_bytes=int(size["share_bytes"]) + inputs,
+            worker=w, share_bytes=int(size["share_bytes"]) + fixed + 8 * int(per_neuron[in0[w]].sum()),
             in_rows=int(size["most_in"]) + budget.status_rows(w, model.n_workers),
             out_rows=int(size["most_out"]) + 2, last_rows=int(size["last_rows"]), n_images=n_images,
             map_bytes=8 * (model.n_neurons + 2) * min(sources, model.n_workers)))
