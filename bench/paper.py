@@ -29,7 +29,9 @@ per channel:
 Workers run within the paper's Lambda memory for N (and this machine's memory over P): the
 runtime batches the images where buffers would not fit (``batches`` in the row). Timeouts are
 the runtime's defaults, derived from the work. ``--save-runs DIR`` keeps each run's chunk log
-and metrics; ``--reprice DIR`` prices them again without running.
+and metrics; ``--reprice DIR`` prices them again without running. ``--no-parking`` runs without
+the runtime's parking of saturated images (they are then computed and sent at every layer, as
+in the paper's system; same bits): the figures without that shortcut.
 
 Data: N = 1024 uses the official Graph Challenge images (embedded, first 10,000) on the
 official net; other N use the package's challenge-like synthetic net and images
@@ -93,7 +95,7 @@ def dataset(n: int, layers: int, images: int):
 
 
 def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict,
-            timeout: float | None, save_dir: str | None = None) -> dict:
+            timeout: float | None, save_dir: str | None = None, parking: bool = True) -> dict:
     from fsd_runtime.aws import billing
     from fsd_runtime.coordinator import run_distributed
 
@@ -108,7 +110,8 @@ def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launch
     start = time.perf_counter()
     result = run_distributed(None, images, p, channel=local, launcher={"kind": launcher}, prepared=model_dir,
                              receive_timeout=timeout, run_timeout=None if timeout is None else timeout * 4,
-                             worker_memory_mb=min(lambda_mb, here) if here else lambda_mb)
+                             worker_memory_mb=min(lambda_mb, here) if here else lambda_mb,
+                             park_saturated=parking)
     wall_total = time.perf_counter() - start
     a = result.activations
     exact = bool(np.array_equal(a.indptr, serial.indptr) and np.array_equal(a.indices, serial.indices)
@@ -138,10 +141,11 @@ def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launch
         "worker_peak_growth_mb": max(growth) / 1024 if growth and all(g is not None for g in growth) else None,
         "batches": max(int(m.get("batches") or 1) for m in wm),
         "launcher": launcher,
+        "parking": parking,
     }
     if save_dir:  # what pricing needs, so a changed cost model can re-price without re-running
         os.makedirs(save_dir, exist_ok=True)
-        with open(os.path.join(save_dir, f"{n}-{p}-{channel}.json"), "w") as f:
+        with open(os.path.join(save_dir, f"{n}-{p}-{channel}{'' if parking else '-unparked'}.json"), "w") as f:
             json.dump({"row": row, "worker_metrics": [{k: m.get(k) for k in ("worker", "chunk_log", "fields", "layers")}
                                                       for m in wm],
                        "metrics": result.metrics}, f)
@@ -283,7 +287,8 @@ def markdown(rows: list[dict]) -> str:
         p, q = r["paper"] or {}, r.get("ratios") or {}
         at_paper = r.get("usd_at_paper_memory")
         lines.append(
-            f"| {r['neurons']} | {r['workers']} | {r['channel']} | {'yes' if r['exact'] else 'NO'} | "
+            f"| {r['neurons']} | {r['workers']} | {r['channel']}{'' if r.get('parking', True) else ', unparked'} | "
+            f"{'yes' if r['exact'] else 'NO'} | "
             f"{r['bytes'] / 1e6:.2f} MB / {f(p.get('bytes') and p['bytes'] / 1e6, '.0f')} MB ({f(q.get('bytes'), '.3f')}) | "
             f"{r['requests']:,} / {f(p.get('requests'), ',.0f')} ({f(q.get('requests'), '.3f')}) | "
             f"{r['usd']:.4f} / {f(p.get('usd'), '.4f')} ({f(q.get('usd'), '.3f')}) | "
@@ -340,6 +345,9 @@ def main(argv=None) -> int:
     ap.add_argument("--launcher", default="fork", choices=["fork", "process", "thread"])
     ap.add_argument("--receive-timeout", type=float, default=None,
                     help="seconds (default: the runtime's, derived from the work; the run timeout is 4x)")
+    ap.add_argument("--no-parking", action="store_true",
+                    help="compute and send saturated images every layer, as the paper's system does "
+                         "(shows what the runtime's parking shortcut saves; same bits)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rows-file", metavar="PATH", help="also append each row as a JSON line as soon as it is done")
     ap.add_argument("--plot", metavar="DIR")
@@ -405,13 +413,14 @@ def main(argv=None) -> int:
                     paper = table.get((channel, n, p)) or {}
                     try:
                         row = run_one(model_dir, images, serial, n, p, channel, args.launcher, paper,
-                                      args.receive_timeout, save_dir=args.save_runs)
+                                      args.receive_timeout, save_dir=args.save_runs,
+                                      parking=not args.no_parking)
                         row["prepare_s"] = meta["timings"]["total_s"]
                         row["partition_s"] = meta["timings"]["partition_s"]
                         row["model_bytes"] = meta["bytes"]
                     except Exception as exc:  # reported, not hidden: a configuration that did not run
                         row = {"neurons": n, "workers": p, "channel": channel, "exact": False,
-                               "error": f"{type(exc).__name__}: {exc}"[:500]}
+                               "parking": not args.no_parking, "error": f"{type(exc).__name__}: {exc}"[:500]}
                     row["data"] = source
                     rows.append(row)
                     if args.rows_file:
@@ -423,7 +432,8 @@ def main(argv=None) -> int:
                         print(json.dumps({k: row.get(k) for k in ("neurons", "workers", "channel", "exact", "error")}),
                               file=sys.stderr, flush=True)
     out = {"rows": rows, "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": f"{os.cpu_count()} cores", "images": args.images, "layers": args.layers}
+           "machine": f"{os.cpu_count()} cores", "images": args.images, "layers": args.layers,
+           "parking": not args.no_parking}
     if args.plot:
         try:
             out["plots"] = plot([r for r in rows if "error" not in r], args.plot)

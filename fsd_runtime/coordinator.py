@@ -205,7 +205,8 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
                     storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
                     receive_timeout: float | None = None, run_timeout: float | None = None,
                     metrics_dir: str | None = None, owners: np.ndarray | None = None,
-                    progress=None, worker_memory_mb: float | None = None, prepared=None) -> RunResult:
+                    progress=None, worker_memory_mb: float | None = None, prepared=None,
+                    park_saturated: bool = True) -> RunResult:
     """Run ``images`` (CSR arrays: indptr, indices, data) through ``net`` (a PackedNetwork) on
     ``n_workers`` workers; results are bit-identical to ``fsd_kernels.infer``. ``progress``
     (optional) is called with one line per stage.
@@ -222,6 +223,9 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     ``n_workers`` (default: the model's) and ``partition`` must match the model's. Local runs
     read the workers' segments where they are; a run on another store (S3) uploads the model to
     ``models/{digest}`` of that store once, and later runs reuse it.
+
+    ``park_saturated`` False: images whose outputs are all ymax are computed and sent every
+    layer instead of parked (same bits; to measure what parking saves, see docs/runtime.md).
     """
     from fsd_runtime import budget
 
@@ -312,7 +316,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
                                storage=storage.config(), prefix=prefix, channel=run_channel,
                                launcher=launcher_config, receive_timeout=receive_timeout,
                                run_timeout=run_timeout, batch_size=batch_size,
-                               worker_memory_mb=worker_memory_mb,
+                               worker_memory_mb=worker_memory_mb, park_saturated=park_saturated,
                                model=model.location() if model is not None else None)
         launched = time.time()
         start = time.perf_counter()

@@ -66,6 +66,10 @@ class WorkerEvent:
     worker_memory_mb: float | None = None
     #: Start this worker's tree children (False when the coordinator starts every worker itself).
     launch_children: bool = True
+    #: Park images once every output is ymax and the next layers keep that (they then cost no
+    #: traffic or compute; exact). False computes and sends them every layer, as the paper's
+    #: system does: to measure what parking saves.
+    park_saturated: bool = True
     version: int = EVENT_VERSION
     #: Where this run's prepared model is (fsd_runtime.prepared): ``{"storage": config, "prefix":
     #: str}`` (storage default: the run's); None: the run's shares are whole.
@@ -171,6 +175,9 @@ def parse(event: Any) -> WorkerEvent:
     launch_children = event.get("launch_children", True)
     if not isinstance(launch_children, bool):
         raise EventError(f"event field 'launch_children' must be true or false, got {launch_children!r}")
+    park_saturated = event.get("park_saturated", True)
+    if not isinstance(park_saturated, bool):
+        raise EventError(f"event field 'park_saturated' must be true or false, got {park_saturated!r}")
     model = event.get("model")
     if model is not None:
         if not isinstance(model, Mapping) or set(model) - {"storage", "prefix"}:
@@ -193,6 +200,7 @@ def parse(event: Any) -> WorkerEvent:
         batch_size=batch_size,
         worker_memory_mb=None if worker_memory_mb is None else float(worker_memory_mb),
         launch_children=launch_children,
+        park_saturated=park_saturated,
         extra=dict(extra),
         model=model,
     )

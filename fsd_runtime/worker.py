@@ -233,7 +233,7 @@ class WorkerLoop:
 
     def __init__(self, share: WorkerShare, channel: Channel, *, run_id: str, receive_timeout: float,
                  batch_size: int | None = None, run_timeout: float | None = None,
-                 startup_grace: float | None = None):
+                 startup_grace: float | None = None, park_saturated: bool = True):
         # Imported here, not at module level: a worker starts its tree children before it pays
         # for loading the compiled kernels.
         from fsd_kernels import codec
@@ -258,7 +258,11 @@ class WorkerLoop:
         # One input buffer for all batches (rows: most input slots + status rows; layer 0's
         # block and a block with parked images back fit too), an output buffer per batch.
         fp = self.footprint
-        parts = split_batches(share.active, share.saturated, batch_size)
+        self.park_saturated = park_saturated
+        if park_saturated:
+            parts = split_batches(share.active, share.saturated, batch_size)
+        else:  # saturated inputs are computed like any other image
+            parts = split_batches(np.union1d(share.active, share.saturated), _EMPTY, batch_size)
         widest = max(a.shape[0] + p.shape[0] for a, p in parts)
         self.inputs = _Buffer(fp.in_rows * widest)
         self.batches = [_Batch(a, p, fp.out_rows, self.inputs) for a, p in parts]
@@ -555,7 +559,7 @@ class WorkerLoop:
             return np.arange(n)
         dead = verdict[ZERO_FLAG] == 1.0
         saturated = (verdict[YMAX_FLAG] == 1.0) & ~dead
-        if not s.keeps_saturated[layer - 1]:
+        if not s.keeps_saturated[layer - 1] or not self.park_saturated:
             saturated[:] = False  # saturated after layer - 2, but layer - 1 may have changed that
         keep = ~(dead | saturated)
         if keep.all():
@@ -726,7 +730,7 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
                                     f"worker {event.worker_id}/{event.n_workers}")
             loop = WorkerLoop(share, channel, run_id=event.run_id, receive_timeout=event.receive_timeout,
                               run_timeout=event.run_timeout - (time.time() - started),
-                              batch_size=event.batch_size,
+                              batch_size=event.batch_size, park_saturated=event.park_saturated,
                               startup_grace=None if beacon is not None else startup_grace(event))
             if beacon is not None:
                 loop.on_layer = beacon.layer

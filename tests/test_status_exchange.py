@@ -102,3 +102,48 @@ def test_deep_random_networks_equal_the_reference(case, n_workers, partition, ba
     n_workers = min(n_workers, case[0].shape[1])
     result = distributed(case, n_workers, partition, batch_size)
     assert_bit_identical(result.activations, expected(case), f"P={n_workers} {partition} batch {batch_size}")
+
+
+def test_without_parking_saturated_images_travel_every_layer_with_the_same_bits(official, official_packed):
+    """park_saturated=False (the paper's behaviour, to measure what parking saves): the 337
+    surviving images are computed and sent at every layer, so every round has the formula's
+    messages and traffic never stops early; the result is still golden."""
+    n_workers = 5
+    owners = partitioning.make_partition(official_packed, n_workers, "hypergraph")
+    parked = run_distributed(official_packed, official.images.arrays, n_workers, owners=owners,
+                             launcher={"kind": "thread"}, receive_timeout=120)
+    full = run_distributed(official_packed, official.images.arrays, n_workers, owners=owners,
+                           launcher={"kind": "thread"}, receive_timeout=120, park_saturated=False)
+    assert_same(full, fsd_kernels.infer(*official.images.arrays, official_packed))
+    np.testing.assert_array_equal(full.categories, official.categories)
+    busy = check_rounds(full, official_packed, owners, n_workers)
+    assert busy == list(range(1, official_packed.n_layers))
+    assert full.traffic["messages"] > 4 * parked.traffic["messages"]
+    assert full.traffic["bytes"] > parked.traffic["bytes"]
+
+
+def test_without_parking_saturated_inputs_are_computed_like_any_image():
+    """Inputs that are all ymax start parked by default; without parking they are explicit
+    columns from layer 0. Random nets with weights of both signs (saturation does not persist)
+    and positive ones (it does); every run bit-identical to the scipy reference."""
+    from test_differential import images_csr, pack, reference
+
+    for seed, positive in ((5, False), (6, True)):
+        rng = np.random.default_rng(seed)
+        n, n_layers, ymax = 96, 7, 32.0
+        layers = []
+        for _ in range(n_layers):
+            w = sp.random(n, n, density=0.08, random_state=rng, dtype=np.float32, format="csr")
+            w.data = (w.data * 2 if positive else w.data - 0.45).astype(np.float32)
+            w.sort_indices()
+            layers.append(w)
+        biases = [np.full(n, -0.05, np.float32) for _ in range(n_layers)]
+        dense = (rng.random((40, n)) < 0.2).astype(np.float32) * rng.uniform(0.1, 4, (40, n)).astype(np.float32)
+        dense = np.vstack([dense, np.full((3, n), ymax, np.float32)])  # all ymax: parked at once by default
+        arrays = images_csr(dense)
+        want = reference(sp.csr_matrix(dense), layers, biases, ymax)
+        net = pack(layers, biases, ymax)
+        for park in (True, False):
+            result = run_distributed(net, arrays, 3, launcher={"kind": "thread"}, receive_timeout=60,
+                                     park_saturated=park)
+            assert_bit_identical(result.activations, want, f"seed {seed}, park {park}")

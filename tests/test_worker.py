@@ -32,6 +32,7 @@ def test_event_round_trips_through_json():
     ({"channel": {"dir": "x"}}, "channel"), ({"launcher": "process"}, "launcher"),
     ({"receive_timeout": 0}, "receive_timeout"), ({"batch_size": 0}, "batch_size"),
     ({"worker_id": True}, "worker_id"), ({"surprise": 1}, "unknown"), ({"version": 9}, "version"),
+    ({"park_saturated": "no"}, "park_saturated"), ({"park_saturated": 0}, "park_saturated"),
 ])
 def test_bad_events_name_the_field(change, field):
     with pytest.raises(ev.EventError, match=field):
