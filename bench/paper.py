@@ -311,22 +311,32 @@ def plot(rows: list[dict], directory: str) -> list[str]:
     for channel in sorted({r["channel"] for r in rows}):
         fig, (top, bottom) = plt.subplots(1, 2, figsize=(11, 4.2))
         for n in sorted({r["neurons"] for r in rows if r["channel"] == channel}):
-            mine = sorted((r for r in rows if r["channel"] == channel and r["neurons"] == n), key=lambda r: r["workers"])
-            ws = [r["workers"] for r in mine]
-            line, = top.plot(ws, [r["usd"] for r in mine], "o-", label=f"ours N={n}")
-            bottom.plot(ws, [r["bytes"] for r in mine], "o-", color=line.get_color(), label=f"ours N={n}")
-            theirs = [(r["workers"], r["paper"]) for r in mine if r["paper"]]
-            if theirs:
-                top.plot([w for w, _ in theirs], [q["usd"] for _, q in theirs], "s--", color=line.get_color(),
-                         alpha=0.6, label=f"paper N={n}")
-                bottom.plot([w for w, _ in theirs], [q["bytes"] for _, q in theirs], "s--", color=line.get_color(),
-                            alpha=0.6, label=f"paper N={n}")
+            of_n = sorted((r for r in rows if r["channel"] == channel and r["neurons"] == n), key=lambda r: r["workers"])
+            mine = [r for r in of_n if r.get("parking", True)]
+            unparked = [r for r in of_n if not r.get("parking", True)]
+            line, = top.plot([r["workers"] for r in mine], [r["usd"] for r in mine], "o-", label=f"ours N={n}")
+            color = line.get_color()
+            bottom.plot([r["workers"] for r in mine], [r["bytes"] for r in mine], "o-", color=color, label=f"ours N={n}")
+            if unparked:
+                for ax, key in ((top, "usd"), (bottom, "bytes")):
+                    ax.plot([r["workers"] for r in unparked], [r[key] for r in unparked], "x:", color=color,
+                            label=f"ours, unparked N={n}")
+            seen, theirs = set(), []
+            for r in of_n:
+                if r["paper"] and r["workers"] not in seen:
+                    seen.add(r["workers"])
+                    theirs.append((r["workers"], r["paper"]))
+            for ax, key in ((top, "usd"), (bottom, "bytes")):
+                points = [(w, q[key]) for w, q in theirs if q.get(key) is not None]
+                if points:
+                    ax.plot([w for w, _ in points], [v for _, v in points], "s--", color=color, alpha=0.6,
+                            label=f"paper N={n}")
         for ax, what in ((top, "modelled $ per run (10,000 images)"), (bottom, "bytes on the wire")):
             ax.set_yscale("log")
             ax.set_xlabel("workers")
             ax.set_ylabel(what)
             ax.legend(fontsize=7)
-        fig.suptitle(f"{channel} channel: ours (solid) vs the paper (dashed)")
+        fig.suptitle(f"{channel} channel: ours (solid; dotted: without parking) vs the paper (dashed)")
         fig.tight_layout()
         path = os.path.join(directory, f"paper-{channel}.png")
         fig.savefig(path, dpi=90)
