@@ -277,7 +277,7 @@ def markdown(rows: list[dict]) -> str:
     """The README table: ours beside the paper's, with the ratios."""
     f = lambda x, spec="": "-" if x is None else format(x, spec)  # noqa: E731
     lines = ["| N | P | channel | exact | bytes: ours / paper (ratio) | requests: ours / paper (ratio) | "
-             "$: ours / paper (ratio) | $ at the paper's MB (ratio) | msgs/round max (of P(P-1)) | rounds | "
+             "$: ours / paper (ratio) | $ at the paper's MB (ratio) | msgs/layer max (of P(P-1)) | rounds | "
              "worker peak RSS (own growth) / Lambda MB: fitted, paper | batches | start-up s | run s |",
              "|" + "---|" * 14]
     for r in sorted(rows, key=lambda r: (r["neurons"], r["workers"], r["channel"])):
@@ -293,7 +293,8 @@ def markdown(rows: list[dict]) -> str:
             f"{r['requests']:,} / {f(p.get('requests'), ',.0f')} ({f(q.get('requests'), '.3f')}) | "
             f"{r['usd']:.4f} / {f(p.get('usd'), '.4f')} ({f(q.get('usd'), '.3f')}) | "
             f"{f(at_paper, '.4f')} ({f(at_paper / p['usd'] if at_paper is not None and p.get('usd') else None, '.3f')}) | "
-            f"{r['max_messages_per_round']} ({r['all_to_all_per_round']}) | {r['rounds']} | "
+            f"{r['max_messages_per_round']} ({r['all_to_all_per_round']}"
+            f"{' per batch, ' + str(r['batches']) + ' batches' if (r.get('batches') or 1) > 1 else ''}) | {r['rounds']} | "
             f"{f(r['worker_peak_rss_mb'], '.0f')} ({f(r.get('worker_peak_growth_mb'), '.0f')}) / "
             f"{f(r.get('lambda_mb_modelled'))}, {f(p.get('lambda_mb') or r.get('lambda_mb_paper'))} | "
             f"{f(r.get('batches'))} | {r['startup_seconds']:.1f} | {r['wall_seconds']:.2f} |")
