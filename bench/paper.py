@@ -163,7 +163,11 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
     # (the peak is of JIT-compiled kernels, ~140 MB more than the native module on Lambda), the
     # paper's size when no peak was read; $ at the paper's size too, beside it
     peak_mb = row.get("worker_peak_rss_mb")
-    memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
+    fit_note = None
+    try:
+        memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
+    except ValueError as exc:  # a finished run is still reported: priced at the paper's size, said so
+        memory, fit_note = paper_mb, f"{exc}; priced at the paper's {paper_mb} MB"
     if channel == "queue":
         req = billing.queue_requests(worker_metrics)
     else:  # the conservative polls wait out the straggler time at this memory's CPU share
@@ -188,6 +192,8 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
         "paper": {k: paper.get(k) for k in ("bytes", "requests", "usd", "lambda_mb", "messages", "per_worker_s",
                                               "comm_s", "compute_s", "compress_s")} if paper else None,
     })
+    if fit_note:
+        row["lambda_fit_note"] = fit_note
     if paper:
         row["ratios"] = {k: (row[k] / paper[k]) if paper.get(k) else None for k in ("bytes", "requests", "usd")}
     return row
@@ -224,7 +230,7 @@ def streamed_reference(stream, images, chunk: int = 60):
 BEYOND = ((1024, 120, 60000, 8), (1024, 120, 60000, 62), (16384, 480, 10000, 42), (16384, 1920, 10000, 42))
 
 
-def beyond(args, table, launcher: str) -> list[dict]:
+def beyond(args, launcher: str) -> list[dict]:
     """Run what fits of :data:`BEYOND` on the queue channel; for what does not, say why."""
     from fsd_runtime import budget, model, prepared
 
@@ -371,7 +377,7 @@ def main(argv=None) -> int:
     ap.add_argument("--beyond-max-layers", type=int, default=None, help="with --beyond: skip deeper nets")
     args = ap.parse_args(argv)
     if args.beyond:
-        rows = beyond(args, paper_rows(), args.launcher)
+        rows = beyond(args, args.launcher)
         print(json.dumps({"beyond": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
         return 0 if all(r.get("exact") for r in rows if r.get("ran")) else 1
     if args.reprice:

@@ -2,7 +2,7 @@
 timeouts derived from the work. Formulas and their constants: ``docs/runtime.md`` ("Worker
 memory and timeouts").
 
-Imports numpy only (the coordinator calls it while planning; the worker reports its estimate).
+Imports nothing beyond the standard library (the coordinator calls it while planning; the worker reports its estimate).
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 
 #: Bytes of one activation (float32).
 FLOAT_BYTES = 4

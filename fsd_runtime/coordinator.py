@@ -178,14 +178,14 @@ def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neur
     return Activations(indptr, (keys % n_neurons).astype(np.int32), values, n_neurons)
 
 
-def _fit_batches(footprints, batch_size, worker_memory_mb, launcher_kind, say):
+def _fit_batches(footprints, n_workers: int, batch_size, worker_memory_mb, launcher_kind, say):
     """(batch size, memory budget) of a run from every worker's ``budget.Footprint`` (None: not
     known, no batching): an explicit batch size wins (said if it exceeds the budget); else the
     largest that fits the budget (``budget.batch_size_for``)."""
     from fsd_runtime import budget
 
     if worker_memory_mb is None:
-        worker_memory_mb = budget.default_worker_memory_mb(len(footprints or ()), launcher_kind)
+        worker_memory_mb = budget.default_worker_memory_mb(n_workers, launcher_kind)
     if worker_memory_mb is None or footprints is None:
         return batch_size, worker_memory_mb
     if batch_size is not None:
@@ -280,7 +280,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
         fps = [budget.footprint(share) for share in shares]
     else:
         fps = prep.footprints(model, indptr, indices)
-    batch_size, worker_memory_mb = _fit_batches(fps, batch_size, worker_memory_mb, launcher_kind, say)
+    batch_size, worker_memory_mb = _fit_batches(fps, n_workers, batch_size, worker_memory_mb, launcher_kind, say)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
     coordinator_launcher = _coordinator_launcher(launcher_config)  # a bad config fails before any resource

@@ -298,7 +298,7 @@ def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias:
         buffered, first, segments, keeps, written = 0, 0, [], [], 0
         layer0, owners_prev, nnz, most_edges = None, None, 0, 0
         # per worker, what sizes its memory (budget.Footprint, without the run's inputs)
-        sizes = [dict.fromkeys(("share_bytes", "most_in", "most_out", "last_rows", "sources"), 0)
+        sizes = [dict.fromkeys(_SIZE_FIELDS, 0)
                  for _ in range(n_workers)]
 
         def flush():
@@ -391,6 +391,10 @@ def _meta_error(where: str, what: str) -> PreparedError:
     return PreparedError(f"{where}: not a usable prepared model ({what})")
 
 
+#: model.json's per-worker sizes (``worker_sizes``): what a run's ``budget.Footprint`` needs.
+_SIZE_FIELDS = ("share_bytes", "most_in", "most_out", "last_rows", "sources")
+
+
 def _check_meta(meta, where: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _meta_error(where, "model.json is not one")
@@ -428,6 +432,18 @@ def _check_meta(meta, where: str) -> dict:
         expect += seg[1]
     if expect != L:
         raise _meta_error(where, f"segments cover {expect} layers, not {L}")
+    # optional (older models lack them), checked where present: runs size memory and timeouts by them
+    if "name" in meta and not isinstance(meta["name"], str):
+        raise _meta_error(where, f"name must be text, got {meta['name']!r}")
+    if "most_edges" in meta:
+        integer("most_edges", 0, 2**62)
+    sizes = meta.get("worker_sizes")
+    if sizes is not None and not (
+            isinstance(sizes, list) and len(sizes) == meta["n_workers"]
+            and all(isinstance(size, dict) and set(size) == set(_SIZE_FIELDS)
+                    and all(type(v) is int and 0 <= v <= 2**62 for v in size.values()) for size in sizes)):
+        raise _meta_error(where, f"worker_sizes must be {meta['n_workers']} objects of non-negative "
+                                 f"integers {', '.join(_SIZE_FIELDS)}")
     return meta
 
 
@@ -567,12 +583,13 @@ def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray) 
     sizes = model.meta.get("worker_sizes")
     if not isinstance(sizes, list) or len(sizes) != model.n_workers:
         return None
-    n_images = int(indptr.shape[0]) - 1
+    n_rows = int(indptr.shape[0]) - 1
+    n_images = int(np.count_nonzero(np.diff(indptr)))  # active + saturated: empty images are neither
     per_neuron = np.bincount(np.asarray(indices, np.int64), minlength=model.n_neurons)
     in0 = layer0_inputs(model)
     # x_slots (int32) and x_data (float32) per kept nonzero, x_indptr, the images' status, and
     # the per-layer saturation flags (bool)
-    fixed = 8 * (n_images + 1) + 8 * n_images + len(model.meta["keeps_saturated"])
+    fixed = 8 * (n_rows + 1) + 8 * n_images + len(model.meta["keeps_saturated"])
     out = []
     for w, size in enumerate(sizes):
         sources = int(size["sources"]) + (1 if w != 0 else model.n_workers - 1)

@@ -40,3 +40,23 @@ def test_kept_runs_reprice_to_the_rows_first_printed(tmp_path, capsys):
             assert again[channel][key] == row[key], (channel, key)
         # Lambda memory fits the measured worker with a quarter to spare, at most the paper's
         assert row["worker_peak_rss_mb"] * 1.25 <= row["lambda_mb_modelled"] <= 1000
+    # a worker too big for any Lambda size is still reported, priced at the paper's size, said so
+    name = sorted(os.listdir(keep))[0]
+    saved = json.loads((keep / name).read_text())
+    saved["row"]["worker_peak_rss_mb"] = 9000.0
+    (keep / name).write_text(json.dumps(saved))
+    assert paper.main(["--reprice", str(keep)]) == 0
+    big = json.loads(capsys.readouterr().out)["rows"][0]
+    assert big["lambda_mb_modelled"] == 1000 and "10240" in big["lambda_fit_note"]
+
+
+def test_without_parking_rows_run_every_round_with_the_same_bits(capsys):
+    args = ["--sizes", "1024", "--workers", "3", "--images", "300", "--channels", "queue", "--json"]
+    assert paper.main(args) == 0
+    parked = json.loads(capsys.readouterr().out)["rows"][0]
+    assert paper.main(args + ["--no-parking"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    unparked = out["rows"][0]
+    assert unparked["exact"] and not unparked["parking"] and parked["parking"] and not out["parking"]
+    assert parked["rounds"] < unparked["rounds"] == 119
+    assert unparked["messages"] > parked["messages"]

@@ -1,6 +1,7 @@
 """Data: official file formats (round trips, clear errors), the embedded copy, the synthetic generator."""
 import gzip
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -282,3 +283,14 @@ def test_synthetic_images_match_the_point_by_point_definition(n_neurons, n_image
     dense[rows, got.indices] = True
     assert np.array_equal(dense, want)
     assert np.all(got.data == 1.0)
+
+
+def test_synthetic_images_without_scipy_draw_the_same_pixels(monkeypatch):
+    """scipy is not a runtime dependency: without it the wide-stroke path falls back to the loop."""
+    with_scipy = model.generate_images(3, 16384, seed=5)
+    assert model._distance_transform() is not None  # the fast path was taken above
+    monkeypatch.setitem(sys.modules, "scipy.ndimage", None)  # import fails as if not installed
+    assert model._distance_transform() is None
+    without = model.generate_images(3, 16384, seed=5)
+    for a, b in zip(with_scipy.arrays, without.arrays):
+        np.testing.assert_array_equal(a, b)

@@ -298,7 +298,6 @@ def test_read_gets_of_large_indexes_match_the_replay(run, aws):
     from fsd_runtime.aws import billing
 
     config, _, channels = run(8, probe_bytes=64)
-    cfg = ObjectConfig.parse(config)
     chunks = [(t, bytes([t, i]) * 30) for t in range(1, 8) for i in range(3)]
     channels[0].send(0, chunks)
     body = pack_object(chunks, 8)

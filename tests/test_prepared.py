@@ -3,7 +3,9 @@
 References: the independent scipy reference of test_differential.py on random networks, the
 serial kernels (``fsd_kernels.infer``) and the golden categories on the official 1024x120 net,
 and the shares the coordinator plans from the whole network (``plan.build_shares``), array for
-array. Memory: the preparing process's traced peak at 60 and at 600 layers.
+array (the same per-layer planner runs in both: those comparisons check the streaming,
+segmenting and serialisation, while the results check the planning). Memory: the preparing
+process's traced peak at 60 and at 600 layers.
 """
 from __future__ import annotations
 
@@ -222,6 +224,15 @@ def test_incomplete_or_tampered_models_are_refused(tmp_path, small_model):
     (copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(prepared.PreparedError, match="segments"):
         prepared.open_model(str(copy))
+    for field, bad in (("worker_sizes", [{"share_bytes": 1}]), ("worker_sizes", "many"),
+                       ("most_edges", -1), ("most_edges", "9"), ("name", 7)):
+        shutil.rmtree(copy)
+        shutil.copytree(small_model, copy)
+        meta = json.loads((copy / "model.json").read_text())
+        meta[field] = bad
+        (copy / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(prepared.PreparedError, match=field):
+            prepared.open_model(str(copy))
     shutil.rmtree(copy)
     shutil.copytree(small_model, copy)
     segment = copy / "workers" / "1" / "seg-00000.npz"
@@ -374,8 +385,9 @@ def test_prepare_into_a_store_prefix_and_run_from_there(tmp_path):
 
 
 def test_a_prepared_model_sizes_its_workers_like_the_planned_shares(tmp_path):
-    """The footprint a run of a prepared model batches by (from model.json, without reading the
-    weights) is the planned shares' footprint, the inputs bounded from above."""
+    """The footprint a run of a prepared model batches by (from model.json and the images,
+    without reading the weights) is the planned shares' footprint, byte for byte, with some
+    images empty (neither active nor saturated)."""
     from fsd_runtime import budget
 
     ds = model.synthetic(512, 12, 300, seed=3)
@@ -383,6 +395,12 @@ def test_a_prepared_model_sizes_its_workers_like_the_planned_shares(tmp_path):
     out = str(tmp_path / "m")
     prepared.prepare(ds.network, out, 5)
     indptr, indices, data = ds.images.arrays
+    x = sp.csr_matrix((data, indices, indptr), shape=(300, 512))
+    x = sp.diags(np.isin(np.arange(300), [3, 77, 150, 299], invert=True).astype(np.float32)) @ x
+    x.eliminate_zeros()
+    x.sort_indices()
+    indptr, indices, data = x.indptr.astype(np.int64), x.indices.astype(np.int32), x.data.astype(np.float32)
+    assert np.count_nonzero(np.diff(indptr) == 0) >= 4
     owners = partition.make_partition(net, 5, "hypergraph")
     planned = [budget.footprint(s) for s in plan.build_shares(net, indptr, indices, data, owners, 5)]
     got = prepared.footprints(prepared.open_model(out), indptr, indices)
@@ -406,3 +424,18 @@ def test_a_prepared_run_under_a_small_budget_runs_in_batches_bit_identical(tmp_p
                              worker_memory_mb=(one + whole) / 2 / 2**20)
     assert max(m["batches"] for m in result.worker_metrics) > 1
     assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, net))
+
+
+def test_a_model_without_worker_sizes_runs_unbatched(tmp_path):
+    """Models prepared before model.json recorded the workers' sizes still run (no footprint:
+    one batch, the local memory budget for the model's worker count)."""
+    ds = model.synthetic(256, 6, 40, seed=8)
+    out = tmp_path / "m"
+    prepared.prepare(ds.network, str(out), 3)
+    meta = json.loads((out / "model.json").read_text())
+    del meta["worker_sizes"]
+    (out / "model.json").write_text(json.dumps(meta))
+    for launcher in ("thread", "fork"):
+        result = run_distributed(None, ds.images.arrays, prepared=str(out), launcher={"kind": launcher})
+        assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, ds.network.pack()))
+        assert max(m["batches"] for m in result.worker_metrics) == 1
