@@ -318,12 +318,27 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         with pytest.raises(ValueError, match="another network"):
             coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "invoker": "local",
                         "deployment": name, "synthetic": "256x8", "seed": 2, "images": 5})
+        with pytest.raises(ValueError, match="asks 3 workers"):  # the model's worker count, within the limits
+            coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "deployment": name},
+                       {"deployment": name, "max_workers": 2, "max_fanout": 16})
         keys_after = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
         assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
                          "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+def test_a_coordinator_event_for_another_deployment_is_refused_before_reading_the_model(aws):
+    """Inside a deployed function, an event naming another deployment (or invoker) is refused
+    before any AWS call: no model.json of any bucket is read (here there is no model at all)."""
+    from fsd_runtime.aws.coordinate import coordinate
+
+    limits = {"deployment": "fsd-mine", "max_workers": 8, "max_fanout": 4}
+    for options in ({"deployment": "fsd-other"}, {"deployment": "fsd-mine", "invoker": "local"}):
+        with pytest.raises(ValueError, match="runs only --invoker lambda on that deployment"):
+            coordinate({"prepared": "s3:models/nothing-here", "channel": "object", **options}, limits)
+    assert not aws.requests, dict(aws.requests)
 
 
 # --- the worker event's model field ---
