@@ -346,7 +346,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
                "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
                "messages_per_round": mx.messages_per_round(rows)}
     if model is not None:  # each worker's store reads of the model: model.json and its segments
-        traffic["model_gets_per_worker"] = 1 + len(model.meta["segments"])
+        traffic["model_gets_per_worker"] = prep.worker_reads(model)
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)

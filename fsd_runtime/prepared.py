@@ -602,6 +602,13 @@ def load_share(storage: Storage, event) -> WorkerShare:
     return load_worker_share(model, data, event.worker_id)
 
 
+def worker_reads(model: PreparedModel) -> int:
+    """The store reads each worker's :func:`load_share` makes of ``model`` (besides its inputs
+    share): ``open_model``'s HEAD and GET of model.json, one GET a segment. S3 bills a HEAD as a
+    GET, so a priced run counts them all as GETs."""
+    return 2 + len(model.meta["segments"])
+
+
 # --- a prepared model on a shared store, uploaded once ---
 
 def model_digest(meta: dict) -> str:

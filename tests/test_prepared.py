@@ -299,7 +299,7 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
             assert_same(result.activations, serial)
             uploaded.append(result.timings["model_uploaded"])
             segments = len(prepared.open_model(small_model).meta["segments"])
-            assert result.traffic["model_gets_per_worker"] == 1 + segments  # priced by AwsRun.cost
+            assert result.traffic["model_gets_per_worker"] == 2 + segments  # priced by AwsRun.cost
         assert uploaded == [True, False]
         bucket = deploy.names_for(deploy.DeploySettings(name=name), settings).bucket
         keys = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -325,6 +325,31 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
         assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
                          "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
+    finally:
+        deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+def test_a_prepared_s3_run_prices_the_model_reads_its_workers_make(aws, small_model):
+    """Every S3 GET-class request of a prepared run (HEADs included, as S3 bills them) is priced
+    as counted at the server, the workers' reads of model.json and their segments among them."""
+    from fsd_runtime.aws import deploy
+    from fsd_runtime.aws.clients import AwsSettings
+    from fsd_runtime.aws.run import AwsRun, RunOptions
+
+    settings = AwsSettings(region="us-east-1", endpoint_url=aws.endpoint_url)
+    name = f"fsd-prep-{uuid.uuid4().hex[:6]}"
+    deploy.deploy(deploy.DeploySettings(name=name, topics=1, lambda_function=False), settings)
+    try:
+        ds = model.synthetic(256, 8, 60, seed=1)
+        with AwsRun(RunOptions(channel="queue", invoker="local", deployment=name, aws=settings), 3) as aws_run:
+            aws.requests.clear()  # the run's requests only, workers' (threads here) and coordinator's
+            result = run_distributed(None, ds.images.arrays, prepared=small_model,
+                                     channel=aws_run.channel_config(), launcher={"kind": "thread"},
+                                     storage=aws_run.storage, run_timeout=240)
+            made = aws.requests["GetObject"] + aws.requests["HEADObject"] + aws.requests["HEADBucket"]
+            out = aws_run.cost(result.traffic, result.metrics, 60)
+        assert aws.requests["HEADObject"] > 0
+        assert out["billed_requests"]["s3_get"] == made
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
