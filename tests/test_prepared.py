@@ -329,10 +329,11 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
 
-def test_a_prepared_s3_run_prices_the_model_reads_its_workers_make(aws, small_model):
+def test_a_prepared_s3_run_prices_the_model_reads_and_bytes_its_workers_make(aws, small_model):
     """Every S3 GET-class request of a prepared run (HEADs included, as S3 bills them) is priced
-    as counted at the server, the workers' reads of model.json and their segments among them."""
-    from fsd_runtime.aws import deploy
+    as counted at the server, the workers' reads of model.json and their segments among them;
+    each worker's modelled share download includes its segment objects' bytes."""
+    from fsd_runtime.aws import cost, deploy
     from fsd_runtime.aws.clients import AwsSettings
     from fsd_runtime.aws.run import AwsRun, RunOptions
 
@@ -348,8 +349,22 @@ def test_a_prepared_s3_run_prices_the_model_reads_its_workers_make(aws, small_mo
                                      storage=aws_run.storage, run_timeout=240)
             made = aws.requests["GetObject"] + aws.requests["HEADObject"] + aws.requests["HEADBucket"]
             out = aws_run.cost(result.traffic, result.metrics, 60)
+            _, inputs = aws_run._sizes("shares")
         assert aws.requests["HEADObject"] > 0
         assert out["billed_requests"]["s3_get"] == made
+        segments = [sum(os.path.getsize(os.path.join(small_model, "workers", str(w), f))
+                        for f in os.listdir(os.path.join(small_model, "workers", str(w)))) for w in range(3)]
+        assert result.traffic["model_bytes_per_worker"] == segments
+        for preset_name, preset in cost.PRESETS.items():
+            want = sum(preset.s3_request_s + (inputs[w] + segments[w]) / 1e6 / preset.s3_mb_per_s for w in range(3))
+            got = out["duration_terms"][preset_name]["seconds"]["share_download_s"]
+            assert got == pytest.approx(want, rel=1e-9)
+        # a model prepared before the segments' sizes were recorded: its plans' array bytes
+        old = prepared.open_model(small_model)
+        old.meta["worker_sizes"] = [{k: v for k, v in s.items() if k != "stored_bytes"}
+                                    for s in old.meta["worker_sizes"]]
+        assert prepared.worker_bytes(old) == [s["share_bytes"] for s in old.meta["worker_sizes"]]
+        assert all(0 < s["share_bytes"] < seg for s, seg in zip(old.meta["worker_sizes"], segments))
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
