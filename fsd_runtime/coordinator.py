@@ -345,8 +345,11 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
                "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
                "messages_per_round": mx.messages_per_round(rows)}
-    if model is not None:  # each worker's store reads of the model: model.json and its segments
-        traffic["model_gets_per_worker"] = 1 + len(model.meta["segments"])
+    if model is not None:  # each worker's store reads of the model (model.json, its segments) and their bytes
+        traffic["model_gets_per_worker"] = prep.worker_reads(model)
+        model_bytes = prep.worker_bytes(model)
+        if model_bytes is not None:
+            traffic["model_bytes_per_worker"] = model_bytes
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)

@@ -298,7 +298,8 @@ def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias:
         buffered, first, segments, keeps, written = 0, 0, [], [], 0
         layer0, owners_prev, nnz, most_edges = None, None, 0, 0
         # per worker, what sizes its memory (budget.Footprint, without the run's inputs)
-        sizes = [dict.fromkeys(_SIZE_FIELDS, 0)
+        # and what a run downloads (stored_bytes: its segment objects)
+        sizes = [dict.fromkeys(_SIZE_FIELDS + ("stored_bytes",), 0)
                  for _ in range(n_workers)]
 
         def flush():
@@ -309,6 +310,7 @@ def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias:
                 data = _segment_bytes(p, n_workers, n, first, buffers[p])
                 storage.put(model.key(segment_key(p, len(segments))), data)
                 written += len(data)
+                sizes[p]["stored_bytes"] += len(data)
                 buffers[p] = []
             segments.append([first, count])
             first, buffered = first + count, 0
@@ -391,7 +393,8 @@ def _meta_error(where: str, what: str) -> PreparedError:
     return PreparedError(f"{where}: not a usable prepared model ({what})")
 
 
-#: model.json's per-worker sizes (``worker_sizes``): what a run's ``budget.Footprint`` needs.
+#: model.json's per-worker sizes (``worker_sizes``): what a run's ``budget.Footprint`` needs
+#: (models prepared since also record ``stored_bytes``, their segment objects' bytes).
 _SIZE_FIELDS = ("share_bytes", "most_in", "most_out", "last_rows", "sources")
 
 
@@ -440,7 +443,7 @@ def _check_meta(meta, where: str) -> dict:
     sizes = meta.get("worker_sizes")
     if sizes is not None and not (
             isinstance(sizes, list) and len(sizes) == meta["n_workers"]
-            and all(isinstance(size, dict) and set(size) == set(_SIZE_FIELDS)
+            and all(isinstance(size, dict) and set(size) - {"stored_bytes"} == set(_SIZE_FIELDS)
                     and all(type(v) is int and 0 <= v <= 2**62 for v in size.values()) for size in sizes)):
         raise _meta_error(where, f"worker_sizes must be {meta['n_workers']} objects of non-negative "
                                  f"integers {', '.join(_SIZE_FIELDS)}")
@@ -617,6 +620,23 @@ def load_share(storage: Storage, event) -> WorkerShare:
     except PreparedError as exc:
         raise StorageError(str(exc)) from None
     return load_worker_share(model, data, event.worker_id)
+
+
+def worker_reads(model: PreparedModel) -> int:
+    """The store reads each worker's :func:`load_share` makes of ``model`` (besides its inputs
+    share): ``open_model``'s HEAD and GET of model.json, one GET a segment. S3 bills a HEAD as a
+    GET, so a priced run counts them all as GETs."""
+    return 2 + len(model.meta["segments"])
+
+
+def worker_bytes(model: PreparedModel) -> list[int] | None:
+    """Each worker's bytes of its segments, what its run downloads besides its inputs share: the
+    objects' sizes as prepared, or for a model prepared before they were recorded, its plans'
+    array bytes (a little less: no archive headers); None for a model without sizes."""
+    sizes = model.meta.get("worker_sizes")
+    if not isinstance(sizes, list) or len(sizes) != model.n_workers:
+        return None
+    return [int(size.get("stored_bytes", size["share_bytes"])) for size in sizes]
 
 
 # --- a prepared model on a shared store, uploaded once ---

@@ -310,7 +310,7 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
             assert_same(result.activations, serial)
             uploaded.append(result.timings["model_uploaded"])
             segments = len(prepared.open_model(small_model).meta["segments"])
-            assert result.traffic["model_gets_per_worker"] == 1 + segments  # priced by AwsRun.cost
+            assert result.traffic["model_gets_per_worker"] == 2 + segments  # priced by AwsRun.cost
         assert uploaded == [True, False]
         bucket = deploy.names_for(deploy.DeploySettings(name=name), settings).bucket
         keys = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -329,12 +329,67 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         with pytest.raises(ValueError, match="another network"):
             coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "invoker": "local",
                         "deployment": name, "synthetic": "256x8", "seed": 2, "images": 5})
+        with pytest.raises(ValueError, match="asks 3 workers"):  # the model's worker count, within the limits
+            coordinate({"prepared": f"s3:models/{digest}", "channel": "object", "deployment": name},
+                       {"deployment": name, "max_workers": 2, "max_fanout": 16})
         keys_after = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
         assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
                          "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+def test_a_prepared_s3_run_prices_the_model_reads_and_bytes_its_workers_make(aws, small_model):
+    """Every S3 GET-class request of a prepared run (HEADs included, as S3 bills them) is priced
+    as counted at the server, the workers' reads of model.json and their segments among them;
+    each worker's modelled share download includes its segment objects' bytes."""
+    from fsd_runtime.aws import cost, deploy
+    from fsd_runtime.aws.clients import AwsSettings
+    from fsd_runtime.aws.run import AwsRun, RunOptions
+
+    settings = AwsSettings(region="us-east-1", endpoint_url=aws.endpoint_url)
+    name = f"fsd-prep-{uuid.uuid4().hex[:6]}"
+    deploy.deploy(deploy.DeploySettings(name=name, topics=1, lambda_function=False), settings)
+    try:
+        ds = model.synthetic(256, 8, 60, seed=1)
+        with AwsRun(RunOptions(channel="queue", invoker="local", deployment=name, aws=settings), 3) as aws_run:
+            aws.requests.clear()  # the run's requests only, workers' (threads here) and coordinator's
+            result = run_distributed(None, ds.images.arrays, prepared=small_model,
+                                     channel=aws_run.channel_config(), launcher={"kind": "thread"},
+                                     storage=aws_run.storage, run_timeout=240)
+            made = aws.requests["GetObject"] + aws.requests["HEADObject"] + aws.requests["HEADBucket"]
+            out = aws_run.cost(result.traffic, result.metrics, 60)
+            _, inputs = aws_run._sizes("shares")
+        assert aws.requests["HEADObject"] > 0
+        assert out["billed_requests"]["s3_get"] == made
+        segments = [sum(os.path.getsize(os.path.join(small_model, "workers", str(w), f))
+                        for f in os.listdir(os.path.join(small_model, "workers", str(w)))) for w in range(3)]
+        assert result.traffic["model_bytes_per_worker"] == segments
+        for preset_name, preset in cost.PRESETS.items():
+            want = sum(preset.s3_request_s + (inputs[w] + segments[w]) / 1e6 / preset.s3_mb_per_s for w in range(3))
+            got = out["duration_terms"][preset_name]["seconds"]["share_download_s"]
+            assert got == pytest.approx(want, rel=1e-9)
+        # a model prepared before the segments' sizes were recorded: its plans' array bytes
+        old = prepared.open_model(small_model)
+        old.meta["worker_sizes"] = [{k: v for k, v in s.items() if k != "stored_bytes"}
+                                    for s in old.meta["worker_sizes"]]
+        assert prepared.worker_bytes(old) == [s["share_bytes"] for s in old.meta["worker_sizes"]]
+        assert all(0 < s["share_bytes"] < seg for s, seg in zip(old.meta["worker_sizes"], segments))
+    finally:
+        deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
+
+
+def test_a_coordinator_event_for_another_deployment_is_refused_before_reading_the_model(aws):
+    """Inside a deployed function, an event naming another deployment (or invoker) is refused
+    before any AWS call: no model.json of any bucket is read (here there is no model at all)."""
+    from fsd_runtime.aws.coordinate import coordinate
+
+    limits = {"deployment": "fsd-mine", "max_workers": 8, "max_fanout": 4}
+    for options in ({"deployment": "fsd-other"}, {"deployment": "fsd-mine", "invoker": "local"}):
+        with pytest.raises(ValueError, match="runs only --invoker lambda on that deployment"):
+            coordinate({"prepared": "s3:models/nothing-here", "channel": "object", **options}, limits)
+    assert not aws.requests, dict(aws.requests)
 
 
 # --- the worker event's model field ---

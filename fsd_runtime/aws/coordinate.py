@@ -45,15 +45,16 @@ def coordinate(options: Mapping, limits: Mapping | None = None) -> dict:
         raise ValueError(f"'coordinate' options are not valid run options: {dict(options)}") from None
     except cli.UsageError as exc:
         raise ValueError(f"'coordinate' options are not valid: {exc}") from None
+    # inside the deployed function: its own deployment only, refused before any read of its bucket
+    if limits is not None and (args.invoker != "lambda" or args.deployment != limits["deployment"]):
+        raise ValueError(f"'coordinate' inside deployment {limits['deployment']!r} runs only "
+                         f"--invoker lambda on that deployment")
     if args.prepared:  # its worker count and partition, from the model's metadata
         try:
             args.prepared_model = cli.open_prepared(args)
         except cli.UsageError as exc:
             raise ValueError(f"'coordinate' options are not valid: {exc}") from None
-    if limits is not None:  # inside the deployed function: its own deployment, within its limits
-        if args.invoker != "lambda" or args.deployment != limits["deployment"]:
-            raise ValueError(f"'coordinate' inside deployment {limits['deployment']!r} runs only "
-                             f"--invoker lambda on that deployment")
+    if limits is not None:  # within the deployment's limits (a prepared model's worker count too)
         if args.workers > limits["max_workers"] or args.fanout > limits["max_fanout"]:
             raise ValueError(f"'coordinate' asks {args.workers} workers / fan-out {args.fanout}; the "
                              f"deployment allows {limits['max_workers']} / {limits['max_fanout']}")

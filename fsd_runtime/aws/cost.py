@@ -100,7 +100,8 @@ TERM_SOURCES = {
     "init_s": "modelled (the preset's INIT)",
     "launch_skew_s": "modelled (waiting for the deepest worker of the launch tree: levels below x "
                      "(invoke + INIT + run check and claim))",
-    "share_download_s": "modelled (measured share bytes / S3 stream rate + one request)",
+    "share_download_s": "modelled (measured share bytes, with a prepared model's segments, / S3 stream "
+                        "rate + one request)",
     "result_upload_s": "modelled (measured result bytes / S3 stream rate + two requests)",
 }
 

@@ -238,15 +238,19 @@ class AwsRun:
 
     def cost(self, traffic: Mapping, metrics: list[dict], n_images: int) -> dict:
         """The run's cost: requests as counted (the channel's; the store's: the coordinator's as
-        made, each worker's by :data:`WORKER_STORE_CALLS`); Lambda durations billed (from the
-        invocations' REPORT log lines, with ``--invoker lambda``) or modelled term by term
-        (:func:`fsd_runtime.aws.cost.duration_terms`) under every latency preset, a range."""
+        made, each worker's by :data:`WORKER_STORE_CALLS` and a prepared model's reads); Lambda
+        durations billed (from the invocations' REPORT log lines, with ``--invoker lambda``) or
+        modelled term by term (:func:`fsd_runtime.aws.cost.duration_terms`; a worker's share
+        bytes with its prepared model's segments) under every latency preset, a range."""
         requests: Counter = Counter(traffic.get("channel_requests", {}))
         requests.update(cost.s3_counters(self.storage.call.attempts))
         requests.update({k: v * self.n_workers for k, v in WORKER_STORE_CALLS.items()})
-        # a prepared model's run: each worker also GETs model.json and its segments
+        # a prepared model's run: each worker also HEADs and GETs model.json and GETs its segments
         requests.update({"s3_get_requests": int(traffic.get("model_gets_per_worker", 0)) * self.n_workers})
         run_id, share_bytes = self._sizes("shares")
+        # ... and downloads its segments (weights and plans) besides its small inputs share
+        for w, size in enumerate(traffic.get("model_bytes_per_worker") or ()):
+            share_bytes[w] = share_bytes.get(w, 0) + int(size)
         _, result_bytes = self._sizes("results")
         bills, terms = {}, {}
         for name, preset in cost.PRESETS.items():
