@@ -96,15 +96,21 @@ def build(out_dir: str, cpu: str) -> str:
     """
     path = os.path.join(out_dir, MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
     with tempfile.TemporaryDirectory(prefix="fsd-pycc-") as keep_dir:
-        cc = _compiler(out_dir, cpu, keep_dir)
-        cc.compile()
-        pins = compat_pins(path)
-        if pins:
-            shim = os.path.join(keep_dir, "glibc_compat.c")
-            with open(shim, "w") as f:
-                f.write(compat_source(pins, platform.machine()))
-            cc.extra_sources = [shim]
+        # numba's probe of the C compiler (pycc.platform.external_compiler_works) never removes
+        # its two mkdtemp() directories: have them made in here, which is removed
+        saved, tempfile.tempdir = tempfile.tempdir, keep_dir
+        try:
+            cc = _compiler(out_dir, cpu, keep_dir)
             cc.compile()
+            pins = compat_pins(path)
+            if pins:
+                shim = os.path.join(keep_dir, "glibc_compat.c")
+                with open(shim, "w") as f:
+                    f.write(compat_source(pins, platform.machine()))
+                cc.extra_sources = [shim]
+                cc.compile()
+        finally:
+            tempfile.tempdir = saved
     if not os.path.exists(path):
         raise BuildError(f"pycc reported success but {path} is missing")
     return path

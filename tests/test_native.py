@@ -219,3 +219,29 @@ def test_compat_stub_source_pins_each_symbol():
     assert "b __fsd_compat_fmodf" in _build.compat_source({"fmodf": "GLIBC_2.17"}, "aarch64")
     with pytest.raises(_build.BuildError):
         _build.compat_source({"fmod": "GLIBC_2.2.5"}, "riscv64")
+
+
+def test_a_build_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """numba's compiler probe leaks two mkdtemp() directories a process; the build keeps them in
+    its own temporary directory (here a stand-in compiler leaks the same way)."""
+    import sysconfig
+    import tempfile
+
+    leaked = []
+
+    class LeakyCompiler:
+        def compile(self):
+            leaked.append(tempfile.mkdtemp())  # as numba.pycc.platform._gentmpfile does
+            path = tmp_path / "out" / (_build.MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX"))
+            path.write_bytes(b"")
+
+    (tmp_path / "out").mkdir()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(_build, "_compiler", lambda out_dir, cpu, keep_dir: LeakyCompiler())
+    monkeypatch.setattr(_build, "compat_pins", lambda path: {})
+    _build.build(str(tmp_path / "out"), "generic")
+    assert leaked and not os.path.exists(leaked[0])
+    assert os.listdir(scratch) == []
+    assert tempfile.tempdir == str(scratch)
