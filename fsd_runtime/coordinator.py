@@ -279,7 +279,8 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
         shares = build_shares(net, indptr, indices, data, owners, n_workers)
         fps = [budget.footprint(share) for share in shares]
     else:
-        fps = prep.footprints(model, indptr, indices)
+        in0 = prep.layer0_inputs(model)  # read once: the footprints and the inputs shares need it
+        fps = prep.footprints(model, indptr, indices, in0)
     batch_size, worker_memory_mb = _fit_batches(fps, n_workers, batch_size, worker_memory_mb, launcher_kind, say)
     run_id = uuid.uuid4().hex[:16]
     prefix = f"runs/{run_id}"
@@ -302,7 +303,6 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
                 model, uploaded = prep.publish(model, storage, say)
                 timings["model_uploaded"] = uploaded
             say(f"storing {n_workers} inputs shares of the prepared model in {model.where()}")
-            in0 = prep.layer0_inputs(model)
             active, saturated = initial_status(indptr, data, n_neurons, ymax)
             for w in range(n_workers):
                 storage.put(ev.share_key(prefix, w),

@@ -576,11 +576,12 @@ def load_worker_share(model: PreparedModel, inputs: bytes, worker: int) -> Worke
         raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
 
 
-def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray) -> list | None:
+def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray,
+               in0: list[np.ndarray] | None = None) -> list | None:
     """Every worker's ``budget.Footprint`` for a run of the images (CSR ``indptr``, ``indices``):
     the network part from the model's metadata, the inputs part counted exactly (the images'
-    nonzeros in the worker's layer-0 input rows, as ``inputs_share`` keeps them); None for a model
-    prepared without the sizes."""
+    nonzeros in the worker's layer-0 input rows, as ``inputs_share`` keeps them; ``in0``: those rows,
+    if the caller has read them already); None for a model prepared without the sizes."""
     from fsd_runtime import budget
 
     sizes = model.meta.get("worker_sizes")
@@ -589,7 +590,7 @@ def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray) 
     n_rows = int(indptr.shape[0]) - 1
     n_images = int(np.count_nonzero(np.diff(indptr)))  # active + saturated: empty images are neither
     per_neuron = np.bincount(np.asarray(indices, np.int64), minlength=model.n_neurons)
-    in0 = layer0_inputs(model)
+    in0 = layer0_inputs(model) if in0 is None else in0
     # x_slots (int32) and x_data (float32) per kept nonzero, x_indptr, the images' status, and
     # the per-layer saturation flags (bool)
     fixed = 8 * (n_rows + 1) + 8 * n_images + len(model.meta["keeps_saturated"])

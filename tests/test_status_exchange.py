@@ -124,20 +124,21 @@ def test_without_parking_saturated_images_travel_every_layer_with_the_same_bits(
 
 def test_without_parking_saturated_inputs_are_computed_like_any_image():
     """Inputs that are all ymax start parked by default; without parking they are explicit
-    columns from layer 0. Random nets with weights of both signs (saturation does not persist)
-    and positive ones (it does); every run bit-identical to the scipy reference."""
+    columns from layer 0. Random nets (odd N, a bias per neuron of either sign) with weights of
+    both signs (saturation does not persist) and positive ones; every run bit-identical to the
+    scipy reference."""
     from test_differential import images_csr, pack, reference
 
     for seed, positive in ((5, False), (6, True)):
         rng = np.random.default_rng(seed)
-        n, n_layers, ymax = 96, 7, 32.0
+        n, n_layers, ymax = 97, 7, 32.0  # odd N
         layers = []
         for _ in range(n_layers):
             w = sp.random(n, n, density=0.08, random_state=rng, dtype=np.float32, format="csr")
             w.data = (w.data * 2 if positive else w.data - 0.45).astype(np.float32)
             w.sort_indices()
             layers.append(w)
-        biases = [np.full(n, -0.05, np.float32) for _ in range(n_layers)]
+        biases = [rng.uniform(-0.3, 0.2, n).astype(np.float32) for _ in range(n_layers)]  # per neuron, both signs
         dense = (rng.random((40, n)) < 0.2).astype(np.float32) * rng.uniform(0.1, 4, (40, n)).astype(np.float32)
         dense = np.vstack([dense, np.full((3, n), ymax, np.float32)])  # all ymax: parked at once by default
         arrays = images_csr(dense)
