@@ -43,7 +43,10 @@ def status_rows(worker: int, n_workers: int) -> int:
 
 
 def footprint(share) -> Footprint:
-    """The memory terms of a ``plan.WorkerShare``."""
+    """The memory terms of a ``plan.WorkerShare`` (one read by layers: its model's recorded sizes)."""
+    known = getattr(getattr(share, "reader", None), "footprint", None)
+    if known is not None:
+        return known
     arrays = [share.keeps_saturated, share.x_indptr, share.x_slots, share.x_data, share.active, share.saturated]
     for name in ("out_neurons", "in_neurons", "colptr", "rowidx", "vals", "bias", "local_slots", "local_pos"):
         arrays += getattr(share, name)

@@ -346,10 +346,15 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
                "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
                "messages_per_round": mx.messages_per_round(rows)}
     if model is not None:  # each worker's store reads of the model (model.json, its segments) and their bytes
-        traffic["model_gets_per_worker"] = prep.worker_reads(model)
-        model_bytes = prep.worker_bytes(model)
-        if model_bytes is not None:
-            traffic["model_bytes_per_worker"] = model_bytes
+        reads = [m.get("model_reads") for m in worker_metrics]
+        if all(isinstance(r, dict) for r in reads):  # as read: segments are read as the run needs them
+            traffic["model_gets_per_worker"] = [int(r["gets"]) for r in reads]
+            traffic["model_bytes_per_worker"] = [int(r["bytes"]) for r in reads]
+        else:  # read whole at start-up
+            traffic["model_gets_per_worker"] = [prep.worker_reads(model)] * n_workers
+            model_bytes = prep.worker_bytes(model)
+            if model_bytes is not None:
+                traffic["model_bytes_per_worker"] = model_bytes
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)

@@ -55,6 +55,9 @@ class WorkerShare:
     x_data: np.ndarray                 # float32
     active: np.ndarray                 # int64 image ids with a live, unsaturated input row
     saturated: np.ndarray              # int64 image ids whose input row is all ymax
+    #: A prepared model's share whose per-layer lists read its segments as layers need them
+    #: (``fsd_runtime.prepared.SegmentReader``); None: the lists hold every layer.
+    reader: object | None = None
 
     @property
     def n_layers(self) -> int:
@@ -132,6 +135,49 @@ def _within(name: str, a: np.ndarray, high: int) -> None:
         raise StorageError(f"worker share: {name} has indices outside 0..{high - 1}")
 
 
+def check_layer(l: int, n_neurons: int, n_workers: int, prev_out: int | None, out, inn, cp, rowidx, vals,
+                bias, local_slots, local_pos, recv_slots, send_pos) -> None:
+    """Every index of layer ``l``'s part a kernel or the loop will follow lies in range. The plan's
+    positions in the previous layer's outputs are checked against ``prev_out`` (its output count)
+    when given; None defers that to :func:`check_link` (a layer read without the one before)."""
+    _within(f"layer {l} out_neurons", out, n_neurons)
+    _within(f"layer {l} in_neurons", inn, n_neurons)
+    if cp.shape[0] != out.shape[0] + 1 or cp[0] != 0 or np.any(np.diff(cp) < 0) \
+            or cp[-1] != rowidx.shape[0] or vals.shape != rowidx.shape or bias.shape != out.shape:
+        raise StorageError(f"worker share: layer {l} weights are inconsistent")
+    _within(f"layer {l} rowidx", rowidx, inn.shape[0])
+    _within(f"layer {l} local_slots", local_slots, inn.shape[0])
+    if local_pos.shape != local_slots.shape:
+        raise StorageError(f"worker share: layer {l} local plan is inconsistent")
+    if len(recv_slots) != n_workers or len(send_pos) != n_workers:
+        raise StorageError(f"worker share: layer {l} plans are not one per worker")
+    for peer in range(n_workers):
+        _within(f"layer {l} recv_slots from {peer}", recv_slots[peer], inn.shape[0])
+    if l == 0 or prev_out is not None:
+        check_link(l, prev_out or 0, local_pos, send_pos)
+    covered = local_slots.shape[0] + sum(r.shape[0] for r in recv_slots)
+    if l and covered != inn.shape[0]:
+        raise StorageError(f"worker share: layer {l} receives {covered} of {inn.shape[0]} rows")
+
+
+def check_link(l: int, prev_out: int, local_pos, send_pos) -> None:
+    """Layer ``l``'s positions in layer ``l - 1``'s ``prev_out`` outputs lie in range (none at 0)."""
+    high = max(prev_out, 1) if l else 0
+    _within(f"layer {l} local_pos", local_pos, high)
+    for peer, positions in enumerate(send_pos):
+        _within(f"layer {l} send_pos to {peer}", positions, high)
+
+
+def check_inputs(s: WorkerShare) -> None:
+    """The share's inputs (layer 0's rows of its images, the images' status) lie in range."""
+    if s.x_indptr.shape != (s.n_images + 1,) or s.x_indptr[0] != 0 or np.any(np.diff(s.x_indptr) < 0) \
+            or s.x_indptr[-1] != s.x_slots.shape[0] or s.x_data.shape != s.x_slots.shape:
+        raise StorageError("worker share: input rows are inconsistent")
+    _within("input slots", s.x_slots, s.in_neurons[0].shape[0] if s.n_layers else 0)
+    _within("active images", s.active, max(s.n_images, 1))
+    _within("saturated images", s.saturated, max(s.n_images, 1))
+
+
 def _check(s: WorkerShare) -> WorkerShare:
     """Every index a kernel or the loop will follow lies in range; counts agree."""
     if not (0 <= s.worker < s.n_workers and s.n_neurons >= 1 and s.n_images >= 0):
@@ -139,34 +185,13 @@ def _check(s: WorkerShare) -> WorkerShare:
     L = s.n_layers
     if s.keeps_saturated.shape != (L,) or any(len(x) != L for x in (s.in_neurons, s.colptr, s.rowidx,
                                                                        s.vals, s.bias, s.local_slots,
-                                                                       s.local_pos)):
+                                                                       s.local_pos, s.recv_slots, s.send_pos)):
         raise StorageError("worker share: per-layer lists differ in length")
     for l in range(L):
-        out, inn, cp = s.out_neurons[l], s.in_neurons[l], s.colptr[l]
-        _within(f"layer {l} out_neurons", out, s.n_neurons)
-        _within(f"layer {l} in_neurons", inn, s.n_neurons)
-        if cp.shape[0] != out.shape[0] + 1 or cp[0] != 0 or np.any(np.diff(cp) < 0) \
-                or cp[-1] != s.rowidx[l].shape[0] or s.vals[l].shape != s.rowidx[l].shape \
-                or s.bias[l].shape != out.shape:
-            raise StorageError(f"worker share: layer {l} weights are inconsistent")
-        _within(f"layer {l} rowidx", s.rowidx[l], inn.shape[0])
-        _within(f"layer {l} local_slots", s.local_slots[l], inn.shape[0])
-        prev = s.out_neurons[l - 1].shape[0] if l else 0
-        _within(f"layer {l} local_pos", s.local_pos[l], max(prev, 1) if l else 0)
-        if s.local_pos[l].shape != s.local_slots[l].shape:
-            raise StorageError(f"worker share: layer {l} local plan is inconsistent")
-        for peer in range(s.n_workers):
-            _within(f"layer {l} recv_slots from {peer}", s.recv_slots[l][peer], inn.shape[0])
-            _within(f"layer {l} send_pos to {peer}", s.send_pos[l][peer], max(prev, 1) if l else 0)
-        covered = s.local_slots[l].shape[0] + sum(r.shape[0] for r in s.recv_slots[l])
-        if l and covered != inn.shape[0]:
-            raise StorageError(f"worker share: layer {l} receives {covered} of {inn.shape[0]} rows")
-    if s.x_indptr.shape != (s.n_images + 1,) or s.x_indptr[0] != 0 or np.any(np.diff(s.x_indptr) < 0) \
-            or s.x_indptr[-1] != s.x_slots.shape[0] or s.x_data.shape != s.x_slots.shape:
-        raise StorageError("worker share: input rows are inconsistent")
-    _within("input slots", s.x_slots, s.in_neurons[0].shape[0] if L else 0)
-    _within("active images", s.active, max(s.n_images, 1))
-    _within("saturated images", s.saturated, max(s.n_images, 1))
+        check_layer(l, s.n_neurons, s.n_workers, s.out_neurons[l - 1].shape[0] if l else 0,
+                    s.out_neurons[l], s.in_neurons[l], s.colptr[l], s.rowidx[l], s.vals[l], s.bias[l],
+                    s.local_slots[l], s.local_pos[l], s.recv_slots[l], s.send_pos[l])
+    check_inputs(s)
     return s
 
 

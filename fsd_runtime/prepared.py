@@ -22,18 +22,21 @@ bias, N, L and ymax) lets a run refuse a model prepared from another network.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fsd_runtime import events as ev
-from fsd_runtime.plan import LayerPlan, WorkerShare, _check, _flatten, _split, plan_layer
+from fsd_runtime.plan import (LayerPlan, WorkerShare, _check, _flatten, _split, check_inputs, check_layer,
+                              check_link, plan_layer)
 from fsd_runtime.storage import LocalStorage, Storage, StorageError, make_storage, pack_arrays, unpack_arrays
 
 FORMAT = "fsd-inference prepared model"
@@ -523,9 +526,11 @@ def inputs_share(model: PreparedModel, worker: int, in_neurons0: np.ndarray, ima
         "active": np.asarray(active, np.int64), "saturated": np.asarray(saturated, np.int64)})
 
 
-def _load_segment(model: PreparedModel, worker: int, index: int, first: int, count: int) -> dict:
+def _parse_segment(model: PreparedModel, worker: int, index: int, data: bytes) -> dict:
+    """Segment ``index`` of worker ``worker`` as per-layer lists, its meta checked against ``model``."""
+    first, count = (int(v) for v in model.meta["segments"][index])
     key = model.key(segment_key(worker, index))
-    z = unpack_arrays(model.storage.get(key), f"prepared model segment {key}")
+    z = unpack_arrays(data, f"prepared model segment {key}")
     try:
         if int(z["version"]) != _SEGMENT_VERSION:
             raise StorageError(f"prepared model segment {key}: version {int(z['version'])} is not {_SEGMENT_VERSION}")
@@ -546,9 +551,98 @@ def _load_segment(model: PreparedModel, worker: int, index: int, first: int, cou
     return lists
 
 
-def load_worker_share(model: PreparedModel, inputs: bytes, worker: int) -> WorkerShare:
-    """Worker ``worker``'s whole share: its segments of ``model`` and its run's ``inputs`` share,
-    checked as any share is (a malformed one raises StorageError, a ValueError)."""
+def _load_segment(model: PreparedModel, worker: int, index: int) -> dict:
+    return _parse_segment(model, worker, index, model.storage.get(model.key(segment_key(worker, index))))
+
+
+class SegmentReader:
+    """A worker's segments of a prepared model, each read when a layer of it is first needed and
+    checked as it is read, at most ``keep`` held at once (a worker's memory then does not grow
+    with the layers; runs that end early, all images dead or parked, never read the rest).
+
+    The loop goes through the layers in order, touching layer l and l + 1 (its next send), so
+    two held segments are never read twice. A layer's positions in the previous layer's outputs
+    are checked against that layer's output count, known once it was read; a layer read without
+    the one before (the layers between were idle: nothing to compute) is checked when first used.
+    """
+
+    PER_LAYER = (*_SINGLE, "recv_slots", "send_pos")
+
+    def __init__(self, model: PreparedModel, worker: int, keep: int = 2):
+        self.model, self.worker, self.keep = model, worker, max(1, int(keep))
+        self.firsts = [int(first) for first, _ in model.meta["segments"]]
+        self.n_layers = model.n_layers
+        self.held: dict[int, dict] = {}      # segment index -> per-layer lists, least recent first
+        self.out_counts: dict[int, int] = {}  # layer -> this worker's output count (layers read so far)
+        self.unlinked: set[int] = set()       # layers whose positions in layer - 1 are not yet checked
+        self.segments_read: list[int] = []    # in the order read
+        self.bytes_read = 0
+        self.footprint = None                 # a budget.Footprint, when the model records its sizes
+
+    def layer(self, name: str, layer: int):
+        index = bisect.bisect_right(self.firsts, layer) - 1
+        lists = self.held.pop(index, None)
+        if lists is None:
+            lists = self._read(index)
+        self.held[index] = lists  # most recent last
+        while len(self.held) > self.keep:
+            del self.held[next(iter(self.held))]
+        part = lists[name][layer - self.firsts[index]]
+        if layer in self.unlinked and name in ("local_pos", "send_pos"):
+            if layer - 1 not in self.out_counts:
+                raise StorageError(f"worker {self.worker}: layer {layer}'s plan used before layer {layer - 1} "
+                                   "was read")
+            at = layer - self.firsts[index]
+            check_link(layer, self.out_counts[layer - 1], lists["local_pos"][at], lists["send_pos"][at])
+            self.unlinked.discard(layer)
+        return part
+
+    def _read(self, index: int) -> dict:
+        data = self.model.storage.get(self.model.key(segment_key(self.worker, index)))
+        self.segments_read.append(index)
+        self.bytes_read += len(data)
+        lists = _parse_segment(self.model, self.worker, index, data)
+        m = self.model
+        try:
+            for at in range(len(lists["out_neurons"])):
+                l = self.firsts[index] + at
+                prev = self.out_counts.get(l - 1) if l else 0
+                check_layer(l, m.n_neurons, m.n_workers, prev, *(lists[name][at] for name in self.PER_LAYER))
+                if prev is None:
+                    self.unlinked.add(l)
+                self.out_counts[l] = int(lists["out_neurons"][at].shape[0])
+        except (IndexError, TypeError) as exc:
+            raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
+        return lists
+
+    def reads(self) -> dict:
+        """What this worker read of the model: open_model's HEAD and GET of model.json, then its
+        segments (``gets`` counts them all; ``segments``: their indices as read; ``bytes``)."""
+        return {"gets": 2 + len(self.segments_read), "segments": list(self.segments_read), "bytes": self.bytes_read}
+
+
+class _LayerList(Sequence):
+    """One per-layer list of a share whose layers a :class:`SegmentReader` reads when needed."""
+
+    def __init__(self, reader: SegmentReader, name: str):
+        self.reader, self.name = reader, name
+
+    def __len__(self) -> int:
+        return self.reader.n_layers
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(*layer.indices(len(self)))]
+        layer = int(layer)
+        if layer < 0:
+            layer += len(self)
+        if not 0 <= layer < len(self):
+            raise IndexError(f"layer {layer} of {len(self)}")
+        return self.reader.layer(self.name, layer)
+
+
+def _inputs_part(model: PreparedModel, inputs: bytes, worker: int) -> tuple[int, dict]:
+    """(images, arrays) of worker ``worker``'s inputs share of a run of ``model``, checked to be its."""
     z = unpack_arrays(inputs, f"inputs share of worker {worker}")
     try:
         if int(z["inputs_version"]) != _INPUTS_VERSION:
@@ -560,20 +654,65 @@ def load_worker_share(model: PreparedModel, inputs: bytes, worker: int) -> Worke
         raise StorageError(f"inputs share of worker {worker} is malformed ({type(exc).__name__}: {exc})") from None
     if (w, n_workers, n_neurons) != (worker, model.n_workers, model.n_neurons) or digest != model.network_hash:
         raise StorageError(f"inputs share of worker {worker} is for another worker or another prepared model")
-    lists: dict[str, list] = {name: [] for name in (*_SINGLE, "recv_slots", "send_pos")}
-    for index, (first, count) in enumerate(model.meta["segments"]):
-        for name, part in _load_segment(model, worker, index, first, count).items():
-            lists[name].extend(part)
-    share = WorkerShare(
-        worker=worker, n_workers=n_workers, n_neurons=n_neurons, n_images=n_images, ymax=model.ymax,
-        keeps_saturated=np.asarray(model.meta["keeps_saturated"], np.bool_),
+    return n_images, dict(
         x_indptr=np.ascontiguousarray(x["x_indptr"], np.int64), x_slots=np.ascontiguousarray(x["x_slots"], np.int32),
         x_data=np.ascontiguousarray(x["x_data"], np.float32), active=np.ascontiguousarray(x["active"], np.int64),
-        saturated=np.ascontiguousarray(x["saturated"], np.int64), **lists)
+        saturated=np.ascontiguousarray(x["saturated"], np.int64))
+
+
+def load_worker_share(model: PreparedModel, inputs: bytes, worker: int) -> WorkerShare:
+    """Worker ``worker``'s whole share: its segments of ``model`` and its run's ``inputs`` share,
+    checked as any share is (a malformed one raises StorageError, a ValueError)."""
+    n_images, x = _inputs_part(model, inputs, worker)
+    lists: dict[str, list] = {name: [] for name in SegmentReader.PER_LAYER}
+    for index in range(len(model.meta["segments"])):
+        for name, part in _load_segment(model, worker, index).items():
+            lists[name].extend(part)
+    share = WorkerShare(
+        worker=worker, n_workers=model.n_workers, n_neurons=model.n_neurons, n_images=n_images, ymax=model.ymax,
+        keeps_saturated=np.asarray(model.meta["keeps_saturated"], np.bool_), **x, **lists)
     try:
         return _check(share)
     except (IndexError, TypeError) as exc:
         raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def open_worker_share(model: PreparedModel, inputs: bytes, worker: int, keep: int = 2) -> WorkerShare:
+    """Worker ``worker``'s share for a run, its layers read from its segments as the run needs
+    them (:class:`SegmentReader`; ``share.reader`` tells what was read). Its memory footprint
+    comes from the model's recorded sizes; a model without them is read whole
+    (:func:`load_worker_share`), as is one of a single segment."""
+    sizes = model.meta.get("worker_sizes")
+    if not isinstance(sizes, list) or len(sizes) != model.n_workers or len(model.meta["segments"]) < 2:
+        return load_worker_share(model, inputs, worker)
+    n_images, x = _inputs_part(model, inputs, worker)
+    reader = SegmentReader(model, worker, keep)
+    share = WorkerShare(
+        worker=worker, n_workers=model.n_workers, n_neurons=model.n_neurons, n_images=n_images, ymax=model.ymax,
+        keeps_saturated=np.asarray(model.meta["keeps_saturated"], np.bool_), **x,
+        **{name: _LayerList(reader, name) for name in SegmentReader.PER_LAYER}, reader=reader)
+    if share.keeps_saturated.shape != (model.n_layers,) or not 0 <= worker < model.n_workers:
+        raise StorageError("worker share: bad worker or per-layer flags")
+    try:
+        check_inputs(share)  # reads the first segment: layer 0's input slots
+    except (IndexError, TypeError) as exc:
+        raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
+    reader.footprint = _footprint(model, worker, sizes[worker], share)
+    return share
+
+
+def _footprint(model: PreparedModel, worker: int, size: dict, share: WorkerShare):
+    """A lazily read share's ``budget.Footprint``: its model's recorded sizes and its inputs."""
+    from fsd_runtime import budget
+
+    inputs = sum(a.nbytes for a in (share.x_indptr, share.x_slots, share.x_data, share.active, share.saturated))
+    sources = int(size["sources"]) + (1 if worker != 0 else model.n_workers - 1)
+    return budget.Footprint(
+        worker=worker, share_bytes=int(size["share_bytes"]) + inputs + share.keeps_saturated.nbytes,
+        in_rows=int(size["most_in"]) + budget.status_rows(worker, model.n_workers),
+        out_rows=int(size["most_out"]) + 2, last_rows=int(size["last_rows"]),
+        n_images=int(share.active.shape[0] + share.saturated.shape[0]),
+        map_bytes=8 * (model.n_neurons + 2) * min(sources, model.n_workers))
 
 
 def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray,
@@ -620,7 +759,7 @@ def load_share(storage: Storage, event) -> WorkerShare:
         model = open_model(model_storage, location.get("prefix", ""))
     except PreparedError as exc:
         raise StorageError(str(exc)) from None
-    return load_worker_share(model, data, event.worker_id)
+    return open_worker_share(model, data, event.worker_id)
 
 
 def worker_reads(model: PreparedModel) -> int:

@@ -269,12 +269,15 @@ class WorkerLoop:
         self.batch_size = widest
         for state in self.batches:
             state.prefault()
-        self.peers = [None] + [message_peers(share, layer) for layer in range(1, share.n_layers)]
+        self._peers: dict[int, tuple[list[int], list[int]]] = {}
         # Send plans of the first layers are built now (start-up); later ones when first needed:
         # runs usually end early (all images dead or parked: ~20 rounds of 120 on the challenge
-        # nets), and at P = 84 building all 120 was most of a worker's start-up CPU.
-        self.send_plans = {layer: _send_plan(share, layer, self.peers[layer][0])
-                           for layer in range(1, min(share.n_layers, EAGER_PLAN_LAYERS + 1))}
+        # nets), and at P = 84 building all 120 was most of a worker's start-up CPU. A share read
+        # by segments: the first segment's layers only (the rest is read when the run gets there).
+        eager = min(share.n_layers, EAGER_PLAN_LAYERS + 1)
+        if share.reader is not None and len(share.reader.firsts) > 1:
+            eager = min(eager, share.reader.firsts[1])
+        self.send_plans = {layer: _send_plan(share, layer, self.peers(layer)[0]) for layer in range(1, eager)}
         #: Called with each layer as it starts (a local worker process's beacon).
         self.on_layer = None
         #: Until the first message from every peer, peers may still be starting, so that wait is
@@ -283,6 +286,13 @@ class WorkerLoop:
         #: to report within a second), by the run's deadline.
         self.startup_grace = startup_grace
         self.started_up = False
+
+    def peers(self, layer: int) -> tuple[list[int], list[int]]:
+        """(targets, sources) of this worker's messages at step ``layer`` (``message_peers``, kept)."""
+        found = self._peers.get(layer)
+        if found is None:
+            found = self._peers[layer] = message_peers(self.share, layer)
+        return found
 
     def step(self, layer: int, batch: int) -> int:
         return layer * len(self.batches) + batch
@@ -313,6 +323,12 @@ class WorkerLoop:
 
     def _layer(self, layer: int, b: int, state: _Batch) -> None:
         share = self.share
+        if not state.active.size and (not state.parked.size or share.keeps_saturated[layer]):
+            # nothing to compute, send or receive (as on every worker: they share the verdicts);
+            # parked images stay parked: this layer's weights and plans are not even read
+            state.verdict = None
+            self.metrics.add(layer, "images_active", 0)
+            return
         n_slots = share.in_neurons[layer].shape[0]
         if layer == 0:
             block = self._input_block(state)
@@ -391,7 +407,7 @@ class WorkerLoop:
         status_nnz = int(np.count_nonzero(zero)) + int(np.count_nonzero(full))
         plan = self.send_plans.get(layer)
         if plan is None:
-            plan = self.send_plans[layer] = _send_plan(self.share, layer, self.peers[layer][0])
+            plan = self.send_plans[layer] = _send_plan(self.share, layer, self.peers(layer)[0])
         union, peers = plan
         extracted = self.codec.DenseRows(own, union, n)  # each row once, however many peers need it
         outgoing = []
@@ -425,7 +441,7 @@ class WorkerLoop:
             s = self.share
             n_slots = s.in_neurons[layer].shape[0]
             maps = []
-            sources = set(self.peers[layer][1])
+            sources = set(self.peers(layer)[1])
             for source in range(self.n_peers):
                 if source not in sources:  # sends nothing at this step: no map (they grow with P x N)
                     maps.append(None)
@@ -458,7 +474,7 @@ class WorkerLoop:
             zero, full = state.flags
             block[n_slots + 2 * ROOT + ZERO_FLAG] = zero
             block[n_slots + 2 * ROOT + YMAX_FLAG] = full
-        missing = set(self.peers[layer][1])
+        missing = set(self.peers(layer)[1])
         step = self.step(layer, b)
         backlog = self.pending.pop((layer, b), [])
         if self.started_up:
@@ -744,6 +760,8 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         result.metrics["times"] = {"started": started, "ready": ready, "finished": time.time(), "cpu_s": cpu}
         result.metrics.update(memory_metrics(start_rss, loop, event.worker_memory_mb))
         result.metrics["requests"] = channel.requests()
+        if share.reader is not None:  # a prepared model's share read by segments: what it read
+            result.metrics["model_reads"] = share.reader.reads()
         storage.put(ev.metrics_key(event.prefix, event.worker_id), json.dumps(result.metrics).encode())
         storage.put(ev.result_key(event.prefix, event.worker_id), result.to_bytes())
         return result

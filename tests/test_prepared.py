@@ -310,7 +310,7 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
             assert_same(result.activations, serial)
             uploaded.append(result.timings["model_uploaded"])
             segments = len(prepared.open_model(small_model).meta["segments"])
-            assert result.traffic["model_gets_per_worker"] == 2 + segments  # priced by AwsRun.cost
+            assert result.traffic["model_gets_per_worker"] == [2 + segments] * 3  # one segment: read whole
         assert uploaded == [True, False]
         bucket = deploy.names_for(deploy.DeploySettings(name=name), settings).bucket
         keys = [o["Key"] for o in client("s3", settings).list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -340,10 +340,21 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
 
-def test_a_prepared_s3_run_prices_the_model_reads_and_bytes_its_workers_make(aws, small_model):
+@pytest.fixture(scope="module")
+def segmented_model(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("segmented") / "m")
+    prepared.prepare("synthetic:256x8:1", out, 3, segment_bytes=1)  # a segment a layer: read as needed
+    return out
+
+
+@pytest.mark.parametrize("which", ["whole", "segmented"])
+def test_a_prepared_s3_run_prices_the_model_reads_and_bytes_its_workers_make(aws, small_model, segmented_model,
+                                                                             which):
     """Every S3 GET-class request of a prepared run (HEADs included, as S3 bills them) is priced
     as counted at the server, the workers' reads of model.json and their segments among them;
-    each worker's modelled share download includes its segment objects' bytes."""
+    each worker's modelled share download includes the bytes of the segment objects it read
+    (all of a one-segment model; of a segmented one, those its run needed)."""
+    small_model = small_model if which == "whole" else segmented_model
     from fsd_runtime.aws import cost, deploy
     from fsd_runtime.aws.clients import AwsSettings
     from fsd_runtime.aws.run import AwsRun, RunOptions
@@ -363,13 +374,19 @@ def test_a_prepared_s3_run_prices_the_model_reads_and_bytes_its_workers_make(aws
             _, inputs = aws_run._sizes("shares")
         assert aws.requests["HEADObject"] > 0
         assert out["billed_requests"]["s3_get"] == made
-        segments = [sum(os.path.getsize(os.path.join(small_model, "workers", str(w), f))
-                        for f in os.listdir(os.path.join(small_model, "workers", str(w)))) for w in range(3)]
+        n_segments = len(prepared.open_model(small_model).meta["segments"])
+        read = [m["model_reads"]["segments"] if which == "segmented" else list(range(n_segments))
+                for m in result.worker_metrics]
+        assert which == "whole" or any(len(r) < n_segments for r in read), "the run ends early: not all read"
+        segments = [sum(os.path.getsize(os.path.join(small_model, prepared.segment_key(w, i))) for i in read[w])
+                    for w in range(3)]
         assert result.traffic["model_bytes_per_worker"] == segments
         for preset_name, preset in cost.PRESETS.items():
             want = sum(preset.s3_request_s + (inputs[w] + segments[w]) / 1e6 / preset.s3_mb_per_s for w in range(3))
             got = out["duration_terms"][preset_name]["seconds"]["share_download_s"]
             assert got == pytest.approx(want, rel=1e-9)
+        if which == "segmented":
+            return
         # a model prepared before the segments' sizes were recorded: its plans' array bytes
         old = prepared.open_model(small_model)
         old.meta["worker_sizes"] = [{k: v for k, v in s.items() if k != "stored_bytes"}
@@ -494,3 +511,95 @@ def test_a_model_without_worker_sizes_runs_unbatched(tmp_path):
         result = run_distributed(None, ds.images.arrays, prepared=str(out), launcher={"kind": launcher})
         assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, ds.network.pack()))
         assert max(m["batches"] for m in result.worker_metrics) == 1
+
+
+# --- a worker reads its segments as its run needs them ---
+
+def _parked_then_revived(n: int = 37, n_layers: int = 9, revive: int = 6, seed: int = 5):
+    """Layer 0 saturates every image; layers 1..revive-1 keep saturation (positive weights), so
+    every image is parked and those layers are idle; layer ``revive`` has weights of both signs
+    (parked images come back), the layers after it too. Biases per neuron, of both signs."""
+    rng = np.random.default_rng(seed)
+    layers, biases = [], []
+    for l in range(n_layers):
+        w = sp.random(n, n, density=0.25, random_state=rng, format="csr", dtype=np.float32)
+        w.data[:] = 2.0 if l < revive else rng.uniform(-1.5, 1.5, w.nnz).astype(np.float32)
+        w = (w + sp.eye(n, dtype=np.float32, format="csr") * (2.0 if l < revive else 0.5)).tocsr()
+        layers.append(w)
+        biases.append(rng.uniform(0.0, 0.3, n).astype(np.float32) if l < revive
+                      else rng.uniform(-0.4, 0.4, n).astype(np.float32))
+    dense = rng.uniform(0.5, 4.0, (23, n)).astype(np.float32) * (rng.random((23, n)) < 0.6)
+    dense[3] = 0.0  # an empty image
+    return dense, layers, biases, np.float32(8.0)
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_a_segmented_share_is_read_as_needed_and_runs_exact(tmp_path, park):
+    case = _parked_then_revived()
+    dense, layers, biases, ymax = case
+    net = network_of(case)
+    assert list(net.pack().keeps_saturated[:6]) == [True] * 6 and not net.pack().keeps_saturated[6]
+    want = expected(case)
+    out = str(tmp_path / "m")
+    meta = prepared.prepare(net, out, 3, segment_bytes=1)  # a segment a layer
+    assert [c for _, c in meta["segments"]] == [1] * 9
+    result = run_distributed(None, images_csr(dense), prepared=out, launcher={"kind": "thread"},
+                             park_saturated=park)
+    assert_bit_identical(result.activations, want, f"park={park}")
+    for w, m in enumerate(result.worker_metrics):
+        reads = m["model_reads"]
+        files = [os.path.getsize(os.path.join(out, prepared.segment_key(w, s))) for s in reads["segments"]]
+        assert reads["bytes"] == sum(files) and reads["gets"] == 2 + len(reads["segments"])
+        assert len(set(reads["segments"])) == len(reads["segments"]), "no segment read twice"
+        busy = {r["layer"] for r in result.metrics if r["worker"] == w and r["images_active"]}
+        if park:  # read: the first segment, the layers computed and their next sends, the last
+            assert set(reads["segments"]) == {0, 8} | busy | {l + 1 for l in busy if l < 8}, (reads, busy)
+            assert not set(reads["segments"]) & {4, 5}, reads  # every image parked: idle, never read
+        else:
+            assert sorted(reads["segments"]) == list(range(9))
+    assert result.traffic["model_gets_per_worker"] == [m["model_reads"]["gets"] for m in result.worker_metrics]
+
+
+def test_a_segment_reader_holds_two_segments_and_checks_each_as_read(tmp_path):
+    case = next(iter([_parked_then_revived(n=41, n_layers=12, revive=0, seed=8)]))
+    out = str(tmp_path / "m")
+    prepared.prepare(network_of(case), out, 4, segment_bytes=1)
+    found = prepared.open_model(out)
+    in0 = prepared.layer0_inputs(found)
+    images = images_csr(case[0])
+    active, saturated = plan.initial_status(images[0], images[2], 41, np.float32(8.0))
+    whole = prepared.load_worker_share(found, prepared.inputs_share(found, 2, in0[2], images, active, saturated), 2)
+    lazy = prepared.open_worker_share(found, prepared.inputs_share(found, 2, in0[2], images, active, saturated), 2)
+    reader = lazy.reader
+    assert reader.segments_read == [0] and reader.footprint is not None
+    for l in range(12):  # the loop's order: layer l, then l + 1's send plan
+        for name in prepared.SegmentReader.PER_LAYER:
+            got, ref = getattr(lazy, name)[l], getattr(whole, name)[l]
+            assert (all(np.array_equal(a, b) for a, b in zip(got, ref)) if isinstance(ref, list)
+                    else np.array_equal(got, ref))
+        if l + 1 < 12:
+            lazy.send_pos[l + 1]
+        assert len(reader.held) <= 2
+    assert reader.segments_read == list(range(12))
+    assert lazy.to_bytes() == whole.to_bytes()  # read whole again, in order: the same share
+    # a segment whose indices leave its ranges is refused when read, naming it
+    key = os.path.join(out, prepared.segment_key(2, 7))
+    z = dict(np.load(key))
+    z["rowidx"] = z["rowidx"].copy()
+    z["rowidx"][-1] = 10**6
+    with open(key, "wb") as f:
+        np.savez(f, **z)
+    lazy = prepared.open_worker_share(found, prepared.inputs_share(found, 2, in0[2], images, active, saturated), 2)
+    lazy.colptr[6]
+    with pytest.raises(prepared.StorageError, match="layer 7 rowidx has indices outside"):
+        lazy.colptr[7]
+    # a layer read after idle layers: its positions in the layer before are checked on first use
+    lazy = prepared.open_worker_share(found, prepared.inputs_share(found, 2, in0[2], images, active, saturated), 2)
+    lazy.colptr[9]
+    assert 9 in lazy.reader.unlinked
+    with pytest.raises(prepared.StorageError, match="layer 9's plan used before layer 8"):
+        lazy.local_pos[9]
+    lazy.colptr[8]
+    assert 9 in lazy.reader.unlinked  # read before 9: still unchecked until 9's positions are used
+    lazy.send_pos[9]
+    assert 9 not in lazy.reader.unlinked

@@ -246,7 +246,7 @@ class AwsRun:
         requests.update(cost.s3_counters(self.storage.call.attempts))
         requests.update({k: v * self.n_workers for k, v in WORKER_STORE_CALLS.items()})
         # a prepared model's run: each worker also HEADs and GETs model.json and GETs its segments
-        requests.update({"s3_get_requests": int(traffic.get("model_gets_per_worker", 0)) * self.n_workers})
+        requests.update({"s3_get_requests": sum(int(g) for g in traffic.get("model_gets_per_worker") or ())})
         run_id, share_bytes = self._sizes("shares")
         # ... and downloads its segments (weights and plans) besides its small inputs share
         for w, size in enumerate(traffic.get("model_bytes_per_worker") or ()):
