@@ -697,21 +697,23 @@ def open_worker_share(model: PreparedModel, inputs: bytes, worker: int, keep: in
         check_inputs(share)  # reads the first segment: layer 0's input slots
     except (IndexError, TypeError) as exc:
         raise StorageError(f"worker share is malformed ({type(exc).__name__}: {exc})") from None
-    reader.footprint = _footprint(model, worker, sizes[worker], share)
+    inputs = sum(a.nbytes for a in (share.x_indptr, share.x_slots, share.x_data, share.active, share.saturated,
+                                    share.keeps_saturated))
+    reader.footprint = _recorded_footprint(model, worker, inputs, int(share.active.shape[0] + share.saturated.shape[0]))
     return share
 
 
-def _footprint(model: PreparedModel, worker: int, size: dict, share: WorkerShare):
-    """A lazily read share's ``budget.Footprint``: its model's recorded sizes and its inputs."""
+def _recorded_footprint(model: PreparedModel, worker: int, inputs_bytes: int, n_images: int):
+    """Worker ``worker``'s ``budget.Footprint`` from its model's recorded sizes (``worker_sizes``)
+    and its run's inputs share (``inputs_bytes``: its arrays and the per-layer flags)."""
     from fsd_runtime import budget
 
-    inputs = sum(a.nbytes for a in (share.x_indptr, share.x_slots, share.x_data, share.active, share.saturated))
+    size = model.meta["worker_sizes"][worker]
     sources = int(size["sources"]) + (1 if worker != 0 else model.n_workers - 1)
     return budget.Footprint(
-        worker=worker, share_bytes=int(size["share_bytes"]) + inputs + share.keeps_saturated.nbytes,
+        worker=worker, share_bytes=int(size["share_bytes"]) + inputs_bytes,
         in_rows=int(size["most_in"]) + budget.status_rows(worker, model.n_workers),
-        out_rows=int(size["most_out"]) + 2, last_rows=int(size["last_rows"]),
-        n_images=int(share.active.shape[0] + share.saturated.shape[0]),
+        out_rows=int(size["most_out"]) + 2, last_rows=int(size["last_rows"]), n_images=n_images,
         map_bytes=8 * (model.n_neurons + 2) * min(sources, model.n_workers))
 
 
@@ -721,8 +723,6 @@ def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray,
     the network part from the model's metadata, the inputs part counted exactly (the images'
     nonzeros in the worker's layer-0 input rows, as ``inputs_share`` keeps them; ``in0``: those rows,
     if the caller has read them already); None for a model prepared without the sizes."""
-    from fsd_runtime import budget
-
     sizes = model.meta.get("worker_sizes")
     if not isinstance(sizes, list) or len(sizes) != model.n_workers:
         return None
@@ -733,15 +733,8 @@ def footprints(model: "PreparedModel", indptr: np.ndarray, indices: np.ndarray,
     # x_slots (int32) and x_data (float32) per kept nonzero, x_indptr, the images' status, and
     # the per-layer saturation flags (bool)
     fixed = 8 * (n_rows + 1) + 8 * n_images + len(model.meta["keeps_saturated"])
-    out = []
-    for w, size in enumerate(sizes):
-        sources = int(size["sources"]) + (1 if w != 0 else model.n_workers - 1)
-        out.append(budget.Footprint(
-            worker=w, share_bytes=int(size["share_bytes"]) + fixed + 8 * int(per_neuron[in0[w]].sum()),
-            in_rows=int(size["most_in"]) + budget.status_rows(w, model.n_workers),
-            out_rows=int(size["most_out"]) + 2, last_rows=int(size["last_rows"]), n_images=n_images,
-            map_bytes=8 * (model.n_neurons + 2) * min(sources, model.n_workers)))
-    return out
+    return [_recorded_footprint(model, w, fixed + 8 * int(per_neuron[in0[w]].sum()), n_images)
+            for w in range(model.n_workers)]
 
 
 def load_share(storage: Storage, event) -> WorkerShare:
