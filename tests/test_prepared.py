@@ -561,7 +561,7 @@ def test_a_segmented_share_is_read_as_needed_and_runs_exact(tmp_path, park):
 
 
 def test_a_segment_reader_holds_two_segments_and_checks_each_as_read(tmp_path):
-    case = next(iter([_parked_then_revived(n=41, n_layers=12, revive=0, seed=8)]))
+    case = _parked_then_revived(n=41, n_layers=12, revive=0, seed=8)  # weights of both signs throughout
     out = str(tmp_path / "m")
     prepared.prepare(network_of(case), out, 4, segment_bytes=1)
     found = prepared.open_model(out)
