@@ -210,3 +210,38 @@ def test_close_is_idempotent_removes_the_socket_and_starts_no_threads(channels, 
         a.send(0, [(1, b"x")])
     b.close()
     assert threading.active_count() == before
+
+
+def test_a_socket_path_appears_only_once_its_worker_listens(channels, run_dir, monkeypatch):
+    """A peer that finds ``w.sock`` connects at once: the path is not there while the worker
+    has bound but not yet listened (a worker stopped in that gap, by SIGSTOP or the scheduler,
+    left its peers retrying refused connections until their connect timeout)."""
+    real = socket.socket
+    at_listen = []
+
+    class Spy(real):
+        def listen(self, *args):
+            at_listen.append(sorted(os.listdir(run_dir)))
+            return super().listen(*args)
+
+    monkeypatch.setattr(socket, "socket", Spy)
+    channels(3, 4)
+    monkeypatch.setattr(socket, "socket", real)
+    assert at_listen == [[".3"]]   # bound under its private name, not yet under its own
+    assert sorted(os.listdir(run_dir)) == ["3.sock"]
+    sender = channels(0, 4, connect_timeout=0.05)
+    sender.send(0, [(3, b"at once")])
+
+
+def test_a_worker_that_cannot_listen_leaves_no_socket_file(run_dir, monkeypatch):
+    real = socket.socket
+
+    class Refusing(real):
+        def listen(self, *args):
+            raise OSError(98, "no listening today")
+
+    monkeypatch.setattr(socket, "socket", Refusing)
+    with pytest.raises(ChannelError, match="worker 1 cannot listen on .*no listening today"):
+        LocalChannel(run_dir, 1, 2)
+    monkeypatch.setattr(socket, "socket", real)
+    assert os.listdir(run_dir) == []

@@ -1,7 +1,8 @@
 """LocalChannel: workers on one machine, over Unix-domain sockets in the run's directory.
 
 Config: ``{"kind": "local", "dir": DIR, "max_chunk_bytes": 4 MiB, "connect_timeout": 30}``.
-Worker w listens on ``DIR/w.sock``; a sender keeps one connection per
+Worker w listens on ``DIR/w.sock`` (bound as ``DIR/.w`` and renamed once it
+listens, so a path that exists always accepts); a sender keeps one connection per
 target and writes length-prefixed frames (4-byte little-endian length, then
 the chunk). ``create_run`` makes a fresh short directory (socket paths are
 limited to ~100 bytes) and ``delete_run`` removes it.
@@ -56,6 +57,11 @@ def _socket_path(directory: str, worker: int) -> str:
     return os.path.join(directory, f"{worker}.sock")
 
 
+def _unready_path(directory: str, worker: int) -> str:
+    """Where worker ``worker`` binds before it listens (no longer than its socket path)."""
+    return os.path.join(directory, f".{worker}")
+
+
 def _socket_dir(n_workers: int) -> str:
     longest = max(n_workers - 1, 0)
     for base in (None, *SHORT_BASES):
@@ -87,13 +93,24 @@ class LocalChannel(Channel):
         path = _socket_path(directory, worker_id)
         if os.path.exists(path):
             os.unlink(path)
+        # Bound under a private name and renamed once it listens: a peer that finds the path can
+        # connect at once. (Bound under its own name, the path exists before listen(); a worker
+        # stopped in between, e.g. descheduled, left its peers retrying refused connections.)
+        unready = _unready_path(directory, worker_id)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._listener.bind(path)
+            if os.path.exists(unready):
+                os.unlink(unready)
+            self._listener.bind(unready)
+            self._listener.listen(max(n_workers, 8))
+            os.rename(unready, path)
         except OSError as exc:
             self._listener.close()
+            try:
+                os.unlink(unready)
+            except OSError:
+                pass
             raise ChannelError(f"worker {worker_id} cannot listen on {path}: {exc}") from exc
-        self._listener.listen(max(n_workers, 8))
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
