@@ -102,7 +102,8 @@ def _split(flat: np.ndarray, ptr: np.ndarray, dtype) -> list[np.ndarray]:
     if ptr.ndim != 1 or ptr.size < 1 or ptr[0] != 0 or np.any(np.diff(ptr) < 0) or ptr[-1] != flat.shape[0]:
         raise StorageError("worker share: a pointer array does not match its data")
     flat = np.ascontiguousarray(flat, dtype)
-    return [flat[ptr[i]:ptr[i + 1]] for i in range(ptr.size - 1)]
+    bounds = ptr.tolist()  # Python ints: slicing with numpy scalars costs several times more
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _unflatten_share(z: dict) -> WorkerShare:
@@ -135,6 +136,19 @@ def _within(name: str, a: np.ndarray, high: int) -> None:
         raise StorageError(f"worker share: {name} has indices outside 0..{high - 1}")
 
 
+def _each_within(name: str, per_peer: list, high: int) -> int:
+    """:func:`_within` for each peer's array, with one min and max over all of them (a worker's
+    plans hold a small array per peer and layer: checked one by one, they were most of a
+    forked worker's start-up at P = 84); the failing peer is named. Returns their total size."""
+    if not len(per_peer):
+        return 0
+    joined = np.concatenate(per_peer)
+    if joined.size and (joined.min() < 0 or joined.max() >= high):
+        for peer, a in enumerate(per_peer):
+            _within(f"{name} {peer}", a, high)
+    return joined.shape[0]
+
+
 def check_layer(l: int, n_neurons: int, n_workers: int, prev_out: int | None, out, inn, cp, rowidx, vals,
                 bias, local_slots, local_pos, recv_slots, send_pos) -> None:
     """Every index of layer ``l``'s part a kernel or the loop will follow lies in range. The plan's
@@ -151,11 +165,10 @@ def check_layer(l: int, n_neurons: int, n_workers: int, prev_out: int | None, ou
         raise StorageError(f"worker share: layer {l} local plan is inconsistent")
     if len(recv_slots) != n_workers or len(send_pos) != n_workers:
         raise StorageError(f"worker share: layer {l} plans are not one per worker")
-    for peer in range(n_workers):
-        _within(f"layer {l} recv_slots from {peer}", recv_slots[peer], inn.shape[0])
+    received = _each_within(f"layer {l} recv_slots from", recv_slots, inn.shape[0])
     if l == 0 or prev_out is not None:
         check_link(l, prev_out or 0, local_pos, send_pos)
-    covered = local_slots.shape[0] + sum(r.shape[0] for r in recv_slots)
+    covered = local_slots.shape[0] + received
     if l and covered != inn.shape[0]:
         raise StorageError(f"worker share: layer {l} receives {covered} of {inn.shape[0]} rows")
 
@@ -164,8 +177,7 @@ def check_link(l: int, prev_out: int, local_pos, send_pos) -> None:
     """Layer ``l``'s positions in layer ``l - 1``'s ``prev_out`` outputs lie in range (none at 0)."""
     high = max(prev_out, 1) if l else 0
     _within(f"layer {l} local_pos", local_pos, high)
-    for peer, positions in enumerate(send_pos):
-        _within(f"layer {l} send_pos to {peer}", positions, high)
+    _each_within(f"layer {l} send_pos to", send_pos, high)
 
 
 def check_inputs(s: WorkerShare) -> None:

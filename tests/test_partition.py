@@ -105,3 +105,19 @@ def test_share_round_trips_and_corruption_is_a_clear_error(small):
         WorkerShare.from_bytes(share.to_bytes())
     with pytest.raises(StorageError):
         WorkerShare.from_bytes(b"PK\x03\x04 not really a zip")
+
+
+@pytest.mark.parametrize("name, peer_word", [("recv_slots", "from"), ("send_pos", "to")])
+@pytest.mark.parametrize("value", [-1, 10_000])
+def test_a_corrupt_per_peer_plan_is_refused_naming_layer_and_peer(small, name, peer_word, value):
+    """The per-peer plans are checked all at once per layer (start-up cost); a bad entry is still
+    refused before any kernel follows it, and the error names the layer and the peer."""
+    ds, net = small
+    share = build_shares(net, *ds.images.arrays, partition.contiguous(256, 12, 5))[2]
+    layer = 4
+    peer = max(p for p in range(5) if getattr(share, name)[layer][p].size)
+    bad = getattr(share, name)[layer][peer].copy()
+    bad[-1] = value
+    getattr(share, name)[layer][peer] = bad
+    with pytest.raises(StorageError, match=f"layer {layer} {name} {peer_word} {peer} has indices outside"):
+        WorkerShare.from_bytes(share.to_bytes())
