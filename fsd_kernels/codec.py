@@ -38,6 +38,7 @@ import itertools
 import struct
 import threading
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,7 +160,7 @@ def _int_array(name: str, a, limit: int) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
+    if a.size and a.dtype.kind not in "iu":  # signed or unsigned integers (not bool)
         raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
     if a.size and (a.min() < 0 or a.max() >= limit):
         raise ValueError(f"{name} must lie in [0, {limit})")
@@ -394,9 +395,54 @@ class Subset:
     one layer, every batch)."""
 
     def __init__(self, positions, neurons):
-        self.positions = _int_array("positions", positions, 1 << 62).astype(np.int64)
+        self.positions = _int_array("positions", positions, 1 << 31).astype(np.int64)
         self.neurons = _neuron_ids(neurons, self.positions.shape[0])
         self.end = int(self.positions.max()) + 1 if self.positions.size else 0  # rows it needs
+
+    @classmethod
+    def many(cls, positions: Sequence, neurons: Sequence) -> list["Subset"]:
+        """``[Subset(p, n) for p, n in zip(positions, neurons)]``, checked in one pass over all of
+        them (a worker builds one per peer and layer; checked one by one, they were most of its
+        send plans' cost). Errors are :class:`Subset`'s, prefixed with the subset's index."""
+        if len(positions) != len(neurons):
+            raise ValueError("positions and neurons differ in length")
+        pos = [np.asarray(p) for p in positions]
+        neu = [np.asarray(n) for n in neurons]
+        lengths = [p.shape[0] if p.ndim == 1 else -1 for p in pos]
+        if not pos or any(a.ndim != 1 or a.size and a.dtype.kind not in "iu" for a in (*pos, *neu)) \
+                or lengths != [n.shape[0] for n in neu]:
+            return cls._one_by_one(positions, neurons)
+        all_pos = np.concatenate(pos).astype(np.int64, copy=False)
+        all_neu = np.concatenate(neu).astype(np.int64, copy=False)
+        ends = np.cumsum(lengths)
+        increasing = np.diff(all_neu) > 0
+        inner = ends[:-1][(ends[:-1] > 0) & (ends[:-1] < all_neu.size)]
+        increasing[inner - 1] = True  # a subset's first neuron need not exceed the last one's before
+        if all_pos.size and (all_pos.min() < 0 or all_pos.max() >= 1 << 31 or all_neu.min() < 0
+                             or all_neu.max() >= 1 << 31 or not increasing.all()):
+            return cls._one_by_one(positions, neurons)
+        neurons32 = all_neu.astype(np.int32)
+        starts = ends - lengths
+        nonempty = np.flatnonzero(np.asarray(lengths) > 0)
+        last = np.zeros(len(lengths), np.int64)
+        if nonempty.size:
+            last[nonempty] = np.maximum.reduceat(all_pos, starts[nonempty]) + 1
+        out = []
+        for a, b, end in zip(starts.tolist(), ends.tolist(), last.tolist()):
+            subset = cls.__new__(cls)
+            subset.positions, subset.neurons, subset.end = all_pos[a:b], neurons32[a:b], end
+            out.append(subset)
+        return out
+
+    @classmethod
+    def _one_by_one(cls, positions, neurons) -> list["Subset"]:
+        out = []
+        for i, (p, n) in enumerate(zip(positions, neurons)):
+            try:
+                out.append(cls(p, n))
+            except ValueError as exc:
+                raise ValueError(f"subset {i}: {exc}") from None
+        return out
 
 
 class DenseRows:

@@ -615,13 +615,16 @@ def _send_plan(share: WorkerShare, layer: int, targets: list[int]):
     status_rows = np.array([n_out + ZERO_FLAG, n_out + YMAX_FLAG], np.int64)
     status_neurons = np.array([share.n_neurons + ZERO_FLAG, share.n_neurons + YMAX_FLAG], np.int32)
     L = share.n_layers
-    subsets = []
+    statuses, positions, neurons_of = [], [], []
     for t in peers:
         status = status_down(layer, L) if share.worker == ROOT else (t == ROOT and status_up(layer, L))
         rows, neurons = share.send_pos[layer][t], share.out_neurons[layer - 1][share.send_pos[layer][t]]
         if status:
             rows, neurons = np.concatenate([rows, status_rows]), np.concatenate([neurons, status_neurons])
-        subsets.append((t, codec.Subset(where[rows], neurons), bool(status)))
+        statuses.append(bool(status))
+        positions.append(where[rows])
+        neurons_of.append(neurons)
+    subsets = list(zip(peers, codec.Subset.many(positions, neurons_of), statuses))
     return np.concatenate([union[extracted], status_rows]), subsets
 
 

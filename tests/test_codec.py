@@ -389,3 +389,38 @@ def test_text_envelope_is_rfc1924_base85():
         text = codec.to_text(data)
         assert text.encode("ascii") == base64.b85encode(data)
         assert codec.from_text(text) == base64.b85decode(text) == data
+
+
+def test_subsets_checked_together_equal_subsets_checked_one_by_one():
+    """``Subset.many`` (one pass over a worker's per-peer selections) against its naive twin, a
+    ``Subset`` each: the same arrays, and the same refusals, naming the subset."""
+    rng = np.random.default_rng(21)
+    for trial in range(40):
+        k = int(rng.integers(0, 9))
+        positions, neurons = [], []
+        for _ in range(k):
+            m = int(rng.integers(0, 6)) if rng.random() < 0.8 else 0
+            positions.append(rng.integers(0, 50, m).astype(rng.choice([np.int32, np.int64, np.uint16])))
+            neurons.append(np.sort(rng.choice(1 << 20, m, replace=False)).astype(rng.choice([np.int32, np.int64])))
+        got = codec.Subset.many(positions, neurons)
+        want = [codec.Subset(p, n) for p, n in zip(positions, neurons)]
+        assert len(got) == len(want) == k
+        for g, w in zip(got, want):
+            assert g.positions.dtype == w.positions.dtype and g.neurons.dtype == w.neurons.dtype
+            np.testing.assert_array_equal(g.positions, w.positions)
+            np.testing.assert_array_equal(g.neurons, w.neurons)
+            assert g.end == w.end
+    # a subset may start below where the one before ended; within one, neurons strictly increase
+    assert [s.end for s in codec.Subset.many([[4, 1], [0]], [[7, 9], [2]])] == [5, 1]
+    good = ([0, 1], [3, 4])
+    for positions, neurons, match in [
+            ([1 << 31], [1], "positions must lie"), ([-1], [1], "positions must lie"),
+            ([1], [-2], "neurons must lie"), ([1], [1 << 31], "neurons must lie"),
+            ([1, 2], [5, 5], "strictly increase"), ([1, 2], [6, 5], "strictly increase"),
+            ([1, 2], [5], "differ in length"), ([0.5], [1], "must hold integers"),
+            ([[1]], [[1]], "must be 1-D")]:
+        with pytest.raises(ValueError, match=f"subset 1: .*{match}"):
+            codec.Subset.many([good[0], positions, good[0]], [good[1], neurons, good[1]])
+    with pytest.raises(ValueError, match="positions and neurons differ in length"):
+        codec.Subset.many([[1]], [])
+    assert codec.Subset.many([], []) == []
