@@ -126,34 +126,39 @@ INPUTS, OUTPUTS = 0, 1
 class _Buffer:
     """A float32 buffer allocated once at its largest size, handed out as C-contiguous
     ``[rows, columns]`` views (a fresh 20 MB array a step cost more in page faults than the
-    layer's arithmetic)."""
+    layer's arithmetic). Views are prefixes of it: pages beyond what the run's views reach are
+    never touched."""
 
     def __init__(self, size: int):
         self.size = size          # elements allocated when first used
         self.flat = None
-        self.still_zero = False   # untouched since ``prefault`` zeroed it
+        self.zero_prefix = 0      # leading elements untouched since ``prefault`` zeroed them
 
     def view(self, rows: int, columns: int) -> np.ndarray:
         size = rows * columns
         if self.flat is None or self.flat.shape[0] < size:
             self.flat = np.empty(max(size, self.size), np.float32)
-        self.still_zero = False
+        self.zero_prefix = 0
         return self.flat[:size].reshape(rows, columns)
 
     def zeros(self, rows: int, columns: int) -> np.ndarray:
-        """:meth:`view` filled with zeros (free the first time: ``prefault`` zeroed it)."""
-        before, still_zero = self.flat, self.still_zero
+        """:meth:`view` filled with zeros (free the first time if ``prefault`` zeroed that much)."""
+        before, zeroed = self.flat, self.zero_prefix
         block = self.view(rows, columns)
-        if not still_zero or self.flat is not before:  # used, or grown (np.empty)
+        if rows * columns > zeroed or self.flat is not before:  # used, or grown (np.empty)
             block.fill(0.0)
         return block
 
-    def prefault(self) -> None:
-        """Allocate and touch the buffer now (start-up), not at the first layer (run time)."""
-        if self.flat is None or not self.still_zero:
+    def prefault(self, elements: int) -> None:
+        """Allocate the buffer and touch its first ``elements`` now (start-up), not at the first
+        layer (run time): what the first layer's views take. Later layers that need more touch
+        it then; their views are usually narrower (images die or park), so pages the first layer
+        does not need are often never touched at all."""
+        elements = min(elements, self.size)
+        if self.flat is None or self.zero_prefix < elements:
             self.view(1, 1)
-            self.flat.fill(0.0)
-            self.still_zero = True
+            self.flat[:elements].fill(0.0)
+            self.zero_prefix = elements
 
 
 class _Batch:
@@ -181,13 +186,15 @@ class _Batch:
         return self._buffers[which].view(rows, columns)
 
     def zeros(self, which: int, rows: int, columns: int) -> np.ndarray:
-        """:meth:`buffer` filled with zeros (free the first time: ``prefault`` zeroed it)."""
+        """:meth:`buffer` filled with zeros (free where ``prefault`` zeroed it and nothing used it since)."""
         return self._buffers[which].zeros(rows, columns)
 
-    def prefault(self) -> None:
-        """Allocate and touch both buffers now (start-up), not at the first layer (run time)."""
-        for buffer in self._buffers:
-            buffer.prefault()
+    def prefault(self, in_rows: int, out_rows: int) -> None:
+        """Allocate both buffers and touch what the first layer's blocks take: ``in_rows`` and
+        ``out_rows`` rows of this batch's columns (see :meth:`_Buffer.prefault`)."""
+        width = self.active.shape[0] + self.parked.shape[0]
+        self._buffers[INPUTS].prefault(in_rows * width)
+        self._buffers[OUTPUTS].prefault(out_rows * width)
 
     def release(self) -> None:
         """Drop this batch's output buffer (its outputs are copied into the result)."""
@@ -267,8 +274,10 @@ class WorkerLoop:
         self.inputs = _Buffer(fp.in_rows * widest)
         self.batches = [_Batch(a, p, fp.out_rows, self.inputs) for a, p in parts]
         self.batch_size = widest
+        first_in = share.in_neurons[0].shape[0] if share.n_layers else 0
+        first_out = share.out_neurons[0].shape[0] + 2 if share.n_layers else 0  # + status rows
         for state in self.batches:
-            state.prefault()
+            state.prefault(first_in, first_out)
         self._peers: dict[int, tuple[list[int], list[int]]] = {}
         # Send plans of the first layers are built now (start-up); later ones when first needed:
         # runs usually end early (all images dead or parked: ~20 rounds of 120 on the challenge

@@ -244,15 +244,27 @@ def test_batch_buffers_hand_out_zeros_whether_used_or_grown(monkeypatch):
     # fresh buffers come out dirty here, so a zeros() that skipped its fill would show it
     monkeypatch.setattr(np, "empty", lambda shape, dtype=float: np.full(shape, 7, dtype))
     state = _Batch(np.arange(10), np.arange(0), buffer_rows=4)
-    state.prefault()
-    first = state.zeros(INPUTS, 4, 10)  # zeroed at start-up: handed out as it is
-    assert first.shape == (4, 10) and not first.any()
+    state.prefault(2, 4)
+    first = state.zeros(INPUTS, 2, 10)  # zeroed at start-up: handed out as it is
+    assert first.shape == (2, 10) and not first.any()
     first[:] = 7
     state.buffer(OUTPUTS, 4, 10)[:] = 5
     assert not state.zeros(INPUTS, 3, 10).any()  # used since: filled again
     fresh = _Batch(np.arange(10), np.arange(0), buffer_rows=4)
-    fresh.prefault()
+    fresh.prefault(2, 2)
+    assert not fresh.zeros(INPUTS, 3, 10).any()  # beyond what start-up zeroed: filled
     assert not fresh.zeros(OUTPUTS, 8, 10).any()  # larger than the buffer: a new one, filled
+
+
+def test_start_up_touches_only_what_the_first_layer_takes():
+    """Start-up zeroes the buffers' first-layer part; the rest of the pages wait for a layer that
+    needs them (later layers' blocks are mostly narrower: images die or park)."""
+    state = _Batch(np.arange(6), np.arange(4), buffer_rows=50)
+    state.prefault(3, 5)
+    inputs, outputs = state._buffers
+    assert inputs.flat.shape == outputs.flat.shape == (500,)   # allocated whole
+    assert (inputs.zero_prefix, outputs.zero_prefix) == (30, 50)  # touched: 3 and 5 rows of 10 columns
+    assert not inputs.flat[:30].any() and not outputs.flat[:50].any()
 
 
 def test_another_runs_chunk_is_ignored():
