@@ -18,7 +18,8 @@ API (the runtime and custom handlers use these):
   dense ``[slot, image-column]`` blocks, no COO in between).
 * ``DenseRows(block, rows, n_images).encode(positions, neurons, ...)``: the same for
   subsets of rows extracted once (one block's rows going to several targets);
-  ``encode_subset(Subset(positions, neurons), ...)`` with the subset checked once.
+  ``encode_subset(Subset(positions, neurons), ...)`` with the subset checked once
+  (``Subset.many`` checks a list of them in one pass).
 * ``decode(data) -> Message``: one chunk to COO arrays.
 * ``decode_header(data) -> Header``: header and checksum only (for routing/dedup).
 * ``chunk_nnz(chunk)``: the entry count of a chunk this process encoded (unchecked).
