@@ -85,6 +85,8 @@ def _kernel_cache_found() -> bool:
         return False
     package = list(spec.submodule_search_locations)[0]
     forced = os.environ.get("FSD_KERNELS_BACKEND", "").strip().lower()
+    if forced != "jit" and os.environ.get("FSD_KERNELS_NATIVE", "").strip():
+        return True  # a native module named by path (_backend fails clearly if it is not there)
     if forced != "jit" and glob.glob(os.path.join(package, "_native*")):
         return True
     if os.environ.get("NUMBA_CACHE_DIR"):  # numba then caches there only

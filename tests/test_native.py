@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import numpy as np
 import pytest
@@ -118,8 +119,11 @@ print(json.dumps({"backend": fsd_kernels.backend, "calls": calls, "golden": gold
 """
 
 
-def run_workload(backend: str, pythonpath: str, out: str) -> dict:
-    env = {**os.environ, "FSD_KERNELS_BACKEND": backend, "PYTHONPATH": pythonpath}
+def run_workload(backend: str | None, pythonpath: str, out: str, **extra_env: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": pythonpath, **extra_env}
+    env.pop("FSD_KERNELS_BACKEND", None)
+    if backend:
+        env["FSD_KERNELS_BACKEND"] = backend
     done = subprocess.run([sys.executable, "-c", WORKLOAD, out], env=env, capture_output=True,
                           text=True, timeout=300, cwd=pythonpath)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,6 +148,30 @@ def test_native_and_jit_are_bit_identical_on_every_kernel(native_tree, tmp_path)
     for name in a.files:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
         assert a[name].tobytes() == b[name].tobytes(), f"{name} differs between native and JIT"
+
+
+def test_native_module_named_by_path_is_the_lambda_path_in_a_developer_install(native_so, tmp_path):
+    """FSD_KERNELS_NATIVE: a build outside the package is loaded (no numba) and gives the JIT's bits."""
+    named = run_workload(None, REPO, str(tmp_path / "named.npz"), FSD_KERNELS_NATIVE=native_so)
+    jit = run_workload("jit", REPO, str(tmp_path / "jit.npz"))
+    assert named["backend"] == "native" and named["numba_loaded"] is False and named["golden"]
+    a, b = np.load(tmp_path / "named.npz"), np.load(tmp_path / "jit.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs between the named module and JIT"
+
+
+@pytest.mark.parametrize("name, message", [("_native.so", "not a build for this Python"),
+                                           ("_native" + sysconfig.get_config_var("EXT_SUFFIX"), "no such file")])
+def test_a_bad_native_module_path_fails_clearly_and_never_falls_back_to_jit(tmp_path, name, message):
+    if name == "_native.so":
+        (tmp_path / name).write_bytes(b"not an ELF file")
+    env = {**os.environ, "FSD_KERNELS_NATIVE": str(tmp_path / name)}
+    env.pop("FSD_KERNELS_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", "import fsd_kernels"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "FSD_KERNELS_NATIVE=" in done.stderr and message in done.stderr, done.stderr[-2000:]
 
 
 def test_dense_layer_native_matches_jit_on_random_blocks(native_module):
