@@ -224,14 +224,15 @@ class FakeTime:
             action()
 
 
-def awaited_scenario(channels, reader: int, awaited: list[int], arrive_s: float, step: int = 3):
+def awaited_scenario(channels, reader: int, awaited: list[int], arrive_s, step: int = 3):
     """Every worker but ``reader`` sends at ``step``; the ``awaited`` ones to ``reader`` (among
-    others), the rest only to others. The awaited objects are PUT ``arrive_s`` (fake) seconds after
-    the reader's first receive; the others at once. Returns the reader's chunks and the objects
-    it should read."""
+    others), the rest only to others. The awaited objects are PUT ``arrive_s`` (fake) seconds
+    after the reader's first receive (one time, or a dict source -> time); the others at once.
+    Returns the reader's chunks and the objects it should read."""
     n = len(channels)
     fake = FakeTime()
     channels[reader]._clock, channels[reader]._sleep = fake.clock, fake.sleep
+    at = arrive_s if isinstance(arrive_s, dict) else dict.fromkeys(awaited, arrive_s)
     objects = {}
     for source in range(n):
         if source == reader:
@@ -241,11 +242,10 @@ def awaited_scenario(channels, reader: int, awaited: list[int], arrive_s: float,
         if source in awaited:
             chunks += [(reader, f"{source}->reader {i}".encode() * 40) for i in range(2)]
             objects[source] = pack_object(chunks, n)
-            fake.due.append((arrive_s, lambda c=channels[source], ch=chunks: c.send(step, ch)))
+            fake.due.append((at[source], lambda c=channels[source], ch=chunks: c.send(step, ch)))
         else:
             channels[source].send(step, chunks)
-    if arrive_s <= 0:
-        fake.sleep(0.0)
+    fake.sleep(0.0)  # what is due at once is there before the first receive
     got, missing = [], set(awaited)
     while missing:
         channels[reader].expect(step, missing)
@@ -255,26 +255,57 @@ def awaited_scenario(channels, reader: int, awaited: list[int], arrive_s: float,
     return got, objects
 
 
-@pytest.mark.parametrize("poll,arrive_s", [("auto", 0.0), ("auto", 0.3), ("auto", 2.5), ("list", 0.3)])
-def test_polls_follow_the_step_schedule_and_the_billing_replay_exactly(run, aws, poll, arrive_s):
+SPREAD = {1: 0.02, 2: 0.3, 3: 0.3, 4: 0.9, 5: 0.0, 6: 0.481, 7: 0.2}
+
+
+@pytest.mark.parametrize("poll,sentinel,awaited,arrive_s", [
+    ("auto", True, [2, 4], 0.0), ("auto", True, [2, 4], 0.3), ("auto", True, [2, 4], 2.5),
+    ("list", True, [2, 4], 0.3), ("auto", False, [2, 4], 0.3), ("list", False, [2, 4], 0.3),
+    ("auto", True, [4], 0.3), ("auto", True, [1, 2, 3, 4, 5, 6, 7], SPREAD),
+    ("list", True, [1, 2, 3, 4, 5, 6, 7], SPREAD), ("get", False, [1, 2, 3, 4, 5, 6, 7], SPREAD),
+    ("auto", True, [1, 3, 5, 7], {1: 0.0, 3: 0.0, 5: 0.0, 7: 0.6})])
+def test_polls_follow_the_step_schedule_and_the_billing_replay_exactly(run, aws, poll, sentinel, awaited, arrive_s):
     from fsd_runtime.aws import billing
 
-    config, _, channels = run(5, poll=poll)
+    config, _, channels = run(8, poll=poll, sentinel=sentinel)
     cfg = ObjectConfig.parse(config)
-    reader, awaited = 0, [2, 4]
-    got, objects = awaited_scenario(channels, reader, awaited, arrive_s)
-    assert len(got) == 2 * len(awaited)
-    reads = sum(billing.object_read_gets(body, reader, 5, cfg.probe_bytes)[0] for body in objects.values())
-    model = billing.object_receive_requests(cfg, len(awaited), reads, arrive_s, keys_in_step=4)
+    reader = 0
+    at = {s: (arrive_s[s] if isinstance(arrive_s, dict) else arrive_s) for s in awaited}
     counts = channels[reader].counts
-    assert counts["s3_polls"] == model["polls"]
-    assert counts["s3_get_requests"] == model["gets"]
-    assert counts.get("s3_get_misses", 0) == model["misses"]
-    assert counts.get("s3_list_requests", 0) == model["lists"]
-    assert (model["lists"] > 0) == (poll == "list")
+    replay_hint = None
+    for step in (3, 4):  # the second step starts from the sentinel the first one left
+        before = dict(counts)
+        got, objects = awaited_scenario(channels, reader, awaited, at, step=step)
+        assert len(got) == 2 * len(awaited)
+        reads = {s: billing.object_read_gets(body, reader, 8, cfg.probe_bytes)[0] for s, body in objects.items()}
+        model = billing.object_receive_requests(cfg, at, reads, keys_in_step=7, hint=replay_hint)
+        replay_hint = model["hint"]
+        done = {k: counts.get(k, 0) - before.get(k, 0) for k in ("s3_polls", "s3_get_requests",
+                                                                   "s3_get_misses", "s3_list_requests")}
+        assert done == {"s3_polls": model["polls"], "s3_get_requests": model["gets"],
+                        "s3_get_misses": model["misses"], "s3_list_requests": model["lists"]}, (step, model)
+        assert channels[reader]._hint == replay_hint
+        assert (model["lists"] > 0) == (poll == "list" and (len(awaited) > 1 or not sentinel) or
+                                        poll == "auto" and len(awaited) - sentinel > 12)
     # the schedule does not depend on how many objects come in: 0, 25, 75, 175, 375, 775 ms, ...
     from fsd_runtime.channels.object import polls_until
     assert [polls_until(cfg, s) for s in (0, 0.01, 0.025, 0.3, 0.481, 2.5)] == [1, 2, 2, 5, 6, 8]
+
+
+def test_a_poll_before_the_sentinel_arrives_costs_one_get_not_a_list(run, aws):
+    """20 awaited keys (a LIST each poll without the sentinel): every poll before they come is one
+    GET miss, then one LIST finds the rest; the replay is an independent count of the same."""
+    n = 21
+    config, _, channels = run(n)
+    reader, awaited = 0, list(range(1, n))
+    got, _ = awaited_scenario(channels, reader, awaited, 0.481)
+    assert len(got) == 2 * len(awaited)
+    counts = channels[reader].counts
+    # polls at 0, 25, 75, 175, 375 ms miss the sentinel (worker 20); the one at 775 ms finds it,
+    # LISTs once, then reads the other 19
+    assert counts["s3_polls"] == 6 and counts["s3_get_misses"] == 5 and counts["s3_list_requests"] == 1
+    assert counts["s3_get_requests"] == 5 + len(awaited)
+    assert channels[reader]._hint == 20  # the highest read at that poll (the sentinel itself)
 
 
 def test_only_the_awaited_sources_are_read(run, aws):

@@ -19,17 +19,18 @@ same chunks:
   loop names them, ``Channel.expect``): a ranged GET of ``probe_bytes`` each, more when the
   index or its chunks lie beyond (``object_read_gets``); the objects of peers with nothing for
   it are never read. It learns what arrived by polling on a schedule fixed per step (0, then
-  intervals doubling from ``poll_interval`` to ``max_poll_interval``): each poll probes every
-  awaited key with a GET or, when that costs more than one LIST (more than 12 keys), LISTs the
-  step's prefix (``object.use_list``). Polls depend on timing: ``optimistic`` finds every
-  awaited object at the first poll; ``conservative`` has them all arrive after the worker
-  waited ``latency``'s object hop (the seed's measured 0.481 s) plus the measured straggler
-  wait (and at its first receive the launch-tree skew), polling all the while
-  (``object_receive_requests``; ``object.polls_until``). Given that wait, this is the most the
-  channel can be billed in $ (a poll costs at most the price ``use_list`` chose for all awaited
-  keys); the request count of that scenario is exact for it, but other arrival orders within the
-  wait can make a few more, cheaper requests (a LIST poll turning into up to 12 GET probes once
-  few keys are still awaited).
+  intervals doubling from ``poll_interval`` to ``max_poll_interval``): while it awaits more than
+  one key, each poll probes one of them (the sentinel, ``object.sentinel_of``) with a GET that is
+  also its first read, and looks for the others only once it is there: by a GET probe of each
+  awaited key or, when that costs more than one LIST (more than 12 keys), by a LIST of the step's
+  prefix (``object.use_list``). Polls depend on timing, replayed poll by poll
+  (``object_receive_requests``): ``optimistic`` finds every awaited object at the first poll;
+  ``conservative`` has each source's object PUT ``latency``'s object hop (the seed's measured
+  0.481 s) after that source's measured compute of the layer ended (slowed to the Lambda CPU
+  share), so a worker waits for its senders' hop plus how much longer they computed than it did
+  (and at its first receive, their launch-tree depth). This is exact for that timing; an arrival
+  order the timing model does not predict can cost more: at most one LIST (or one GET per
+  awaited key) per poll, plus the reads.
 
 The run store (shares, results) and the channels' set-up are not counted here.
 """
@@ -117,18 +118,43 @@ def object_read_gets(body: bytes, reader: int, n_workers: int, probe_bytes: int)
     return gets, len(index.ranges)
 
 
-def object_receive_requests(config: s3ch.ObjectConfig, awaited: int, reads: int, wait_s: float,
-                            keys_in_step: int = 1) -> dict:
-    """What ``ObjectChannel.receive`` bills for one worker and step when all of its ``awaited``
-    objects (read with ``reads`` GETs in all) are PUT ``wait_s`` seconds after the step's first
-    receive: ``polls_until`` polls of the step's schedule, each a LIST of the step's prefix (one
-    per 1,000 keys) or a GET probe of every awaited key, whichever ``use_list`` picks for
-    ``awaited`` keys; every probe but the last poll's misses, the last poll's probes are the
-    first reads. ``wait_s`` <= 0: one poll finds them all."""
-    polls = s3ch.polls_until(config, wait_s)
-    if s3ch.use_list(config, awaited):
-        return {"polls": polls, "lists": polls * max(1, -(-keys_in_step // 1000)), "gets": reads, "misses": 0}
-    return {"polls": polls, "lists": 0, "gets": (polls - 1) * awaited + reads, "misses": (polls - 1) * awaited}
+def object_receive_requests(config: s3ch.ObjectConfig, arrivals: dict[int, float], reads: dict[int, int],
+                            keys_in_step: int = 1, hint: int | None = None) -> dict:
+    """What ``ObjectChannel.receive`` bills for one worker and step, replayed poll by poll: the
+    object of each awaited source ``s`` is PUT ``arrivals[s]`` seconds after the step's first
+    receive and read with ``reads[s]`` GETs. Polls fall at ``poll_offset`` 0, 1, ...; each
+    probes the sentinel (``sentinel_of``, from ``hint``) with one GET while more than one source
+    is awaited and stops there if it is missing; else it LISTs the step's prefix (one per 1,000
+    keys) or GET-probes every other awaited key, whichever ``use_list`` picks, and reads what is
+    there. Returns polls, lists, gets (misses included), misses, and ``hint`` for the next step."""
+    remaining = sorted(arrivals)
+    out = {"polls": 0, "lists": 0, "gets": 0, "misses": 0, "hint": hint}
+    while remaining:
+        t = s3ch.poll_offset(config, out["polls"])
+        out["polls"] += 1
+        read, rest = [], remaining
+        if config.sentinel and len(remaining) > 1:
+            pick = s3ch.sentinel_of(remaining, out["hint"])
+            out["gets"] += reads[pick] if arrivals[pick] <= t else 1
+            if arrivals[pick] > t:
+                out["misses"] += 1
+                continue
+            read.append(pick)
+            rest = [s for s in remaining if s != pick]
+        if s3ch.use_list(config, len(rest)):
+            out["lists"] += max(1, -(-keys_in_step // 1000))
+            rest = [s for s in rest if arrivals[s] <= t]
+        for s in rest:
+            if arrivals[s] <= t:
+                out["gets"] += reads[s]
+                read.append(s)
+            else:
+                out["gets"] += 1
+                out["misses"] += 1
+        if read:
+            out["hint"] = max(read)
+            remaining = [s for s in remaining if s not in read]
+    return out
 
 
 def _layer_seconds(worker_metrics: list[dict]) -> dict[tuple[int, int], float]:
@@ -152,12 +178,13 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
 
     Each worker reads, at each step, exactly the objects of the peers that sent it chunks (the
     worker loop tells the channel whom it awaits, ``Channel.expect``). Optimistic: one poll finds
-    them all. Conservative: they all arrive after the worker waited ``latency``'s object hop plus
-    the measured straggler wait (per layer, the slowest worker's compute + codec seconds of the
-    layer before minus this worker's, slowed to the CPU share of ``memory_mb``) plus, at the
-    worker's first receive, the launch-tree skew (``cost.duration_terms``'s term; ``fanout``),
-    and the channel polls on its schedule meanwhile (``object_receive_requests``). ``n_batches``:
-    the run's batches per layer (step = layer x n_batches + batch)."""
+    them all. Conservative: each sender's object arrives ``latency``'s object hop plus how much
+    longer that sender computed the layer before than this worker (compute + codec seconds,
+    slowed to the CPU share of ``memory_mb``) after this worker's first receive, plus, at the
+    worker's first receive, the difference of their launch-tree depths (``cost.duration_terms``'s
+    level time; ``fanout``); the channel's polls are replayed against those arrivals
+    (``object_receive_requests``), the sentinel carried from step to step. ``n_batches``: the
+    run's batches per layer (step = layer x n_batches + batch)."""
     cfg = s3ch.ObjectConfig.parse({"bucket": "fsd-billing", **(config or {})})
     sends = _by_sender_step(worker_metrics)
     objects: dict[int, dict[int, bytes]] = defaultdict(dict)   # step -> source -> object body
@@ -176,8 +203,6 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
             receivers[step][t].add(worker)
     seconds = _layer_seconds(worker_metrics)
     slow = 1.0 / cpu_share(memory_mb)
-    layers = {layer for _, layer in seconds}
-    slowest = {layer: max(v for (_, l), v in seconds.items() if l == layer) for layer in layers}
     depths = tree_depths(n_workers, fanout)
     level_s = latency.invoke_s + latency.init_s + 2 * latency.s3_request_s
     first_step: dict[int, int] = {}
@@ -185,22 +210,28 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
         for reader in receivers[step]:
             first_step.setdefault(reader, step)
     totals = {mode: dict.fromkeys(("polls", "lists", "gets", "misses"), 0) for mode in ("optimistic", "conservative")}
+    hints: dict[tuple[str, int], int | None] = {}
     reads_total = received = 0
-    for step, readers in receivers.items():
+    for step in sorted(receivers):
+        readers = receivers[step]
         before = step // n_batches - 1   # the layer whose compute precedes this step's messages
-        for reader, expected in readers.items():
-            reads = 0
+        for reader, expected in sorted(readers.items()):
+            reads, arrivals = {}, {}
+            mine = seconds.get((reader, before), 0.0)
             for source in expected:
                 gets, n_chunks = object_read_gets(objects[step][source], reader, n_workers, cfg.probe_bytes)
-                reads += gets
+                reads[source] = gets
                 received += n_chunks
-            reads_total += reads
-            wait = latency.hop_s["object"] + slow * max(
-                0.0, slowest.get(before, 0.0) - seconds.get((reader, before), 0.0)) / n_batches
-            if step == first_step[reader]:
-                wait += (max(depths) - depths[reader]) * level_s
-            for mode, w in (("optimistic", 0.0), ("conservative", wait)):
-                got = object_receive_requests(cfg, len(expected), reads, w, len(objects[step]))
+                # the source PUTs when its compute is done, the hop after: relative to this
+                # worker's first receive, which starts when its own compute is done
+                arrive = latency.hop_s["object"] + slow * (seconds.get((source, before), 0.0) - mine) / n_batches
+                if step == first_step[reader]:  # launched later or sooner down the launch tree
+                    arrive += (depths[source] - depths[reader]) * level_s
+                arrivals[source] = max(0.0, arrive)
+            reads_total += sum(reads.values())
+            for mode, arrive_at in (("optimistic", dict.fromkeys(arrivals, 0.0)), ("conservative", arrivals)):
+                got = object_receive_requests(cfg, arrive_at, reads, len(objects[step]), hints.get((mode, reader)))
+                hints[(mode, reader)] = got.pop("hint")
                 for key, value in got.items():
                     totals[mode][key] += value
     for mode, t in totals.items():

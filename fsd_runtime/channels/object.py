@@ -16,7 +16,13 @@ chunks it still awaits) it looks for those sources' keys only, and never reads
 the objects of peers that have nothing for it. To learn what has arrived it
 either GETs each awaited source's next part directly (a missing key is one
 cheap GET) or, when that many GETs would cost more than one LIST, LISTs the
-step's prefix first (``poll="auto"``, decided at every poll).
+step's prefix first (``poll="auto"``, decided at every poll). While it awaits
+more than one source, a poll first probes one of them, the *sentinel* (the
+highest-numbered source read at its latest poll that read anything, when
+awaited; else the highest-numbered awaited), with one GET that is also that object's first read,
+and looks for the others only once the sentinel is there: a poll made while
+nothing has come costs one GET, not a LIST (``sentinel=False``: every poll
+looks for every awaited source).
 
 Polls follow one schedule per step, anchored at the first ``receive`` of the
 step: at ``poll_times(config)`` = 0, then intervals doubling from
@@ -95,6 +101,12 @@ def use_list(config: "ObjectConfig", n_keys: int) -> bool:
     return n_keys * PRICES.s3_get > PRICES.s3_put  # a LIST is billed like a PUT
 
 
+def sentinel_of(sources: Sequence[int], hint: int | None) -> int:
+    """The awaited source a poll probes first (``hint``: the highest-numbered source read at the
+    latest poll that read anything, if it is awaited again)."""
+    return hint if hint is not None and hint in sources else max(sources)
+
+
 def pack_object(chunks: Sequence[tuple[int, bytes]], n_workers: int) -> bytes:
     """The object for one ``send``: each distinct chunk once, with the targets that need it."""
     targets_of: dict[bytes, list[int]] = {}
@@ -171,6 +183,8 @@ class ObjectConfig:
     probe_bytes: int = 64 * 1024
     max_chunk_bytes: int = 64 * 1024 * 1024
     create_bucket: bool = True
+    #: probe one awaited source first, look for the rest once it is there (module notes)
+    sentinel: bool = True
 
     @classmethod
     def parse(cls, config: Mapping) -> "ObjectConfig":
@@ -183,6 +197,8 @@ class ObjectConfig:
             raise ValueError(f"object channel 'bucket' is not a valid S3 bucket name: {parsed.bucket!r}")
         if not isinstance(parsed.prefix, str) or not _PREFIX.match(parsed.prefix):
             raise ValueError(f"object channel 'prefix' must match {_PREFIX.pattern}, got {parsed.prefix!r}")
+        if not isinstance(parsed.sentinel, bool):
+            raise ValueError(f"object channel 'sentinel' must be true or false, got {parsed.sentinel!r}")
         if parsed.poll not in ("auto", "get", "list"):
             raise ValueError(f"object channel 'poll' must be auto, get or list, got {parsed.poll!r}")
         for name in ("poll_interval", "max_poll_interval"):
@@ -278,6 +294,7 @@ class ObjectChannel(Channel):
         self._parts_read: dict[int, Counter[int]] = {}
         self._expected: tuple[int, frozenset[int]] | None = None   # (step, sources awaited)
         self._schedule: list | None = None                        # [step, start, next poll]
+        self._hint: int | None = None    # highest source read at the latest poll that read any
         self._clock, self._sleep = time.monotonic, time.sleep     # (tests drive a fake clock)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"s3-w{worker_id}")
 
@@ -342,22 +359,37 @@ class ObjectChannel(Channel):
 
     def _poll(self, step: int, parts: Counter[int]) -> list[bytes]:
         """Chunks of every new object of ``step`` from the sources awaited; marks them read."""
-        if self._expected is not None and self._expected[0] == step:
+        hinted = self._expected is not None and self._expected[0] == step
+        if hinted:
             sources = sorted(self._expected[1])
         else:
             sources = [s for s in range(self.n_workers) if s != self.worker]
         self.counts["s3_polls"] += 1
+        chunks: list[bytes] = []
+        read: list[int] = []
+        if hinted and self.config.sentinel and len(sources) > 1:
+            # only the awaited sources are sure to write this step: a sentinel among them
+            pick = sentinel_of(sources, self._hint)
+            first = self._fetch(step, pick, parts[pick])
+            if first is None:
+                return []
+            parts[pick] += 1
+            chunks.extend(first)
+            read.append(pick)
+            sources = [s for s in sources if s != pick]
         if use_list(self.config, len(sources)):
             present = set(list_keys(self.call, self.s3, self.config.bucket,
                                     step_prefix(self.config, self.run_id, step), self.counts))
             sources = [s for s in sources
                        if object_key(self.config, self.run_id, step, s, parts[s]) in present]
         results = list(self._pool.map(lambda s: self._fetch(step, s, parts[s]), sources))
-        chunks: list[bytes] = []
         for source, result in zip(sources, results):
             if result is not None:
                 parts[source] += 1
                 chunks.extend(result)
+                read.append(source)
+        if read:
+            self._hint = max(read)
         return chunks
 
     def _get(self, key: str, first: int, last: int) -> tuple[bytes, int] | None:
