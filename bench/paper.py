@@ -23,8 +23,14 @@ per channel:
   polls on the channel's per-step schedule while waiting 0.481 s plus the measured straggler
   wait, plus the launch skew at its first receive), ``*_optimistic`` the other end (one poll,
   ten messages a ReceiveMessage). Lambda memory (``lambda_mb_modelled``):
-  the smallest size holding the measured worker peak with a quarter to spare
-  (``cost.fitting_memory_mb``); ``usd_at_paper_memory`` prices the paper's size.
+  the smallest size holding the measured worker peak plus ``aws_clients_mb`` (measured here: what
+  the handler, boto3 and its S3, SQS and SNS clients add to a fresh worker process) with a quarter
+  to spare (``cost.fitting_memory_mb``); ``usd_at_paper_memory`` prices the paper's size.
+
+Kernels (``--kernels``): ``native`` (default) builds the AOT module the Lambda layer ships
+(``python -m fsd_kernels._build``, into a temporary directory) and every worker runs on it with
+no numba loaded, as on Lambda, so the peak RSS is of Lambda's worker path; ``jit`` runs numba's
+JIT kernels (~140 MB more per worker). Both give the same bits (tests/test_native.py).
 
 Workers run within the paper's Lambda memory for N (and this machine's memory over P): the
 runtime batches the images where buffers would not fit (``batches`` in the row). Timeouts are
@@ -46,6 +52,7 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +90,42 @@ def paper_rows() -> dict[tuple[str, int, int], dict]:
     return rows
 
 
+def native_kernels(scratch: str) -> str:
+    """Build the AOT native module (what the Lambda layer ships) for this Python into ``scratch``
+    and return its path. A subprocess: importing ``fsd_kernels`` here would load the JIT first."""
+    done = subprocess.run([sys.executable, "-m", "fsd_kernels._build", "--out", scratch],
+                          capture_output=True, text=True, timeout=900, cwd=os.path.join(HERE, ".."))
+    path = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else ""
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"bench/paper.py: building the native kernels failed (use --kernels jit):\n"
+                         f"{done.stderr[-2000:]}")
+    return path
+
+
+AWS_CLIENTS_PROBE = """
+import numpy, fsd_kernels.codec, fsd_runtime.worker
+if {with_clients}:
+    import boto3, fsd_runtime.aws.handler
+    session = boto3.session.Session()
+    clients = [session.client(name, region_name="us-east-1") for name in ("s3", "sqs", "sns")]
+print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+"""
+
+
+def aws_clients_mb() -> float | None:
+    """What a Lambda worker holds that a local one does not: the handler module, boto3 and its
+    S3, SQS and SNS clients (peak RSS with them minus without, each in a fresh process with
+    this run's kernels; kB -> MB). None without /proc."""
+    peaks = []
+    for with_clients in (False, True):
+        done = subprocess.run([sys.executable, "-c", AWS_CLIENTS_PROBE.format(with_clients=with_clients)],
+                              capture_output=True, text=True, timeout=300, cwd=os.path.join(HERE, ".."))
+        if done.returncode != 0:
+            return None
+        peaks.append(int(done.stdout.split()[-1]))
+    return max(0, peaks[1] - peaks[0]) / 1024
+
+
 def dataset(n: int, layers: int, images: int):
     from fsd_runtime import model
 
@@ -95,7 +138,8 @@ def dataset(n: int, layers: int, images: int):
 
 
 def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict,
-            timeout: float | None, save_dir: str | None = None, parking: bool = True) -> dict:
+            timeout: float | None, save_dir: str | None = None, parking: bool = True,
+            clients_mb: float | None = None) -> dict:
     from fsd_runtime.aws import billing
     from fsd_runtime.coordinator import run_distributed
 
@@ -142,6 +186,7 @@ def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launch
         "batches": max(int(m.get("batches") or 1) for m in wm),
         "launcher": launcher,
         "parking": parking,
+        "aws_clients_mb": clients_mb,
     }
     if save_dir:  # what pricing needs, so a changed cost model can re-price without re-running
         os.makedirs(save_dir, exist_ok=True)
@@ -159,10 +204,14 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
 
     channel, p, n = row["channel"], row["workers"], row["neurons"]
     paper_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
-    # Lambda memory: the smallest size that holds the measured worker peak with a quarter to spare
-    # (the peak is of JIT-compiled kernels, ~140 MB more than the native module on Lambda), the
-    # paper's size when no peak was read; $ at the paper's size too, beside it
+    # Lambda memory: the smallest size that holds the measured worker peak plus the measured
+    # footprint of the AWS clients a Lambda worker adds (``aws_clients_mb``) with a quarter to
+    # spare, the paper's size when no peak was read; $ at the paper's size too, beside it. With
+    # ``--kernels native`` the peak is of the worker path Lambda runs (numpy + the AOT module);
+    # with ``jit`` it includes numba's ~140 MB, which Lambda never loads.
     peak_mb = row.get("worker_peak_rss_mb")
+    if peak_mb:
+        peak_mb += row.get("aws_clients_mb") or 0.0
     fit_note = None
     try:
         memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
@@ -234,6 +283,7 @@ def beyond(args, launcher: str) -> list[dict]:
     """Run what fits of :data:`BEYOND` on the queue channel; for what does not, say why."""
     from fsd_runtime import budget, model, prepared
 
+    clients_mb = aws_clients_mb()
     rows = []
     for n, layers, n_images, p in BEYOND:
         if args.beyond_max_layers and layers > args.beyond_max_layers:
@@ -251,11 +301,13 @@ def beyond(args, launcher: str) -> list[dict]:
             fps = prepared.footprints(prepared.open_model(model_dir), images[0], images[1])
             need_mb = max(budget.peak_bytes(fp, None) for fp in fps) / 2**20
             try:
-                row = run_one(model_dir, images, serial, n, p, "queue", launcher, {}, args.receive_timeout)
+                row = run_one(model_dir, images, serial, n, p, "queue", launcher, {}, args.receive_timeout,
+                              clients_mb=clients_mb)
             except Exception as exc:  # reported: what did not run, and why
                 row = {"neurons": n, "workers": p, "channel": "queue", "exact": False,
                        "error": f"{type(exc).__name__}: {exc}"[:500]}
         row.update({"layers": layers, "images": n_images, "ran": "error" not in row, "data": source,
+                    "kernels": args.kernels,
                     "serial_seconds": serial_s, "prepare_s": meta["timings"]["total_s"], "model_bytes": meta["bytes"],
                     "worker_need_mb_one_batch": need_mb})
         rows.append(row)
@@ -365,6 +417,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-parking", action="store_true",
                     help="compute and send saturated images every layer, as the paper's system does "
                          "(shows what the runtime's parking shortcut saves; same bits)")
+    ap.add_argument("--kernels", default="native", choices=["native", "jit"],
+                    help="native (default): build the AOT module Lambda runs and run every worker on it, "
+                         "so peak RSS is of Lambda's worker path (no numba); jit: numba's JIT kernels")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rows-file", metavar="PATH", help="also append each row as a JSON line as soon as it is done")
     ap.add_argument("--plot", metavar="DIR")
@@ -376,10 +431,6 @@ def main(argv=None) -> int:
                          "(queue channel; checked against a serial run streamed chunk by chunk)")
     ap.add_argument("--beyond-max-layers", type=int, default=None, help="with --beyond: skip deeper nets")
     args = ap.parse_args(argv)
-    if args.beyond:
-        rows = beyond(args, args.launcher)
-        print(json.dumps({"beyond": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
-        return 0 if all(r.get("exact") for r in rows if r.get("ran")) else 1
     if args.reprice:
         table = paper_rows()
         rows = []
@@ -399,9 +450,37 @@ def main(argv=None) -> int:
         if args.plot:
             print("\n".join(plot([r for r in rows if "error" not in r], args.plot)))
         return 0
+    saved = {name: os.environ.get(name) for name in ("FSD_KERNELS_NATIVE", "FSD_KERNELS_BACKEND")}
+    try:
+        with tempfile.TemporaryDirectory(prefix="fsd-paper-native-") as scratch:
+            # the workers' kernels, by environment (every worker process inherits it); a native
+            # module already named by FSD_KERNELS_NATIVE is used as it is
+            if args.kernels == "native":
+                os.environ.pop("FSD_KERNELS_BACKEND", None)
+                if not os.environ.get("FSD_KERNELS_NATIVE"):
+                    os.environ["FSD_KERNELS_NATIVE"] = native_kernels(scratch)
+            else:
+                os.environ.pop("FSD_KERNELS_NATIVE", None)
+                os.environ["FSD_KERNELS_BACKEND"] = "jit"
+            if args.beyond:
+                rows = beyond(args, args.launcher)
+                print(json.dumps({"beyond": rows, "kernels": args.kernels,
+                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+                return 0 if all(r.get("exact") for r in rows if r.get("ran")) else 1
+            return run_matrix(args, ap)
+    finally:  # called in-process (tests): leave the environment as it was
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_matrix(args, ap) -> int:
     import fsd_kernels
     from fsd_runtime import prepared
 
+    clients_mb = aws_clients_mb()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     workers = [int(w) for w in args.workers.split(",") if w]
     channels = [c for c in args.channels.split(",") if c]
@@ -431,7 +510,8 @@ def main(argv=None) -> int:
                     try:
                         row = run_one(model_dir, images, serial, n, p, channel, args.launcher, paper,
                                       args.receive_timeout, save_dir=args.save_runs,
-                                      parking=not args.no_parking)
+                                      parking=not args.no_parking, clients_mb=clients_mb)
+                        row["kernels"] = args.kernels
                         row["prepare_s"] = meta["timings"]["total_s"]
                         row["partition_s"] = meta["timings"]["partition_s"]
                         row["model_bytes"] = meta["bytes"]
@@ -449,6 +529,7 @@ def main(argv=None) -> int:
                         print(json.dumps({k: row.get(k) for k in ("neurons", "workers", "channel", "exact", "error")}),
                               file=sys.stderr, flush=True)
     out = {"rows": rows, "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "kernels": args.kernels, "aws_clients_mb": clients_mb,
            "machine": f"{os.cpu_count()} cores", "images": args.images, "layers": args.layers,
            "parking": not args.no_parking}
     if args.plot:
