@@ -25,7 +25,7 @@ same chunks:
   awaited key or, when that costs more than one LIST (more than 12 keys), by a LIST of the step's
   prefix (``object.use_list``). Polls depend on timing, replayed poll by poll
   (``object_receive_requests``): ``optimistic`` finds every awaited object at the first poll;
-  ``conservative`` has each source's object PUT ``latency``'s object hop (the seed's measured
+  ``conservative`` has each source's object arrive ``latency``'s object hop (the seed's measured
   0.481 s) after that source's measured compute of the layer ended (slowed to the Lambda CPU
   share), so a worker waits for its senders' hop plus how much longer they computed than it did
   (and at its first receive, their launch-tree depth). This is exact for that timing; an arrival
