@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from fsd_runtime.aws.clients import client as aws_client
 from fsd_runtime.channels import ChannelError, make_channel
-from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, pack_object,
-                                         read_index)
+from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, next_poll_lead,
+                                         pack_object, read_index)
 
 
 def naive_addressed(chunks: list[tuple[int, bytes]], reader: int) -> list[bytes]:
@@ -272,14 +272,16 @@ def test_polls_follow_the_step_schedule_and_the_billing_replay_exactly(run, aws,
     reader = 0
     at = {s: (arrive_s[s] if isinstance(arrive_s, dict) else arrive_s) for s in awaited}
     counts = channels[reader].counts
-    replay_hint = None
-    for step in (3, 4):  # the second step starts from the sentinel the first one left
+    replay_hint, history, lead = None, (), 0.0
+    for step in range(3, 8):  # later steps start from the sentinel and the lead the ones before left
         before = dict(counts)
         got, objects = awaited_scenario(channels, reader, awaited, at, step=step)
         assert len(got) == 2 * len(awaited)
         reads = {s: billing.object_read_gets(body, reader, 8, cfg.probe_bytes)[0] for s, body in objects.items()}
-        model = billing.object_receive_requests(cfg, at, reads, keys_in_step=7, hint=replay_hint)
+        model = billing.object_receive_requests(cfg, at, reads, keys_in_step=7, hint=replay_hint, lead=lead)
         replay_hint = model["hint"]
+        assert channels[reader]._lead == lead
+        history, lead = next_poll_lead(cfg, history, model["first_read"], lead)
         done = {k: counts.get(k, 0) - before.get(k, 0) for k in ("s3_polls", "s3_get_requests",
                                                                    "s3_get_misses", "s3_list_requests")}
         assert done == {"s3_polls": model["polls"], "s3_get_requests": model["gets"],
@@ -290,6 +292,30 @@ def test_polls_follow_the_step_schedule_and_the_billing_replay_exactly(run, aws,
     # the schedule does not depend on how many objects come in: 0, 25, 75, 175, 375, 775 ms, ...
     from fsd_runtime.channels.object import polls_until
     assert [polls_until(cfg, s) for s in (0, 0.01, 0.025, 0.3, 0.481, 2.5)] == [1, 2, 2, 5, 6, 8]
+
+
+@pytest.mark.parametrize("poll_lead, polls", [(True, [6, 6, 5, 5, 4, 4, 3, 3, 3]), (False, [6] * 9)])
+def test_steady_arrivals_teach_the_lead_and_a_late_step_does_not_raise_it(run, aws, poll_lead, polls):
+    """Peers that keep arriving 0.481 s after the first receive: polls per step fall from 6 (0, 25,
+    75, 175, 375, 775 ms) to 3 (0, 475, 500 ms) as the lead is learned (by hand: bounds 375, 375,
+    450, 450, 475, ...; the lead is the smaller of the last two). Then one step 3 s late, and
+    the lead stays what the steady steps taught."""
+    config, _, channels = run(4, poll_lead=poll_lead)
+    reader, counts, seen = 0, channels[0].counts, []
+    for step in range(9):
+        before = counts["s3_polls"]
+        awaited_scenario(channels, reader, [1, 2, 3], 0.481, step=step)
+        seen.append(counts["s3_polls"] - before)
+    assert seen == polls
+    if not poll_lead:
+        return
+    assert channels[reader]._lead == pytest.approx(0.475)
+    awaited_scenario(channels, reader, [1, 2, 3], 3.0, step=9)   # one late step
+    awaited_scenario(channels, reader, [1, 2, 3], 0.481, step=10)
+    assert channels[reader]._lead == pytest.approx(0.475)        # min(late bound, steady bound)
+    before = counts["s3_polls"]
+    awaited_scenario(channels, reader, [1, 2, 3], 0.481, step=11)
+    assert counts["s3_polls"] - before == 3
 
 
 def test_a_poll_before_the_sentinel_arrives_costs_one_get_not_a_list(run, aws):

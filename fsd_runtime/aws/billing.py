@@ -28,7 +28,8 @@ same chunks:
   ``conservative`` has each source's object arrive ``latency``'s object hop (the seed's measured
   0.481 s) after that source's measured compute of the layer ended (slowed to the Lambda CPU
   share), so a worker waits for its senders' hop plus how much longer they computed than it did
-  (and at its first receive, their launch-tree depth). This is exact for that timing; an arrival
+  (and at its first receive, their launch-tree depth); the lead each step's polls start from is
+  learned as the channel learns it (``object.next_poll_lead``). This is exact for that timing; an arrival
   order the timing model does not predict can cost more: at most one LIST (or one GET per
   awaited key) per poll, plus the reads.
 
@@ -119,18 +120,19 @@ def object_read_gets(body: bytes, reader: int, n_workers: int, probe_bytes: int)
 
 
 def object_receive_requests(config: s3ch.ObjectConfig, arrivals: dict[int, float], reads: dict[int, int],
-                            keys_in_step: int = 1, hint: int | None = None) -> dict:
+                            keys_in_step: int = 1, hint: int | None = None, lead: float = 0.0) -> dict:
     """What ``ObjectChannel.receive`` bills for one worker and step, replayed poll by poll: the
     object of each awaited source ``s`` is PUT ``arrivals[s]`` seconds after the step's first
-    receive and read with ``reads[s]`` GETs. Polls fall at ``poll_offset`` 0, 1, ...; each
-    probes the sentinel (``sentinel_of``, from ``hint``) with one GET while more than one source
-    is awaited and stops there if it is missing; else it LISTs the step's prefix (one per 1,000
-    keys) or GET-probes every other awaited key, whichever ``use_list`` picks, and reads what is
-    there. Returns polls, lists, gets (misses included), misses, and ``hint`` for the next step."""
+    receive and read with ``reads[s]`` GETs. Polls fall at ``poll_offset`` 0, 1, ... (from
+    ``lead``); each probes the sentinel (``sentinel_of``, from ``hint``) with one GET while more
+    than one source is awaited and stops there if it is missing; else it LISTs the step's prefix
+    (one per 1,000 keys) or GET-probes every other awaited key, whichever ``use_list`` picks, and
+    reads what is there. Returns polls, lists, gets (misses included), misses, and for the next
+    step ``hint`` and ``first_read`` (the first poll that read an object, for ``next_poll_lead``)."""
     remaining = sorted(arrivals)
-    out = {"polls": 0, "lists": 0, "gets": 0, "misses": 0, "hint": hint}
+    out = {"polls": 0, "lists": 0, "gets": 0, "misses": 0, "hint": hint, "first_read": None}
     while remaining:
-        t = s3ch.poll_offset(config, out["polls"])
+        t = s3ch.poll_offset(config, out["polls"], lead)
         out["polls"] += 1
         read, rest = [], remaining
         if config.sentinel and len(remaining) > 1:
@@ -154,6 +156,8 @@ def object_receive_requests(config: s3ch.ObjectConfig, arrivals: dict[int, float
         if read:
             out["hint"] = max(read)
             remaining = [s for s in remaining if s not in read]
+            if out["first_read"] is None:
+                out["first_read"] = out["polls"] - 1
     return out
 
 
@@ -183,7 +187,7 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
     slowed to the CPU share of ``memory_mb``) after this worker's first receive, plus, at the
     worker's first receive, the difference of their launch-tree depths (``cost.duration_terms``'s
     level time; ``fanout``); the channel's polls are replayed against those arrivals
-    (``object_receive_requests``), the sentinel carried from step to step. ``n_batches``: the
+    (``object_receive_requests``), the sentinel and the poll lead carried from step to step. ``n_batches``: the
     run's batches per layer (step = layer x n_batches + batch)."""
     cfg = s3ch.ObjectConfig.parse({"bucket": "fsd-billing", **(config or {})})
     sends = _by_sender_step(worker_metrics)
@@ -210,7 +214,8 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
         for reader in receivers[step]:
             first_step.setdefault(reader, step)
     totals = {mode: dict.fromkeys(("polls", "lists", "gets", "misses"), 0) for mode in ("optimistic", "conservative")}
-    hints: dict[tuple[str, int], int | None] = {}
+    # per (mode, reader): the channel's state carried from step to step (sentinel hint, lead)
+    state: dict[tuple[str, int], dict] = defaultdict(lambda: {"hint": None, "history": (), "lead": 0.0})
     reads_total = received = 0
     for step in sorted(receivers):
         readers = receivers[step]
@@ -230,8 +235,10 @@ def object_requests(worker_metrics: list[dict], n_workers: int, config: dict | N
                 arrivals[source] = max(0.0, arrive)
             reads_total += sum(reads.values())
             for mode, arrive_at in (("optimistic", dict.fromkeys(arrivals, 0.0)), ("conservative", arrivals)):
-                got = object_receive_requests(cfg, arrive_at, reads, len(objects[step]), hints.get((mode, reader)))
-                hints[(mode, reader)] = got.pop("hint")
+                st = state[(mode, reader)]
+                got = object_receive_requests(cfg, arrive_at, reads, len(objects[step]), st["hint"], st["lead"])
+                st["hint"] = got.pop("hint")
+                st["history"], st["lead"] = s3ch.next_poll_lead(cfg, st["history"], got.pop("first_read"), st["lead"])
                 for key, value in got.items():
                     totals[mode][key] += value
     for mode, t in totals.items():

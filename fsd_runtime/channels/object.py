@@ -25,11 +25,18 @@ nothing has come costs one GET, not a LIST (``sentinel=False``: every poll
 looks for every awaited source).
 
 Polls follow one schedule per step, anchored at the first ``receive`` of the
-step: at ``poll_times(config)`` = 0, then intervals doubling from
+step (``poll_offset``): poll 0 at once, then intervals doubling from
 ``poll_interval`` up to ``max_poll_interval`` (not reset when something
-arrives). So a step's polls depend only on how long the worker waits, not on
-how many objects come in: waiting ``w`` seconds costs ``polls_until(config, w)``
-polls (``fsd_runtime.aws.billing`` prices exactly this).
+arrives), starting at the step's *lead* instead of at 0 once the channel has
+learned one. The lead is how long the worker surely waited at its last two
+steps before anything arrived (``next_poll_lead``: the smaller of the two
+steps' last empty poll before the first one that read something; half the
+lead if the poll at the lead already read something; a step read whole at
+poll 0 teaches nothing), so a worker whose peers keep arriving 0.48 s after
+its first receive polls at 0, ~0.47 and ~0.50 s rather than at 0, 25, 75, 175,
+375 and 775 ms (``poll_lead=False``: always the plain schedule). One late step
+cannot raise the lead above the other's. ``fsd_runtime.aws.billing`` replays
+exactly this.
 
 Object layout (little-endian), validated before anything is used::
 
@@ -69,28 +76,44 @@ class ObjectFormatError(ChannelError, ValueError):
     """An object in the run's prefix is not a well-formed channel object."""
 
 
-def poll_offset(config: "ObjectConfig", i: int) -> float:
+def poll_offset(config: "ObjectConfig", i: int, lead: float = 0.0) -> float:
     """Seconds after a step's first ``receive`` at which the channel makes its poll ``i`` (0-based):
-    0, then intervals doubling from ``poll_interval`` to at most ``max_poll_interval``."""
+    0, then intervals doubling from ``poll_interval`` to at most ``max_poll_interval``, counted
+    from ``lead`` (poll 1 at ``lead`` itself) when there is one."""
+    if i == 0:
+        return 0.0
     t, interval = 0.0, config.poll_interval
+    if lead > 0:
+        t, i = lead, i - 1
     for _ in range(i):
         t += interval
         interval = min(2 * interval, config.max_poll_interval)
     return t
 
 
-def polls_until(config: "ObjectConfig", seconds: float) -> int:
+def polls_until(config: "ObjectConfig", seconds: float, lead: float = 0.0) -> int:
     """Polls of a step whose last awaited object is PUT ``seconds`` after the step's first
     ``receive``: every poll scheduled before then, and the first one at or after it (which finds
     it; S3 is read-after-write consistent)."""
-    if seconds <= 0:
-        return 1
-    polls, t, interval = 1, 0.0, config.poll_interval
-    while t < seconds:
-        t += interval
-        interval = min(2 * interval, config.max_poll_interval)
+    polls = 1
+    while poll_offset(config, polls - 1, lead) < seconds:
         polls += 1
     return polls
+
+
+def next_poll_lead(config: "ObjectConfig", history: tuple[float, ...], first_read: int | None,
+                   lead: float) -> tuple[tuple[float, ...], float]:
+    """``(history, lead)`` for the next step, from a step whose first poll that read anything was
+    poll ``first_read`` (None: none did) of a schedule with ``lead``: the step's bound on how
+    long nothing was there is the offset of the poll before (half the lead if that poll was
+    the one at the lead); the next lead is the smaller of the last two steps' bounds (0 until
+    there are two). A step read whole at poll 0, or not read, teaches nothing."""
+    if not config.poll_lead:
+        return (), 0.0
+    if first_read:
+        bound = lead / 2 if first_read == 1 and lead > 0 else poll_offset(config, first_read - 1, lead)
+        history = (history + (bound,))[-2:]
+    return history, (min(history) if len(history) == 2 else 0.0)
 
 
 def use_list(config: "ObjectConfig", n_keys: int) -> bool:
@@ -185,6 +208,8 @@ class ObjectConfig:
     create_bucket: bool = True
     #: probe one awaited source first, look for the rest once it is there (module notes)
     sentinel: bool = True
+    #: start a step's polls after the wait learned at the last two steps (module notes)
+    poll_lead: bool = True
 
     @classmethod
     def parse(cls, config: Mapping) -> "ObjectConfig":
@@ -197,8 +222,9 @@ class ObjectConfig:
             raise ValueError(f"object channel 'bucket' is not a valid S3 bucket name: {parsed.bucket!r}")
         if not isinstance(parsed.prefix, str) or not _PREFIX.match(parsed.prefix):
             raise ValueError(f"object channel 'prefix' must match {_PREFIX.pattern}, got {parsed.prefix!r}")
-        if not isinstance(parsed.sentinel, bool):
-            raise ValueError(f"object channel 'sentinel' must be true or false, got {parsed.sentinel!r}")
+        for name in ("sentinel", "poll_lead"):
+            if not isinstance(getattr(parsed, name), bool):
+                raise ValueError(f"object channel {name!r} must be true or false, got {getattr(parsed, name)!r}")
         if parsed.poll not in ("auto", "get", "list"):
             raise ValueError(f"object channel 'poll' must be auto, get or list, got {parsed.poll!r}")
         for name in ("poll_interval", "max_poll_interval"):
@@ -295,6 +321,7 @@ class ObjectChannel(Channel):
         self._expected: tuple[int, frozenset[int]] | None = None   # (step, sources awaited)
         self._schedule: list | None = None                        # [step, start, next poll]
         self._hint: int | None = None    # highest source read at the latest poll that read any
+        self._lead, self._lead_history = 0.0, ()   # next_poll_lead's state
         self._clock, self._sleep = time.monotonic, time.sleep     # (tests drive a fake clock)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"s3-w{worker_id}")
 
@@ -341,24 +368,31 @@ class ObjectChannel(Channel):
         now = self._clock()
         deadline = now + timeout
         if self._schedule is None or self._schedule[0] != step:
-            self._schedule = [step, now, 0]  # the step's first receive: poll 0 is due now
+            if self._schedule is not None:  # what the step before taught: this step's lead
+                self._lead_history, self._lead = next_poll_lead(self.config, self._lead_history,
+                                                                self._schedule[3], self._lead)
+            # the step's first receive: poll 0 is due now; [step, start, next poll, first poll that read]
+            self._schedule = [step, now, 0, None]
             self._parts_read = {step: Counter()}
         parts = self._parts_read[step]
         while True:
-            due = self._schedule[1] + poll_offset(self.config, self._schedule[2])
+            due = self._schedule[1] + poll_offset(self.config, self._schedule[2], self._lead)
             if due > now:
                 if due > deadline:
                     self._sleep(max(0.0, deadline - now))
                     return []
                 self._sleep(due - now)
+            found, read = self._poll(step, parts)
+            if read and self._schedule[3] is None:
+                self._schedule[3] = self._schedule[2]
             self._schedule[2] += 1
-            found = self._poll(step, parts)
             if found:
                 return found
             now = self._clock()
 
-    def _poll(self, step: int, parts: Counter[int]) -> list[bytes]:
-        """Chunks of every new object of ``step`` from the sources awaited; marks them read."""
+    def _poll(self, step: int, parts: Counter[int]) -> tuple[list[bytes], bool]:
+        """Chunks of every new object of ``step`` from the sources awaited, marked read, and
+        whether any object was read."""
         hinted = self._expected is not None and self._expected[0] == step
         if hinted:
             sources = sorted(self._expected[1])
@@ -372,7 +406,7 @@ class ObjectChannel(Channel):
             pick = sentinel_of(sources, self._hint)
             first = self._fetch(step, pick, parts[pick])
             if first is None:
-                return []
+                return [], False
             parts[pick] += 1
             chunks.extend(first)
             read.append(pick)
@@ -390,7 +424,7 @@ class ObjectChannel(Channel):
                 read.append(source)
         if read:
             self._hint = max(read)
-        return chunks
+        return chunks, bool(read)
 
     def _get(self, key: str, first: int, last: int) -> tuple[bytes, int] | None:
         """Bytes ``first..last`` (inclusive) of ``key`` and the object's size; None if absent."""
