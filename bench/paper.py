@@ -52,6 +52,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -543,5 +544,10 @@ def run_matrix(args, ap) -> int:
     return 0 if all(r.get("exact") for r in rows) else 1
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds: the runs' processes and the temporary directories go
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

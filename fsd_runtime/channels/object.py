@@ -319,7 +319,7 @@ class ObjectChannel(Channel):
         self._parts_sent: Counter[int] = Counter()
         self._parts_read: dict[int, Counter[int]] = {}
         self._expected: tuple[int, frozenset[int]] | None = None   # (step, sources awaited)
-        self._schedule: list | None = None                        # [step, start, next poll]
+        self._schedule: list | None = None   # [step, start, next poll, first poll that read]
         self._hint: int | None = None    # highest source read at the latest poll that read any
         self._lead, self._lead_history = 0.0, ()   # next_poll_lead's state
         self._clock, self._sleep = time.monotonic, time.sleep     # (tests drive a fake clock)
