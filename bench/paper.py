@@ -19,10 +19,11 @@ per channel:
   GET + LIST) and $ of that channel (``fsd_runtime.cost``; worker durations = measured CPU time
   of compute + codec, slowed to the Lambda CPU share, + one hop per round + INIT). ``usd`` /
   ``requests`` use the conservative assumptions (the seed's measured 0.481 s exchange per
-  round; one message per ReceiveMessage; S3: each worker reads only its senders' objects and
-  polls on the channel's per-step schedule while waiting 0.481 s plus the measured straggler
-  wait, plus the launch skew at its first receive), ``*_optimistic`` the other end (one poll,
-  ten messages a ReceiveMessage). Lambda memory (``lambda_mb_modelled``):
+  round; one message per ReceiveMessage; S3: each worker reads only its senders' objects, each
+  of which arrives 0.481 s after its sender's measured, slowed compute (plus the launch-tree
+  skew at the first receive), and the channel's polls, sentinel and poll lead are replayed
+  against those arrivals), ``*_optimistic`` the other end (one poll, ten messages a
+  ReceiveMessage). Lambda memory (``lambda_mb_modelled``):
   the smallest size holding the measured worker peak plus ``aws_clients_mb`` (measured here: what
   the handler, boto3 and its S3, SQS and SNS clients add to a fresh worker process) with a quarter
   to spare (``cost.fitting_memory_mb``); ``usd_at_paper_memory`` prices the paper's size.
