@@ -7,11 +7,14 @@ import uuid
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import fsd_kernels
 from fsd_runtime import model
 from fsd_runtime.aws import billing
 from fsd_runtime.coordinator import run_distributed
+from test_differential import assert_bit_identical, images_csr, pack, random_bias, random_images, random_layer, \
+    reference
 
 
 def _run(net, images, n_workers, channel):
@@ -72,3 +75,35 @@ def test_object_replay_matches_the_channel(aws, aws_settings, case):
     assert real.get("s3_list_requests", 0) >= model_["s3_list_requests_optimistic"]
     # LISTs exactly where some worker awaits more than 12 objects in a step (the root, at P = 16)
     assert (real.get("s3_list_requests", 0) > 0) == (model_["s3_list_requests_optimistic"] > 0) == (P - 1 > 12)
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+@pytest.mark.parametrize("kind", ["queue", "object"])
+def test_random_networks_run_exactly_and_replay_over_the_aws_channels(aws, aws_settings, kind, seed):
+    """Not the challenge nets: odd N, weights of both signs, a bias per neuron, irregular peer
+    sets and several batches a layer (steps), through the real channel against the local server;
+    bit for bit against the independent reference, and the replay's fixed counts are the channel's."""
+    rng = np.random.default_rng(seed)
+    n, n_layers, P = int(rng.choice([29, 37, 53])), 7, 5
+    layers = [random_layer(rng, n) for _ in range(n_layers)]
+    biases = [random_bias(rng, n) for _ in range(n_layers)]
+    dense = random_images(rng, n, 24, 8.0)
+    want = reference(sp.csr_matrix(dense), layers, biases, 8.0)
+    config = ({"kind": "queue", "prefix": f"b{uuid.uuid4().hex[:6]}"} if kind == "queue"
+              else {"kind": "object", "bucket": f"b{uuid.uuid4().hex[:8]}"})
+    result = run_distributed(pack(layers, biases, 8.0), images_csr(dense), P,
+                             channel={**config, "aws": aws_settings.to_dict()}, launcher={"kind": "thread"},
+                             batch_size=7, receive_timeout=120, run_timeout=900)
+    assert_bit_identical(result.activations, want, f"{kind} seed {seed}")
+    real = result.traffic["channel_requests"]
+    if kind == "queue":
+        model_ = billing.queue_requests(result.worker_metrics)
+        assert model_["sns_publish_calls"] == real.get("sns_publish_calls", 0)
+        assert model_["bytes_sent"] == real.get("bytes_sent", 0)
+        return
+    model_ = billing.object_requests(result.worker_metrics, P, n_batches=max(int(m.get("batches") or 1)
+                                                                             for m in result.worker_metrics))
+    assert model_["s3_put_requests"] == real.get("s3_put_requests", 0)
+    assert model_["bytes_sent"] == real.get("bytes_sent", 0)
+    assert model_["messages_received"] == real.get("messages_received", 0)
+    assert real.get("s3_get_requests", 0) - real.get("s3_get_misses", 0) == model_["s3_get_reads"]

@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from fsd_runtime.aws.clients import client as aws_client
 from fsd_runtime.channels import ChannelError, make_channel
-from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, next_poll_lead,
-                                         pack_object, read_index)
+from fsd_runtime.channels.object import (ObjectChannel, ObjectConfig, ObjectFormatError, ObjectResources,
+                                         next_poll_lead, pack_object, read_index)
 
 
 def naive_addressed(chunks: list[tuple[int, bytes]], reader: int) -> list[bytes]:
@@ -332,6 +332,19 @@ def test_a_poll_before_the_sentinel_arrives_costs_one_get_not_a_list(run, aws):
     assert counts["s3_polls"] == 6 and counts["s3_get_misses"] == 5 and counts["s3_list_requests"] == 1
     assert counts["s3_get_requests"] == 5 + len(awaited)
     assert channels[reader]._hint == 20  # the highest read at that poll (the sentinel itself)
+
+
+def test_a_send_with_no_chunks_writes_nothing(run, aws):
+    """A worker with nothing for anyone at a step (random nets have such steps; the challenge nets
+    do not) makes no PUT, and its next object of the step is still its part 0."""
+    config, run_id, channels = run(3)
+    channels[1].send(4, [])
+    assert channels[1].counts["s3_put_requests"] == 0
+    parsed = ObjectConfig.parse(config)
+    assert ObjectResources(parsed).keys(parsed.run_prefix(run_id)) == []
+    channels[1].send(4, [(0, b"late but there")])
+    channels[0].expect(4, [1])
+    assert channels[0].receive(4, timeout=5) == [b"late but there"]
 
 
 def test_only_the_awaited_sources_are_read(run, aws):

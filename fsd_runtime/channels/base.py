@@ -37,7 +37,7 @@ class Channel(ABC):
     @abstractmethod
     def send(self, step: int, chunks: Sequence[tuple[int, bytes]]) -> None:
         """Send every ``(target worker, chunk)`` this worker has for ``step``, in one go
-        so the channel can pack them into as few requests as it can."""
+        so the channel can pack them into as few requests as it can; no chunks, no request."""
 
     @abstractmethod
     def receive(self, step: int, timeout: float) -> list[bytes]:

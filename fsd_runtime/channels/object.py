@@ -344,6 +344,8 @@ class ObjectChannel(Channel):
         for _, chunk in chunks:
             if len(chunk) > self.max_chunk_bytes:
                 raise ChannelError(f"chunk of {len(chunk)} bytes exceeds max_chunk_bytes={self.max_chunk_bytes}")
+        if not chunks:  # nothing for anyone: no object (no reader awaits this worker at this step)
+            return
         body = pack_object(chunks, self.n_workers)
         key = object_key(self.config, self.run_id, step, self.worker, self._parts_sent[step])
         # create-only (the worker role allows nothing else); a 412 can only be our own PUT whose
