@@ -290,8 +290,14 @@ def test_polls_follow_the_step_schedule_and_the_billing_replay_exactly(run, aws,
         assert (model["lists"] > 0) == (poll == "list" and (len(awaited) > 1 or not sentinel) or
                                         poll == "auto" and len(awaited) - sentinel > 12)
     # the schedule does not depend on how many objects come in: 0, 25, 75, 175, 375, 775 ms, ...
-    from fsd_runtime.channels.object import polls_until
-    assert [polls_until(cfg, s) for s in (0, 0.01, 0.025, 0.3, 0.481, 2.5)] == [1, 2, 2, 5, 6, 8]
+    # (a wait of 0, 0.01, 0.025, 0.3, 0.481, 2.5 s: found at poll 1, 2, 2, 5, 6, 8)
+    from fsd_runtime.channels.object import poll_offset
+    offsets = [poll_offset(cfg, i) for i in range(8)]
+    assert offsets == pytest.approx([0, 0.025, 0.075, 0.175, 0.375, 0.775, 1.575, 2.575])
+    assert [next(i for i, t in enumerate(offsets) if t >= s) + 1 for s in (0, 0.01, 0.025, 0.3, 0.481, 2.5)] \
+        == [1, 2, 2, 5, 6, 8]
+    # with a lead, poll 0 stays at once and the doubling starts at the lead
+    assert [poll_offset(cfg, i, 0.4) for i in range(4)] == pytest.approx([0, 0.4, 0.425, 0.475])
 
 
 @pytest.mark.parametrize("poll_lead, polls", [(True, [6, 6, 5, 5, 4, 4, 3, 3, 3]), (False, [6] * 9)])

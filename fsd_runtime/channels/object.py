@@ -91,16 +91,6 @@ def poll_offset(config: "ObjectConfig", i: int, lead: float = 0.0) -> float:
     return t
 
 
-def polls_until(config: "ObjectConfig", seconds: float, lead: float = 0.0) -> int:
-    """Polls of a step whose last awaited object is PUT ``seconds`` after the step's first
-    ``receive``: every poll scheduled before then, and the first one at or after it (which finds
-    it; S3 is read-after-write consistent)."""
-    polls = 1
-    while poll_offset(config, polls - 1, lead) < seconds:
-        polls += 1
-    return polls
-
-
 def next_poll_lead(config: "ObjectConfig", history: tuple[float, ...], first_read: int | None,
                    lead: float) -> tuple[tuple[float, ...], float]:
     """``(history, lead)`` for the next step, from a step whose first poll that read anything was
