@@ -585,7 +585,8 @@ def decode_header(data, *, max_bytes: int | None = None) -> Header:
         raise CodecError(f"n_images={n_images} or nnz={nnz} beyond the codec's limits")
     if n_rows > nnz or (nnz and not n_rows) or nnz > n_rows * n_images:
         raise CodecError(f"{n_rows} rows over {n_images} images cannot hold {nnz} entries")
-    if raw_len > _raw_bound(n_rows, nnz) or (not flags and raw_len != payload_len):
+    if raw_len > _raw_bound(n_rows, nnz) or (not flags and raw_len != payload_len) \
+            or (flags and not raw_len):
         raise CodecError(f"raw payload length {raw_len} impossible for {n_rows} rows, {nnz} entries")
     if raw_len > inflation_bound(payload_len):
         raise CodecError(f"raw payload length {raw_len} beyond the inflation bound of a "
@@ -604,7 +605,7 @@ def _raw_payload(data: bytes, header: Header) -> np.ndarray:
     body = memoryview(data)[HEADER_SIZE:]
     if header.flags == FLAG_ZLIB:
         inflater = zlib.decompressobj()
-        try:
+        try:  # max_length bounds the output (decode_header refused raw_len 0, zlib's "no limit")
             raw = inflater.decompress(body, header.raw_len)
         except zlib.error as exc:
             raise CodecError(f"corrupt compressed payload: {exc}") from None

@@ -63,6 +63,20 @@ def test_bomb_beyond_the_bound_is_refused_before_inflating(flags):
 
 
 @pytest.mark.parametrize("flags", [codec.FLAG_ZSTD, codec.FLAG_ZLIB])
+def test_compressed_chunk_declaring_no_raw_bytes_is_refused_before_inflating(flags):
+    # zlib reads a max_length of 0 as "no limit": a compressed chunk declaring raw_len 0 (and no
+    # entries, which passes every other check) must not reach the inflater.
+    raw = bytes(32 << 20)
+    body = zstandard.ZstdCompressor(level=19).compress(raw) if flags == codec.FLAG_ZSTD else zlib.compress(raw, 9)
+    chunk = codec._pack_chunk((b"r" * 16, 1, 0, 1, 0, 0, 1, 1), 0, 0, body, flags, 0)
+    with pytest.raises(codec.CodecError, match="raw payload length 0"):
+        codec.decode_header(chunk)
+    assert _peak(lambda: codec.decode(chunk)) < 4 * len(chunk) + (1 << 20)
+    assert _peak(lambda: codec.decode_into(chunk, np.zeros((4, 4), np.float32), np.arange(4))) \
+        < 4 * len(chunk) + (1 << 20)
+
+
+@pytest.mark.parametrize("flags", [codec.FLAG_ZSTD, codec.FLAG_ZLIB])
 def test_largest_allowed_inflation_stays_a_small_multiple_of_the_chunk(flags):
     # COO decoding has no block to bound it: the inflation bound is what holds.
     chunk = _at_the_bound(flags, 16 << 10, n_rows=1 << 21, nnz=1 << 24, n_images=8)
