@@ -200,6 +200,27 @@ def _fit_batches(footprints, n_workers: int, batch_size, worker_memory_mb, launc
     return batch_size, worker_memory_mb
 
 
+def _whole(name: str, value, low: int = 1):
+    """``value`` as a Python int (numpy integers too; never a bool), at least ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _checked_images(images, n_neurons: int):
+    """The images as validated CSR arrays in kernel dtypes: what ``fsd_kernels.infer`` refuses
+    (bad pointers, indices out of range, unsorted or repeated in a row, non-finite or beyond
+    float32 values) is refused here too, before anything is partitioned or launched."""
+    from fsd_kernels import _validate
+
+    if not isinstance(images, (tuple, list)) or len(images) != 3:
+        raise ValueError("images must be CSR arrays (indptr, indices, data)")
+    indptr = _validate.as_array("images indptr", images[0], np.int64)
+    if indptr.shape[0] < 1:
+        raise ValueError("images indptr must have at least one entry")
+    return _validate.csr("images", indptr, images[1], images[2], (indptr.shape[0] - 1, n_neurons))
+
+
 def run_distributed(net, images, n_workers: int | None = None, *, partition: str | None = None,
                     channel: dict | None = None, launcher: dict | None = None,
                     storage: Storage | None = None, fanout: int = 2, batch_size: int | None = None,
@@ -230,6 +251,9 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     from fsd_runtime import budget
 
     say = progress or (lambda message: None)
+    n_workers = None if n_workers is None else _whole("n_workers", n_workers)
+    fanout = _whole("fan-out", fanout)
+    batch_size = None if batch_size is None else _whole("batch_size", batch_size)
     launcher_kind = (launcher or {"kind": "process"}).get("kind")
     launcher_config = dict(launcher or {"kind": "process"})
     model = None
@@ -246,6 +270,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     elif net is None or n_workers is None:
         raise ValueError("a run needs a network and a worker count, or a prepared model")
     partition = partition or "hypergraph"
+    images = _checked_images(images, model.n_neurons if model is not None else net.n_neurons)
     depth = tree_depth(n_workers, fanout)  # validates the tree before anything is created
     if receive_timeout is None or run_timeout is None:
         if model is None:
@@ -265,8 +290,6 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     indptr, indices, data = images
     n_neurons = model.n_neurons if model is not None else net.n_neurons
     ymax = model.ymax if model is not None else net.ymax
-    if indices.size and int(indices.max()) >= n_neurons:
-        raise ValueError(f"the images have neuron ids beyond the network's {n_neurons} neurons")
     timings = {}
     start = time.perf_counter()
     if model is None and owners is None:

@@ -9,6 +9,7 @@ import pytest
 import fsd_kernels
 from fsd_runtime import model, partition as partitioning
 from fsd_runtime.coordinator import run_distributed
+from fsd_runtime.prepared import prepare
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,54 @@ def test_bad_partition_and_tree_fail_before_anything_starts(official_packed, off
         run_distributed(official_packed, official.images.arrays, 2, fanout=0)
     with pytest.raises(ValueError, match="unknown launcher kind"):
         run_distributed(official_packed, official.images.arrays, 2, launcher={"kind": "teleport"})
+
+
+def _identity_net(n: int):
+    eye = (np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int32), np.ones(n, np.float32))
+    return fsd_kernels.pack([eye], [np.zeros(n, np.float32)], n, 32.0)
+
+
+_BAD_IMAGES = {  # name: (CSR arrays over 3 neurons, what the error must say)
+    "negative neuron": (([0, 1], [-1], [5.0]), "must lie in"),
+    "neuron beyond N": (([0, 1], [3], [5.0]), "must lie in"),
+    "repeated neuron": (([0, 2], [1, 1], [1.0, 2.0]), "strictly increase"),
+    "unsorted row": (([0, 2], [2, 1], [1.0, 2.0]), "strictly increase"),
+    "NaN": (([0, 1], [1], [np.nan]), "finite"),
+    "inf": (([0, 1], [1], [np.inf]), "finite"),
+    "beyond float32": (([0, 1], [1], [1e39]), "finite"),
+    "indptr past nnz": (([0, 1, 3], [0, 1], [1.0, 1.0]), "indptr"),
+    "indptr decreasing": (([0, 2, 1, 2], [0, 1], [1.0, 1.0]), "decrease"),
+    "indptr starting at 1": (([1, 2, 3], [0, 1, 2], [1.0, 1.0, 1.0]), "start at 0"),
+    "empty indptr": (([], [], []), "at least one entry"),
+    "fractional indices": (([0, 1], [0.5], [1.0]), "indices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_IMAGES))
+def test_bad_images_are_refused_before_launch_as_serially(case, tmp_path):
+    """What fsd_kernels.infer refuses, run_distributed refuses too, with its message, before
+    anything is partitioned or launched (it once ran them: a negative neuron id wrapped to the
+    last neuron, a repeated one kept its last value, NaN passed where no weight read it)."""
+    net = _identity_net(3)
+    (indptr, indices, data), says = _BAD_IMAGES[case]
+    images = (np.array(indptr, np.int64), np.array(indices), np.array(data, np.float64))
+    with pytest.raises(ValueError, match=says):
+        fsd_kernels.infer(*images, net)
+    prepare(net, tmp_path / "model", 2)
+    for kwargs in ({"net": net}, {"net": None, "prepared": tmp_path / "model"}):
+        with pytest.raises(ValueError, match=says):  # the launcher kind is checked later: no launch
+            run_distributed(images=images, n_workers=2, launcher={"kind": "teleport"}, **kwargs)
+
+
+def test_numpy_integer_options_are_taken_and_bad_batch_sizes_refused_before_launch():
+    net = _identity_net(3)
+    images = (np.array([0, 1, 2], np.int64), np.array([0, 2], np.int32), np.array([1.0, 2.0], np.float32))
+    result = run_distributed(net, images, np.int64(2), fanout=np.int32(2), batch_size=np.int64(1),
+                             launcher={"kind": "thread"})
+    assert_same(result, fsd_kernels.infer(*images, net))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            run_distributed(net, images, 2, batch_size=bad, launcher={"kind": "teleport"})
 
 
 def test_cli_runs_a_tree_of_worker_processes_with_metrics(tmp_path):
