@@ -115,7 +115,7 @@ def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=
         try:
             error = json.loads(storage.get(key))
             worker, text = int(error["worker"]), str(error["error"])
-        except (ValueError, KeyError, TypeError, StorageError):
+        except (ValueError, KeyError, TypeError, RecursionError, StorageError):
             lines[key] = f"{key}: unreadable error record"
             continue
         if text.startswith("WorkerError: "):  # its message names worker and layer already
@@ -137,6 +137,17 @@ def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=
                 lines[worker] += f" (its last stderr line: {said})"
     order = sorted(lines, key=lambda k: (isinstance(k, str), k not in silent, str(k).zfill(12)))
     return "distributed run failed:\n  " + "\n  ".join(lines[k] for k in order)
+
+
+def _metrics_record(storage: Storage, prefix: str, worker: int) -> dict:
+    """A worker's metrics record, or a RunError naming it (the store may hold anything)."""
+    try:
+        record = json.loads(storage.get(ev.metrics_key(prefix, worker)))
+    except (ValueError, RecursionError, StorageError) as exc:
+        raise RunError(f"worker {worker}: unreadable metrics record ({exc})") from None
+    if not isinstance(record, dict):
+        raise RunError(f"worker {worker}: metrics record is not a JSON object")
+    return record
 
 
 def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neurons: int, ymax):
@@ -346,7 +357,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
         coordinator_launcher.launch([event])
         _wait(storage, prefix, n_workers, coordinator_launcher, run_timeout, record)
         timings["launch_to_done_s"] = time.perf_counter() - start
-        worker_metrics = [json.loads(storage.get(ev.metrics_key(prefix, w))) for w in range(n_workers)]
+        worker_metrics = [_metrics_record(storage, prefix, w) for w in range(n_workers)]
         activations = _gather(storage, prefix, n_workers, indptr.shape[0] - 1, n_neurons, ymax)
     finally:
         with liveness.signals_deferred():

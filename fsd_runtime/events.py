@@ -145,7 +145,7 @@ def parse(event: Any) -> WorkerEvent:
     if isinstance(event, (str, bytes)):
         try:
             event = json.loads(event)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting beyond the parser's depth
             raise EventError(f"event is not valid JSON: {exc}") from None
     if not isinstance(event, Mapping):
         raise EventError(f"event must be a JSON object, got {type(event).__name__}")

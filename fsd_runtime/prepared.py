@@ -476,7 +476,7 @@ def open_model(where, prefix: str = "") -> PreparedModel:
         raise _meta_error(label, f"{MODEL_KEY} has {len(text)} bytes")
     try:
         meta = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting beyond the parser's depth
         raise _meta_error(label, f"{MODEL_KEY} is not JSON: {exc}") from None
     return PreparedModel(where, prefix, _check_meta(meta, label))
 

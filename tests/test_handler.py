@@ -41,7 +41,8 @@ def test_bad_event_is_answered_with_the_field(tmp_path, change, field):
     assert answer["error"].startswith("EventError") and field in answer["error"]
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"{}", None, 42])
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"{}", None, 42,
+                                 "[" * 100_000 + "]" * 100_000])  # nested past the parser's depth
 def test_malformed_payloads_are_answered(raw):
     answer = handler(raw, None)
     assert answer["ok"] is False and answer["worker"] is None

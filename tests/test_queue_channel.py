@@ -242,9 +242,12 @@ def test_foreign_messages_are_skipped_and_a_malformed_chunk_is_a_clear_error(run
     sqs.send_message(QueueUrl=queue, MessageBody="other run", MessageAttributes=attributes("other", ["1"]))
     sqs.send_message(QueueUrl=queue, MessageBody="other target", MessageAttributes=attributes(
         channels[1].run_id, ["0"]))
+    sqs.send_message(QueueUrl=queue, MessageBody="nested target", MessageAttributes={
+        "run": {"DataType": "String", "StringValue": channels[1].run_id},
+        "target": {"DataType": "String.Array", "StringValue": "[" * 50_000 + "]" * 50_000}})
     sqs.send_message(QueueUrl=queue, MessageBody=".probe 0")
     assert channels[1].receive(0, timeout=1) == []
-    assert channels[1].counts["foreign_skipped"] == 3 and channels[1].counts["probes_skipped"] == 1
+    assert channels[1].counts["foreign_skipped"] == 4 and channels[1].counts["probes_skipped"] == 1
     sqs.send_message(QueueUrl=queue, MessageBody="not base85 ~~~ {",
                      MessageAttributes=attributes(channels[1].run_id, ["1"]))
     with pytest.raises(ChannelError, match="not an encoded chunk"):

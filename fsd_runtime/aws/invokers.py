@@ -176,7 +176,7 @@ def rie_failure(status: int, body: bytes) -> str | None:
         return f"RIE answered HTTP {status}: {body[:300]!r}"
     try:
         answer = json.loads(body or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):
         return f"RIE answer is not JSON: {body[:300]!r}"
     if isinstance(answer, dict) and "errorType" in answer:
         return f"{answer['errorType']}: {answer.get('errorMessage', '')}"

@@ -312,7 +312,7 @@ def billed_from_logs(logs, function: str, run_id: str, n_workers: int, since_ms:
                         continue
                     try:
                         line = json.loads(message[start:])
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         continue
                     if (isinstance(line, dict) and line.get("message") == "worker starting"
                             and line.get("run") == run_id and isinstance(line.get("worker"), int)

@@ -414,7 +414,7 @@ class QueueChannel(Channel):
         run = attributes.get("run", {}).get("StringValue")
         try:
             targets = json.loads(attributes.get("target", {}).get("StringValue", "[]"))
-        except ValueError:
+        except (ValueError, RecursionError):
             targets = []
         if run != self.run_id or not isinstance(targets, list) or str(self.worker) not in targets:
             self.counts["foreign_skipped"] += 1
