@@ -740,6 +740,15 @@ class ChunkTracker:
         return key in self._n_chunks and len(self._seen[key]) == self._n_chunks[key]
 
 
+def _check_chunk_order(key, parts: list[Message], n_images: int) -> None:
+    """Each chunk is sorted by (neuron, image); the message is only if every chunk starts after
+    the one before ends (a sender cuts a block in order; overlapping chunks are forged)."""
+    for before, after in zip(parts, parts[1:]):
+        last = int(before.neurons[-1]) * n_images + int(before.images[-1])
+        if int(after.neurons[0]) * n_images + int(after.images[0]) <= last:
+            raise CodecError(f"message {key}: chunks overlap or are out of order")
+
+
 class Assembler:
     """Reassemble chunks into whole Messages; duplicates (also after completion) are ignored."""
 
@@ -761,6 +770,7 @@ class Assembler:
             return None
         del self._parts[header.key]
         ordered = [parts[i] for i in range(header.n_chunks)]
+        _check_chunk_order(header.key, [m for m in ordered if m.neurons.shape[0]], message.n_images)
         return Message(np.concatenate([m.neurons for m in ordered]),
                        np.concatenate([m.images for m in ordered]),
                        np.concatenate([m.values for m in ordered]),

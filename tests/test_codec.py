@@ -135,6 +135,35 @@ def test_chunks_respect_budget_and_reassemble_in_any_order(max_bytes):
     assert_same_bits(done[0].values, vals)
 
 
+def _renumbered(chunk: bytes, index: int, n_chunks: int) -> bytes:
+    """``chunk`` re-sealed as chunk ``index`` of ``n_chunks`` (what a forger can do)."""
+    fields = codec.decode_header(chunk)
+    return codec._pack_chunk((fields.run_id, fields.layer, fields.batch, fields.source,
+                              fields.target, index, n_chunks, fields.n_images),
+                             fields.n_rows, fields.nnz, chunk[codec.HEADER_SIZE:], fields.flags, fields.raw_len)
+
+
+@pytest.mark.parametrize("second", [([5, 6], [0, 1]), ([6], [0]), ([4], [3])])
+def test_assembler_refuses_chunks_that_overlap_or_run_backwards(second):
+    """Chunks of a message each hold distinct, ordered entries; two whose entries overlap or run
+    backwards would assemble into repeated or unsorted COO, so the message is refused."""
+    first = codec.encode(np.array([5, 6], np.int32), np.array([0, 1], np.int32),
+                         np.array([1.0, 2.0], np.float32), n_images=4)[0]
+    later = codec.encode(np.array(second[0], np.int32), np.array(second[1], np.int32),
+                         np.ones(len(second[0]), np.float32), n_images=4)[0]
+    assembler = codec.Assembler()
+    assert assembler.add(_renumbered(first, 0, 2)) is None
+    with pytest.raises(codec.CodecError, match="overlap or are out of order"):
+        assembler.add(_renumbered(later, 1, 2))
+    fine = codec.encode(np.array([6, 7], np.int32), np.array([2, 0], np.int32),
+                        np.ones(2, np.float32), n_images=4)[0]
+    assembler = codec.Assembler()
+    assembler.add(_renumbered(first, 0, 2))
+    whole = assembler.add(_renumbered(fine, 1, 2))
+    np.testing.assert_array_equal(whole.neurons, [5, 6, 6, 7])
+    np.testing.assert_array_equal(whole.images, [0, 1, 2, 0])
+
+
 def test_chunking_is_not_wasteful():
     """Cutting a block for a budget costs few chunks beyond its size over the budget."""
     rng = np.random.default_rng(8)
