@@ -187,8 +187,8 @@ def _image_ranks(images):
     if n == 0:
         return rank
     lo = images.min()
-    span = images.max() - lo + 1
-    if span > 4 * n + 4096:
+    span = np.int64(images.max()) - lo + 1
+    if span > n + 4096:  # the table (8 bytes an image of the span) stays within 8 (n + 4097) bytes
         order = np.argsort(images, kind="mergesort")
         for i in range(n):
             rank[order[i]] = i
@@ -745,11 +745,12 @@ def _row_images(data, pos, out):
 
 @nb.njit(nogil=True, cache=True)
 def _decode_values(data, mode, vpos, width, dictionary, n_values):
-    """All values of a checked value section, as float32 bits."""
-    values = np.empty(n_values, np.uint32)
+    """All values of a checked value section, as float32 bits (the one value of a constant
+    section once: entry k's value is ``values[k * (values.shape[0] > 1)]``)."""
     if mode == VALUES_CONST:
-        values[:] = _u32(data, vpos, 1)
-    elif mode == VALUES_RAW:
+        return np.full(1, _u32(data, vpos, 1), np.uint32)
+    values = np.empty(n_values, np.uint32)
+    if mode == VALUES_RAW:
         for k in range(n_values):
             values[k] = _u32(data, vpos + k, n_values)
     elif width == 1:
@@ -767,8 +768,8 @@ def _to_row_order(data, rec, vstart, copied, max_count, mode, values):
     if mode == VALUES_CONST:
         return
     n_values = values.shape[0]
-    images = np.empty(n_values, np.int64)
-    row_images = np.empty(max_count + 8, np.int64)
+    images = np.empty(n_values, np.int32)  # image ids are below 2**31 (MAX_IMAGES)
+    row_images = np.empty(max_count + 8, np.int32)
     for r in range(rec.shape[0]):
         if not copied[r]:
             count = _row_images(data, rec[r], row_images)
@@ -783,7 +784,8 @@ def _to_row_order(data, rec, vstart, copied, max_count, mode, values):
 def _emit_rows(data, n_rows, write_coo, neurons_out, images_out, bits_out, slot_of_neuron, block, col_off,
                rec, vstart, max_count, values):
     """Second pass over checked sections: fill COO arrays or scatter value bits into ``block`` (uint32)."""
-    row_images = np.empty(max_count + 8, np.int64)
+    row_images = np.empty(max_count + 8, np.int32)
+    step = np.int64(values.shape[0] > 1)  # 0: one constant value for every entry
     npos = 0
     neuron = np.int64(-1)
     k = np.int64(0)
@@ -796,11 +798,11 @@ def _emit_rows(data, n_rows, write_coo, neurons_out, images_out, bits_out, slot_
             for i in range(count):
                 neurons_out[k + i] = neuron
                 images_out[k + i] = row_images[i]
-                bits_out[k + i] = values[vi + i]
+                bits_out[k + i] = values[(vi + i) * step]
         else:
             dst = block[slot_of_neuron[neuron]]
             for i in range(count):
-                dst[col_off + row_images[i]] = values[vi + i]
+                dst[col_off + row_images[i]] = values[(vi + i) * step]
         k += count
 
 

@@ -139,3 +139,45 @@ def test_coo_decode_takes_the_receivers_entry_bound():
     assert codec.decode(chunk, max_nnz=3).neurons.shape[0] == 3
     with pytest.raises(codec.CodecError, match="at most 2"):
         codec.decode(chunk, max_nnz=2)
+
+
+_PEAK_OF_DECODE = """
+import resource, struct, sys, zlib
+import numpy as np
+from fsd_kernels import codec
+nnz, constant = int(sys.argv[1]), sys.argv[2] == "const"
+def varint(v):
+    out = bytearray()
+    while v >= 128:
+        out.append(v & 127 | 128); v >>= 7
+    return bytes(out + bytes([v]))
+raw = varint(0) + varint(nnz << 3 | 3) + varint(0)  # neuron 0: a run of nnz images from image 0
+if constant:
+    raw += b"\\x01" + struct.pack("<f", 1.0)
+else:  # a dictionary of 256 values, one code byte an entry
+    raw += b"\\x02" + varint(255) + bytes(256) + np.random.default_rng(0).integers(0, 256, nnz, dtype=np.uint8).tobytes()
+body = zlib.compress(raw, 1)
+chunk = codec._pack_chunk((b"r", 0, 0, 0, 0, 0, 1, nnz), 1, nnz, body, codec.FLAG_ZLIB, len(raw))
+codec.decode(codec.encode(np.zeros(1, np.int32), np.zeros(1, np.int32), np.ones(1, np.float32), n_images=2)[0])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+message = codec.decode(chunk)
+assert message.images.shape[0] == nnz
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, len(chunk))
+"""
+
+
+@pytest.mark.parametrize("values", ["const", "dictionary"])
+def test_decode_allocates_what_docs_codec_md_says(values):
+    """decode of one row of 2**22 entries: the COO output (12 bytes an entry), one row's images
+    (4 bytes an entry) and, for values that are not one constant, about 28 bytes a value more
+    (docs/codec.md); a constant section costs nothing per entry beyond the output. Measured as
+    the growth of a fresh process's peak RSS."""
+    import subprocess
+    import sys
+
+    nnz = 1 << 22
+    out = subprocess.run([sys.executable, "-c", _PEAK_OF_DECODE, str(nnz), values],
+                         capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    grown, chunk_bytes = int(out[0]), int(out[1])
+    per_value = 0 if values == "const" else 28
+    assert grown <= (12 + 4 + per_value) * nnz + 2 * chunk_bytes + (8 << 20), (grown, chunk_bytes)
