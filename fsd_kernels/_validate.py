@@ -18,7 +18,17 @@ def as_array(name, a, dtype, ndim=1):
             raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
         with np.errstate(over="ignore"):  # too large for float32 -> inf -> "must be finite"
             a = a.astype(dtype)
-    return np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()  # the JIT signatures take writeable arrays only
+
+
+def integer(name, value, low, high=None):
+    """``value`` as a Python int in ``low..high`` (numpy integers too; never a bool or float)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in {low}..{'' if high is None else high}, got {value}")
+    return int(value)
 
 
 def csr(name, indptr, indices, data, shape, *, finite=True):
@@ -66,7 +76,11 @@ def vector(name, v, n, dtype=np.float32):
 
 
 def ymax(value):
-    value = np.float32(value)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"ymax must be finite and positive, got {value}")
-    return value
+    if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0 or not isinstance(
+            value.item() if isinstance(value, np.ndarray) else value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"ymax must be a real number, got {value!r}")
+    with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused below
+        value32 = np.float32(value)
+    if not np.isfinite(value32) or value32 <= 0:
+        raise ValueError(f"ymax must be finite and positive as a float32, got {value!r}")
+    return value32

@@ -380,7 +380,7 @@ def encode_dense(block, rows, neurons, *, n_images, layer=0, source=0, target=0,
     ``neurons`` must strictly increase. Zeros (either sign) are absent.
     """
     _check_fields(n_images, layer, source, target, batch, run_id, max_bytes)
-    rows = _dense_rows(block, rows, n_images)
+    block, rows = _dense_rows(block, rows, n_images)
     neurons = _neuron_ids(neurons, rows.shape[0])
     fields = (run_id, int(layer), int(batch), int(source), int(target))
     single = _single_chunk(kernels.encode_dense_rows, (block, rows, neurons, int(n_images)), max_bytes)
@@ -457,7 +457,7 @@ class DenseRows:
 
     def __init__(self, block, rows, n_images: int):
         _check_fields(n_images, 0, 0, 0, 0, b"", None)
-        rows = _dense_rows(block, rows, n_images)
+        block, rows = _dense_rows(block, rows, n_images)
         self.n_images = int(n_images)
         self.n_rows = rows.shape[0]
         self.row_ptr = np.empty(self.n_rows + 1, np.int64)
@@ -501,14 +501,16 @@ class DenseRows:
                            max_bytes=max_bytes)
 
 
-def _dense_rows(block, rows, n_images) -> np.ndarray:
-    """Check a dense block and its row indices; the rows as int64."""
+def _dense_rows(block, rows, n_images) -> tuple[np.ndarray, np.ndarray]:
+    """Check a dense block and its row indices: (the block as the kernels take it, the rows
+    as int64)."""
     if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2 \
             or not block.flags.c_contiguous:
         raise ValueError("block must be a C-contiguous 2-D float32 array")
     if n_images > block.shape[1]:
         raise ValueError(f"n_images={n_images} exceeds the block's {block.shape[1]} columns")
-    return _int_array("rows", rows, max(block.shape[0], 1)).astype(np.int64)
+    rows = _int_array("rows", rows, block.shape[0]).astype(np.int64)
+    return (block if block.flags.writeable else block.copy()), rows  # (the JIT takes writeable arrays)
 
 
 def _neuron_ids(neurons, n_rows: int) -> np.ndarray:
@@ -699,7 +701,11 @@ def decode_into(data, block: np.ndarray, slot_of_neuron: np.ndarray, *, column_o
     slots = np.ascontiguousarray(slots, dtype=np.int64)
     if slots.max() >= block.shape[0]:
         raise ValueError("slot_of_neuron points past the block's rows")
+    if header is not None and not isinstance(header, Header):
+        raise ValueError(f"header must be what decode_header returned, got {type(header).__name__}")
     h = header if header is not None and header.source_chunk is data else decode_header(data)
+    if isinstance(column_offset, bool) or not isinstance(column_offset, (int, np.integer)):
+        raise ValueError(f"column_offset must be an integer, got {column_offset!r}")
     if column_offset < 0 or column_offset + h.n_images > block.shape[1]:
         raise CodecError(f"chunk addresses {h.n_images} images at offset {column_offset}, "
                          f"block has {block.shape[1]} columns")
@@ -726,6 +732,8 @@ class ChunkTracker:
 
     def accept(self, header: Header) -> bool:
         """True the first time a (message, chunk) is offered; False for a duplicate."""
+        if not isinstance(header, Header):
+            raise ValueError(f"accept takes a Header (see decode_header), got {type(header).__name__}")
         n = self._n_chunks.setdefault(header.key, header.n_chunks)
         if n != header.n_chunks:
             raise CodecError(f"message {header.key} announced {n} chunks, now {header.n_chunks}")
@@ -760,12 +768,12 @@ class Assembler:
         """Add one chunk; return the whole message (``chunk`` 0 of ``n_chunks``) when its last
         missing chunk arrives, else None."""
         header, message = _decode(data)  # decoded (checked) before it counts as seen
+        parts = self._parts.get(header.key, {})
+        if parts and next(iter(parts.values())).n_images != message.n_images:  # before it is seen
+            raise CodecError(f"message {header.key}: chunks disagree on n_images")
         if not self._tracker.accept(header):
             return None
-        parts = self._parts.setdefault(header.key, {})
-        if parts and next(iter(parts.values())).n_images != message.n_images:
-            raise CodecError(f"message {header.key}: chunks disagree on n_images")
-        parts[header.chunk] = message
+        self._parts.setdefault(header.key, parts)[header.chunk] = message
         if not self._tracker.complete(header.key):
             return None
         del self._parts[header.key]
@@ -806,6 +814,6 @@ def from_text(text: str) -> bytes:
 
 def max_payload_for_text(limit: int) -> int:
     """The largest chunk size whose :func:`to_text` form has at most ``limit`` characters."""
-    if limit < 0:
-        raise ValueError("limit must be non-negative")
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+        raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
     return 4 * (limit // 5) + max(0, limit % 5 - 1)

@@ -14,6 +14,9 @@ from fsd_kernels._backend import kernels
 from fsd_kernels import network
 from fsd_kernels.network import PackedNetwork
 
+#: Most threads ``infer`` takes (more than batches or cores only adds threads that wait).
+MAX_THREADS = 1024
+
 #: Most bytes one dense N x B float32 block may take (each thread holds two).
 BLOCK_BYTES = 64 * 2**20
 #: Batches per thread at least, so threads finish at about the same time.
@@ -123,20 +126,16 @@ def infer(indptr, indices, data, net: PackedNetwork, *, batch_size: int | None =
     the twin shortcut (outputs with equal W column and bias computed once), an algorithmic one
     that the other tools lack.
     """
-    if not isinstance(net, PackedNetwork):
-        raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")
+    network.check_packed(net)
     indptr = _validate.as_array("images indptr", indptr, np.int64)
     if indptr.shape[0] < 1:
         raise ValueError("images indptr must have at least one entry")
     n_images = indptr.shape[0] - 1
     indptr, indices, data = _validate.csr("images", indptr, indices, data, (n_images, net.n_neurons))
-    threads = (os.cpu_count() or 1) if threads is None else threads
-    if threads < 1:
-        raise ValueError(f"threads must be positive, got {threads}")
+    threads = (os.cpu_count() or 1) if threads is None else _validate.integer("threads", threads, 1, MAX_THREADS)
     if batch_size is None:
         batch_size = default_batch(n_images, net.n_neurons, threads)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = _validate.integer("batch_size", batch_size, 1)
     spans = [(s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
     twin_map = _twins(net, twins)
     pieces, done = [], 0

@@ -14,11 +14,15 @@ def layer(y_indptr, y_indices, y_data, w_indptr, w_indices, w_data, bias, *, yma
     overflows float32 raises :class:`~fsd_kernels.LayerOverflowError` (layer 0: this one).
     """
     bias = np.asarray(bias)
-    n_in = np.asarray(w_indptr).shape[0] - 1
-    n_out = bias.shape[0] if bias.ndim else None
-    if n_out is None:
+    if bias.ndim != 1:
         raise ValueError("bias must be a vector with one entry per output neuron")
-    n_images = np.asarray(y_indptr).shape[0] - 1
+    n_out = bias.shape[0]
+    w_indptr = _validate.as_array("weights indptr", w_indptr, np.int64)
+    y_indptr = _validate.as_array("activations indptr", y_indptr, np.int64)
+    if w_indptr.shape[0] < 1 or y_indptr.shape[0] < 1:
+        raise ValueError("an indptr needs at least one entry (rows + 1)")
+    n_in = w_indptr.shape[0] - 1
+    n_images = y_indptr.shape[0] - 1
     y = _validate.csr("activations", y_indptr, y_indices, y_data, (n_images, n_in))
     w = _validate.csr("weights", w_indptr, w_indices, w_data, (n_in, n_out))
     bias = _validate.vector("bias", bias, n_out)

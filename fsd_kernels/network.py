@@ -1,4 +1,6 @@
 """Pack a network's layers once into the flat arrays the kernels read."""
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -8,6 +10,8 @@ from fsd_kernels._backend import kernels
 
 #: The Graph Challenge clips activations at 32.
 YMAX = 32.0
+#: Neuron ids are int32 in the kernels and on the wire.
+MAX_NEURONS = (1 << 31) - 1
 
 
 class PackedNetwork(NamedTuple):
@@ -83,9 +87,7 @@ def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX)
         raise ValueError(f"{len(layers)} layers but {len(biases)} biases")
     if len(layers) == 0:
         raise ValueError("a network needs at least one layer")
-    if int(n_neurons) < 1:
-        raise ValueError(f"n_neurons must be positive, got {n_neurons}")
-    n = int(n_neurons)
+    n = _validate.integer("n_neurons", n_neurons, 1, MAX_NEURONS)
     ymax = _validate.ymax(ymax)
     colptrs, rowidx, vals, bias_rows, keeps, twins = [], [], [], [], [], []
     layer_ptr = [0]
@@ -112,3 +114,82 @@ def pack(layers: Sequence, biases: Sequence, n_neurons: int, ymax: float = YMAX)
         ymax=ymax,
         twins=np.concatenate(twins),
     )
+
+
+_ARRAY_FIELDS = ("colptrs", "layer_ptr", "rowidx", "vals", "biases", "keeps_saturated", "twins")
+_CHECKED: "OrderedDict[tuple, tuple]" = OrderedDict()   # the last few networks found whole
+_CHECKED_KEEP = 16
+
+
+def _seen_whole(net) -> tuple[tuple | None, bool]:
+    """(key, whether this very network, the same array objects still alive, passed before)."""
+    arrays = [getattr(net, f) for f in _ARRAY_FIELDS]
+    if not all(a is None or isinstance(a, np.ndarray) for a in arrays):
+        return None, False
+    key = (tuple(id(a) for a in arrays), repr(net.n_neurons), repr(net.ymax), type(net.ymax))
+    refs = _CHECKED.get(key)
+    return key, refs is not None and all((r is None and a is None) or (r is not None and r() is a)
+                                         for r, a in zip(refs, arrays))
+
+
+def check_packed(net) -> None:
+    """Refuse a ``PackedNetwork`` that ``pack`` did not make as it is: arrays of other types or
+    shapes, indices out of range, or the derived fields (saturation flags, twins) disagreeing
+    with the weights, biases and ymax (e.g. after ``net._replace(ymax=...)``), so the kernels
+    can trust every field. O(nnz) the first time; a network that passed is remembered (by its
+    array objects, while they live, and its n_neurons and ymax), so repeated runs pay nothing.
+    Arrays changed in place after packing are not looked at again."""
+    if not isinstance(net, PackedNetwork):
+        raise ValueError("net must be a PackedNetwork (see fsd_kernels.pack)")
+    key, seen = _seen_whole(net)
+    if seen:
+        return
+    _check_packed(net)
+    if key is not None:
+        _CHECKED[key] = tuple(None if a is None else weakref.ref(a)
+                              for a in (getattr(net, f) for f in _ARRAY_FIELDS))
+        while len(_CHECKED) > _CHECKED_KEEP:
+            _CHECKED.popitem(last=False)
+
+
+def _check_packed(net) -> None:
+    n = _validate.integer("net.n_neurons", net.n_neurons, 1, MAX_NEURONS)
+    arrays = {"colptrs": np.int64, "layer_ptr": np.int64, "rowidx": np.int32, "vals": np.float32,
+              "biases": np.float32, "keeps_saturated": np.bool_}
+    for name, dtype in arrays.items():
+        a = getattr(net, name)
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous \
+                or not a.flags.writeable or a.ndim != (2 if name == "biases" else 1):
+            raise ValueError(f"net.{name} is not what fsd_kernels.pack makes (a writeable "
+                             f"C-contiguous {np.dtype(dtype).name} array): use pack")
+    n_layers = net.biases.shape[0]
+    ptr, nnz = net.layer_ptr, net.rowidx.shape[0]
+    if n_layers < 1 or net.biases.shape[1] != n or net.keeps_saturated.shape[0] != n_layers \
+            or net.colptrs.shape[0] != n_layers * (n + 1) or ptr.shape[0] != n_layers + 1 \
+            or net.vals.shape[0] != nnz or ptr[0] != 0 or ptr[-1] != nnz or np.any(np.diff(ptr) < 0):
+        raise ValueError("net's arrays disagree in size: use fsd_kernels.pack")
+    if not isinstance(net.ymax, np.float32):
+        raise ValueError("net.ymax must be a float32 (use fsd_kernels.pack)")
+    _validate.ymax(net.ymax)
+    if not (np.all(np.isfinite(net.vals)) and np.all(np.isfinite(net.biases))):
+        raise ValueError("net's weights and biases must be finite")
+    if nnz and (net.rowidx.min() < 0 or net.rowidx.max() >= n):
+        raise ValueError("net.rowidx holds rows outside the network")
+    twins = net.twins
+    if twins is not None and (not isinstance(twins, np.ndarray) or twins.dtype != np.int32
+                              or twins.shape != (n_layers * n,) or not twins.flags.c_contiguous):
+        raise ValueError("net.twins is not what fsd_kernels.pack makes: use pack")
+    for l in range(n_layers):
+        colptr, rows, vals, bias = net.layer_csc(l)
+        if colptr[0] != 0 or colptr[-1] != ptr[l + 1] - ptr[l] or np.any(np.diff(colptr) < 0):
+            raise ValueError(f"net layer {l}: column pointers out of order: use fsd_kernels.pack")
+        starts = colptr[1:-1]
+        inside = np.ones(max(rows.shape[0] - 1, 0), bool)
+        inside[starts[(starts > 0) & (starts < rows.shape[0])] - 1] = False
+        if np.any(np.diff(rows)[inside] <= 0):
+            raise ValueError(f"net layer {l}: rows must strictly increase within each column")
+        if bool(net.keeps_saturated[l]) != keeps_saturated(colptr, rows, vals, bias, net.ymax):
+            raise ValueError(f"net layer {l}: keeps_saturated disagrees with the weights, bias and "
+                             "ymax (changed after packing?): pack the network again")
+        if twins is not None and not np.array_equal(twins[l * n:(l + 1) * n], twin_map(colptr, rows, vals, bias)):
+            raise ValueError(f"net layer {l}: twins disagree with the weights and bias: pack again")

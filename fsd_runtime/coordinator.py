@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fsd_kernels.infer import Activations
+from fsd_kernels.network import check_packed
 from fsd_runtime import events as ev
 from fsd_runtime import liveness
 from fsd_runtime import metrics as mx
@@ -267,6 +268,8 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     batch_size = None if batch_size is None else _whole("batch_size", batch_size)
     launcher_kind = (launcher or {"kind": "process"}).get("kind")
     launcher_config = dict(launcher or {"kind": "process"})
+    if net is not None:
+        check_packed(net)  # its derived fields (saturation flags) drive the workers' parking
     model = None
     if prepared is not None:
         from fsd_runtime import prepared as prep

@@ -453,3 +453,56 @@ def test_subsets_checked_together_equal_subsets_checked_one_by_one():
     with pytest.raises(ValueError, match="positions and neurons differ in length"):
         codec.Subset.many([[1]], [])
     assert codec.Subset.many([], []) == []
+
+
+def test_dense_encoders_refuse_rows_of_an_empty_block_and_take_read_only_blocks():
+    """Row 0 of a block with no rows was read past the array (garbage on the wire)."""
+    empty = np.zeros((0, 100), np.float32)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 0\)"):
+        codec.encode_dense(empty, [0], [0], n_images=100)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 0\)"):
+        codec.DenseRows(empty, [0], 100)
+    block = np.arange(12, dtype=np.float32).reshape(3, 4)
+    block.flags.writeable = False
+    chunk = codec.encode_dense(block, [1], [7], n_images=4)[0]
+    assert codec.decode(chunk).values.tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert codec.DenseRows(block, [2], 4).encode([0], [9])[0] == codec.encode_dense(block, [2], [9], n_images=4)[0]
+
+
+def test_a_refused_chunk_does_not_count_as_seen():
+    """A chunk refused for disagreeing on n_images once counted as seen, so the genuine chunk
+    of that number was dropped as a duplicate and the message never completed (KeyError)."""
+    neurons = np.repeat(np.arange(4, dtype=np.int32), 50)
+    images = np.tile(np.arange(50, dtype=np.int32), 4)
+    values = np.random.default_rng(3).random(200).astype(np.float32)
+    good = codec.encode(neurons, images, values, n_images=50, max_bytes=300)
+    assert len(good) > 2
+    h = codec.decode_header(good[1])
+    bogus = codec.encode(np.array([0], np.int32), np.array([0], np.int32), np.ones(1, np.float32),
+                         n_images=60)[0]
+    bogus = codec._pack_chunk((h.run_id, h.layer, h.batch, h.source, h.target, 1, h.n_chunks, 60),
+                              1, 1, bogus[codec.HEADER_SIZE:], codec.decode_header(bogus).flags,
+                              codec.decode_header(bogus).raw_len)
+    assembler = codec.Assembler()
+    assert assembler.add(good[0]) is None
+    with pytest.raises(codec.CodecError, match="n_images"):
+        assembler.add(bogus)
+    results = [assembler.add(c) for c in good[1:]]
+    assert results[:-1] == [None] * (len(good) - 2)
+    np.testing.assert_array_equal(results[-1].neurons, neurons)
+
+
+def test_codec_helpers_refuse_arguments_of_the_wrong_kind():
+    chunk = codec.encode(np.array([1], np.int32), np.array([0], np.int32), np.ones(1, np.float32), n_images=2)[0]
+    block = np.zeros((2, 4), np.float32)
+    for offset in (0.9, True, "1"):
+        with pytest.raises(ValueError, match="column_offset"):
+            codec.decode_into(chunk, block, np.arange(2), column_offset=offset)
+    with pytest.raises(ValueError, match="header"):
+        codec.decode_into(chunk, block, np.arange(2), header="x")
+    with pytest.raises(ValueError, match="Header"):
+        codec.ChunkTracker().accept(chunk)
+    with pytest.raises(ValueError, match="limit"):
+        codec.max_payload_for_text(2.5)
+    codec.decode_into(chunk, block, np.arange(2), column_offset=np.int64(2))
+    assert block[1].tolist() == [0.0, 0.0, 1.0, 0.0]

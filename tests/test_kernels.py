@@ -334,3 +334,69 @@ def test_layer_refuses_bad_arguments():
         fsd_kernels.layer(*y, *dense_to_csr(np.ones((1, 3), np.float32)), np.zeros(3))
     with pytest.raises(ValueError, match="ymax"):
         fsd_kernels.layer(*y, *w, np.zeros(3), ymax=-1)
+
+
+def test_layer_refuses_bad_pointers_before_reading_them():
+    y = dense_to_csr(np.eye(2, dtype=np.float32))
+    w = dense_to_csr(np.ones((2, 3), np.float32))
+    for bad_y, bad_w in (((np.array([], np.int64),) + y[1:], w), ((np.array(0),) + y[1:], w),
+                         (y, (np.array([], np.int64),) + w[1:]), (y, (np.array(0),) + w[1:])):
+        with pytest.raises(ValueError, match="indptr"):
+            fsd_kernels.layer(*bad_y, *bad_w, np.zeros(3))
+
+
+@pytest.mark.parametrize("ymax, says", [(np.array([4.0]), "real number"), (np.array([4.0, 5.0]), "real number"),
+                                        (None, "real number"), ("32", "real number"), (1 + 2j, "real number"),
+                                        (True, "real number"), (1e39, "float32"), (1e-50, "float32")])
+def test_ymax_must_be_one_positive_float32(ymax, says):
+    eye = dense_to_csr(np.eye(2, dtype=np.float32))
+    with pytest.raises(ValueError, match=says):
+        fsd_kernels.pack([eye], [-0.3], 2, ymax=ymax)
+
+
+@pytest.mark.parametrize("name, value", [("threads", 1.5), ("threads", "2"), ("threads", 10**9),
+                                         ("batch_size", 1.5), ("batch_size", "2"), ("batch_size", True)])
+def test_infer_takes_whole_numbers_for_threads_and_batches(small_net, name, value):
+    with pytest.raises(ValueError, match=name):
+        fsd_kernels.infer(*GOOD_Y, small_net, **{name: value})
+    assert fsd_kernels.infer(*GOOD_Y, small_net, **{name: np.int64(2)}).indptr.shape == (3,)
+
+
+def test_pack_takes_whole_neuron_counts_and_read_only_arrays():
+    eye = dense_to_csr(np.eye(3, dtype=np.float32))
+    for bad in (3.5, 2.7, "3"):
+        with pytest.raises(ValueError, match="n_neurons"):
+            fsd_kernels.pack([eye], [-0.3], bad)
+    frozen = [a.copy() for a in eye]
+    for a in frozen:
+        a.flags.writeable = False
+    bias = np.full(3, -0.1, np.float32)
+    bias.flags.writeable = False
+    net = fsd_kernels.pack([tuple(frozen)], [bias], 3)  # the JIT once refused read-only arrays
+    one = fsd_kernels.pack([dense_to_csr(np.eye(1, dtype=np.float32))], [0.5], 1)  # scalar bias, N=1
+    images = np.frombuffer(np.array([0, 1], np.int64).tobytes(), np.int64), np.array([0], np.int32), \
+        np.frombuffer(np.array([2.0], np.float32).tobytes(), np.float32)
+    assert fsd_kernels.infer(*images, one).data.tolist() == [2.5]
+    out = fsd_kernels.layer(*images[:1], images[1], images[2], *frozen, bias)
+    assert out[2].tolist() == [np.float32(2.0) - np.float32(0.1)]
+    assert net.n_neurons == 3
+
+
+def test_infer_refuses_a_packed_network_changed_after_packing(small_net):
+    """``infer`` trusts no field of a PackedNetwork: derived fields that no longer agree with the
+    weights (a new ymax after packing made a saturated image stay parked: a wrong answer) and
+    arrays of other types or sizes are refused."""
+    layers = [(dense_to_csr(np.eye(4, dtype=np.float32) * 2))]  # 2 * 32 - 20 >= 32, 2 * 4 - 20 < 4
+    net = fsd_kernels.pack(layers, [np.full(4, -20.0, np.float32)], 4, ymax=32.0)
+    saturated = (np.array([0, 4]), np.arange(4), np.full(4, 32.0))
+    assert fsd_kernels.infer(*saturated, net).data.tolist() == [32.0] * 4  # (found whole, remembered)
+    with pytest.raises(ValueError, match="keeps_saturated"):
+        fsd_kernels.infer(*saturated, net._replace(ymax=np.float32(4.0)))
+    assert fsd_kernels.infer(*saturated, fsd_kernels.pack(layers, [np.full(4, -20.0, np.float32)], 4, ymax=4.0)
+                             ).data.tolist() == [4.0] * 4
+    for change, says in (({"ymax": np.float32(np.nan)}, "ymax"), ({"ymax": 4.0}, "float32"),
+                         ({"n_neurons": 1000}, "size"), ({"biases": net.biases.astype(np.float64)}, "biases"),
+                         ({"rowidx": np.full_like(net.rowidx, 7)}, "outside"), ({"twins": net.twins[:2]}, "twins"),
+                         ({"vals": np.full_like(net.vals, np.inf)}, "finite")):
+        with pytest.raises(ValueError, match=says):
+            fsd_kernels.infer(*saturated, net._replace(**change))
