@@ -21,6 +21,7 @@ from fsd_runtime.aws import deploy
 from fsd_runtime.aws.clients import AwsSettings, client
 from fsd_runtime.aws.run import AwsRun, RunOptions
 from fsd_runtime.aws.invokers import RieUnavailable, rie_binary
+from fsd_runtime.channels.queue import QueueResources
 
 IMAGES = 240
 
@@ -65,12 +66,16 @@ def _assert_bit_identical(result, net, images, gold):
 
 
 def _leftovers(deployment) -> dict:
-    """Run-scoped resources still there: run queues, and any object in the bucket."""
+    """Run-scoped resources still there: run queues (``NAME_RUN_WORKER``), subscriptions to the
+    deployment's topics, and any object in the bucket."""
     name, settings = deployment
     names = deploy.names_for(deploy.DeploySettings(name=name), settings)
     objects = client("s3", settings).list_objects_v2(Bucket=names.bucket).get("Contents", [])
-    queues = client("sqs", settings).list_queues(QueueNamePrefix=f"{name}-").get("QueueUrls", [])
-    return {"objects": [o["Key"] for o in objects], "queues": queues}
+    queues = client("sqs", settings).list_queues(QueueNamePrefix=f"{name}_").get("QueueUrls", [])
+    topics = set(QueueResources(deploy.queue_config(names, settings)).existing_topics())
+    subscriptions = [s["Endpoint"] for s in client("sns", settings).list_subscriptions().get("Subscriptions", [])
+                     if s["TopicArn"] in topics]
+    return {"objects": [o["Key"] for o in objects], "queues": queues, "subscriptions": subscriptions}
 
 
 def test_object_channel_through_the_handler_is_bit_identical(deployment, official, official_packed):
@@ -78,7 +83,7 @@ def test_object_channel_through_the_handler_is_bit_identical(deployment, officia
     result = _run(_aws_run(deployment, "object", "local", 3), official_packed, images, 3)
     _assert_bit_identical(result, official_packed, images, gold)
     assert result.traffic["channel_requests"]["s3_put_requests"] > 0
-    assert _leftovers(deployment) == {"objects": [], "queues": []}
+    assert _leftovers(deployment) == {"objects": [], "queues": [], "subscriptions": []}
 
 
 def test_two_concurrent_queue_runs_do_not_see_each_other(deployment, official, official_packed):
@@ -106,7 +111,7 @@ def test_two_concurrent_queue_runs_do_not_see_each_other(deployment, official, o
         counts = result.traffic["channel_requests"]
         assert counts["messages_received"] == counts["messages_sent"] > 0
     assert results[0].run_id != results[1].run_id
-    assert _leftovers(deployment) == {"objects": [], "queues": []}
+    assert _leftovers(deployment) == {"objects": [], "queues": [], "subscriptions": []}
 
 
 def test_cli_queue_run_reports_golden_traffic_and_cost(deployment, capsys):
@@ -126,7 +131,7 @@ def test_cli_queue_run_reports_golden_traffic_and_cost(deployment, capsys):
     terms = cost["duration_terms"]["optimistic"]["seconds"]
     assert terms["share_download_s"] > 0 and terms["launch_skew_s"] > 0 and terms["compute_s"] > 0
     assert set(cost["sources"]["duration_terms"]) == set(terms)
-    assert _leftovers(deployment) == {"objects": [], "queues": []}
+    assert _leftovers(deployment) == {"objects": [], "queues": [], "subscriptions": []}
     code = cli.main(["run", "--workers", "2", "--channel", "queue", "--images", "120", "--partition",
                      "contiguous", "--deployment", name, "--endpoint-url", settings.endpoint_url,
                      "--region", "us-east-1", "--json", "--memory-mb", "884"])
@@ -149,7 +154,7 @@ def test_handler_coordinator_mode_runs_a_whole_run(deployment):
     assert answer["ok"] is True, answer
     result = answer["result"]
     assert result["golden_match"] is True and result["images"] == 120 and result["cost"]["usd"] > 0
-    assert _leftovers(deployment) == {"objects": [], "queues": []}
+    assert _leftovers(deployment) == {"objects": [], "queues": [], "subscriptions": []}
 
 
 def test_rie_end_to_end_is_bit_identical(deployment, official, official_packed):
@@ -161,7 +166,7 @@ def test_rie_end_to_end_is_bit_identical(deployment, official, official_packed):
     images, gold = _subset(official, 0, IMAGES)
     result = _run(_aws_run(deployment, "queue", "rie", 2), official_packed, images, 2)
     _assert_bit_identical(result, official_packed, images, gold)
-    assert _leftovers(deployment) == {"objects": [], "queues": []}
+    assert _leftovers(deployment) == {"objects": [], "queues": [], "subscriptions": []}
 
 
 def test_worker_that_never_starts_fails_within_timeout_and_cleans_up(aws_settings, official, official_packed):
@@ -176,7 +181,7 @@ def test_worker_that_never_starts_fails_within_timeout_and_cleans_up(aws_setting
             _run(_aws_run(lambda_deployment, "queue", "lambda", 2), official_packed, images, 2,
                  run_timeout=3)
         assert time.monotonic() - started < 60
-        assert _leftovers(lambda_deployment) == {"objects": [], "queues": []}
+        assert _leftovers(lambda_deployment) == {"objects": [], "queues": [], "subscriptions": []}
     finally:
         deploy.teardown(settings, aws_settings)
 
