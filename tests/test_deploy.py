@@ -142,6 +142,27 @@ def test_storage_only_deployment_and_leftover_run_queues_are_swept(aws_settings)
         deploy.teardown(other, aws_settings)
 
 
+def test_teardown_and_cleanup_find_every_topic_a_deploy_made(aws_settings):
+    """Deployed with 4 topics, torn down (and cleaned up) with the default settings' 2: every
+    topic, run queue and subscription goes (teardown once kept t2, t3 and the run's queues,
+    whose policies name all 4 topics)."""
+    wide = deploy.DeploySettings(name=f"fsd-{uuid.uuid4().hex[:8]}", topics=4, lambda_function=False)
+    names = deploy.names_for(wide, aws_settings)
+    deploy.deploy(wide, aws_settings)
+    QueueResources(deploy.queue_config(names, aws_settings)).create_run("crashed", 2)
+    narrow = deploy.DeploySettings(name=wide.name, topics=2, lambda_function=False)
+    try:
+        cleaned = deploy.cleanup(narrow, aws_settings, older_than_s=0)
+        assert {f"leftover run queue {wide.name}_crashed_{w}" for w in (0, 1)} <= set(cleaned)
+        removed = deploy.teardown(narrow, aws_settings)
+        assert {f"topic {wide.name}_t{i}" for i in range(4)} <= set(removed)
+        assert _inventory(names, aws_settings) == EMPTY
+        assert not [s for s in aws.client("sns", aws_settings).list_subscriptions()["Subscriptions"]
+                    if s["TopicArn"].rsplit(":", 1)[1].startswith(f"{wide.name}_")]
+    finally:
+        deploy.teardown(wide, aws_settings)
+
+
 @pytest.mark.parametrize("bad", [
     {"name": "Has_Upper"}, {"name": "x"}, {"architecture": "sparc"}, {"python": "3"},
     {"memory_mb": 64}, {"timeout_s": 901}, {"topics": 0},

@@ -57,6 +57,14 @@ def test_missing_bucket_is_a_storage_error(aws_settings):
         S3Storage(f"no-such-bucket-{uuid.uuid4().hex[:8]}", aws_settings).put("runs/x", b"1")
 
 
+def test_a_gone_bucket_holds_nothing_to_list_or_delete(aws_settings):
+    """Removing a dead run's objects after teardown deleted the bucket: nothing left, no error
+    (``fsd-inference clean`` once failed on every call, keeping the run's record forever)."""
+    gone = S3Storage(f"no-such-bucket-{uuid.uuid4().hex[:8]}", aws_settings)
+    assert gone.list("runs/dead") == []
+    gone.delete_prefix("runs/dead")
+
+
 def test_config_rebuilds_the_store_in_a_worker(store, aws_settings):
     invokers.register()
     rebuilt = make_storage(store.config())

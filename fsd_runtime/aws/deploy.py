@@ -553,7 +553,8 @@ def _delete_run_queues(names: Names, aws_settings: aws.AwsSettings, older_than_s
     """Queues of runs that never cleaned up: named ``NAME_...`` with a policy naming our topics,
     created at least ``older_than_s`` ago; their subscriptions to our topics go with them."""
     sqs, sns = aws.client("sqs", aws_settings), aws.client("sns", aws_settings)
-    ours = set(names.topic_arns())
+    # every topic the deployment has, also beyond the settings' count (a deploy with more topics)
+    ours = set(names.topic_arns()) | set(QueueResources(queue_config(names, aws_settings)).existing_topics())
     now = time.time()
     deleted: dict[str, str] = {}  # queue ARN -> url
     urls = [u for page in sqs.get_paginator("list_queues").paginate(QueueNamePrefix=f"{names.settings.name}{SEP}")

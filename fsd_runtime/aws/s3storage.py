@@ -19,6 +19,8 @@ from fsd_runtime.storage import Storage, StorageError, check_key
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 #: What S3 answers a conditional PUT on a key that exists (409: a concurrent conditional PUT).
 _EXISTS = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+#: What S3 answers for a bucket that is gone (a torn-down deployment: nothing is left under it).
+_NO_BUCKET = frozenset({"NoSuchBucket"})
 #: delete_objects takes at most this many keys a call.
 _DELETE_BATCH = 1000
 
@@ -88,7 +90,9 @@ class S3Storage(Storage):
         token: dict = {}
         while True:
             page = self._call("ListObjectsV2", prefix, self.s3.list_objects_v2,
-                              Prefix=check_key(prefix) + "/", **token)
+                              Prefix=check_key(prefix) + "/", absent=_NO_BUCKET, **token)
+            if page is None:  # the bucket is gone (torn down): nothing is under any prefix
+                return sorted(keys)
             keys.extend(o["Key"] for o in page.get("Contents", []))
             if not page.get("IsTruncated"):
                 return sorted(keys)

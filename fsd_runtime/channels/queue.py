@@ -158,13 +158,14 @@ class QueueResources:
                           Attributes=attributes)["TopicArn"] for i in range(self.config.topics)]
 
     def existing_topics(self) -> list[str]:
-        """ARNs of this prefix's topics that exist (ListTopics; nothing is created)."""
-        names = {topic_name(self.config.prefix, i) for i in range(self.config.topics)}
+        """ARNs of every topic of this prefix that exists (``PREFIX_t0``, ``PREFIX_t1``, ...,
+        however many a deploy made, not only ``config.topics``; ListTopics, nothing created)."""
+        ours = re.compile(re.escape(topic_name(self.config.prefix, 0)[:-1]) + r"(0|[1-9][0-9]*)")
         found, token = [], None
         while True:
             answer = self.call("ListTopics", self.sns.list_topics, **({"NextToken": token} if token else {}))
             found.extend(t["TopicArn"] for t in answer.get("Topics", [])
-                         if t["TopicArn"].rsplit(":", 1)[-1] in names)
+                         if ours.fullmatch(t["TopicArn"].rsplit(":", 1)[-1]))
             token = answer.get("NextToken")
             if not token:
                 return sorted(found)
