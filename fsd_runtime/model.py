@@ -385,7 +385,11 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
         path = os.path.join(directory, name)
         m = _LAYER_NAME.match(name)
         if m:
-            found[int(m.group(2))] = (int(m.group(1)), path)
+            k = int(m.group(2))
+            if k in found:  # n64-l1.tsv and n64-l1.tsv.gz, or n64-l1.tsv and n64-l01.tsv
+                raise DataError(f"{directory}: several layer {k} files "
+                                f"{[os.path.basename(found[k][1]), name]}")
+            found[k] = (int(m.group(1)), path)
         for kind, pattern in (("bias", _BIAS_NAME), ("ymax", _YMAX_NAME)):
             m = pattern.match(name)
             if m:

@@ -107,6 +107,17 @@ def test_network_directory_errors(tmp_path):
         model.read_network(str(tmp_path))
 
 
+@pytest.mark.parametrize("first, second", [("n4-l1.tsv", "n4-l1.tsv.gz"), ("n4-l01.tsv", "n4-l1.tsv")])
+def test_two_files_for_one_layer_are_an_error(tmp_path, first, second):
+    write_lines(tmp_path / "n4-l2.tsv", ["1\t1\t1"])
+    write_lines(tmp_path / first, ["1\t1\t1"])
+    with gzip.open(tmp_path / second, "wt") if second.endswith(".gz") else open(tmp_path / second, "w") as f:
+        f.write("2\t2\t1\n")
+    for read in (model.read_network, model.stream_network):
+        with pytest.raises(model.DataError, match=rf"several layer 1 files \['{first}', '{second}'\]"):
+            read(str(tmp_path), bias=0.0)
+
+
 def test_unknown_width_needs_a_bias(tmp_path):
     write_lines(tmp_path / "n5-l1.tsv", ["1\t1\t1"])
     with pytest.raises(model.DataError, match="no Graph Challenge bias for N=5"):
