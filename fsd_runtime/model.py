@@ -31,6 +31,9 @@ EMBEDDED_FILE = "graphchallenge-1024x120-first10000.npz.xz"
 YMAX = 32.0
 #: An input file's largest image id may exceed its line count this many times (plus 1024) at most.
 MAX_IMAGES_PER_LINE = 16
+#: The largest magnitude a value of the files may have: values are stored as float32, and one
+#: beyond this would become inf (checked in float64 before the cast).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -112,9 +115,16 @@ def from_coo(rows, cols, vals, shape, *, where: str) -> Csr:
     """CSR from 0-based triples; duplicates are an error (the formats never repeat an entry)."""
     rows = np.asarray(rows, np.int64)
     cols = np.asarray(cols, np.int64)
+    vals = np.asarray(vals)
+    if vals.dtype.kind == "f" and vals.size:  # checked before the cast: beyond float32 would be inf
+        bad = ~(np.abs(vals) <= FLOAT32_MAX)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: entry ({rows[at] + 1}, {cols[at] + 1}) is {float(vals[at])!r}, "
+                            f"not a finite value float32 can hold")
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]
-    vals = np.asarray(vals, np.float32)[order]
+    vals = vals.astype(np.float32)[order]
     if rows.size > 1:
         dup = np.flatnonzero((rows[1:] == rows[:-1]) & (cols[1:] == cols[:-1]))
         if dup.size:
@@ -303,8 +313,9 @@ def _find_bad_line(path, text: bytes, n_fields: int, limits) -> str:
                 return f"{path}, line {number}, field {k + 1}: expected a number, got {_shown(field)}"
             if limit is not None and not (np.isfinite(value) and value == int(value) and 1 <= value <= limit):
                 return f"{path}, line {number}, field {k + 1}: expected an integer in 1..{limit}, got {_shown(field)}"
-            if limit is None and not np.isfinite(value):
-                return f"{path}, line {number}, field {k + 1}: expected a finite value, got {_shown(field)}"
+            if limit is None and not abs(value) <= FLOAT32_MAX:
+                return (f"{path}, line {number}, field {k + 1}: expected a finite value float32 can hold "
+                        f"(magnitude at most {FLOAT32_MAX:.7g}), got {_shown(field)}")
     return f"{path}: malformed"
 
 
@@ -324,7 +335,7 @@ def read_triples(path: str, shape: tuple[int, int]) -> Csr:
         raise DataError(_find_bad_line(path, text, 3, limits)) from None
     r, c, v = triples[:, 0], triples[:, 1], triples[:, 2]
     bad = ~((r == np.floor(r)) & (r >= 1) & (r <= shape[0]) & (c == np.floor(c)) & (c >= 1)
-            & (c <= shape[1]) & np.isfinite(v))
+            & (c <= shape[1]) & (np.abs(v) <= FLOAT32_MAX))  # NaN and inf fail too
     if bad.any():
         raise DataError(_find_bad_line(path, text, 3, limits))
     return from_coo(r.astype(np.int64) - 1, c.astype(np.int64) - 1, v, shape, where=path)
@@ -421,6 +432,12 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
                 raise DataError(f"{directory}: no Graph Challenge bias for N={n}; pass a bias "
                                 f"or add an n{n}-bias.tsv file")
             bias = CHALLENGE_BIAS[n]
+        try:
+            bias = float(bias)
+        except (TypeError, ValueError):
+            raise DataError(f"bias: expected a number, got {bias!r}") from None
+        if not abs(bias) <= FLOAT32_MAX:
+            raise DataError(f"bias: expected a finite number float32 can hold, got {bias!r}")
         bias_of = lambda l: np.full(n, bias, np.float32)  # noqa: E731
     ymax = read_ymax(extra["ymax"][0][1]) if extra["ymax"] else YMAX
 

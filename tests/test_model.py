@@ -2,6 +2,7 @@
 import gzip
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -89,6 +90,39 @@ def test_malformed_layer_files_name_file_and_line(tmp_path, lines, match):
     with pytest.raises(model.DataError, match=match) as err:
         model.read_network(str(tmp_path), bias=-0.3)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("name, lines, where", [
+    ("n4-l1.tsv", ["1\t1\t0.5", "2\t3\t1e39"], "n4-l1.tsv, line 2, field 3"),
+    ("n4-l1.tsv", ["1\t1\t-3.5e38"], "n4-l1.tsv, line 1, field 3"),
+    ("n4-bias.tsv", ["1\t1\t0.5", "", "2\t4\t-1e39"], "n4-bias.tsv, line 3, field 3"),
+])
+def test_values_beyond_float32_name_file_line_and_field(tmp_path, name, lines, where):
+    if name != "n4-l1.tsv":
+        write_lines(tmp_path / "n4-l1.tsv", ["1\t1\t0.5"])
+    write_lines(tmp_path / "n4-l2.tsv", ["1\t1\t0.5"])
+    write_lines(tmp_path / name, lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the cast: no "overflow encountered in cast"
+        with pytest.raises(model.DataError, match=rf"{where}: expected a finite value float32 can hold"
+                                                  rf" \(magnitude at most 3.402823e\+38\), got '-?\d"):
+            model.read_network(str(tmp_path), bias=None if "bias" in name else 0.0)
+
+
+def test_input_values_and_scalar_bias_beyond_float32_are_refused(tmp_path):
+    path = tmp_path / "images.tsv"
+    write_lines(path, ["1\t1\t1", "2\t2\t1e39"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(model.DataError, match=r"images.tsv, line 2, field 3: expected a finite value float32"):
+            model.read_images(str(path), 4)
+        write_lines(path, ["1\t1\t3.4028234663852886e38"])  # float32's largest: accepted, as is
+        assert model.read_images(str(path), 4).data.tolist() == [float(np.finfo(np.float32).max)]
+        write_lines(tmp_path / "n4-l1.tsv", ["1\t1\t1"])
+        with pytest.raises(model.DataError, match=r"bias: expected a finite number float32 can hold, got 1e\+39"):
+            model.read_network(str(tmp_path), bias=1e39)
+        with pytest.raises(model.DataError, match=r"synthetic: entry \(1, 2\) is -inf, not a finite value"):
+            model.from_coo([0], [1], [-np.inf], (2, 2), where="synthetic")
 
 
 def test_network_directory_errors(tmp_path):
