@@ -31,6 +31,8 @@ EMBEDDED_FILE = "graphchallenge-1024x120-first10000.npz.xz"
 YMAX = 32.0
 #: An input file's largest image id may exceed its line count this many times (plus 1024) at most.
 MAX_IMAGES_PER_LINE = 16
+#: The largest image id a categories file may hold (ids are int64 in memory).
+MAX_IMAGE_ID = int(np.iinfo(np.int64).max)
 #: The largest magnitude a value of the files may have: values are stored as float32, and one
 #: beyond this would become inf (checked in float64 before the cast).
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -349,9 +351,13 @@ def read_categories(path: str) -> np.ndarray:
         s = line.strip()
         if not s:
             continue
-        if not s.isdigit() or int(s) < 1:
+        digits = s.lstrip(b"0")  # bytes: isdigit() means ASCII digits only
+        if not s.isdigit() or not digits:
             raise DataError(f"{path}, line {number}: expected a positive integer image id, got {_shown(s)}")
-        ids.append(int(s) - 1)
+        if len(digits) > len(str(MAX_IMAGE_ID)) or int(digits) > MAX_IMAGE_ID:  # long: before int()
+            raise DataError(f"{path}, line {number}: image id {_shown(s)} is too large "
+                            f"(at most {MAX_IMAGE_ID})")
+        ids.append(int(digits) - 1)
     return np.unique(np.asarray(ids, np.int64))
 
 

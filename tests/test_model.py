@@ -199,6 +199,17 @@ def test_categories_are_sorted_zero_based(tmp_path):
     assert model.read_categories(str(path)).tolist() == [1, 4, 8]
 
 
+@pytest.mark.parametrize("line", ["99999999999999999999999", "9223372036854775808", "7" * 5000])
+def test_categories_with_a_huge_id_are_refused(tmp_path, line):
+    path = tmp_path / "categories.tsv"
+    write_lines(path, ["3", line])
+    with pytest.raises(model.DataError, match=rf"categories.tsv, line 2: image id '{line[:20]}.*' is too large "
+                                              r"\(at most 9223372036854775807\)"):
+        model.read_categories(str(path))
+    write_lines(path, ["3", "0009223372036854775807"])  # the largest, leading zeros and all
+    assert model.read_categories(str(path)).tolist() == [2, 2**63 - 2]
+
+
 # --- the synthetic generator ---
 
 @pytest.mark.parametrize("n", [1024, 4096, 16384, 65536])
