@@ -292,7 +292,7 @@ def _open_text(path: str) -> bytes:
     try:
         with opener(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a corrupt gzip stream
         raise DataError(f"{path}: cannot be read ({exc})") from None
 
 

@@ -166,6 +166,16 @@ def test_broken_gzip_is_a_data_error(tmp_path):
         model.read_images(str(path), 4)
 
 
+def test_corrupt_gzip_is_a_data_error(tmp_path):
+    raw = bytearray(gzip.compress("".join(f"{i}\t{i % 7 + 1}\t1\n" for i in range(1, 200)).encode()))
+    for i in range(20, 40):  # inside the deflate stream: zlib.error, not an OSError
+        raw[i] ^= 0x55
+    path = tmp_path / "images.tsv.gz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(model.DataError, match=r"images.tsv.gz: cannot be read \(Error -3 while decompressing"):
+        model.read_images(str(path), 8)
+
+
 def test_images_file_errors(tmp_path):
     path = tmp_path / "images.tsv"
     write_lines(path, ["1\t1\t1", "2\t9\t1"])
