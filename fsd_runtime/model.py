@@ -372,7 +372,7 @@ def read_network(directory: str, bias: float | None = None) -> Network:
 
     Without a bias file every neuron gets ``bias`` (default: the Graph Challenge bias for N).
     """
-    stream = stream_network_dir(directory, bias)
+    stream = stream_network_dir(directory, bias, whole=True)
     layers, biases = [], []
     for layer, row in stream.layers():
         layers.append(layer)
@@ -392,9 +392,10 @@ class LayerStream:
     layers: object  # () -> iterator of (Csr, np.ndarray)
 
 
-def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream:
+def stream_network_dir(directory: str, bias: float | None = None, *, whole: bool = False) -> LayerStream:
     """:func:`read_network`'s directory, one layer file at a time (a per-neuron bias file, if
-    there is one, is read whole: L x N floats)."""
+    there is one, is read whole: L x N floats). N is checked against the memory available for
+    one layer's per-neuron arrays, or every layer's with ``whole`` (the caller keeps them all)."""
     if not os.path.isdir(directory):
         raise DataError(f"{directory}: not a directory of n{{N}}-l{{k}}.tsv layer files")
     found, extra = {}, {"bias": [], "ymax": []}
@@ -426,6 +427,9 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
         if files and files[0][0] != n:
             raise DataError(f"{files[0][1]}: a {kind} file for N={files[0][0]}, but the layers have N={n}")
     n_layers = len(found)
+    # one layer at a time (or all of them kept), plus a per-neuron bias file read whole (L x N float32)
+    per_neuron = LAYER_READ_BYTES + (LAYER_HELD_BYTES * (n_layers - 1) if whole else 0)
+    check_width(found[1][1], n, n_layers, per_neuron + (4 * n_layers if extra["bias"] else 0))
     if extra["bias"]:
         bias_path = extra["bias"][0][1]
         if bias is not None:
@@ -452,6 +456,32 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
             yield read_triples(found[k][1], (n, n)), bias_of(k - 1)
 
     return LayerStream(os.path.basename(os.path.normpath(directory)), n, n_layers, ymax, layers)
+
+
+#: The most neurons a network may have: neuron ids are int32 in memory (as in the .npz file).
+MAX_NEURONS = int(np.iinfo(np.int32).max)
+#: Bytes per neuron a layer holds once read: its row pointers (int64) and bias vector (float32).
+LAYER_HELD_BYTES = 8 + 4
+#: Bytes per neuron while a layer file is read: the above and the rows' entry counts (int64).
+LAYER_READ_BYTES = LAYER_HELD_BYTES + 8
+
+
+def check_width(path: str, n_neurons: int, n_layers: int, bytes_per_neuron: int) -> None:
+    """Refuse an N (from layer file names) that int32 neuron ids cannot hold, or whose per-neuron
+    arrays alone (``bytes_per_neuron`` x N: row pointers and biases, nothing of the weights) would
+    not fit the memory available now (:func:`fsd_runtime.budget.available_bytes`), before any of
+    them is allocated."""
+    if n_neurons > MAX_NEURONS:
+        raise DataError(f"{path}: N={n_neurons} (from the file name) is more neurons than int32 neuron "
+                        f"ids can hold (at most {MAX_NEURONS})")
+    from fsd_runtime.budget import available_bytes
+
+    need, available = bytes_per_neuron * n_neurons, available_bytes()
+    if available is not None and need > available:
+        raise DataError(f"{path}: N={n_neurons} (from the file name) needs {need / 2**30:.1f} GiB for the "
+                        f"per-neuron arrays alone of a net of {n_layers} layer(s) ({bytes_per_neuron} bytes a "
+                        f"neuron: row pointers and biases), more than the {available / 2**30:.1f} GiB of "
+                        f"memory available now")
 
 
 def read_biases(path: str, n_layers: int, n_neurons: int) -> list[np.ndarray]:

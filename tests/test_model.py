@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fsd_kernels
-from fsd_runtime import model
+from fsd_runtime import budget, model
 
 
 def write_triples(path, csr: model.Csr, gz=False, fmt="%d\t%d\t%s\n"):
@@ -157,6 +157,36 @@ def test_unknown_width_needs_a_bias(tmp_path):
     with pytest.raises(model.DataError, match="no Graph Challenge bias for N=5"):
         model.read_network(str(tmp_path))
     assert model.read_network(str(tmp_path), bias=0.5).biases[0].tolist() == [0.5] * 5
+
+
+def test_a_width_too_large_for_int32_ids_is_refused_before_allocation(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2**60)  # memory is not what refuses it
+    write_lines(tmp_path / "n3000000000-l1.tsv", ["1\t1\t1"])
+    with pytest.raises(model.DataError, match=r"n3000000000-l1.tsv: N=3000000000 \(from the file name\) is "
+                                              r"more neurons than int32 neuron ids can hold \(at most 2147483647\)"):
+        model.stream_network(str(tmp_path), bias=0.0)
+
+
+def test_a_width_whose_arrays_exceed_the_memory_available_is_refused(tmp_path, monkeypatch):
+    for k in (1, 2):
+        write_lines(tmp_path / f"n100-l{k}.tsv", ["1\t1\t1"])
+    path = tmp_path / "n100-l1.tsv"
+    # one layer read at a time: 20 bytes a neuron; both layers held: 20 + 12
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2500)
+    assert sum(1 for _ in model.stream_network(str(tmp_path), bias=0.0).layers()) == 2
+    with pytest.raises(model.DataError, match=rf"{path}: N=100 \(from the file name\) needs 0.0 GiB for the "
+                                              r"per-neuron arrays alone of a net of 2 layer\(s\) \(32 bytes a neuron"):
+        model.read_network(str(tmp_path), bias=0.0)
+    monkeypatch.setattr(budget, "available_bytes", lambda: 1999)
+    with pytest.raises(model.DataError, match=r"\(20 bytes a neuron: row pointers and biases\), more than the "
+                                              r"0.0 GiB of memory available now"):
+        model.stream_network(str(tmp_path), bias=0.0)
+    write_lines(tmp_path / "n100-bias.tsv", ["1\t1\t1"])  # a bias file is read whole: 4 bytes a neuron and layer
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2700)
+    with pytest.raises(model.DataError, match=r"\(28 bytes a neuron"):
+        model.stream_network(str(tmp_path))
+    monkeypatch.setattr(budget, "available_bytes", lambda: None)  # unknown: not checked
+    assert model.read_network(str(tmp_path)).n_neurons == 100
 
 
 def test_broken_gzip_is_a_data_error(tmp_path):
