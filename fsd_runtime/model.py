@@ -11,10 +11,13 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import math
 import os
 import re
+import tokenize
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -571,9 +574,40 @@ def save_network(network: Network, path: str) -> None:
         np.savez_compressed(f, **arrays)
 
 
+#: What reading a damaged zip member can raise (besides DataError): zipfile's and the
+#: decompressors' errors (a bad CRC or stream, an encrypted flag, an unknown compression method
+#: or zip version: NotImplementedError, a RuntimeError), and those of numpy's .npy header parser,
+#: which evaluates the header's text (SyntaxError, tokenize.TokenError, ValueError, ...).
+_MEMBER_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+                  RuntimeError, ValueError, TypeError, OverflowError, KeyError, SyntaxError,
+                  tokenize.TokenError)
+
+
+#: What opening a damaged zip can raise (its directory: an unknown zip version is a
+#: NotImplementedError; a bad name encoding a ValueError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+               RuntimeError, ValueError)
+
+
+@contextmanager
+def _member(path: str, key: str):
+    """Reading field ``key``'s member: any error of a damaged member becomes a DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except _MEMBER_ERRORS as exc:
+        raise DataError(f"{path}: field {key!r} cannot be read, its member is damaged "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
 def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
     """(shape, dtype) of every field, from the .npy headers alone: nothing large is read yet."""
+    names = [info.filename for info in zf.infolist()]
     members = {info.filename: info for info in zf.infolist()}
+    if len(members) != len(names):
+        twice = sorted(name for name in members if names.count(name) > 1)[0]
+        raise DataError(f"{path}: member {twice!r} appears more than once")
     unknown = sorted(set(members) - {f"{k}.npy" for k in _NPZ_FIELDS})
     if unknown:
         raise DataError(f"{path}: unexpected member {unknown[0]!r} (fields: {', '.join(_NPZ_FIELDS)})")
@@ -582,7 +616,7 @@ def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
         info = members.get(f"{key}.npy")
         if info is None:
             raise DataError(f"{path}: field {key!r} is missing")
-        with zf.open(info) as f:
+        with _member(path, key), zf.open(info) as f:
             try:
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
@@ -591,15 +625,20 @@ def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 else:
                     raise ValueError(f"unsupported .npy version {version}")
-            except ValueError as exc:
-                raise DataError(f"{path}: field {key!r} has no valid .npy header ({exc})") from None
+            except (ValueError, SyntaxError, TypeError, OverflowError, KeyError, tokenize.TokenError,
+                    RecursionError) as exc:  # numpy evaluates the header's text
+                raise DataError(f"{path}: field {key!r} has no valid .npy header "
+                                f"({type(exc).__name__}: {exc})") from None
             header_bytes = f.tell()
         if dtype.hasobject or dtype.kind not in kinds or dtype.fields is not None:
             raise DataError(f"{path}: field {key!r} has dtype {dtype}; expected kind {kinds!r} "
                             f"(object arrays are never loaded)")
         if len(shape) != ndim:
             raise DataError(f"{path}: field {key!r} must be {ndim}-D, has shape {shape}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise DataError(f"{path}: field {key!r} declares shape {shape}: dimensions must be "
+                            f"integers >= 0")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a shape like (2**64,) cannot overflow
         if info.file_size != header_bytes + nbytes:
             raise DataError(f"{path}: field {key!r} declares shape {shape} but its member holds "
                             f"{info.file_size - header_bytes} bytes of data, not {nbytes}")
@@ -611,11 +650,9 @@ def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
 
 
 def _npz_field(path: str, zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    with zf.open(f"{key}.npy") as f:
-        try:
-            return np.lib.format.read_array(f, allow_pickle=False)
-        except ValueError as exc:  # a short member, say: the headers were checked already
-            raise DataError(f"{path}: field {key!r} cannot be read ({exc})") from None
+    """A field's array, read whole (its header was checked by :func:`_npz_headers`)."""
+    with _member(path, key), zf.open(f"{key}.npy") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def read_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> Network:
@@ -625,7 +662,9 @@ def read_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> Network:
     try:
         with zipfile.ZipFile(path) as zf:
             return _read_npz(path, zf, max_bytes)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+    except DataError:
+        raise
+    except _ZIP_ERRORS as exc:
         raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
 
 
@@ -665,24 +704,30 @@ def _read_npz(path: str, zf: zipfile.ZipFile, max_bytes: int) -> Network:
     return Network(n, layers, rows, ymax)
 
 
-def _member_stream(zf: zipfile.ZipFile, key: str):
+def _member_stream(path: str, zf: zipfile.ZipFile, key: str):
     """An open member positioned after its .npy header, with (dtype, fortran order)."""
-    f = zf.open(f"{key}.npy")
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    _, fortran, dtype = read(f)
+    with _member(path, key):
+        f = zf.open(f"{key}.npy")
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, fortran, dtype = read(f)
+        except BaseException:
+            f.close()
+            raise
     return f, dtype, fortran
 
 
 def _read_items(path: str, key: str, f, dtype: np.dtype, count: int) -> np.ndarray:
     want = count * dtype.itemsize
     chunks, got = [], 0
-    while got < want:
-        chunk = f.read(want - got)
-        if not chunk:
-            raise DataError(f"{path}: field {key!r} ends early")
-        chunks.append(chunk)
-        got += len(chunk)
+    with _member(path, key):
+        while got < want:
+            chunk = f.read(want - got)
+            if not chunk:
+                raise DataError(f"{path}: field {key!r} ends early")
+            chunks.append(chunk)
+            got += len(chunk)
     return np.frombuffer(b"".join(chunks), dtype)
 
 
@@ -695,8 +740,14 @@ def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream
         with zipfile.ZipFile(path) as zf:
             headers = _npz_headers(path, zf, max_bytes)
             small = {k: _npz_field(path, zf, k)[()] for k in ("version", "n_neurons", "ymax")}
-            fortran = any(_member_stream(zf, k)[2] for k in ("indptr", "biases"))
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            fortran = False
+            for k in ("indptr", "biases"):
+                f, _, order = _member_stream(path, zf, k)
+                f.close()
+                fortran = fortran or order
+    except DataError:
+        raise
+    except _ZIP_ERRORS as exc:
         raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
     if int(small["version"]) != NPZ_VERSION:
         raise DataError(f"{path}: field 'version' is {int(small['version'])}, this reader knows {NPZ_VERSION}")
@@ -721,7 +772,7 @@ def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream
     def layers():
         try:
             with zipfile.ZipFile(path) as zf:
-                streams = {k: _member_stream(zf, k) for k in ("indptr", "indices", "data", "biases")}
+                streams = {k: _member_stream(path, zf, k) for k in ("indptr", "indices", "data", "biases")}
                 used = 0
                 for l in range(n_layers):
                     f, dtype, _ = streams["indptr"]
@@ -748,7 +799,9 @@ def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream
                     raise DataError(f"{path}: field 'indptr' counts {used} entries but 'indices' has {nnz}")
                 for f, _, _ in streams.values():
                     f.close()
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        except DataError:
+            raise
+        except _ZIP_ERRORS as exc:
             raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
 
     return LayerStream(name, n, n_layers, ymax, whole if fortran else layers)

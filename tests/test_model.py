@@ -1,8 +1,11 @@
 """Data: official file formats (round trips, clear errors), the embedded copy, the synthetic generator."""
 import gzip
+import io
 import os
+import struct
 import sys
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -390,3 +393,84 @@ def test_synthetic_images_without_scipy_draw_the_same_pixels(monkeypatch):
     without = model.generate_images(3, 16384, seed=5)
     for a, b in zip(with_scipy.arrays, without.arrays):
         np.testing.assert_array_equal(a, b)
+
+
+# --- damaged .npz networks: a DataError naming the file (and the field), never numpy's or zipfile's own ---
+
+def _npz_members(tmp_path) -> dict:
+    """The members of a small network file as save_network writes it."""
+    path = tmp_path / "good.npz"
+    model.save_network(model.generate_network(64, 2, seed=1), str(path))
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def _npy_header(text: bytes) -> bytes:
+    """A .npy 1.0 magic and header holding ``text`` (any text: numpy's parser has to judge it)."""
+    text += b" " * ((64 - (10 + len(text) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
+
+
+def _zip(members: dict, compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", compression) as zf:
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        for name, raw in members.items() if isinstance(members, dict) else members:
+            zf.writestr(name, raw)
+    return buf.getvalue()
+
+
+def _patch_headers(raw: bytes, local: tuple[int, int] | None, central: tuple[int, int]) -> bytes:
+    """OR ``value`` into the 16-bit field at ``offset`` of every local and central zip header."""
+    b = bytearray(raw)
+    for magic, spot in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        i = b.find(magic)
+        while spot and i >= 0:
+            offset, value = spot
+            struct.pack_into("<H", b, i + offset, struct.unpack_from("<H", b, i + offset)[0] | value)
+            i = b.find(magic, i + 4)
+    return bytes(b)
+
+
+def _damaged(kind: str, members: dict) -> bytes:
+    if kind == "encrypted":  # the encrypted flag (bit 0 of the general purpose flags)
+        return _patch_headers(_zip(members), (6, 1), (8, 1))
+    if kind == "method 99":  # an unknown compression method
+        return _patch_headers(_zip(members), (8, 99), (10, 99))
+    if kind == "zip version":  # the version needed to extract, in the central directory: 21.4
+        return _patch_headers(_zip(members), None, (6, 210))
+    if kind == "header unbalanced":  # what a flipped byte in a header makes: tokenize.TokenError
+        return _zip({**members, "indices.npy": _npy_header(b"{'descr': '<i4', 'fortran_order': False, 'shape': ((6,), }")})
+    if kind.startswith("shape"):
+        shape = {"shape 2**64": (2**64,), "shape 2**63": (2**63,), "shape -1": (-1,)}[kind]
+        return _zip({**members, "indices.npy": _npy_header(repr({"descr": "<i4", "fortran_order": False,
+                                                                  "shape": shape}).encode())})
+    if kind == "member twice":
+        return _zip(list(members.items()) + [("data.npy", members["data.npy"])])
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("encrypted", r"field 'version' cannot be read, its member is damaged \(RuntimeError: .*encrypted"),
+    ("method 99", r"field 'version' cannot be read, its member is damaged \(NotImplementedError: That compression"),
+    ("zip version", r"not a readable .npz \(zip\) file \(NotImplementedError: zip file version 21.4\)"),
+    ("header unbalanced", r"field 'indices' has no valid .npy header \(TokenError: "),
+    ("shape 2**64", r"field 'indices' declares shape \(18446744073709551616,\) but its member holds 0 bytes of "
+                    r"data, not 73786976294838206464$"),
+    ("shape 2**63", r"field 'indices' declares shape \(9223372036854775808,\) but its member holds 0 bytes of "
+                    r"data, not 36893488147419103232$"),
+    ("shape -1", r"field 'indices' declares shape \(-1,\): dimensions must be integers >= 0"),
+    ("member twice", r"member 'data.npy' appears more than once"),
+])
+def test_damaged_npz_members_are_data_errors(tmp_path, kind, match):
+    path = tmp_path / "net.npz"
+    path.write_bytes(_damaged(kind, _npz_members(tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(model.DataError, match=match) as whole:
+            model.read_network_npz(str(path))
+        with pytest.raises(model.DataError, match=match) as streamed:
+            for _ in model.stream_network_npz(str(path)).layers():
+                pass
+    for err in (whole, streamed):
+        assert str(err.value).startswith(f"{path}: ")
