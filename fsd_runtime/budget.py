@@ -118,16 +118,24 @@ def default_worker_memory_mb(n_workers: int, launcher_kind: str | None) -> float
     passes its function's memory)."""
     if launcher_kind not in ("process", "fork", "thread"):
         return None
+    available = available_bytes()
+    if available is None:
+        return None
+    available /= 2**20
+    if launcher_kind == "process":  # every worker its own interpreter and kernels
+        return available / n_workers
+    # forked workers share their parent's pages of the interpreter and kernels
+    # (copy-on-write), threads their process: that overhead is there once
+    return max(available - WORKER_OVERHEAD_MB, 0.0) / n_workers + WORKER_OVERHEAD_MB
+
+
+def available_bytes() -> int | None:
+    """The memory available now (MemAvailable of /proc/meminfo), bytes; None without it."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) / 1024
-                    if launcher_kind == "process":  # every worker its own interpreter and kernels
-                        return available / n_workers
-                    # forked workers share their parent's pages of the interpreter and kernels
-                    # (copy-on-write), threads their process: that overhead is there once
-                    return max(available - WORKER_OVERHEAD_MB, 0.0) / n_workers + WORKER_OVERHEAD_MB
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None

@@ -1,6 +1,7 @@
 """``fsd-inference``: run the Graph Challenge workload serially or distributed.
 
-This module imports only the standard library (and fsd_runtime.aws's kind names) at load: ``--help`` and usage errors answer
+This module imports only the standard library (and fsd_runtime.aws's kind names, fsd_runtime.events's
+caps) at load: ``--help`` and usage errors answer
 without loading numpy, numba or boto3. Every option is checked (:func:`check_options`) before
 any data is read or any work starts; options that do not apply to the run asked for are
 refused, not ignored.
@@ -15,11 +16,13 @@ import math
 import os
 import re
 import signal
+import struct
 import sys
 import threading
 import time
 
 from fsd_runtime.aws import ARCHITECTURES, AWS_CHANNELS, INVOKERS  # names only: no boto3
+from fsd_runtime.events import MAX_BATCH_SIZE, MAX_FANOUT  # what a worker's event allows (stdlib only)
 
 #: Exit statuses (also in ``--help`` and README).
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -147,13 +150,49 @@ def _workers(text: str) -> int:
     return value
 
 
+def _capped(cap: int, why: str):
+    """A positive integer at most ``cap``."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > cap:
+            raise argparse.ArgumentTypeError(f"at most {cap} ({why}), got {value}")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+#: The largest float32 (values are stored as float32: a larger one would become inf).
+FLOAT32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
+
+
 def _finite(text: str) -> float:
+    """A number float32 can hold (it is stored as one)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if not abs(value) <= FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"expected a finite number float32 can hold (magnitude at most "
+                                         f"{FLOAT32_MAX:.7g}), got {text!r}")
+    return value
+
+
+def _age(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected finite seconds >= 0, got {text!r}")
     return value
 
 
@@ -169,7 +208,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 4096x480")
     g.add_argument("--images", type=_positive_int,
                    help="use only the first K images (synthetic: make K; default 1000)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
+    g.add_argument("--seed", type=_seed, default=0, help="seed for --synthetic")
 
 
 def _add_aws_options(group) -> None:
@@ -221,7 +260,7 @@ def add_commands(sub) -> None:
         else:
             p.add_argument("--python", default="3.13")
         if name == "cleanup":
-            p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS",
+            p.add_argument("--older-than", type=_age, default=0.0, metavar="SECONDS",
                            help="only what is at least this old (default 0: everything of past runs; "
                                 "do not run it with 0 while a run of the deployment is going)")
     text = ("remove what runs on this machine whose coordinator died left behind: local stores, socket "
@@ -240,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(run)
     run.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
-    run.add_argument("--batch-size", type=_positive_int, default=None,
-                     help="images per block (default: by size)")
+    run.add_argument("--batch-size", type=_capped(MAX_BATCH_SIZE, "a worker's event allows no more"),
+                     default=None, help=f"images per block, 1..{MAX_BATCH_SIZE} (default: by size)")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     dist = run.add_argument_group("distributed (with --workers)")
     dist.add_argument("--workers", type=_workers,
@@ -251,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how workers talk: local (default), queue (SNS+SQS), object (S3)")
     dist.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),
                       help="how neurons are split over workers (default: hypergraph)")
-    dist.add_argument("--fanout", type=_positive_int, default=2, help="children per worker in the launch tree")
+    dist.add_argument("--fanout", type=_capped(MAX_FANOUT, "a worker's event allows no more"), default=2,
+                      help=f"children per worker in the launch tree, 1..{MAX_FANOUT}")
     dist.add_argument("--receive-timeout", type=_seconds, default=None,
                       help="seconds a worker waits for a peer's message once every peer has started "
                            "(start-up is bounded by --run-timeout; a dead local worker is reported "
@@ -294,7 +334,7 @@ def add_prepare_command(sub) -> None:
                                      "n{N}-ymax.tsv) or an .npz network file (docs/formats.md)")
     g.add_argument("--bias", type=_finite, help="bias for a --weights directory without a bias file")
     g.add_argument("--synthetic", metavar="NxL", help="a seeded challenge-like net, e.g. 16384x480")
-    g.add_argument("--seed", type=int, default=None, help="seed for --synthetic (default 0)")
+    g.add_argument("--seed", type=_seed, default=None, help="seed for --synthetic (default 0)")
     p.add_argument("--out", required=True, help="a new (or empty) directory for the prepared model")
     p.add_argument("--workers", type=_workers, required=True, help=f"workers of the runs, 1..{MAX_WORKERS}")
     p.add_argument("--partition", default="hypergraph", choices=("contiguous", "hypergraph"),

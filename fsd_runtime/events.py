@@ -28,6 +28,7 @@ EVENT_VERSION = 1
 #: Hard caps on any event (a deployment's own limits, held to inside Lambda, are lower).
 MAX_WORKERS = 10_000
 MAX_FANOUT = 64
+MAX_BATCH_SIZE = 10**9
 #: Run ids become file names, S3 keys and SNS attribute values: keep them plain.
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: A relative storage key prefix: plain segments joined by '/' (checked for '..' separately).
@@ -167,7 +168,7 @@ def parse(event: Any) -> WorkerEvent:
         raise EventError(f"event field 'extra' must be an object, got {extra!r}")
     batch_size = event.get("batch_size")
     if batch_size is not None:
-        batch_size = _int("batch_size", batch_size, 1, 10**9)
+        batch_size = _int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
     worker_memory_mb = event.get("worker_memory_mb")
     if worker_memory_mb is not None and (isinstance(worker_memory_mb, bool) or not isinstance(worker_memory_mb, (int, float))
                                          or not 0 < worker_memory_mb <= 10**7):

@@ -11,10 +11,13 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import math
 import os
 import re
+import tokenize
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -31,6 +34,11 @@ EMBEDDED_FILE = "graphchallenge-1024x120-first10000.npz.xz"
 YMAX = 32.0
 #: An input file's largest image id may exceed its line count this many times (plus 1024) at most.
 MAX_IMAGES_PER_LINE = 16
+#: The largest image id a categories file may hold (ids are int64 in memory).
+MAX_IMAGE_ID = int(np.iinfo(np.int64).max)
+#: The largest magnitude a value of the files may have: values are stored as float32, and one
+#: beyond this would become inf (checked in float64 before the cast).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -112,9 +120,16 @@ def from_coo(rows, cols, vals, shape, *, where: str) -> Csr:
     """CSR from 0-based triples; duplicates are an error (the formats never repeat an entry)."""
     rows = np.asarray(rows, np.int64)
     cols = np.asarray(cols, np.int64)
+    vals = np.asarray(vals)
+    if vals.dtype.kind == "f" and vals.size:  # checked before the cast: beyond float32 would be inf
+        bad = ~(np.abs(vals) <= FLOAT32_MAX)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: entry ({rows[at] + 1}, {cols[at] + 1}) is {float(vals[at])!r}, "
+                            f"not a finite value float32 can hold")
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]
-    vals = np.asarray(vals, np.float32)[order]
+    vals = vals.astype(np.float32)[order]
     if rows.size > 1:
         dup = np.flatnonzero((rows[1:] == rows[:-1]) & (cols[1:] == cols[:-1]))
         if dup.size:
@@ -280,7 +295,7 @@ def _open_text(path: str) -> bytes:
     try:
         with opener(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a corrupt gzip stream
         raise DataError(f"{path}: cannot be read ({exc})") from None
 
 
@@ -303,8 +318,9 @@ def _find_bad_line(path, text: bytes, n_fields: int, limits) -> str:
                 return f"{path}, line {number}, field {k + 1}: expected a number, got {_shown(field)}"
             if limit is not None and not (np.isfinite(value) and value == int(value) and 1 <= value <= limit):
                 return f"{path}, line {number}, field {k + 1}: expected an integer in 1..{limit}, got {_shown(field)}"
-            if limit is None and not np.isfinite(value):
-                return f"{path}, line {number}, field {k + 1}: expected a finite value, got {_shown(field)}"
+            if limit is None and not abs(value) <= FLOAT32_MAX:
+                return (f"{path}, line {number}, field {k + 1}: expected a finite value float32 can hold "
+                        f"(magnitude at most {FLOAT32_MAX:.7g}), got {_shown(field)}")
     return f"{path}: malformed"
 
 
@@ -324,7 +340,7 @@ def read_triples(path: str, shape: tuple[int, int]) -> Csr:
         raise DataError(_find_bad_line(path, text, 3, limits)) from None
     r, c, v = triples[:, 0], triples[:, 1], triples[:, 2]
     bad = ~((r == np.floor(r)) & (r >= 1) & (r <= shape[0]) & (c == np.floor(c)) & (c >= 1)
-            & (c <= shape[1]) & np.isfinite(v))
+            & (c <= shape[1]) & (np.abs(v) <= FLOAT32_MAX))  # NaN and inf fail too
     if bad.any():
         raise DataError(_find_bad_line(path, text, 3, limits))
     return from_coo(r.astype(np.int64) - 1, c.astype(np.int64) - 1, v, shape, where=path)
@@ -338,9 +354,13 @@ def read_categories(path: str) -> np.ndarray:
         s = line.strip()
         if not s:
             continue
-        if not s.isdigit() or int(s) < 1:
+        digits = s.lstrip(b"0")  # bytes: isdigit() means ASCII digits only
+        if not s.isdigit() or not digits:
             raise DataError(f"{path}, line {number}: expected a positive integer image id, got {_shown(s)}")
-        ids.append(int(s) - 1)
+        if len(digits) > len(str(MAX_IMAGE_ID)) or int(digits) > MAX_IMAGE_ID:  # long: before int()
+            raise DataError(f"{path}, line {number}: image id {_shown(s)} is too large "
+                            f"(at most {MAX_IMAGE_ID})")
+        ids.append(int(digits) - 1)
     return np.unique(np.asarray(ids, np.int64))
 
 
@@ -355,7 +375,7 @@ def read_network(directory: str, bias: float | None = None) -> Network:
 
     Without a bias file every neuron gets ``bias`` (default: the Graph Challenge bias for N).
     """
-    stream = stream_network_dir(directory, bias)
+    stream = stream_network_dir(directory, bias, whole=True)
     layers, biases = [], []
     for layer, row in stream.layers():
         layers.append(layer)
@@ -375,9 +395,10 @@ class LayerStream:
     layers: object  # () -> iterator of (Csr, np.ndarray)
 
 
-def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream:
+def stream_network_dir(directory: str, bias: float | None = None, *, whole: bool = False) -> LayerStream:
     """:func:`read_network`'s directory, one layer file at a time (a per-neuron bias file, if
-    there is one, is read whole: L x N floats)."""
+    there is one, is read whole: L x N floats). N is checked against the memory available for
+    one layer's per-neuron arrays, or every layer's with ``whole`` (the caller keeps them all)."""
     if not os.path.isdir(directory):
         raise DataError(f"{directory}: not a directory of n{{N}}-l{{k}}.tsv layer files")
     found, extra = {}, {"bias": [], "ymax": []}
@@ -385,7 +406,11 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
         path = os.path.join(directory, name)
         m = _LAYER_NAME.match(name)
         if m:
-            found[int(m.group(2))] = (int(m.group(1)), path)
+            k = int(m.group(2))
+            if k in found:  # n64-l1.tsv and n64-l1.tsv.gz, or n64-l1.tsv and n64-l01.tsv
+                raise DataError(f"{directory}: several layer {k} files "
+                                f"{[os.path.basename(found[k][1]), name]}")
+            found[k] = (int(m.group(1)), path)
         for kind, pattern in (("bias", _BIAS_NAME), ("ymax", _YMAX_NAME)):
             m = pattern.match(name)
             if m:
@@ -405,6 +430,9 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
         if files and files[0][0] != n:
             raise DataError(f"{files[0][1]}: a {kind} file for N={files[0][0]}, but the layers have N={n}")
     n_layers = len(found)
+    # one layer at a time (or all of them kept), plus a per-neuron bias file read whole (L x N float32)
+    per_neuron = LAYER_READ_BYTES + (LAYER_HELD_BYTES * (n_layers - 1) if whole else 0)
+    check_width(found[1][1], n, n_layers, per_neuron + (4 * n_layers if extra["bias"] else 0))
     if extra["bias"]:
         bias_path = extra["bias"][0][1]
         if bias is not None:
@@ -417,6 +445,12 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
                 raise DataError(f"{directory}: no Graph Challenge bias for N={n}; pass a bias "
                                 f"or add an n{n}-bias.tsv file")
             bias = CHALLENGE_BIAS[n]
+        try:
+            bias = float(bias)
+        except (TypeError, ValueError):
+            raise DataError(f"bias: expected a number, got {bias!r}") from None
+        if not abs(bias) <= FLOAT32_MAX:
+            raise DataError(f"bias: expected a finite number float32 can hold, got {bias!r}")
         bias_of = lambda l: np.full(n, bias, np.float32)  # noqa: E731
     ymax = read_ymax(extra["ymax"][0][1]) if extra["ymax"] else YMAX
 
@@ -425,6 +459,32 @@ def stream_network_dir(directory: str, bias: float | None = None) -> LayerStream
             yield read_triples(found[k][1], (n, n)), bias_of(k - 1)
 
     return LayerStream(os.path.basename(os.path.normpath(directory)), n, n_layers, ymax, layers)
+
+
+#: The most neurons a network may have: neuron ids are int32 in memory (as in the .npz file).
+MAX_NEURONS = int(np.iinfo(np.int32).max)
+#: Bytes per neuron a layer holds once read: its row pointers (int64) and bias vector (float32).
+LAYER_HELD_BYTES = 8 + 4
+#: Bytes per neuron while a layer file is read: the above and the rows' entry counts (int64).
+LAYER_READ_BYTES = LAYER_HELD_BYTES + 8
+
+
+def check_width(path: str, n_neurons: int, n_layers: int, bytes_per_neuron: int) -> None:
+    """Refuse an N (from layer file names) that int32 neuron ids cannot hold, or whose per-neuron
+    arrays alone (``bytes_per_neuron`` x N: row pointers and biases, nothing of the weights) would
+    not fit the memory available now (:func:`fsd_runtime.budget.available_bytes`), before any of
+    them is allocated."""
+    if n_neurons > MAX_NEURONS:
+        raise DataError(f"{path}: N={n_neurons} (from the file name) is more neurons than int32 neuron "
+                        f"ids can hold (at most {MAX_NEURONS})")
+    from fsd_runtime.budget import available_bytes
+
+    need, available = bytes_per_neuron * n_neurons, available_bytes()
+    if available is not None and need > available:
+        raise DataError(f"{path}: N={n_neurons} (from the file name) needs {need / 2**30:.1f} GiB for the "
+                        f"per-neuron arrays alone of a net of {n_layers} layer(s) ({bytes_per_neuron} bytes a "
+                        f"neuron: row pointers and biases), more than the {available / 2**30:.1f} GiB of "
+                        f"memory available now")
 
 
 def read_biases(path: str, n_layers: int, n_neurons: int) -> list[np.ndarray]:
@@ -514,9 +574,40 @@ def save_network(network: Network, path: str) -> None:
         np.savez_compressed(f, **arrays)
 
 
+#: What reading a damaged zip member can raise (besides DataError): zipfile's and the
+#: decompressors' errors (a bad CRC or stream, an encrypted flag, an unknown compression method
+#: or zip version: NotImplementedError, a RuntimeError), and those of numpy's .npy header parser,
+#: which evaluates the header's text (SyntaxError, tokenize.TokenError, ValueError, ...).
+_MEMBER_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+                  RuntimeError, ValueError, TypeError, OverflowError, KeyError, SyntaxError,
+                  tokenize.TokenError)
+
+
+#: What opening a damaged zip can raise (its directory: an unknown zip version is a
+#: NotImplementedError; a bad name encoding a ValueError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+               RuntimeError, ValueError)
+
+
+@contextmanager
+def _member(path: str, key: str):
+    """Reading field ``key``'s member: any error of a damaged member becomes a DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except _MEMBER_ERRORS as exc:
+        raise DataError(f"{path}: field {key!r} cannot be read, its member is damaged "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
 def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
     """(shape, dtype) of every field, from the .npy headers alone: nothing large is read yet."""
+    names = [info.filename for info in zf.infolist()]
     members = {info.filename: info for info in zf.infolist()}
+    if len(members) != len(names):
+        twice = sorted(name for name in members if names.count(name) > 1)[0]
+        raise DataError(f"{path}: member {twice!r} appears more than once")
     unknown = sorted(set(members) - {f"{k}.npy" for k in _NPZ_FIELDS})
     if unknown:
         raise DataError(f"{path}: unexpected member {unknown[0]!r} (fields: {', '.join(_NPZ_FIELDS)})")
@@ -525,7 +616,7 @@ def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
         info = members.get(f"{key}.npy")
         if info is None:
             raise DataError(f"{path}: field {key!r} is missing")
-        with zf.open(info) as f:
+        with _member(path, key), zf.open(info) as f:
             try:
                 version = np.lib.format.read_magic(f)
                 if version == (1, 0):
@@ -534,15 +625,20 @@ def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 else:
                     raise ValueError(f"unsupported .npy version {version}")
-            except ValueError as exc:
-                raise DataError(f"{path}: field {key!r} has no valid .npy header ({exc})") from None
+            except (ValueError, SyntaxError, TypeError, OverflowError, KeyError, tokenize.TokenError,
+                    RecursionError) as exc:  # numpy evaluates the header's text
+                raise DataError(f"{path}: field {key!r} has no valid .npy header "
+                                f"({type(exc).__name__}: {exc})") from None
             header_bytes = f.tell()
         if dtype.hasobject or dtype.kind not in kinds or dtype.fields is not None:
             raise DataError(f"{path}: field {key!r} has dtype {dtype}; expected kind {kinds!r} "
                             f"(object arrays are never loaded)")
         if len(shape) != ndim:
             raise DataError(f"{path}: field {key!r} must be {ndim}-D, has shape {shape}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise DataError(f"{path}: field {key!r} declares shape {shape}: dimensions must be "
+                            f"integers >= 0")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a shape like (2**64,) cannot overflow
         if info.file_size != header_bytes + nbytes:
             raise DataError(f"{path}: field {key!r} declares shape {shape} but its member holds "
                             f"{info.file_size - header_bytes} bytes of data, not {nbytes}")
@@ -554,11 +650,9 @@ def _npz_headers(path: str, zf: zipfile.ZipFile, max_bytes: int) -> dict:
 
 
 def _npz_field(path: str, zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    with zf.open(f"{key}.npy") as f:
-        try:
-            return np.lib.format.read_array(f, allow_pickle=False)
-        except ValueError as exc:  # a short member, say: the headers were checked already
-            raise DataError(f"{path}: field {key!r} cannot be read ({exc})") from None
+    """A field's array, read whole (its header was checked by :func:`_npz_headers`)."""
+    with _member(path, key), zf.open(f"{key}.npy") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def read_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> Network:
@@ -568,7 +662,9 @@ def read_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> Network:
     try:
         with zipfile.ZipFile(path) as zf:
             return _read_npz(path, zf, max_bytes)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+    except DataError:
+        raise
+    except _ZIP_ERRORS as exc:
         raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
 
 
@@ -608,24 +704,30 @@ def _read_npz(path: str, zf: zipfile.ZipFile, max_bytes: int) -> Network:
     return Network(n, layers, rows, ymax)
 
 
-def _member_stream(zf: zipfile.ZipFile, key: str):
+def _member_stream(path: str, zf: zipfile.ZipFile, key: str):
     """An open member positioned after its .npy header, with (dtype, fortran order)."""
-    f = zf.open(f"{key}.npy")
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    _, fortran, dtype = read(f)
+    with _member(path, key):
+        f = zf.open(f"{key}.npy")
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, fortran, dtype = read(f)
+        except BaseException:
+            f.close()
+            raise
     return f, dtype, fortran
 
 
 def _read_items(path: str, key: str, f, dtype: np.dtype, count: int) -> np.ndarray:
     want = count * dtype.itemsize
     chunks, got = [], 0
-    while got < want:
-        chunk = f.read(want - got)
-        if not chunk:
-            raise DataError(f"{path}: field {key!r} ends early")
-        chunks.append(chunk)
-        got += len(chunk)
+    with _member(path, key):
+        while got < want:
+            chunk = f.read(want - got)
+            if not chunk:
+                raise DataError(f"{path}: field {key!r} ends early")
+            chunks.append(chunk)
+            got += len(chunk)
     return np.frombuffer(b"".join(chunks), dtype)
 
 
@@ -638,8 +740,14 @@ def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream
         with zipfile.ZipFile(path) as zf:
             headers = _npz_headers(path, zf, max_bytes)
             small = {k: _npz_field(path, zf, k)[()] for k in ("version", "n_neurons", "ymax")}
-            fortran = any(_member_stream(zf, k)[2] for k in ("indptr", "biases"))
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            fortran = False
+            for k in ("indptr", "biases"):
+                f, _, order = _member_stream(path, zf, k)
+                f.close()
+                fortran = fortran or order
+    except DataError:
+        raise
+    except _ZIP_ERRORS as exc:
         raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
     if int(small["version"]) != NPZ_VERSION:
         raise DataError(f"{path}: field 'version' is {int(small['version'])}, this reader knows {NPZ_VERSION}")
@@ -664,7 +772,7 @@ def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream
     def layers():
         try:
             with zipfile.ZipFile(path) as zf:
-                streams = {k: _member_stream(zf, k) for k in ("indptr", "indices", "data", "biases")}
+                streams = {k: _member_stream(path, zf, k) for k in ("indptr", "indices", "data", "biases")}
                 used = 0
                 for l in range(n_layers):
                     f, dtype, _ = streams["indptr"]
@@ -691,7 +799,9 @@ def stream_network_npz(path: str, max_bytes: int = MAX_NPZ_BYTES) -> LayerStream
                     raise DataError(f"{path}: field 'indptr' counts {used} entries but 'indices' has {nnz}")
                 for f, _, _ in streams.values():
                     f.close()
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        except DataError:
+            raise
+        except _ZIP_ERRORS as exc:
             raise DataError(f"{path}: not a readable .npz (zip) file ({type(exc).__name__}: {exc})") from None
 
     return LayerStream(name, n, n_layers, ymax, whole if fortran else layers)

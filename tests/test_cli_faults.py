@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from fsd_runtime import cli
+from fsd_runtime import cli, events
 
 from proc_helpers import processes_with_marker
 
@@ -217,6 +217,10 @@ def test_help_and_usage_errors_load_nothing_heavy():
     (["--workers", "2", "--receive-timeout", "0"], "--receive-timeout: must be more than 0"),
     (["--workers", "2", "--run-timeout", "nan"], "--run-timeout: must be more than 0"),
     (["--workers", "2", "--fanout", "0"], "--fanout: must be at least 1"),
+    (["--workers", "2", "--fanout", str(events.MAX_FANOUT + 1)], f"--fanout: at most {events.MAX_FANOUT}"),
+    (["--batch-size", str(events.MAX_BATCH_SIZE + 1)], f"--batch-size: at most {events.MAX_BATCH_SIZE}"),
+    (["--synthetic", "1024x2", "--seed", "-1"], "--seed: must be at least 0"),
+    (["--weights", "w", "--inputs", "i", "--bias", "1e39"], "--bias: expected a finite number float32 can hold"),
     (["--synthetic", "foo"], "--synthetic expects NxL"),
     (["--synthetic", "0x3"], "positive N and L"),
     (["--weights", "w"], "--weights and --inputs go together"),
@@ -244,6 +248,28 @@ def test_options_are_checked_before_any_work(capsys, argv, message):
     assert code == 2 and out == "", (code, out, err)
     assert message in err and "Traceback" not in err
     assert "[fsd-inference]" not in err, "refused after work started"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cleanup", "--older-than", "nan"], "--older-than: expected finite seconds >= 0, got 'nan'"),
+    (["cleanup", "--older-than", "-1"], "--older-than: expected finite seconds >= 0, got '-1'"),
+    (["prepare", "--synthetic", "64x2", "--seed", "-1", "--workers", "2", "--out", "m"], "--seed: must be at least 0"),
+    (["prepare", "--weights", "w", "--bias=-1e39", "--workers", "2", "--out", "m"], "--bias: expected a finite number"),
+])
+def test_other_commands_check_their_options_first(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def test_cleanup_refuses_a_non_finite_age():
+    pytest.importorskip("botocore")
+    from fsd_runtime.aws import deploy, run as awsrun
+
+    options = awsrun.CommandOptions("cleanup", deploy.DeploySettings(name="fsd-test"), older_than_s=float("nan"))
+    with pytest.raises(ValueError, match=r"--older-than must be finite seconds >= 0, not nan"):
+        awsrun.run_command(options)
 
 
 def test_bad_metrics_dir_is_refused_before_the_run(capsys, tmp_path):

@@ -1,11 +1,14 @@
 """``fsd-inference run`` on one machine: JSON keys, human output, progress, data options, errors."""
+import gzip
 import io
 import json
+import os
+import warnings
 
 import numpy as np
 import pytest
 
-from fsd_runtime import cli
+from fsd_runtime import cli, model
 
 
 def run(capsys, *argv):
@@ -92,3 +95,85 @@ def test_option_errors(capsys):
     assert code == 2 and "--synthetic expects NxL" in err
     code, _, err = run(capsys, "--synthetic", "1000x2", "--images", "5")
     assert code == 2 and "multiple of 16" in err
+
+
+def _damage(tmp_path, case: str) -> tuple[list[str], str]:
+    """A network directory and inputs with one thing wrong: (run's data options, what the error names)."""
+    net, inputs = tmp_path / "net", tmp_path / "inputs.tsv"
+    net.mkdir()
+    for k in (1, 2):
+        (net / f"n4-l{k}.tsv").write_text("1\t2\t0.5\n3\t4\t-1\n")
+    inputs.write_text("1\t1\t1\n2\t3\t1\n")
+    argv = ["--weights", str(net), "--inputs", str(inputs), "--bias", "0"]
+    if case == "input beyond float32":
+        inputs.write_text("1\t1\t1\n2\t3\t1e39\n")
+        return argv, f"{inputs}, line 2, field 3: expected a finite value float32 can hold"
+    if case == "weight beyond float32":
+        (net / "n4-l2.tsv").write_text("1\t2\t-1e39\n")
+        return argv, f"{net / 'n4-l2.tsv'}, line 1, field 3: expected a finite value float32 can hold"
+    if case == "bias beyond float32":
+        (net / "n4-bias.tsv").write_text("1\t1\t0\n2\t4\t1e39\n")
+        return argv[:4], f"{net / 'n4-bias.tsv'}, line 2, field 3: expected a finite value float32 can hold"
+    if case == "huge category id":
+        (tmp_path / "cats.tsv").write_text("99999999999999999999999\n")
+        return argv + ["--categories", str(tmp_path / "cats.tsv")], f"{tmp_path / 'cats.tsv'}, line 1: image id"
+    if case == "corrupt gzip":
+        raw = bytearray(gzip.compress("".join(f"{i}\t{i % 4 + 1}\t1\n" for i in range(1, 200)).encode()))
+        for i in range(20, 40):
+            raw[i] ^= 0x55
+        (tmp_path / "inputs.tsv.gz").write_bytes(bytes(raw))
+        return argv[:2] + ["--inputs", str(tmp_path / "inputs.tsv.gz"), "--bias", "0"], \
+            f"{tmp_path / 'inputs.tsv.gz'}: cannot be read"
+    if case == "two files for a layer":
+        (net / "n4-l01.tsv").write_text("1\t1\t1\n")
+        return argv, f"{net}: several layer 1 files ['n4-l01.tsv', 'n4-l1.tsv']"
+    if case == "encrypted npz":
+        path = tmp_path / "net.npz"
+        model.save_network(model.load_network(str(net), 0.0), str(path))
+        raw = bytearray(path.read_bytes())
+        for magic, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the encrypted flag of every member
+            i = raw.find(magic)
+            while i >= 0:
+                raw[i + at] |= 1
+                i = raw.find(magic, i + 4)
+        path.write_bytes(bytes(raw))
+        return ["--weights", str(path), "--inputs", str(inputs)], f"{path}: field 'version' cannot be read"
+    raise KeyError(case)
+
+
+CASES = ["input beyond float32", "weight beyond float32", "bias beyond float32", "huge category id",
+         "corrupt gzip", "two files for a layer", "encrypted npz"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_damaged_data_is_exit_2_naming_the_file(capsys, tmp_path, case):
+    argv, names = _damage(tmp_path, case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "overflow encountered in cast" on the way
+        code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "", (code, err)
+    assert f"fsd-inference: error: {names}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["weight beyond float32", "two files for a layer", "encrypted npz"])
+def test_prepare_refuses_damaged_networks_with_exit_2(capsys, tmp_path, case):
+    argv, names = _damage(tmp_path, case)
+    weights = argv[argv.index("--weights") + 1]
+    bias = ["--bias", "0"] if os.path.isdir(weights) else []
+    code = cli.main(["prepare", "--weights", weights, *bias, "--workers", "2", "--out", str(tmp_path / "model")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, err)
+    assert f"fsd-inference: error: {names}" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "model") or not os.listdir(tmp_path / "model")
+
+
+def test_a_width_beyond_the_memory_available_is_exit_2(capsys, tmp_path, monkeypatch):
+    from fsd_runtime import budget
+
+    (tmp_path / "n100000000-l1.tsv").write_text("1\t1\t1\n")  # one line, N from the name
+    (tmp_path / "inputs.tsv").write_text("1\t1\t1\n")
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2**30)
+    code, out, err = run(capsys, "--weights", str(tmp_path), "--inputs", str(tmp_path / "inputs.tsv"), "--bias", "0")
+    assert code == 2 and out == ""
+    assert (f"{tmp_path / 'n100000000-l1.tsv'}: N=100000000 (from the file name) needs 1.9 GiB for the per-neuron "
+            "arrays alone") in err and "more than the 1.0 GiB of memory available now" in err

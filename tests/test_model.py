@@ -1,13 +1,17 @@
 """Data: official file formats (round trips, clear errors), the embedded copy, the synthetic generator."""
 import gzip
+import io
 import os
+import struct
 import sys
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
 
 import fsd_kernels
-from fsd_runtime import model
+from fsd_runtime import budget, model
 
 
 def write_triples(path, csr: model.Csr, gz=False, fmt="%d\t%d\t%s\n"):
@@ -91,6 +95,39 @@ def test_malformed_layer_files_name_file_and_line(tmp_path, lines, match):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("name, lines, where", [
+    ("n4-l1.tsv", ["1\t1\t0.5", "2\t3\t1e39"], "n4-l1.tsv, line 2, field 3"),
+    ("n4-l1.tsv", ["1\t1\t-3.5e38"], "n4-l1.tsv, line 1, field 3"),
+    ("n4-bias.tsv", ["1\t1\t0.5", "", "2\t4\t-1e39"], "n4-bias.tsv, line 3, field 3"),
+])
+def test_values_beyond_float32_name_file_line_and_field(tmp_path, name, lines, where):
+    if name != "n4-l1.tsv":
+        write_lines(tmp_path / "n4-l1.tsv", ["1\t1\t0.5"])
+    write_lines(tmp_path / "n4-l2.tsv", ["1\t1\t0.5"])
+    write_lines(tmp_path / name, lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the cast: no "overflow encountered in cast"
+        with pytest.raises(model.DataError, match=rf"{where}: expected a finite value float32 can hold"
+                                                  rf" \(magnitude at most 3.402823e\+38\), got '-?\d"):
+            model.read_network(str(tmp_path), bias=None if "bias" in name else 0.0)
+
+
+def test_input_values_and_scalar_bias_beyond_float32_are_refused(tmp_path):
+    path = tmp_path / "images.tsv"
+    write_lines(path, ["1\t1\t1", "2\t2\t1e39"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(model.DataError, match=r"images.tsv, line 2, field 3: expected a finite value float32"):
+            model.read_images(str(path), 4)
+        write_lines(path, ["1\t1\t3.4028234663852886e38"])  # float32's largest: accepted, as is
+        assert model.read_images(str(path), 4).data.tolist() == [float(np.finfo(np.float32).max)]
+        write_lines(tmp_path / "n4-l1.tsv", ["1\t1\t1"])
+        with pytest.raises(model.DataError, match=r"bias: expected a finite number float32 can hold, got 1e\+39"):
+            model.read_network(str(tmp_path), bias=1e39)
+        with pytest.raises(model.DataError, match=r"synthetic: entry \(1, 2\) is -inf, not a finite value"):
+            model.from_coo([0], [1], [-np.inf], (2, 2), where="synthetic")
+
+
 def test_network_directory_errors(tmp_path):
     with pytest.raises(model.DataError, match="not a directory"):
         model.read_network(str(tmp_path / "missing"))
@@ -107,6 +144,17 @@ def test_network_directory_errors(tmp_path):
         model.read_network(str(tmp_path))
 
 
+@pytest.mark.parametrize("first, second", [("n4-l1.tsv", "n4-l1.tsv.gz"), ("n4-l01.tsv", "n4-l1.tsv")])
+def test_two_files_for_one_layer_are_an_error(tmp_path, first, second):
+    write_lines(tmp_path / "n4-l2.tsv", ["1\t1\t1"])
+    write_lines(tmp_path / first, ["1\t1\t1"])
+    with gzip.open(tmp_path / second, "wt") if second.endswith(".gz") else open(tmp_path / second, "w") as f:
+        f.write("2\t2\t1\n")
+    for read in (model.read_network, model.stream_network):
+        with pytest.raises(model.DataError, match=rf"several layer 1 files \['{first}', '{second}'\]"):
+            read(str(tmp_path), bias=0.0)
+
+
 def test_unknown_width_needs_a_bias(tmp_path):
     write_lines(tmp_path / "n5-l1.tsv", ["1\t1\t1"])
     with pytest.raises(model.DataError, match="no Graph Challenge bias for N=5"):
@@ -114,11 +162,51 @@ def test_unknown_width_needs_a_bias(tmp_path):
     assert model.read_network(str(tmp_path), bias=0.5).biases[0].tolist() == [0.5] * 5
 
 
+def test_a_width_too_large_for_int32_ids_is_refused_before_allocation(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2**60)  # memory is not what refuses it
+    write_lines(tmp_path / "n3000000000-l1.tsv", ["1\t1\t1"])
+    with pytest.raises(model.DataError, match=r"n3000000000-l1.tsv: N=3000000000 \(from the file name\) is "
+                                              r"more neurons than int32 neuron ids can hold \(at most 2147483647\)"):
+        model.stream_network(str(tmp_path), bias=0.0)
+
+
+def test_a_width_whose_arrays_exceed_the_memory_available_is_refused(tmp_path, monkeypatch):
+    for k in (1, 2):
+        write_lines(tmp_path / f"n100-l{k}.tsv", ["1\t1\t1"])
+    path = tmp_path / "n100-l1.tsv"
+    # one layer read at a time: 20 bytes a neuron; both layers held: 20 + 12
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2500)
+    assert sum(1 for _ in model.stream_network(str(tmp_path), bias=0.0).layers()) == 2
+    with pytest.raises(model.DataError, match=rf"{path}: N=100 \(from the file name\) needs 0.0 GiB for the "
+                                              r"per-neuron arrays alone of a net of 2 layer\(s\) \(32 bytes a neuron"):
+        model.read_network(str(tmp_path), bias=0.0)
+    monkeypatch.setattr(budget, "available_bytes", lambda: 1999)
+    with pytest.raises(model.DataError, match=r"\(20 bytes a neuron: row pointers and biases\), more than the "
+                                              r"0.0 GiB of memory available now"):
+        model.stream_network(str(tmp_path), bias=0.0)
+    write_lines(tmp_path / "n100-bias.tsv", ["1\t1\t1"])  # a bias file is read whole: 4 bytes a neuron and layer
+    monkeypatch.setattr(budget, "available_bytes", lambda: 2700)
+    with pytest.raises(model.DataError, match=r"\(28 bytes a neuron"):
+        model.stream_network(str(tmp_path))
+    monkeypatch.setattr(budget, "available_bytes", lambda: None)  # unknown: not checked
+    assert model.read_network(str(tmp_path)).n_neurons == 100
+
+
 def test_broken_gzip_is_a_data_error(tmp_path):
     path = tmp_path / "images.tsv.gz"
     path.write_bytes(gzip.compress(b"1\t1\t1\n" * 100)[:30])
     with pytest.raises(model.DataError, match="cannot be read"):
         model.read_images(str(path), 4)
+
+
+def test_corrupt_gzip_is_a_data_error(tmp_path):
+    raw = bytearray(gzip.compress("".join(f"{i}\t{i % 7 + 1}\t1\n" for i in range(1, 200)).encode()))
+    for i in range(20, 40):  # inside the deflate stream: zlib.error, not an OSError
+        raw[i] ^= 0x55
+    path = tmp_path / "images.tsv.gz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(model.DataError, match=r"images.tsv.gz: cannot be read \(Error -3 while decompressing"):
+        model.read_images(str(path), 8)
 
 
 def test_images_file_errors(tmp_path):
@@ -152,6 +240,17 @@ def test_categories_are_sorted_zero_based(tmp_path):
     path = tmp_path / "categories.tsv"
     write_lines(path, ["9", "2", "", "5"])
     assert model.read_categories(str(path)).tolist() == [1, 4, 8]
+
+
+@pytest.mark.parametrize("line", ["99999999999999999999999", "9223372036854775808", "7" * 5000])
+def test_categories_with_a_huge_id_are_refused(tmp_path, line):
+    path = tmp_path / "categories.tsv"
+    write_lines(path, ["3", line])
+    with pytest.raises(model.DataError, match=rf"categories.tsv, line 2: image id '{line[:20]}.*' is too large "
+                                              r"\(at most 9223372036854775807\)"):
+        model.read_categories(str(path))
+    write_lines(path, ["3", "0009223372036854775807"])  # the largest, leading zeros and all
+    assert model.read_categories(str(path)).tolist() == [2, 2**63 - 2]
 
 
 # --- the synthetic generator ---
@@ -294,3 +393,84 @@ def test_synthetic_images_without_scipy_draw_the_same_pixels(monkeypatch):
     without = model.generate_images(3, 16384, seed=5)
     for a, b in zip(with_scipy.arrays, without.arrays):
         np.testing.assert_array_equal(a, b)
+
+
+# --- damaged .npz networks: a DataError naming the file (and the field), never numpy's or zipfile's own ---
+
+def _npz_members(tmp_path) -> dict:
+    """The members of a small network file as save_network writes it."""
+    path = tmp_path / "good.npz"
+    model.save_network(model.generate_network(64, 2, seed=1), str(path))
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def _npy_header(text: bytes) -> bytes:
+    """A .npy 1.0 magic and header holding ``text`` (any text: numpy's parser has to judge it)."""
+    text += b" " * ((64 - (10 + len(text) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
+
+
+def _zip(members: dict, compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w", compression) as zf:
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        for name, raw in members.items() if isinstance(members, dict) else members:
+            zf.writestr(name, raw)
+    return buf.getvalue()
+
+
+def _patch_headers(raw: bytes, local: tuple[int, int] | None, central: tuple[int, int]) -> bytes:
+    """OR ``value`` into the 16-bit field at ``offset`` of every local and central zip header."""
+    b = bytearray(raw)
+    for magic, spot in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        i = b.find(magic)
+        while spot and i >= 0:
+            offset, value = spot
+            struct.pack_into("<H", b, i + offset, struct.unpack_from("<H", b, i + offset)[0] | value)
+            i = b.find(magic, i + 4)
+    return bytes(b)
+
+
+def _damaged(kind: str, members: dict) -> bytes:
+    if kind == "encrypted":  # the encrypted flag (bit 0 of the general purpose flags)
+        return _patch_headers(_zip(members), (6, 1), (8, 1))
+    if kind == "method 99":  # an unknown compression method
+        return _patch_headers(_zip(members), (8, 99), (10, 99))
+    if kind == "zip version":  # the version needed to extract, in the central directory: 21.4
+        return _patch_headers(_zip(members), None, (6, 210))
+    if kind == "header unbalanced":  # what a flipped byte in a header makes: tokenize.TokenError
+        return _zip({**members, "indices.npy": _npy_header(b"{'descr': '<i4', 'fortran_order': False, 'shape': ((6,), }")})
+    if kind.startswith("shape"):
+        shape = {"shape 2**64": (2**64,), "shape 2**63": (2**63,), "shape -1": (-1,)}[kind]
+        return _zip({**members, "indices.npy": _npy_header(repr({"descr": "<i4", "fortran_order": False,
+                                                                  "shape": shape}).encode())})
+    if kind == "member twice":
+        return _zip(list(members.items()) + [("data.npy", members["data.npy"])])
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("encrypted", r"field 'version' cannot be read, its member is damaged \(RuntimeError: .*encrypted"),
+    ("method 99", r"field 'version' cannot be read, its member is damaged \(NotImplementedError: That compression"),
+    ("zip version", r"not a readable .npz \(zip\) file \(NotImplementedError: zip file version 21.4\)"),
+    ("header unbalanced", r"field 'indices' has no valid .npy header \(TokenError: "),
+    ("shape 2**64", r"field 'indices' declares shape \(18446744073709551616,\) but its member holds 0 bytes of "
+                    r"data, not 73786976294838206464$"),
+    ("shape 2**63", r"field 'indices' declares shape \(9223372036854775808,\) but its member holds 0 bytes of "
+                    r"data, not 36893488147419103232$"),
+    ("shape -1", r"field 'indices' declares shape \(-1,\): dimensions must be integers >= 0"),
+    ("member twice", r"member 'data.npy' appears more than once"),
+])
+def test_damaged_npz_members_are_data_errors(tmp_path, kind, match):
+    path = tmp_path / "net.npz"
+    path.write_bytes(_damaged(kind, _npz_members(tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(model.DataError, match=match) as whole:
+            model.read_network_npz(str(path))
+        with pytest.raises(model.DataError, match=match) as streamed:
+            for _ in model.stream_network_npz(str(path)).layers():
+                pass
+    for err in (whole, streamed):
+        assert str(err.value).startswith(f"{path}: ")

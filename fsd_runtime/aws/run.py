@@ -12,6 +12,7 @@ nothing inside Lambda.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -115,8 +116,8 @@ def run_command(options: CommandOptions) -> int:
     if options.command == "deploy":
         lines = deploy.deploy(settings, options.aws) or ["up to date: nothing changed"]
     elif options.command == "cleanup":
-        if options.older_than_s < 0:
-            raise ValueError(f"--older-than must be >= 0 seconds, not {options.older_than_s}")
+        if not (math.isfinite(options.older_than_s) and options.older_than_s >= 0):
+            raise ValueError(f"--older-than must be finite seconds >= 0, not {options.older_than_s}")
         lines = [f"deleted {r}" for r in deploy.cleanup(settings, options.aws, options.older_than_s)] \
             or ["nothing to delete"]
     else:
