@@ -275,8 +275,8 @@ def check_ymax(value, where: str) -> float:
         raise DataError(f"{where}: expected a number, got {value!r}") from None
     with np.errstate(over="ignore"):  # too large for float32 -> inf -> refused
         y32 = np.float32(y)
-    if not (np.isfinite(y32) and y > 0):
-        raise DataError(f"{where}: expected a finite positive number, got {value!r}")
+    if not (np.isfinite(y32) and y32 > 0):  # (1e-50 is positive, its float32 is not)
+        raise DataError(f"{where}: expected a finite positive number (as a float32), got {value!r}")
     return float(y32)
 
 

@@ -362,6 +362,7 @@ def test_from_layers_accepts_every_scipy_format_and_raw_arrays():
     ([sp.eye(3, format="csr")], [[0.0, np.nan, 1.0]], 8, r"layer 0 bias: values must be finite"),
     ([sp.eye(3, format="csr")], [[0.0, 1.0]], 8, r"layer 0 bias: expected a scalar or 3 values"),
     ([sp.eye(3, format="csr")], 0.0, 0, r"ymax: expected a finite positive number"),
+    ([sp.eye(3, format="csr")], 0.0, 1e-50, r"ymax: expected a finite positive number"),  # 0 as float32
     ([np.eye(3)], 0.0, 8, r"layer 0 weights: expected a scipy sparse matrix"),
     ([], 0.0, 8, r"at least one layer"),
 ])
