@@ -40,6 +40,30 @@ def assert_same(got, want):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+def reseal(path, edit=None) -> None:
+    """Seal a prepared model directory again after a deliberate change, as its owner may: every
+    file's sha256 recomputed, then ``edit(meta)`` applied to model.json's content, then its own
+    digest recomputed (such a model the digests cannot tell from an untouched one)."""
+    import hashlib
+
+    path = os.fspath(path)
+    with open(os.path.join(path, "model.json")) as f:
+        meta = json.load(f)
+
+    def sha(key):
+        with open(os.path.join(path, key), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    meta["layer0_sha256"] = sha(prepared.LAYER0_KEY)
+    meta["segment_sha256"] = [[sha(prepared.segment_key(w, s)) for s in range(len(meta["segments"]))]
+                              for w in range(meta["n_workers"])]
+    if edit is not None:
+        edit(meta)
+    meta["model_sha256"] = prepared.meta_digest(meta)
+    with open(os.path.join(path, "model.json"), "w") as f:
+        json.dump(meta, f)
+
+
 # --- streaming sources ---
 
 def test_synthetic_layers_stream_as_generated_and_start_as_the_official_ones(official):
@@ -219,31 +243,122 @@ def test_incomplete_or_tampered_models_are_refused(tmp_path, small_model):
         prepared.open_model(str(copy))
     shutil.rmtree(copy)
     shutil.copytree(small_model, copy)
-    meta = json.loads((copy / "model.json").read_text())
-    meta["segments"][0][1] += 1
-    (copy / "model.json").write_text(json.dumps(meta))
+    # model.json's fields are checked also in a model re-sealed after an edit (digests recomputed)
+    reseal(copy, lambda meta: meta["segments"][0].__setitem__(1, meta["segments"][0][1] + 1))
     with pytest.raises(prepared.PreparedError, match="segments"):
         prepared.open_model(str(copy))
     for field, bad in (("worker_sizes", [{"share_bytes": 1}]), ("worker_sizes", "many"),
-                       ("most_edges", -1), ("most_edges", "9"), ("name", 7)):
+                       ("most_edges", -1), ("most_edges", "9"), ("name", 7), ("ymax", -1.0),
+                       ("segment_sha256", [["0" * 64]])):
         shutil.rmtree(copy)
         shutil.copytree(small_model, copy)
-        meta = json.loads((copy / "model.json").read_text())
-        meta[field] = bad
-        (copy / "model.json").write_text(json.dumps(meta))
+        reseal(copy, lambda meta: meta.__setitem__(field, bad))
         with pytest.raises(prepared.PreparedError, match=field):
             prepared.open_model(str(copy))
     shutil.rmtree(copy)
     shutil.copytree(small_model, copy)
     segment = copy / "workers" / "1" / "seg-00000.npz"
     z = dict(np.load(segment))
-    z["rowidx"] = z["rowidx"] + 10**6  # indices no kernel may follow
+    z["rowidx"] = z["rowidx"] + 10**6  # indices no kernel may follow, in a model re-sealed after the edit
     np.savez(segment, **z)
+    reseal(copy)
     ds = model.synthetic(256, 8, 20, seed=1)
     with pytest.raises(RunError, match="worker 1.*rowidx"):
         run_distributed(None, ds.images.arrays, prepared=str(copy), launcher={"kind": "thread"})
     with pytest.raises(prepared.PreparedError, match="not an empty directory"):
         prepared.prepare("synthetic:256x2", small_model, 2)
+
+
+# --- a model's files changed after prepare: refused by their sha256 in model.json ---
+
+def _edit_segment(path, worker, segment, change):
+    """Rewrite a segment with ``change(arrays)`` applied, its meta (worker, layers...) intact."""
+    from fsd_runtime.storage import pack_arrays
+
+    key = os.path.join(path, prepared.segment_key(worker, segment))
+    with np.load(key) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    with open(key, "wb") as f:
+        f.write(pack_arrays(arrays))
+
+
+def _edit_json(path, change):
+    meta = json.loads((path / "model.json").read_text())
+    change(meta)
+    (path / "model.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def live_model(tmp_path_factory):
+    """A model whose run keeps images alive to the end (27 categories of 60 images), of one
+    segment (read whole by each worker) and of a segment a layer (read as the run needs them)."""
+    base = tmp_path_factory.mktemp("live")
+    prepared.prepare("synthetic:1024x4:1", str(base / "whole"), 3)
+    prepared.prepare("synthetic:1024x4:1", str(base / "segmented"), 3, segment_bytes=1)
+    return base
+
+
+LIVE_ARGS = ["--synthetic", "1024x4", "--seed", "1", "--images", "60", "--json"]
+
+
+def _live_images():
+    ds = model.synthetic(1024, 4, 60, seed=1)
+    return ds.images.arrays, fsd_kernels.infer(*ds.images.arrays, ds.network.pack())
+
+
+@pytest.mark.parametrize("which", ["whole", "segmented"])
+def test_an_untouched_model_copied_elsewhere_runs_bit_identical(capsys, tmp_path, live_model, which):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(live_model / which, copy)
+    images, serial = _live_images()
+    assert len(serial.categories) == 27
+    result = run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+    assert_same(result.activations, serial)
+    assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == 0
+    assert json.loads(capsys.readouterr().out)["categories"] == [int(c) + 1 for c in serial.categories]
+
+
+def test_a_model_json_without_digests_is_refused_asking_to_prepare_again(capsys, tmp_path, small_model):
+    import shutil
+
+    def without_digests(meta, version):
+        for key in ("model_sha256", "layer0_sha256", "segment_sha256"):
+            del meta[key]
+        meta["version"] = version
+
+    for version, message in ((1, "format version 1, made by an older fsd-inference"),
+                             (prepared.VERSION, "model.json lacks its sha256 digests")):
+        copy = tmp_path / f"v{version}"
+        shutil.copytree(small_model, copy)
+        _edit_json(copy, lambda meta: without_digests(meta, version))
+        with pytest.raises(prepared.PreparedError, match=f"{message}.*prepare the model again"):
+            prepared.open_model(str(copy))
+        assert cli.main(["run", "--prepared", str(copy), "--synthetic", "256x8", "--seed", "1"]) == cli.EXIT_USAGE
+        captured = capsys.readouterr()
+        assert message in captured.err and "prepare the model again" in captured.err
+        assert "Traceback" not in captured.err
+
+
+def test_publishing_checks_every_file_before_it_uploads(tmp_path, small_model):
+    """A model uploaded to a shared store (what an S3 run does) is checked file by file as
+    copied: a changed one is not uploaded for later runs to reuse."""
+    import shutil
+
+    from fsd_runtime.storage import LocalStorage
+
+    shared = LocalStorage(str(tmp_path / "shared"))
+    there, uploaded = prepared.publish(prepared.open_model(small_model), shared)
+    assert uploaded and there.meta == prepared.open_model(small_model).meta
+    copy = tmp_path / "copy"
+    shutil.copytree(small_model, copy)
+    _edit_segment(copy, 1, 0, lambda a: a.update(vals=-a["vals"]))
+    other = LocalStorage(str(tmp_path / "other"))
+    with pytest.raises(prepared.PreparedError, match="workers/1/seg-00000.npz does not match"):
+        prepared.publish(prepared.open_model(str(copy)), other)
+    assert not [k for k in other.list("models") if k.endswith(prepared.MODEL_KEY)]
 
 
 # --- the CLI ---
@@ -499,14 +614,13 @@ def test_a_prepared_run_under_a_small_budget_runs_in_batches_bit_identical(tmp_p
 
 
 def test_a_model_without_worker_sizes_runs_unbatched(tmp_path):
-    """Models prepared before model.json recorded the workers' sizes still run (no footprint:
-    one batch, the local memory budget for the model's worker count)."""
+    """A model.json without the workers' sizes (re-sealed without them: what models prepared
+    before they were recorded lacked) still runs (no footprint: one batch, the local memory
+    budget for the model's worker count)."""
     ds = model.synthetic(256, 6, 40, seed=8)
     out = tmp_path / "m"
     prepared.prepare(ds.network, str(out), 3)
-    meta = json.loads((out / "model.json").read_text())
-    del meta["worker_sizes"]
-    (out / "model.json").write_text(json.dumps(meta))
+    reseal(out, lambda meta: meta.pop("worker_sizes"))
     for launcher in ("thread", "fork"):
         result = run_distributed(None, ds.images.arrays, prepared=str(out), launcher={"kind": launcher})
         assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, ds.network.pack()))
@@ -582,13 +696,16 @@ def test_a_segment_reader_holds_two_segments_and_checks_each_as_read(tmp_path):
         assert len(reader.held) <= 2
     assert reader.segments_read == list(range(12))
     assert lazy.to_bytes() == whole.to_bytes()  # read whole again, in order: the same share
-    # a segment whose indices leave its ranges is refused when read, naming it
+    # a segment whose indices leave its ranges is refused when read, naming it (re-sealed after
+    # the edit: the digests would refuse it before any parsing)
     key = os.path.join(out, prepared.segment_key(2, 7))
     z = dict(np.load(key))
     z["rowidx"] = z["rowidx"].copy()
     z["rowidx"][-1] = 10**6
     with open(key, "wb") as f:
         np.savez(f, **z)
+    reseal(out)
+    found = prepared.open_model(out)
     lazy = prepared.open_worker_share(found, prepared.inputs_share(found, 2, in0[2], images, active, saturated), 2)
     lazy.colptr[6]
     with pytest.raises(prepared.StorageError, match="layer 7 rowidx has indices outside"):
