@@ -67,6 +67,13 @@ class PreparedError(ValueError):
     (other worker count, partition or network); the message says which, in one line."""
 
 
+class ModelFileError(StorageError):
+    """A file of a prepared model a worker reads (model.json, one of its segments) is not what
+    ``prepare`` wrote (its sha256 differs from model.json's) or is malformed: the model's data is
+    bad, not the run. The worker's error record says so (``bad_model_file``) and the coordinator
+    raises a :class:`PreparedError` (``coordinator.PreparedRunError``; CLI: exit 2)."""
+
+
 def sha256_hex(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -573,31 +580,37 @@ def inputs_share(model: PreparedModel, worker: int, in_neurons0: np.ndarray, ima
 
 def _parse_segment(model: PreparedModel, worker: int, index: int, data: bytes) -> dict:
     """Segment ``index`` of worker ``worker`` as per-layer lists: its bytes' sha256 checked against
-    model.json's before anything is parsed, then its meta against ``model``."""
+    model.json's before anything is parsed, then its meta against ``model``. Anything amiss:
+    :class:`ModelFileError`."""
     first, count = (int(v) for v in model.meta["segments"][index])
     key = model.key(segment_key(worker, index))
     if sha256_hex(data) != model.meta["segment_sha256"][worker][index]:
-        raise StorageError(f"prepared model segment {model.where()}/{segment_key(worker, index)} does not match "
-                           "model.json's segment_sha256: it was changed or corrupted after prepare; "
-                           "prepare the model again")
-    z = unpack_arrays(data, f"prepared model segment {key}")
+        raise ModelFileError(f"prepared model segment {model.where()}/{segment_key(worker, index)} does not "
+                             "match model.json's segment_sha256: it was changed or corrupted after prepare; "
+                             "prepare the model again")
+    try:
+        z = unpack_arrays(data, f"prepared model segment {key}")
+    except StorageError as exc:
+        raise ModelFileError(str(exc)) from None
     try:
         if int(z["version"]) != _SEGMENT_VERSION:
-            raise StorageError(f"prepared model segment {key}: version {int(z['version'])} is not {_SEGMENT_VERSION}")
+            raise ModelFileError(f"prepared model segment {key}: version {int(z['version'])} is not {_SEGMENT_VERSION}")
         meta = [int(v) for v in z["meta"]]
         if meta != [worker, model.n_workers, model.n_neurons, first, count]:
-            raise StorageError(f"prepared model segment {key} is of another worker, model or layer range")
+            raise ModelFileError(f"prepared model segment {key} is of another worker, model or layer range")
         lists = {name: _split(z[name], z[name + "_ptr"], dtype) for name, dtype in zip(_SINGLE, _SINGLE_DTYPES)}
         P = model.n_workers
         for name in ("recv_slots", "send_pos"):
             flat = _split(z[name], z[name + "_ptr"], np.int64)
             if len(flat) != count * P:
-                raise StorageError(f"prepared model segment {key}: {name} has {len(flat)} parts, not {count}x{P}")
+                raise ModelFileError(f"prepared model segment {key}: {name} has {len(flat)} parts, not {count}x{P}")
             lists[name] = [flat[l * P:(l + 1) * P] for l in range(count)]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise StorageError(f"prepared model segment {key} is malformed ({type(exc).__name__}: {exc})") from None
+    except ModelFileError:
+        raise
+    except (StorageError, KeyError, IndexError, TypeError) as exc:  # StorageError: a pointer array amiss
+        raise ModelFileError(f"prepared model segment {key} is malformed ({type(exc).__name__}: {exc})") from None
     if any(len(v) != count for v in lists.values()):
-        raise StorageError(f"prepared model segment {key} does not hold {count} layers")
+        raise ModelFileError(f"prepared model segment {key} does not hold {count} layers")
     return lists
 
 
@@ -801,7 +814,7 @@ def load_share(storage: Storage, event) -> WorkerShare:
     try:
         model = open_model(model_storage, location.get("prefix", ""))
     except PreparedError as exc:
-        raise StorageError(str(exc)) from None
+        raise ModelFileError(str(exc)) from None
     return open_worker_share(model, data, event.worker_id)
 
 

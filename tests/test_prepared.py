@@ -289,6 +289,18 @@ def _edit_json(path, change):
     (path / "model.json").write_text(json.dumps(meta))
 
 
+def _edit_layer0(path):
+    """Worker 0 loses its last layer-0 input neuron: still ascending and in range."""
+    from fsd_runtime.storage import pack_arrays
+
+    with np.load(path / prepared.LAYER0_KEY) as z:
+        arrays = {k: z[k] for k in z.files}
+    cut = int(arrays["ptr"][1]) - 1
+    arrays["in_neurons"] = np.delete(arrays["in_neurons"], cut)
+    arrays["ptr"] = np.concatenate([arrays["ptr"][:1], arrays["ptr"][1:] - 1])
+    (path / prepared.LAYER0_KEY).write_bytes(pack_arrays(arrays))
+
+
 @pytest.fixture(scope="module")
 def live_model(tmp_path_factory):
     """A model whose run keeps images alive to the end (27 categories of 60 images), of one
@@ -307,6 +319,20 @@ def _live_images():
     return ds.images.arrays, fsd_kernels.infer(*ds.images.arrays, ds.network.pack())
 
 
+#: (what is changed, the change, the file the refusal names)
+TAMPERED = {
+    "segment weights x4": (lambda p: _edit_segment(p, 1, 0, lambda a: a.update(vals=a["vals"] * 4)),
+                           "workers/1/seg-00000.npz does not match model.json's segment_sha256"),
+    "segment bias +5": (lambda p: _edit_segment(p, 0, 0, lambda a: a.update(bias=a["bias"] + 5)),
+                        "workers/0/seg-00000.npz does not match model.json's segment_sha256"),
+    "segment NaN weight": (lambda p: _edit_segment(p, 2, 0, lambda a: a["vals"].__setitem__(0, np.nan)),
+                           "workers/2/seg-00000.npz does not match model.json's segment_sha256"),
+    "model.json ymax": (lambda p: _edit_json(p, lambda m: m.update(ymax=0.25)),
+                        "model.json does not match its model_sha256"),
+    "layer0.npz": (_edit_layer0, "layer0.npz does not match model.json's layer0_sha256"),
+}
+
+
 @pytest.mark.parametrize("which", ["whole", "segmented"])
 def test_an_untouched_model_copied_elsewhere_runs_bit_identical(capsys, tmp_path, live_model, which):
     import shutil
@@ -319,6 +345,43 @@ def test_an_untouched_model_copied_elsewhere_runs_bit_identical(capsys, tmp_path
     assert_same(result.activations, serial)
     assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == 0
     assert json.loads(capsys.readouterr().out)["categories"] == [int(c) + 1 for c in serial.categories]
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_file_changed_after_prepare_is_refused_naming_it(capsys, tmp_path, live_model, case):
+    """Before the digests, each of these ran unchecked to exit 0 (the changed weights, bias and
+    ymax with wrong activations and categories)."""
+    import shutil
+
+    change, message = TAMPERED[case]
+    copy = tmp_path / "copy"
+    shutil.copytree(live_model / "whole", copy)
+    change(copy)
+    images, _ = _live_images()
+    with pytest.raises(prepared.PreparedError, match=message) as refused:
+        run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+    assert "prepare the model again" in str(refused.value)
+    if case.startswith("segment"):  # found by the worker that reads it: a failed run, of bad data
+        assert isinstance(refused.value, RunError) and "ModelFileError" in str(refused.value)
+    assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err and not captured.out
+
+
+def test_a_changed_segment_read_late_is_refused_by_its_worker(capsys, tmp_path, live_model):
+    """A model of a segment a layer: worker 2's last segment, read when the run reaches it."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(live_model / "segmented", copy)
+    assert len(prepared.open_model(str(copy)).meta["segments"]) == 4
+    _edit_segment(copy, 2, 3, lambda a: a.update(bias=a["bias"] - 1))
+    images, _ = _live_images()
+    message = "worker 2: ModelFileError: prepared model segment .*workers/2/seg-00003.npz does not match"
+    with pytest.raises(prepared.PreparedError, match=message):
+        run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+    assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == cli.EXIT_USAGE
+    assert "workers/2/seg-00003.npz does not match" in capsys.readouterr().err
 
 
 def test_a_model_json_without_digests_is_refused_asking_to_prepare_again(capsys, tmp_path, small_model):
