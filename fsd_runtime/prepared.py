@@ -21,10 +21,10 @@ its timings and that field), checked when the model is opened and when each file
 any parsing: a file changed or corrupted after ``prepare`` is refused, naming it. (A model whose
 digests were recomputed after an edit passes: the digests catch accidents, not a user's own
 deliberate changes.) Every archive is an npz read without pickle and checked before use: a
-segment's meta must match ``model.json``, and the share a worker assembles goes through the same
-index checks as any worker share (``fsd_runtime.plan``). ``network_hash`` (sha256 of every
-layer's CSC weights and bias, N, L and ymax) lets a run refuse a model prepared from another
-network.
+segment's meta must match ``model.json``, its weights and biases must be finite, and the share a
+worker assembles goes through the same index checks as any worker share (``fsd_runtime.plan``).
+``network_hash`` (sha256 of every layer's CSC weights and bias, N, L and ymax) lets a run
+refuse a model prepared from another network.
 """
 from __future__ import annotations
 
@@ -580,8 +580,8 @@ def inputs_share(model: PreparedModel, worker: int, in_neurons0: np.ndarray, ima
 
 def _parse_segment(model: PreparedModel, worker: int, index: int, data: bytes) -> dict:
     """Segment ``index`` of worker ``worker`` as per-layer lists: its bytes' sha256 checked against
-    model.json's before anything is parsed, then its meta against ``model``. Anything amiss:
-    :class:`ModelFileError`."""
+    model.json's before anything is parsed, then its meta against ``model`` and its weights and
+    biases finite (as a serial run's network must be). Anything amiss: :class:`ModelFileError`."""
     first, count = (int(v) for v in model.meta["segments"][index])
     key = model.key(segment_key(worker, index))
     if sha256_hex(data) != model.meta["segment_sha256"][worker][index]:
@@ -611,6 +611,10 @@ def _parse_segment(model: PreparedModel, worker: int, index: int, data: bytes) -
         raise ModelFileError(f"prepared model segment {key} is malformed ({type(exc).__name__}: {exc})") from None
     if any(len(v) != count for v in lists.values()):
         raise ModelFileError(f"prepared model segment {key} does not hold {count} layers")
+    for name, what in (("vals", "weights"), ("bias", "bias")):
+        for at, part in enumerate(lists[name]):
+            if not np.all(np.isfinite(part)):
+                raise ModelFileError(f"prepared model segment {key}: layer {first + at} {what} values must be finite")
     return lists
 
 

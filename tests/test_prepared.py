@@ -384,6 +384,25 @@ def test_a_changed_segment_read_late_is_refused_by_its_worker(capsys, tmp_path, 
     assert "workers/2/seg-00003.npz does not match" in capsys.readouterr().err
 
 
+def test_non_finite_weights_or_bias_in_a_resealed_segment_are_refused(capsys, tmp_path, live_model):
+    """Defence in depth: a segment re-sealed with a NaN weight or an infinite bias (its digest
+    then matches) is refused when parsed, as a serial run refuses such a network."""
+    import shutil
+
+    images, _ = _live_images()
+    for name, what in (("vals", "weights"), ("bias", "bias")):
+        copy = tmp_path / name
+        shutil.copytree(live_model / "whole", copy)
+        _edit_segment(copy, 1, 0, lambda a: a[name].__setitem__(-1, np.nan if name == "vals" else np.inf))
+        reseal(copy)
+        message = f"worker 1: ModelFileError: .*seg-00000.npz: layer 3 {what} values must be finite"
+        with pytest.raises(prepared.PreparedError, match=message):
+            run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+        assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == cli.EXIT_USAGE
+        captured = capsys.readouterr()
+        assert f"{what} values must be finite" in captured.err and "Traceback" not in captured.err
+
+
 def test_a_model_json_without_digests_is_refused_asking_to_prepare_again(capsys, tmp_path, small_model):
     import shutil
 
