@@ -486,7 +486,7 @@ def test_cli_prepare_refuses_bad_options_with_exit_2(capsys, tmp_path, small_mod
 
 # --- S3: the model uploaded once, reused by later runs ---
 
-def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
+def test_s3_runs_upload_the_model_once_and_reuse_it(capsys, aws_server, small_model):
     from fsd_runtime.aws import deploy
     from fsd_runtime.aws.clients import AwsSettings, client
     from fsd_runtime.aws.run import AwsRun, RunOptions
@@ -533,6 +533,21 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
         assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
                          "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
+        # a segment changed in the bucket after the upload: its worker refuses it, naming it
+        from fsd_runtime.storage import pack_arrays
+
+        with np.load(os.path.join(small_model, prepared.segment_key(1, 0))) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["vals"] = arrays["vals"] * 4
+        client("s3", settings).put_object(Bucket=bucket, Key=f"models/{digest}/{prepared.segment_key(1, 0)}",
+                                          Body=pack_arrays(arrays))
+        capsys.readouterr()
+        assert cli.main(["run", "--prepared", f"s3:models/{digest}", "--channel", "object", "--invoker", "local",
+                         "--deployment", name, "--synthetic", "256x8", "--seed", "1", "--images", "60"]) == \
+            cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"worker 1: ModelFileError: prepared model segment s3 store/models/{digest}/workers/1/seg-00000.npz " \
+               "does not match model.json's segment_sha256" in err and "Traceback" not in err, err
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
