@@ -686,6 +686,8 @@ def run_distributed(args, ds) -> dict:
             _progress(args, f"packing {ds.network.n_layers} layers of {ds.network.n_neurons} neurons")
             net = ds.network.pack()
         from fsd_runtime.budget import MemoryBudgetError
+        from fsd_runtime.coordinator import RunError
+        from fsd_runtime.prepared import PreparedError
 
         try:
             result = run(net, ds.images.arrays, args.workers, partition=args.partition,
@@ -699,6 +701,8 @@ def run_distributed(args, ds) -> dict:
                          worker_memory_mb=args.worker_memory_mb or (aws_run.memory_mb if aws_run else None))
         except MemoryBudgetError as exc:  # before launch: the options' to fix
             raise UsageError(f"--worker-memory-mb: {exc}") from None
+        except PreparedError as exc:  # a file of the model is bad (layer0.npz; a segment, found by its worker)
+            raise UsageError(str(exc) if isinstance(exc, RunError) else f"--prepared {exc}") from None
     out = summary(ds, result.categories, result.timings["run_s"])
     out.update(mode="distributed", workers=args.workers, channel=args.channel, partition=args.partition,
                traffic=result.traffic, metrics_path=result.metrics_paths.get("json"),

@@ -27,11 +27,18 @@ from fsd_runtime.channels import channel_class
 from fsd_runtime.launch import ProcessLauncher, make_launcher, tree_depth
 from fsd_runtime.partition import make_partition
 from fsd_runtime.plan import build_shares, initial_status
+from fsd_runtime.prepared import PreparedError
 from fsd_runtime.storage import LocalStorage, Storage, StorageError, unpack_arrays
 
 
 class RunError(RuntimeError):
     """A distributed run failed; the message names the failing workers and layers."""
+
+
+class PreparedRunError(RunError, PreparedError):
+    """A run failed because a worker found a file of its prepared model bad (changed or corrupted
+    after prepare, or malformed: ``prepared.ModelFileError``): the model's data, not the run.
+    Both a RunError and a PreparedError (the CLI exits 2)."""
 
 
 @dataclass
@@ -96,7 +103,8 @@ def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: floa
             if record is not None:  # a peer's error is often the echo of a death: look again
                 results = {_worker_of(k) for k in storage.list(f"{prefix}/results")}
                 dead = {w: layer for w, layer in record.dead_workers().items() if w not in results}
-            raise RunError(_failure_message(storage, prefix, launcher, record, dead))
+            message, bad_model = _failure_message(storage, prefix, launcher, record, dead)
+            raise (PreparedRunError if bad_model else RunError)(message)
         if len(results) == n_workers:
             return
         if time.monotonic() > deadline:
@@ -106,12 +114,13 @@ def _wait(storage: Storage, prefix: str, n_workers: int, launcher, timeout: floa
         delay = min(delay * 1.5, getattr(storage, "poll_seconds", 0.05))  # S3: LISTs are billed
 
 
-def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=None) -> str:
+def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=None) -> tuple[str, bool]:
     """One line per failed worker, each starting "worker W": the workers that died first (how
     their process ended, at which layer, the last line of their stderr), then the error records
-    of the others."""
+    of the others; and whether a worker found a file of its prepared model bad."""
     dead = dead or {}
     lines: dict[int | str, str] = {}
+    bad_model = False
     for key in storage.list(f"{prefix}/errors"):
         try:
             error = json.loads(storage.get(key))
@@ -119,6 +128,7 @@ def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=
         except (ValueError, KeyError, TypeError, RecursionError, StorageError):
             lines[key] = f"{key}: unreadable error record"
             continue
+        bad_model = bad_model or error.get("bad_model_file") is True
         if text.startswith("WorkerError: "):  # its message names worker and layer already
             text = text[len("WorkerError: "):]
         lines[worker] = text if text.startswith(f"worker {worker}") else f"worker {worker}: {text}"
@@ -137,7 +147,7 @@ def _failure_message(storage: Storage, prefix: str, launcher, record=None, dead=
             if said and said not in lines[worker]:
                 lines[worker] += f" (its last stderr line: {said})"
     order = sorted(lines, key=lambda k: (isinstance(k, str), k not in silent, str(k).zfill(12)))
-    return "distributed run failed:\n  " + "\n  ".join(lines[k] for k in order)
+    return "distributed run failed:\n  " + "\n  ".join(lines[k] for k in order), bad_model
 
 
 def _metrics_record(storage: Storage, prefix: str, worker: int) -> dict:

@@ -15,10 +15,16 @@ Layout under a store prefix (a local directory is a store with no prefix)::
     layer0.npz                      every worker's layer-0 input neurons (flat + pointers)
     workers/{w}/seg-{s:05d}.npz     worker w's weights and plans of segment s's layers
 
-Every archive is an npz read without pickle and checked before use: a segment's meta must match
-``model.json``, and the share a worker assembles goes through the same index checks as any
-worker share (``fsd_runtime.plan``). ``network_hash`` (sha256 of every layer's CSC weights and
-bias, N, L and ymax) lets a run refuse a model prepared from another network.
+``model.json`` records the sha256 of every other file's bytes (``layer0_sha256``,
+``segment_sha256[w][s]``) and of its own content (``model_sha256``: canonical JSON of all but
+its timings and that field), checked when the model is opened and when each file is read, before
+any parsing: a file changed or corrupted after ``prepare`` is refused, naming it. (A model whose
+digests were recomputed after an edit passes: the digests catch accidents, not a user's own
+deliberate changes.) Every archive is an npz read without pickle and checked before use: a
+segment's meta must match ``model.json``, its weights and biases must be finite, and the share a
+worker assembles goes through the same index checks as any worker share (``fsd_runtime.plan``).
+``network_hash`` (sha256 of every layer's CSC weights and bias, N, L and ymax) lets a run
+refuse a model prepared from another network.
 """
 from __future__ import annotations
 
@@ -40,7 +46,8 @@ from fsd_runtime.plan import (LayerPlan, WorkerShare, _check, _flatten, _split, 
 from fsd_runtime.storage import LocalStorage, Storage, StorageError, make_storage, pack_arrays, unpack_arrays
 
 FORMAT = "fsd-inference prepared model"
-VERSION = 1
+#: 2: model.json records the sha256 of every file and of itself (version 1 did not; refused)
+VERSION = 2
 MODEL_KEY = "model.json"
 LAYER0_KEY = "layer0.npz"
 #: Buffered worker parts (all workers together) that close a segment; one layer at least.
@@ -58,6 +65,25 @@ _SINGLE_DTYPES = (np.int32, np.int32, np.int64, np.int32, np.float32, np.float32
 class PreparedError(ValueError):
     """A prepared model is missing, incomplete or malformed, or is not the one a run asks for
     (other worker count, partition or network); the message says which, in one line."""
+
+
+class ModelFileError(StorageError):
+    """A file of a prepared model a worker reads (model.json, one of its segments) is not what
+    ``prepare`` wrote (its sha256 differs from model.json's) or is malformed: the model's data is
+    bad, not the run. The worker's error record says so (``bad_model_file``) and the coordinator
+    raises a :class:`PreparedError` (``coordinator.PreparedRunError``; CLI: exit 2)."""
+
+
+def sha256_hex(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 (hex) of a model.json's content but its ``timings`` and this digest itself
+    (``model_sha256``): canonical JSON (sorted keys, no spaces), so any change to what a run
+    uses (ymax, per-layer flags, sizes, the file digests...) changes it."""
+    core = {k: v for k, v in meta.items() if k not in ("timings", "model_sha256")}
+    return sha256_hex(json.dumps(core, sort_keys=True, separators=(",", ":")).encode())
 
 
 # --- networks as layer streams, in the packed (CSC) form the plans take ---
@@ -304,6 +330,7 @@ def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias:
         # and what a run downloads (stored_bytes: its segment objects)
         sizes = [dict.fromkeys(_SIZE_FIELDS + ("stored_bytes",), 0)
                  for _ in range(n_workers)]
+        digests: list[list[str]] = [[] for _ in range(n_workers)]  # sha256 of each worker's segments
 
         def flush():
             nonlocal buffered, first, written
@@ -312,6 +339,7 @@ def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias:
             for p in range(n_workers):
                 data = _segment_bytes(p, n_workers, n, first, buffers[p])
                 storage.put(model.key(segment_key(p, len(segments))), data)
+                digests[p].append(sha256_hex(data))
                 written += len(data)
                 sizes[p]["stored_bytes"] += len(data)
                 buffers[p] = []
@@ -367,7 +395,9 @@ def prepare(source, out, n_workers: int, *, partition: str = "hypergraph", bias:
             "ymax": float(stream.ymax), "keeps_saturated": keeps, "nnz": nnz, "most_edges": most_edges,
             "worker_sizes": sizes,
             "network_hash": _hash_end(h, n, l + 1, stream.ymax), "segments": segments,
+            "layer0_sha256": sha256_hex(data), "segment_sha256": digests,
         }
+        meta["model_sha256"] = meta_digest(meta)
         timings["write_s"] += time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
         meta["timings"] = timings
@@ -401,11 +431,26 @@ def _meta_error(where: str, what: str) -> PreparedError:
 _SIZE_FIELDS = ("share_bytes", "most_in", "most_out", "last_rows", "sources")
 
 
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 def _check_meta(meta, where: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _meta_error(where, "model.json is not one")
-    if meta.get("version") != VERSION:
-        raise _meta_error(where, f"version {meta.get('version')!r}, this code reads {VERSION}")
+    version = meta.get("version")
+    if type(version) is int and version < VERSION:
+        raise _meta_error(where, f"format version {version}, made by an older fsd-inference without the file "
+                                 f"digests this code checks (version {VERSION}); prepare the model again")
+    if version != VERSION:
+        raise _meta_error(where, f"version {version!r}, this code reads {VERSION}")
+    digest = meta.get("model_sha256")
+    if not _is_sha256(digest) or not _is_sha256(meta.get("layer0_sha256")):
+        raise _meta_error(where, "model.json lacks its sha256 digests (model_sha256, layer0_sha256); "
+                                 "prepare the model again")
+    if digest != meta_digest(meta):
+        raise _meta_error(where, f"{MODEL_KEY} does not match its model_sha256: it was changed or corrupted "
+                                 "after prepare; prepare the model again")
 
     def integer(name, low, high):
         v = meta.get(name)
@@ -425,8 +470,7 @@ def _check_meta(meta, where: str) -> dict:
     keeps = meta.get("keeps_saturated")
     if not isinstance(keeps, list) or len(keeps) != L or not all(isinstance(k, bool) for k in keeps):
         raise _meta_error(where, f"keeps_saturated must be {L} true/false values")
-    digest = meta.get("network_hash")
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not _is_sha256(meta.get("network_hash")):
         raise _meta_error(where, "network_hash must be 64 hex digits")
     segments, expect = meta.get("segments"), 0
     if not isinstance(segments, list) or not segments:
@@ -438,6 +482,10 @@ def _check_meta(meta, where: str) -> dict:
         expect += seg[1]
     if expect != L:
         raise _meta_error(where, f"segments cover {expect} layers, not {L}")
+    digests = meta.get("segment_sha256")
+    if not (isinstance(digests, list) and len(digests) == meta["n_workers"] and all(
+            isinstance(d, list) and len(d) == len(segments) and all(map(_is_sha256, d)) for d in digests)):
+        raise _meta_error(where, f"segment_sha256 must be {meta['n_workers']} lists of {len(segments)} sha256 digests")
     # optional (older models lack them), checked where present: runs size memory and timeouts by them
     if "name" in meta and not isinstance(meta["name"], str):
         raise _meta_error(where, f"name must be text, got {meta['name']!r}")
@@ -498,8 +546,12 @@ def check_model(model: PreparedModel, *, n_workers: int | None = None, partition
 
 
 def layer0_inputs(model: PreparedModel) -> list[np.ndarray]:
-    """Every worker's layer-0 input neurons (ascending, checked)."""
-    z = unpack_arrays(model.storage.get(model.key(LAYER0_KEY)), f"{model.where()}/{LAYER0_KEY}")
+    """Every worker's layer-0 input neurons (ascending, checked; the file's sha256 first)."""
+    data = model.storage.get(model.key(LAYER0_KEY))
+    if sha256_hex(data) != model.meta["layer0_sha256"]:
+        raise _meta_error(model.where(), f"{LAYER0_KEY} does not match model.json's layer0_sha256: it was "
+                                         "changed or corrupted after prepare; prepare the model again")
+    z = unpack_arrays(data, f"{model.where()}/{LAYER0_KEY}")
     try:
         parts = _split(z["in_neurons"], z["ptr"], np.int32)
     except KeyError as exc:
@@ -527,27 +579,42 @@ def inputs_share(model: PreparedModel, worker: int, in_neurons0: np.ndarray, ima
 
 
 def _parse_segment(model: PreparedModel, worker: int, index: int, data: bytes) -> dict:
-    """Segment ``index`` of worker ``worker`` as per-layer lists, its meta checked against ``model``."""
+    """Segment ``index`` of worker ``worker`` as per-layer lists: its bytes' sha256 checked against
+    model.json's before anything is parsed, then its meta against ``model`` and its weights and
+    biases finite (as a serial run's network must be). Anything amiss: :class:`ModelFileError`."""
     first, count = (int(v) for v in model.meta["segments"][index])
     key = model.key(segment_key(worker, index))
-    z = unpack_arrays(data, f"prepared model segment {key}")
+    if sha256_hex(data) != model.meta["segment_sha256"][worker][index]:
+        raise ModelFileError(f"prepared model segment {model.where()}/{segment_key(worker, index)} does not "
+                             "match model.json's segment_sha256: it was changed or corrupted after prepare; "
+                             "prepare the model again")
+    try:
+        z = unpack_arrays(data, f"prepared model segment {key}")
+    except StorageError as exc:
+        raise ModelFileError(str(exc)) from None
     try:
         if int(z["version"]) != _SEGMENT_VERSION:
-            raise StorageError(f"prepared model segment {key}: version {int(z['version'])} is not {_SEGMENT_VERSION}")
+            raise ModelFileError(f"prepared model segment {key}: version {int(z['version'])} is not {_SEGMENT_VERSION}")
         meta = [int(v) for v in z["meta"]]
         if meta != [worker, model.n_workers, model.n_neurons, first, count]:
-            raise StorageError(f"prepared model segment {key} is of another worker, model or layer range")
+            raise ModelFileError(f"prepared model segment {key} is of another worker, model or layer range")
         lists = {name: _split(z[name], z[name + "_ptr"], dtype) for name, dtype in zip(_SINGLE, _SINGLE_DTYPES)}
         P = model.n_workers
         for name in ("recv_slots", "send_pos"):
             flat = _split(z[name], z[name + "_ptr"], np.int64)
             if len(flat) != count * P:
-                raise StorageError(f"prepared model segment {key}: {name} has {len(flat)} parts, not {count}x{P}")
+                raise ModelFileError(f"prepared model segment {key}: {name} has {len(flat)} parts, not {count}x{P}")
             lists[name] = [flat[l * P:(l + 1) * P] for l in range(count)]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise StorageError(f"prepared model segment {key} is malformed ({type(exc).__name__}: {exc})") from None
+    except ModelFileError:
+        raise
+    except (StorageError, KeyError, IndexError, TypeError) as exc:  # StorageError: a pointer array amiss
+        raise ModelFileError(f"prepared model segment {key} is malformed ({type(exc).__name__}: {exc})") from None
     if any(len(v) != count for v in lists.values()):
-        raise StorageError(f"prepared model segment {key} does not hold {count} layers")
+        raise ModelFileError(f"prepared model segment {key} does not hold {count} layers")
+    for name, what in (("vals", "weights"), ("bias", "bias")):
+        for at, part in enumerate(lists[name]):
+            if not np.all(np.isfinite(part)):
+                raise ModelFileError(f"prepared model segment {key}: layer {first + at} {what} values must be finite")
     return lists
 
 
@@ -751,7 +818,7 @@ def load_share(storage: Storage, event) -> WorkerShare:
     try:
         model = open_model(model_storage, location.get("prefix", ""))
     except PreparedError as exc:
-        raise StorageError(str(exc)) from None
+        raise ModelFileError(str(exc)) from None
     return open_worker_share(model, data, event.worker_id)
 
 
@@ -793,10 +860,15 @@ def publish(model: PreparedModel, storage: Storage, progress=None) -> tuple[Prep
                 return there, False
         except (PreparedError, StorageError):
             pass  # a broken copy: upload over it
-    keys = [LAYER0_KEY] + [segment_key(w, s) for w in range(model.n_workers)
-                           for s in range(len(model.meta["segments"]))]
-    say(f"uploading the prepared model ({len(keys) + 1} objects) to {target.prefix}")
-    for key in keys:
-        storage.put(target.key(key), model.storage.get(model.key(key)))
+    digests = {LAYER0_KEY: model.meta["layer0_sha256"]}
+    digests.update((segment_key(w, s), digest) for w, worker in enumerate(model.meta["segment_sha256"])
+                   for s, digest in enumerate(worker))
+    say(f"uploading the prepared model ({len(digests) + 1} objects) to {target.prefix}")
+    for key, digest in digests.items():  # checked as copied: a damaged file is not uploaded for runs to reuse
+        data = model.storage.get(model.key(key))
+        if sha256_hex(data) != digest:
+            raise _meta_error(model.where(), f"{key} does not match its sha256 in model.json: it was changed or "
+                                             "corrupted after prepare; prepare the model again")
+        storage.put(target.key(key), data)
     storage.put(target.key(MODEL_KEY), model.storage.get(model.key(MODEL_KEY)))  # last: complete
     return open_model(storage, target.prefix), True

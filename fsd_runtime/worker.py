@@ -33,7 +33,7 @@ from fsd_runtime.channels import Channel, ChannelError, make_channel
 from fsd_runtime.launch import LaunchError, Launcher, ProcessLauncher, launch_children, make_launcher
 from fsd_runtime.metrics import LayerMetrics
 from fsd_runtime.plan import WorkerShare
-from fsd_runtime.prepared import load_share
+from fsd_runtime.prepared import ModelFileError, load_share
 from fsd_runtime.storage import Storage, StorageError, make_storage, pack_arrays
 
 
@@ -714,7 +714,8 @@ def _cpu_seconds() -> float:
 
 def _write_error(storage: Storage, event: ev.WorkerEvent, exc: BaseException) -> None:
     record = {"worker": event.worker_id, "layer": getattr(exc, "layer", None),
-              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20)}
+              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20),
+              "bad_model_file": isinstance(exc, ModelFileError)}  # the model's data, not the run: exit 2
     try:
         storage.put(ev.error_key(event.prefix, event.worker_id), json.dumps(record).encode())
     except StorageError:  # the run's store is gone: the run ended and nobody reads the record

@@ -40,6 +40,30 @@ def assert_same(got, want):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+def reseal(path, edit=None) -> None:
+    """Seal a prepared model directory again after a deliberate change, as its owner may: every
+    file's sha256 recomputed, then ``edit(meta)`` applied to model.json's content, then its own
+    digest recomputed (such a model the digests cannot tell from an untouched one)."""
+    import hashlib
+
+    path = os.fspath(path)
+    with open(os.path.join(path, "model.json")) as f:
+        meta = json.load(f)
+
+    def sha(key):
+        with open(os.path.join(path, key), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    meta["layer0_sha256"] = sha(prepared.LAYER0_KEY)
+    meta["segment_sha256"] = [[sha(prepared.segment_key(w, s)) for s in range(len(meta["segments"]))]
+                              for w in range(meta["n_workers"])]
+    if edit is not None:
+        edit(meta)
+    meta["model_sha256"] = prepared.meta_digest(meta)
+    with open(os.path.join(path, "model.json"), "w") as f:
+        json.dump(meta, f)
+
+
 # --- streaming sources ---
 
 def test_synthetic_layers_stream_as_generated_and_start_as_the_official_ones(official):
@@ -219,31 +243,204 @@ def test_incomplete_or_tampered_models_are_refused(tmp_path, small_model):
         prepared.open_model(str(copy))
     shutil.rmtree(copy)
     shutil.copytree(small_model, copy)
-    meta = json.loads((copy / "model.json").read_text())
-    meta["segments"][0][1] += 1
-    (copy / "model.json").write_text(json.dumps(meta))
+    # model.json's fields are checked also in a model re-sealed after an edit (digests recomputed)
+    reseal(copy, lambda meta: meta["segments"][0].__setitem__(1, meta["segments"][0][1] + 1))
     with pytest.raises(prepared.PreparedError, match="segments"):
         prepared.open_model(str(copy))
     for field, bad in (("worker_sizes", [{"share_bytes": 1}]), ("worker_sizes", "many"),
-                       ("most_edges", -1), ("most_edges", "9"), ("name", 7)):
+                       ("most_edges", -1), ("most_edges", "9"), ("name", 7), ("ymax", -1.0),
+                       ("segment_sha256", [["0" * 64]])):
         shutil.rmtree(copy)
         shutil.copytree(small_model, copy)
-        meta = json.loads((copy / "model.json").read_text())
-        meta[field] = bad
-        (copy / "model.json").write_text(json.dumps(meta))
+        reseal(copy, lambda meta: meta.__setitem__(field, bad))
         with pytest.raises(prepared.PreparedError, match=field):
             prepared.open_model(str(copy))
     shutil.rmtree(copy)
     shutil.copytree(small_model, copy)
     segment = copy / "workers" / "1" / "seg-00000.npz"
     z = dict(np.load(segment))
-    z["rowidx"] = z["rowidx"] + 10**6  # indices no kernel may follow
+    z["rowidx"] = z["rowidx"] + 10**6  # indices no kernel may follow, in a model re-sealed after the edit
     np.savez(segment, **z)
+    reseal(copy)
     ds = model.synthetic(256, 8, 20, seed=1)
     with pytest.raises(RunError, match="worker 1.*rowidx"):
         run_distributed(None, ds.images.arrays, prepared=str(copy), launcher={"kind": "thread"})
     with pytest.raises(prepared.PreparedError, match="not an empty directory"):
         prepared.prepare("synthetic:256x2", small_model, 2)
+
+
+# --- a model's files changed after prepare: refused by their sha256 in model.json ---
+
+def _edit_segment(path, worker, segment, change):
+    """Rewrite a segment with ``change(arrays)`` applied, its meta (worker, layers...) intact."""
+    from fsd_runtime.storage import pack_arrays
+
+    key = os.path.join(path, prepared.segment_key(worker, segment))
+    with np.load(key) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    with open(key, "wb") as f:
+        f.write(pack_arrays(arrays))
+
+
+def _edit_json(path, change):
+    meta = json.loads((path / "model.json").read_text())
+    change(meta)
+    (path / "model.json").write_text(json.dumps(meta))
+
+
+def _edit_layer0(path):
+    """Worker 0 loses its last layer-0 input neuron: still ascending and in range."""
+    from fsd_runtime.storage import pack_arrays
+
+    with np.load(path / prepared.LAYER0_KEY) as z:
+        arrays = {k: z[k] for k in z.files}
+    cut = int(arrays["ptr"][1]) - 1
+    arrays["in_neurons"] = np.delete(arrays["in_neurons"], cut)
+    arrays["ptr"] = np.concatenate([arrays["ptr"][:1], arrays["ptr"][1:] - 1])
+    (path / prepared.LAYER0_KEY).write_bytes(pack_arrays(arrays))
+
+
+@pytest.fixture(scope="module")
+def live_model(tmp_path_factory):
+    """A model whose run keeps images alive to the end (27 categories of 60 images), of one
+    segment (read whole by each worker) and of a segment a layer (read as the run needs them)."""
+    base = tmp_path_factory.mktemp("live")
+    prepared.prepare("synthetic:1024x4:1", str(base / "whole"), 3)
+    prepared.prepare("synthetic:1024x4:1", str(base / "segmented"), 3, segment_bytes=1)
+    return base
+
+
+LIVE_ARGS = ["--synthetic", "1024x4", "--seed", "1", "--images", "60", "--json"]
+
+
+def _live_images():
+    ds = model.synthetic(1024, 4, 60, seed=1)
+    return ds.images.arrays, fsd_kernels.infer(*ds.images.arrays, ds.network.pack())
+
+
+#: (what is changed, the change, the file the refusal names)
+TAMPERED = {
+    "segment weights x4": (lambda p: _edit_segment(p, 1, 0, lambda a: a.update(vals=a["vals"] * 4)),
+                           "workers/1/seg-00000.npz does not match model.json's segment_sha256"),
+    "segment bias +5": (lambda p: _edit_segment(p, 0, 0, lambda a: a.update(bias=a["bias"] + 5)),
+                        "workers/0/seg-00000.npz does not match model.json's segment_sha256"),
+    "segment NaN weight": (lambda p: _edit_segment(p, 2, 0, lambda a: a["vals"].__setitem__(0, np.nan)),
+                           "workers/2/seg-00000.npz does not match model.json's segment_sha256"),
+    "model.json ymax": (lambda p: _edit_json(p, lambda m: m.update(ymax=0.25)),
+                        "model.json does not match its model_sha256"),
+    "layer0.npz": (_edit_layer0, "layer0.npz does not match model.json's layer0_sha256"),
+}
+
+
+@pytest.mark.parametrize("which", ["whole", "segmented"])
+def test_an_untouched_model_copied_elsewhere_runs_bit_identical(capsys, tmp_path, live_model, which):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(live_model / which, copy)
+    images, serial = _live_images()
+    assert len(serial.categories) == 27
+    result = run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+    assert_same(result.activations, serial)
+    assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == 0
+    assert json.loads(capsys.readouterr().out)["categories"] == [int(c) + 1 for c in serial.categories]
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_file_changed_after_prepare_is_refused_naming_it(capsys, tmp_path, live_model, case):
+    """Before the digests, each of these ran unchecked to exit 0 (the changed weights, bias and
+    ymax with wrong activations and categories)."""
+    import shutil
+
+    change, message = TAMPERED[case]
+    copy = tmp_path / "copy"
+    shutil.copytree(live_model / "whole", copy)
+    change(copy)
+    images, _ = _live_images()
+    with pytest.raises(prepared.PreparedError, match=message) as refused:
+        run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+    assert "prepare the model again" in str(refused.value)
+    if case.startswith("segment"):  # found by the worker that reads it: a failed run, of bad data
+        assert isinstance(refused.value, RunError) and "ModelFileError" in str(refused.value)
+    assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err and not captured.out
+
+
+def test_a_changed_segment_read_late_is_refused_by_its_worker(capsys, tmp_path, live_model):
+    """A model of a segment a layer: worker 2's last segment, read when the run reaches it."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(live_model / "segmented", copy)
+    assert len(prepared.open_model(str(copy)).meta["segments"]) == 4
+    _edit_segment(copy, 2, 3, lambda a: a.update(bias=a["bias"] - 1))
+    images, _ = _live_images()
+    message = "worker 2: ModelFileError: prepared model segment .*workers/2/seg-00003.npz does not match"
+    with pytest.raises(prepared.PreparedError, match=message):
+        run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+    assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == cli.EXIT_USAGE
+    assert "workers/2/seg-00003.npz does not match" in capsys.readouterr().err
+
+
+def test_non_finite_weights_or_bias_in_a_resealed_segment_are_refused(capsys, tmp_path, live_model):
+    """Defence in depth: a segment re-sealed with a NaN weight or an infinite bias (its digest
+    then matches) is refused when parsed, as a serial run refuses such a network."""
+    import shutil
+
+    images, _ = _live_images()
+    for name, what in (("vals", "weights"), ("bias", "bias")):
+        copy = tmp_path / name
+        shutil.copytree(live_model / "whole", copy)
+        _edit_segment(copy, 1, 0, lambda a: a[name].__setitem__(-1, np.nan if name == "vals" else np.inf))
+        reseal(copy)
+        message = f"worker 1: ModelFileError: .*seg-00000.npz: layer 3 {what} values must be finite"
+        with pytest.raises(prepared.PreparedError, match=message):
+            run_distributed(None, images, prepared=str(copy), launcher={"kind": "thread"})
+        assert cli.main(["run", "--prepared", str(copy), *LIVE_ARGS]) == cli.EXIT_USAGE
+        captured = capsys.readouterr()
+        assert f"{what} values must be finite" in captured.err and "Traceback" not in captured.err
+
+
+def test_a_model_json_without_digests_is_refused_asking_to_prepare_again(capsys, tmp_path, small_model):
+    import shutil
+
+    def without_digests(meta, version):
+        for key in ("model_sha256", "layer0_sha256", "segment_sha256"):
+            del meta[key]
+        meta["version"] = version
+
+    for version, message in ((1, "format version 1, made by an older fsd-inference"),
+                             (prepared.VERSION, "model.json lacks its sha256 digests")):
+        copy = tmp_path / f"v{version}"
+        shutil.copytree(small_model, copy)
+        _edit_json(copy, lambda meta: without_digests(meta, version))
+        with pytest.raises(prepared.PreparedError, match=f"{message}.*prepare the model again"):
+            prepared.open_model(str(copy))
+        assert cli.main(["run", "--prepared", str(copy), "--synthetic", "256x8", "--seed", "1"]) == cli.EXIT_USAGE
+        captured = capsys.readouterr()
+        assert message in captured.err and "prepare the model again" in captured.err
+        assert "Traceback" not in captured.err
+
+
+def test_publishing_checks_every_file_before_it_uploads(tmp_path, small_model):
+    """A model uploaded to a shared store (what an S3 run does) is checked file by file as
+    copied: a changed one is not uploaded for later runs to reuse."""
+    import shutil
+
+    from fsd_runtime.storage import LocalStorage
+
+    shared = LocalStorage(str(tmp_path / "shared"))
+    there, uploaded = prepared.publish(prepared.open_model(small_model), shared)
+    assert uploaded and there.meta == prepared.open_model(small_model).meta
+    copy = tmp_path / "copy"
+    shutil.copytree(small_model, copy)
+    _edit_segment(copy, 1, 0, lambda a: a.update(vals=-a["vals"]))
+    other = LocalStorage(str(tmp_path / "other"))
+    with pytest.raises(prepared.PreparedError, match="workers/1/seg-00000.npz does not match"):
+        prepared.publish(prepared.open_model(str(copy)), other)
+    assert not [k for k in other.list("models") if k.endswith(prepared.MODEL_KEY)]
 
 
 # --- the CLI ---
@@ -289,7 +486,7 @@ def test_cli_prepare_refuses_bad_options_with_exit_2(capsys, tmp_path, small_mod
 
 # --- S3: the model uploaded once, reused by later runs ---
 
-def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
+def test_s3_runs_upload_the_model_once_and_reuse_it(capsys, aws_server, small_model):
     from fsd_runtime.aws import deploy
     from fsd_runtime.aws.clients import AwsSettings, client
     from fsd_runtime.aws.run import AwsRun, RunOptions
@@ -336,6 +533,21 @@ def test_s3_runs_upload_the_model_once_and_reuse_it(aws_server, small_model):
         assert keys_after == keys, "nothing uploaded again, nothing of the runs left"
         assert cli.main(["run", "--prepared", "s3:models/nothing-here", "--channel", "object",
                          "--deployment", name, "--synthetic", "256x8"]) == cli.EXIT_USAGE
+        # a segment changed in the bucket after the upload: its worker refuses it, naming it
+        from fsd_runtime.storage import pack_arrays
+
+        with np.load(os.path.join(small_model, prepared.segment_key(1, 0))) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["vals"] = arrays["vals"] * 4
+        client("s3", settings).put_object(Bucket=bucket, Key=f"models/{digest}/{prepared.segment_key(1, 0)}",
+                                          Body=pack_arrays(arrays))
+        capsys.readouterr()
+        assert cli.main(["run", "--prepared", f"s3:models/{digest}", "--channel", "object", "--invoker", "local",
+                         "--deployment", name, "--synthetic", "256x8", "--seed", "1", "--images", "60"]) == \
+            cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"worker 1: ModelFileError: prepared model segment s3 store/models/{digest}/workers/1/seg-00000.npz " \
+               "does not match model.json's segment_sha256" in err and "Traceback" not in err, err
     finally:
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
@@ -499,14 +711,13 @@ def test_a_prepared_run_under_a_small_budget_runs_in_batches_bit_identical(tmp_p
 
 
 def test_a_model_without_worker_sizes_runs_unbatched(tmp_path):
-    """Models prepared before model.json recorded the workers' sizes still run (no footprint:
-    one batch, the local memory budget for the model's worker count)."""
+    """A model.json without the workers' sizes (re-sealed without them: what models prepared
+    before they were recorded lacked) still runs (no footprint: one batch, the local memory
+    budget for the model's worker count)."""
     ds = model.synthetic(256, 6, 40, seed=8)
     out = tmp_path / "m"
     prepared.prepare(ds.network, str(out), 3)
-    meta = json.loads((out / "model.json").read_text())
-    del meta["worker_sizes"]
-    (out / "model.json").write_text(json.dumps(meta))
+    reseal(out, lambda meta: meta.pop("worker_sizes"))
     for launcher in ("thread", "fork"):
         result = run_distributed(None, ds.images.arrays, prepared=str(out), launcher={"kind": launcher})
         assert_same(result.activations, fsd_kernels.infer(*ds.images.arrays, ds.network.pack()))
@@ -582,13 +793,16 @@ def test_a_segment_reader_holds_two_segments_and_checks_each_as_read(tmp_path):
         assert len(reader.held) <= 2
     assert reader.segments_read == list(range(12))
     assert lazy.to_bytes() == whole.to_bytes()  # read whole again, in order: the same share
-    # a segment whose indices leave its ranges is refused when read, naming it
+    # a segment whose indices leave its ranges is refused when read, naming it (re-sealed after
+    # the edit: the digests would refuse it before any parsing)
     key = os.path.join(out, prepared.segment_key(2, 7))
     z = dict(np.load(key))
     z["rowidx"] = z["rowidx"].copy()
     z["rowidx"][-1] = 10**6
     with open(key, "wb") as f:
         np.savez(f, **z)
+    reseal(out)
+    found = prepared.open_model(out)
     lazy = prepared.open_worker_share(found, prepared.inputs_share(found, 2, in0[2], images, active, saturated), 2)
     lazy.colptr[6]
     with pytest.raises(prepared.StorageError, match="layer 7 rowidx has indices outside"):
