@@ -241,6 +241,9 @@ def test_incomplete_or_tampered_models_are_refused(tmp_path, small_model):
     (copy / "model.json").unlink()
     with pytest.raises(prepared.PreparedError, match="no model.json"):
         prepared.open_model(str(copy))
+    (copy / "model.json").write_text("[" * 100_000 + "]" * 100_000)  # nested past the parser's depth
+    with pytest.raises(prepared.PreparedError, match="not JSON"):
+        prepared.open_model(str(copy))
     shutil.rmtree(copy)
     shutil.copytree(small_model, copy)
     # model.json's fields are checked also in a model re-sealed after an edit (digests recomputed)
