@@ -22,6 +22,7 @@ import sys
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Sequence
 
+from fsd_runtime import liveness
 from fsd_runtime.events import WorkerEvent
 from fsd_runtime.kinds import Registry
 
@@ -104,14 +105,19 @@ class ProcessLauncher(Launcher):
 
     def launch(self, events: Sequence[WorkerEvent]) -> None:
         for event in events:
+            env = {**os.environ, **self.env}
+            err = liveness.open_worker_stderr(event.worker_id, env)  # its own file from its start
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", self.entry_module], stdin=subprocess.PIPE,
-                    start_new_session=self.own_group, env={**os.environ, **self.env})
+                    [sys.executable, "-m", self.entry_module], stdin=subprocess.PIPE, stderr=err,
+                    start_new_session=self.own_group, env=env)
                 proc.stdin.write(event.to_json().encode())
                 proc.stdin.close()
             except OSError as exc:
                 raise LaunchError(f"cannot start worker {event.worker_id}: {exc}") from exc
+            finally:
+                if err is not None:
+                    os.close(err)
             self._procs[event.worker_id] = proc
 
     def failures(self) -> dict[int, str]:

@@ -163,15 +163,27 @@ class Beacon:
         os.pwrite(self.fd, _BEACON.pack(self.pid, layer), 0)
 
 
+def open_worker_stderr(worker: int, environ=None) -> int | None:
+    """A descriptor appending to ``worker``'s stderr file in the run record the environment names
+    (None: no record). A launcher hands it to the worker process from its start, so nothing the
+    worker writes lands in its parent's file."""
+    record = (os.environ if environ is None else environ).get(ENV)
+    if not record or not os.path.isdir(os.path.join(record, "workers")):
+        return None
+    try:
+        return os.open(os.path.join(record, "workers", f"{worker}.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        return None
+
+
 def start_worker(worker: int) -> Beacon | None:
     """In a worker process launched by a local coordinator: send stderr to the record, start the
     beacon and the watcher. Returns None when there is no record (threads, Lambda, tests)."""
     record = os.environ.get(ENV)
-    if not record or not os.path.isdir(os.path.join(record, "workers")):
+    err = open_worker_stderr(worker)
+    if err is None:
         return None
     try:
-        err = os.open(os.path.join(record, "workers", f"{worker}.err"),
-                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(err, 2)
         os.close(err)
         beacon = Beacon(record, worker)

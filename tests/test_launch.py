@@ -89,3 +89,30 @@ def test_tree_launch_of_processes_leaves_no_orphans_when_a_worker_is_killed(tmp_
         LocalChannel.delete_run(channel, "orphans", 4)
     time.sleep(0.2)
     assert _group_members(root) == []
+
+
+def test_a_launched_worker_writes_to_its_own_stderr_file_from_its_start(tmp_path, capfd):
+    """A worker process's first lines (the handler's "worker starting") went to its launcher's
+    stderr, so a crash report could quote another worker's line as the dead worker's."""
+    from fsd_runtime import liveness
+
+    record = tmp_path / "record"
+    (record / "workers").mkdir(parents=True)
+    event = ev.WorkerEvent(
+        run_id="run1", worker_id=3, n_workers=4, fanout=2,
+        storage={"kind": "local", "root": str(tmp_path / "store")}, prefix="runs/run1",
+        channel={"kind": "local", "dir": str(tmp_path)}, launcher={"kind": "local"},
+        receive_timeout=5.0, run_timeout=30.0, launch_children=False)
+    from fsd_runtime.aws.invokers import LocalInvoker
+
+    launcher = LocalInvoker()  # worker processes running the Lambda handler, which logs first
+    launcher.env = {liveness.ENV: str(record)}
+    try:
+        launcher.launch([event])
+        deadline = time.monotonic() + 60
+        while launcher._procs[3].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # it fails soon: its run has no share for it
+    finally:
+        launcher.close()
+    assert "worker starting" in (record / "workers" / "3.err").read_text()
+    assert "worker starting" not in capfd.readouterr().err
