@@ -340,6 +340,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
         record.update(storage=storage.config(), prefix=prefix, n_workers=n_workers)
         if isinstance(coordinator_launcher, ProcessLauncher):
             coordinator_launcher.env.update(record.env())
+            coordinator_launcher.stderr_for = liveness.open_worker_stderr  # its own file from its start
         if model is None:
             say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
             for share in shares:

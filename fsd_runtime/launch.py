@@ -22,7 +22,6 @@ import sys
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Sequence
 
-from fsd_runtime import liveness
 from fsd_runtime.events import WorkerEvent
 from fsd_runtime.kinds import Registry
 
@@ -101,12 +100,15 @@ class ProcessLauncher(Launcher):
         self.own_group = own_group
         #: Variables added to the workers' environment (the coordinator's run record).
         self.env: dict[str, str] = {}
+        #: ``(worker, environment) -> descriptor or None``: the stderr a worker process starts
+        #: with (``liveness.open_worker_stderr``: its own file in the run record); None: ours.
+        self.stderr_for: Callable[[int, Mapping[str, str]], int | None] | None = None
         self._procs: dict[int, subprocess.Popen] = {}
 
     def launch(self, events: Sequence[WorkerEvent]) -> None:
         for event in events:
             env = {**os.environ, **self.env}
-            err = liveness.open_worker_stderr(event.worker_id, env)  # its own file from its start
+            err = self.stderr_for(event.worker_id, env) if self.stderr_for else None
             try:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", self.entry_module], stdin=subprocess.PIPE, stderr=err,

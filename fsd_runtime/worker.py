@@ -747,7 +747,10 @@ def run_from_event(event: Any, storage: Storage | None = None, channel: Channel 
         if event.launcher.get("kind") == "fork":  # children are forked from here: load the kernels first
             import fsd_kernels.codec  # noqa: F401
             from fsd_kernels._backend import kernels  # noqa: F401
-        launch_children(event, launcher or make_launcher(event.launcher))
+        children = launcher or make_launcher(event.launcher)
+        if isinstance(children, ProcessLauncher):
+            children.stderr_for = liveness.open_worker_stderr  # not into this worker's own file
+        launch_children(event, children)
         own_channel = channel is None
         # the channel first: peers that are ready sooner can reach this worker while it loads
         channel = channel or make_channel(event.channel, event.worker_id, event.n_workers, event.run_id)

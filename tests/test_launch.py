@@ -95,24 +95,25 @@ def test_a_launched_worker_writes_to_its_own_stderr_file_from_its_start(tmp_path
     """A worker process's first lines (the handler's "worker starting") went to its launcher's
     stderr, so a crash report could quote another worker's line as the dead worker's."""
     from fsd_runtime import liveness
+    from fsd_runtime.aws.invokers import LocalInvoker
 
-    record = tmp_path / "record"
-    (record / "workers").mkdir(parents=True)
+    record = liveness.RunRecord("run1", base=str(tmp_path))  # held, as a coordinator holds it
     event = ev.WorkerEvent(
         run_id="run1", worker_id=3, n_workers=4, fanout=2,
         storage={"kind": "local", "root": str(tmp_path / "store")}, prefix="runs/run1",
         channel={"kind": "local", "dir": str(tmp_path)}, launcher={"kind": "local"},
         receive_timeout=5.0, run_timeout=30.0, launch_children=False)
-    from fsd_runtime.aws.invokers import LocalInvoker
-
     launcher = LocalInvoker()  # worker processes running the Lambda handler, which logs first
-    launcher.env = {liveness.ENV: str(record)}
+    launcher.env = record.env()
+    launcher.stderr_for = liveness.open_worker_stderr  # as the coordinator and tree parents set it
     try:
         launcher.launch([event])
         deadline = time.monotonic() + 60
         while launcher._procs[3].poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # it fails soon: its run has no share for it
+        said = open(os.path.join(record.dir, "workers", "3.err")).read()
     finally:
         launcher.close()
-    assert "worker starting" in (record / "workers" / "3.err").read_text()
+        record.close()
+    assert "worker starting" in said and "no share for worker 3" in said
     assert "worker starting" not in capfd.readouterr().err
