@@ -45,6 +45,7 @@ from botocore.exceptions import ClientError
 
 from fsd_runtime.aws import clients as aws
 from fsd_runtime.channels.queue import QueueConfig, QueueResources, topic_name
+from fsd_runtime.events import MAX_FANOUT
 
 from fsd_runtime.aws import ARCHITECTURES  # noqa: E402
 HANDLER = "fsd_runtime.aws.handler.handler"
@@ -102,8 +103,8 @@ class DeploySettings:
             raise DeployError(f"topics must be in 1..100, not {self.topics}")
         if not 1 <= self.max_workers <= 4096:
             raise DeployError(f"max_workers must be in 1..4096, not {self.max_workers}")
-        if not 1 <= self.max_fanout <= 64:
-            raise DeployError(f"max_fanout must be in 1..64, not {self.max_fanout}")
+        if not 1 <= self.max_fanout <= MAX_FANOUT:
+            raise DeployError(f"max_fanout must be in 1..{MAX_FANOUT}, not {self.max_fanout}")
         if not 0 <= self.reserved_concurrency <= 10000:
             raise DeployError(f"reserved_concurrency must be in 0..10000, not {self.reserved_concurrency}")
         needed = self.max_workers + (1 if self.coordinator_mode else 0)
