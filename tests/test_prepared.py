@@ -227,7 +227,7 @@ def test_runs_refuse_a_model_that_is_not_the_one_asked_for(small_model):
         run_distributed(other, ds.images.arrays, prepared=small_model)
     with pytest.raises(prepared.PreparedError, match="another network"):
         fsd_runtime.run("synthetic:256x8:2", ds.images, prepared=small_model)
-    with pytest.raises(ValueError, match="beyond the network's 256 neurons"):
+    with pytest.raises(ValueError, match=r"images column indices must lie in \[0, 256\)"):
         run_distributed(None, model.synthetic(1024, 1, 5).images.arrays, prepared=small_model)
 
 
