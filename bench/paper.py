@@ -15,10 +15,15 @@ per channel:
   seconds (max and mean over workers), messages, chunks and bytes on the local wire, messages
   per round, each worker's peak RSS (VmHWM, read by the worker itself);
 - modelled from exactly the chunks sent (``fsd_runtime.billing``, the AWS channels' own packing
-  code): the bytes, billed requests (queue: PublishBatch + ReceiveMessage calls; object: PUT +
-  GET + LIST) and $ of that channel (``fsd_runtime.cost``; worker durations = measured CPU time
-  of compute + codec, slowed to the Lambda CPU share, + one hop per round + INIT). ``usd`` /
-  ``requests`` use the conservative assumptions (the seed's measured 0.481 s exchange per
+  code): the bytes, requests (calls, as the paper counts them: queue: PublishBatch +
+  ReceiveMessage; object: PUT + GET + LIST; ``usd`` prices the billed 64 KiB chunks) and $ of
+  that channel (``fsd_runtime.cost``; worker durations: every term of ``cost.duration_terms``:
+  measured CPU time of compute + codec slowed to the Lambda CPU share, the wait for each layer's
+  slowest worker, one hop per layer with traffic, INIT, the launch tree's skew and the model
+  download). ``usd`` is at AWS list prices (``cost.PRICES``), ``usd_seed_prices`` on the seed's
+  own sheet (``cost.SEED_PRICES``: London prices, SNS bytes at $0.09/GB), the like-for-like
+  figure beside the paper's $. ``usd`` /
+  ``requests`` use the conservative assumptions (the seed's measured median 0.481 s exchange per
   round; one message per ReceiveMessage; S3: each worker reads only its senders' objects, each
   of which arrives 0.481 s after its sender's measured, slowed compute (plus the launch-tree
   skew at the first receive), and the channel's polls, sentinel and poll lead are replayed
@@ -78,12 +83,11 @@ def paper_rows() -> dict[tuple[str, int, int], dict]:
             if r["config"].endswith("_RANDOM"):
                 continue
             num = lambda k: float(r[k]) if r[k] not in ("", None) else None  # noqa: E731
-            if r["channel"] == "queue":
-                requests = (num("sns_publishes") or 0) + (num("sqs_polls") or 0)
-                mb = num("mb_sent")
-            else:
-                requests = sum(num(k) or 0 for k in ("s3_puts", "s3_gets", "s3_lists"))
-                mb = num("mb_written")
+            # a count the paper did not record leaves its total unknown (None: no ratio claimed)
+            parts = ("sns_publishes", "sqs_polls") if r["channel"] == "queue" else ("s3_puts", "s3_gets", "s3_lists")
+            counts = [num(k) for k in parts]
+            requests = None if None in counts else sum(counts)
+            mb = num("mb_sent" if r["channel"] == "queue" else "mb_written")
             rows[(r["channel"], int(r["neurons"]), int(r["workers"]))] = {
                 "config": r["config"], "bytes": mb * 1e6 if mb is not None else None, "requests": requests,
                 "usd": num("total_usd"), "lambda_mb": int(r["lambda_mb"]), "per_worker_s": num("per_worker_s"),
@@ -139,6 +143,10 @@ def dataset(n: int, layers: int, images: int):
     return model.synthetic(n, layers, images, seed=0), f"synthetic challenge-like {n}x{layers}, {images} images (seed 0)"
 
 
+#: The launch tree's fan-out (the runtime's default), also in the modelled launch skew.
+FANOUT = 2
+
+
 def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launcher: str, paper: dict,
             timeout: float | None, save_dir: str | None = None, parking: bool = True,
             clients_mb: float | None = None) -> dict:
@@ -154,7 +162,7 @@ def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launch
     here = budget.default_worker_memory_mb(p, launcher)
     lambda_mb = paper.get("lambda_mb") or LAMBDA_MB.get(n, 2048)
     start = time.perf_counter()
-    result = run_distributed(None, images, p, channel=local, launcher={"kind": launcher}, prepared=model_dir,
+    result = run_distributed(None, images, p, channel=local, launcher={"kind": launcher}, prepared=model_dir, fanout=FANOUT,
                              receive_timeout=timeout, run_timeout=None if timeout is None else timeout * 4,
                              worker_memory_mb=min(lambda_mb, here) if here else lambda_mb,
                              park_saturated=parking)
@@ -189,6 +197,8 @@ def run_one(model_dir: str, images, serial, n: int, p: int, channel: str, launch
         "launcher": launcher,
         "parking": parking,
         "aws_clients_mb": clients_mb,
+        # what each worker downloads of the prepared model (its segments), for the share-download term
+        "model_bytes_per_worker": result.traffic.get("model_bytes_per_worker"),
     }
     if save_dir:  # what pricing needs, so a changed cost model can re-price without re-running
         os.makedirs(save_dir, exist_ok=True)
@@ -219,27 +229,40 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
         memory = cost.fitting_memory_mb(peak_mb) if peak_mb else paper_mb
     except ValueError as exc:  # a finished run is still reported: priced at the paper's size, said so
         memory, fit_note = paper_mb, f"{exc}; priced at the paper's {paper_mb} MB"
-    if channel == "queue":
-        req = billing.queue_requests(worker_metrics)
-    else:  # the conservative polls wait out the straggler time at this memory's CPU share
-        req = billing.object_requests(worker_metrics, p, memory_mb=memory, n_batches=row.get("batches") or 1)
+    def requests_at(memory_mb: int) -> dict:
+        if channel == "queue":
+            return billing.queue_requests(worker_metrics)
+        # the conservative polls wait out the straggler time at this memory's CPU share
+        return billing.object_requests(worker_metrics, p, memory_mb=memory_mb, n_batches=row.get("batches") or 1)
 
-    def priced(mode: str, memory_mb: int) -> float:
-        # conservative: the seed's measured exchange per layer (0.481 s) and the most requests the
-        # replay allows; optimistic: the cost model's default hop and the fewest requests
+    req = requests_at(memory)
+    share_bytes = dict(enumerate(row.get("model_bytes_per_worker") or ()))
+
+    def seconds_at(mode: str, memory_mb: int) -> list[float]:
+        # every term of cost.duration_terms: compute slowed to the memory's CPU share, the wait for
+        # the layer's slowest worker, one hop per layer with traffic, INIT, the launch tree's
+        # skew and the model download (result upload: its requests only; result bytes not kept)
         latency = cost.SEED_MEASURED if mode == "conservative" else cost.LATENCY
-        seconds = cost.modelled_worker_seconds(metrics, channel, latency=latency, memory_mb=memory_mb)
-        return cost.run_cost(billing.with_mode(req, mode), seconds, n_images=row["images"],
-                             memory_mb=memory_mb)["usd"]
+        return cost.duration_terms(metrics, channel, latency=latency, memory_mb=memory_mb, fanout=FANOUT,
+                                   share_bytes=share_bytes)["per_worker"]
 
-    seconds = cost.modelled_worker_seconds(metrics, channel, latency=cost.SEED_MEASURED, memory_mb=memory)
+    def priced(mode: str, memory_mb: int, prices=cost.PRICES, counts=None) -> float:
+        # conservative: the seed's measured median exchange per layer (0.481 s) and the most
+        # requests the replay allows; optimistic: the cost model's default hop, the fewest requests
+        return cost.run_cost(billing.with_mode(counts or req, mode), seconds_at(mode, memory_mb),
+                             n_images=row["images"], memory_mb=memory_mb, prices=prices)["usd"]
+
+    seconds = seconds_at("conservative", memory)
     row = dict(row)
     row.update({
         "bytes": int(req["bytes_sent"]),
         "requests": billing.billed_total(channel, req), "requests_optimistic": billing.billed_total(channel, req, "optimistic"),
         "request_counts": req, "usd": priced("conservative", memory), "usd_optimistic": priced("optimistic", memory),
-        "usd_at_paper_memory": priced("conservative", paper_mb), "lambda_mb_modelled": memory,
-        "lambda_mb_paper": paper_mb, "modelled_worker_s_max": max(seconds),
+        # the paper's $ are priced on its own sheet (London, SNS bytes at $0.09/GB): ours on it too
+        "usd_seed_prices": priced("conservative", memory, cost.SEED_PRICES),
+        "usd_at_paper_memory": priced("conservative", paper_mb, counts=requests_at(paper_mb)),
+        "lambda_mb_modelled": memory, "lambda_mb_paper": paper_mb, "modelled_worker_s_max": max(seconds),
+        "duration_model": "cost.duration_terms (seed-measured hop)",
         "paper": {k: paper.get(k) for k in ("bytes", "requests", "usd", "lambda_mb", "messages", "per_worker_s",
                                               "comm_s", "compute_s", "compress_s")} if paper else None,
     })
@@ -247,6 +270,7 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
         row["lambda_fit_note"] = fit_note
     if paper:
         row["ratios"] = {k: (row[k] / paper[k]) if paper.get(k) else None for k in ("bytes", "requests", "usd")}
+        row["ratios"]["usd_seed_prices"] = row["usd_seed_prices"] / paper["usd"] if paper.get("usd") else None
     return row
 
 
@@ -337,12 +361,12 @@ def markdown(rows: list[dict]) -> str:
     """The README table: ours beside the paper's, with the ratios."""
     f = lambda x, spec="": "-" if x is None else format(x, spec)  # noqa: E731
     lines = ["| N | P | channel | exact | bytes: ours / paper (ratio) | requests: ours / paper (ratio) | "
-             "$: ours / paper (ratio) | $ at the paper's MB (ratio) | msgs/layer max (of P(P-1)) | rounds | "
+             "$: ours / paper (ratio) | $ on the seed's sheet (ratio) | $ at the paper's MB (ratio) | msgs/layer max (of P(P-1)) | rounds | "
              "worker peak RSS (own growth) / Lambda MB: fitted, paper | batches | start-up s | run s |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for r in sorted(rows, key=lambda r: (r["neurons"], r["workers"], r["channel"])):
         if "error" in r:
-            lines.append(f"| {r['neurons']} | {r['workers']} | {r['channel']} | error: {r['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {r['neurons']} | {r['workers']} | {r['channel']} | error: {r['error'][:80]} |" + " |" * 11)
             continue
         p, q = r["paper"] or {}, r.get("ratios") or {}
         at_paper = r.get("usd_at_paper_memory")
@@ -352,6 +376,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['bytes'] / 1e6:.2f} MB / {f(p.get('bytes') and p['bytes'] / 1e6, '.0f')} MB ({f(q.get('bytes'), '.3f')}) | "
             f"{r['requests']:,} / {f(p.get('requests'), ',.0f')} ({f(q.get('requests'), '.3f')}) | "
             f"{r['usd']:.4f} / {f(p.get('usd'), '.4f')} ({f(q.get('usd'), '.3f')}) | "
+            f"{f(r.get('usd_seed_prices'), '.4f')} ({f(q.get('usd_seed_prices'), '.3f')}) | "
             f"{f(at_paper, '.4f')} ({f(at_paper / p['usd'] if at_paper is not None and p.get('usd') else None, '.3f')}) | "
             f"{r['max_messages_per_round']} ({r['all_to_all_per_round']}"
             f"{' per batch, ' + str(r['batches']) + ' batches' if (r.get('batches') or 1) > 1 else ''}) | {r['rounds']} | "

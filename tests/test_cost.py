@@ -31,6 +31,10 @@ def test_an_object_run_priced_by_hand_and_lists_cost_like_puts():
     expected = 5.0 * 2 * 0.0000133334 + 2 * 0.20e-6 + 150 * 0.005e-3 + 1_000 * 0.0004e-3
     assert bill["usd"] == pytest.approx(expected, rel=1e-12)
     assert bill["billed_requests"] == {"sns": 0, "sqs": 0, "s3_put": 150, "s3_get": 1_000}
+    # the seed's sheet (bench/data/paper-README.md): $2.1e-9 per ms per 128 MB, London S3 prices
+    seed = cost.run_cost(counts, [2.0, 3.0], n_images=10_000, memory_mb=2048, prices=cost.SEED_PRICES)
+    assert seed["usd"] == pytest.approx(5_000 * 16 * 2.1e-9 + 2 * 0.20e-6 + 150 * 0.0053e-3 + 1_000 * 0.00042e-3,
+                                        rel=1e-12)
 
 
 def test_durations_are_billed_per_started_millisecond():

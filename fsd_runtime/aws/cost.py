@@ -11,13 +11,14 @@ Billing rules used (AWS pricing pages, us-east-1, list prices, no free tier):
   empty, DeleteMessageBatch, ...);
 * S3: per request, PUT/COPY/POST/LIST at one price, GET at a twelfth of it; DELETE free;
 * data transfer: free inside a region (the default), priced per GB when asked for (the
-  seed charged $0.09/GB on SNS traffic; :data:`SEED_PRICES` reproduces that).
+  seed's sheet charged $0.09/GB on SNS traffic; :data:`SEED_PRICES` is its whole sheet).
 
 Counts come from the channels (``Channel.requests()``, summed by the coordinator into
 ``traffic["channel_requests"]``) and from the run store. When the run did not happen on
-Lambda, each worker's duration is modelled as its measured compute (kernels, encode,
-decode) plus one communication hop per layer it exchanged messages in, plus the
-Lambda INIT time: :class:`LatencyModel` holds those assumptions.
+Lambda, each worker's duration is modelled term by term (:func:`duration_terms`: its measured
+compute, slowed to the memory's CPU share, the wait for each layer's slowest worker, one hop
+per layer it exchanged messages in, INIT, the launch tree's skew, the share download and the
+result upload); :class:`LatencyModel` holds the latency assumptions.
 """
 from __future__ import annotations
 
@@ -48,8 +49,14 @@ class Prices:
 
 
 PRICES = Prices()
-#: The seed's cost sheet: the same request prices, but SNS traffic charged as data out.
-SEED_PRICES = Prices(data_transfer_gb=0.09)
+#: The seed's cost sheet (its authors' spreadsheet, London prices; bench/data/paper-README.md):
+#: Lambda $2.1e-9 per ms per 128 MB (= $0.0000168 per GB-s; arm64 taken 20% less, as AWS prices
+#: it), S3 $0.0053 per 1,000 PUT/LIST and $0.00042 per 1,000 GET, the same SNS, SQS and
+#: invocation prices, and SNS traffic charged as data out at $0.09/GB. Comparisons with the
+#: paper's $ are made on this sheet too (``bench/paper.py``: ``usd_seed_prices``).
+SEED_PRICES = Prices(region="eu-west-2 (the seed's sheet)", as_of="2023-24",
+                     lambda_gb_second={"x86_64": 2.1e-9 * 1000 * 1024 / 128, "arm64": 0.8 * 2.1e-9 * 1000 * 1024 / 128},
+                     s3_put=0.0053e-3, s3_get=0.00042e-3, data_transfer_gb=0.09)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class LatencyModel:
 
 LATENCY = LatencyModel()
 #: The seed's measured per-layer exchange on the queue channel (1024 neurons, 8 workers, median
-#: 0.481 s; ../shared/paper/README.md). The seed measured no object-channel exchange: the same
+#: 0.481 s; bench/data/paper-README.md). The seed measured no object-channel exchange: the same
 #: figure is used for it (an assumption). The rest as in the optimistic preset.
 SEED_MEASURED = LatencyModel(hop_s={"queue": 0.481, "object": 0.481, "local": 0.0}, name="seed-measured",
                              source="queue hop: the seed's measured median per-layer exchange (0.481 s); "
