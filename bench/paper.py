@@ -386,6 +386,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ours_usd(row: dict) -> float:
+    """Our $ as the paper's are priced (its own sheet), where the row has it; else at list prices."""
+    return row.get("usd_seed_prices") or row["usd"]
+
+
 def plot(rows: list[dict], directory: str) -> list[str]:
     import matplotlib
 
@@ -400,12 +405,12 @@ def plot(rows: list[dict], directory: str) -> list[str]:
             of_n = sorted((r for r in rows if r["channel"] == channel and r["neurons"] == n), key=lambda r: r["workers"])
             mine = [r for r in of_n if r.get("parking", True)]
             unparked = [r for r in of_n if not r.get("parking", True)]
-            line, = top.plot([r["workers"] for r in mine], [r["usd"] for r in mine], "o-", label=f"ours N={n}")
+            line, = top.plot([r["workers"] for r in mine], [ours_usd(r) for r in mine], "o-", label=f"ours N={n}")
             color = line.get_color()
             bottom.plot([r["workers"] for r in mine], [r["bytes"] for r in mine], "o-", color=color, label=f"ours N={n}")
             if unparked:
-                for ax, key in ((top, "usd"), (bottom, "bytes")):
-                    ax.plot([r["workers"] for r in unparked], [r[key] for r in unparked], "x:", color=color,
+                for ax, value in ((top, ours_usd), (bottom, lambda r: r["bytes"])):
+                    ax.plot([r["workers"] for r in unparked], [value(r) for r in unparked], "x:", color=color,
                             label=f"ours, unparked N={n}")
             seen, theirs = set(), []
             for r in of_n:
@@ -417,7 +422,8 @@ def plot(rows: list[dict], directory: str) -> list[str]:
                 if points:
                     ax.plot([w for w, _ in points], [v for _, v in points], "s--", color=color, alpha=0.6,
                             label=f"paper N={n}")
-        for ax, what in ((top, "modelled $ per run (10,000 images)"), (bottom, "bytes on the wire")):
+        for ax, what in ((top, "modelled $ per run (10,000 images), the seed's price sheet"),
+                         (bottom, "bytes on the wire")):
             ax.set_yscale("log")
             ax.set_xlabel("workers")
             ax.set_ylabel(what)
