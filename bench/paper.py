@@ -422,7 +422,7 @@ def plot(rows: list[dict], directory: str) -> list[str]:
                 if points:
                     ax.plot([w for w, _ in points], [v for _, v in points], "s--", color=color, alpha=0.6,
                             label=f"paper N={n}")
-        for ax, what in ((top, "modelled $ per run (10,000 images), the seed's price sheet"),
+        for ax, what in ((top, "modelled $ a run, the seed's prices"),
                          (bottom, "bytes on the wire")):
             ax.set_yscale("log")
             ax.set_xlabel("workers")
