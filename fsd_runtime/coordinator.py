@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fsd_kernels import _validate
 from fsd_kernels.infer import Activations
 from fsd_kernels.network import check_packed
 from fsd_runtime import events as ev
@@ -222,19 +223,10 @@ def _fit_batches(footprints, n_workers: int, batch_size, worker_memory_mb, launc
     return batch_size, worker_memory_mb
 
 
-def _whole(name: str, value, low: int = 1):
-    """``value`` as a Python int (numpy integers too; never a bool), at least ``low``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _checked_images(images, n_neurons: int):
     """The images as validated CSR arrays in kernel dtypes: what ``fsd_kernels.infer`` refuses
     (bad pointers, indices out of range, unsorted or repeated in a row, non-finite or beyond
     float32 values) is refused here too, before anything is partitioned or launched."""
-    from fsd_kernels import _validate
-
     if not isinstance(images, (tuple, list)) or len(images) != 3:
         raise ValueError("images must be CSR arrays (indptr, indices, data)")
     indptr = _validate.as_array("images indptr", images[0], np.int64)
@@ -273,9 +265,9 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     from fsd_runtime import budget
 
     say = progress or (lambda message: None)
-    n_workers = None if n_workers is None else _whole("n_workers", n_workers)
-    fanout = _whole("fan-out", fanout)
-    batch_size = None if batch_size is None else _whole("batch_size", batch_size)
+    n_workers = None if n_workers is None else _validate.integer("n_workers", n_workers, 1)
+    fanout = _validate.integer("fan-out", fanout, 1)
+    batch_size = None if batch_size is None else _validate.integer("batch_size", batch_size, 1)
     launcher_kind = (launcher or {"kind": "process"}).get("kind")
     launcher_config = dict(launcher or {"kind": "process"})
     if net is not None:
