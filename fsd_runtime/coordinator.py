@@ -10,6 +10,7 @@ timeout passes; the launcher then stops whatever still runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -159,7 +160,33 @@ def _metrics_record(storage: Storage, prefix: str, worker: int) -> dict:
         raise RunError(f"worker {worker}: unreadable metrics record ({exc})") from None
     if not isinstance(record, dict):
         raise RunError(f"worker {worker}: metrics record is not a JSON object")
+    problem = _metrics_problem(record)
+    if problem:
+        raise RunError(f"worker {worker}: malformed metrics record: {problem}")
     return record
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _metrics_problem(record: dict) -> str | None:
+    """What is wrong with the fields the coordinator reads from a metrics record (None: nothing;
+    the per-layer table is checked by ``metrics.merge``)."""
+    times = record.get("times")
+    if not isinstance(times, dict) or not all(
+            isinstance(times.get(k), (int, float)) and not isinstance(times.get(k), bool)
+            and math.isfinite(times[k]) for k in ("ready", "finished", "cpu_s") if k in times or k != "cpu_s"):
+        return "'times' needs finite 'ready' and 'finished' (and 'cpu_s', if there)"
+    if "batches" in record and not (_count(record["batches"]) and record["batches"] >= 1):
+        return "'batches' must be a positive integer"
+    requests = record.get("requests", {})
+    if not isinstance(requests, dict) or not all(isinstance(k, str) and _count(v) for k, v in requests.items()):
+        return "'requests' must map names to counts"
+    reads = record.get("model_reads")
+    if reads is not None and not (isinstance(reads, dict) and _count(reads.get("gets")) and _count(reads.get("bytes"))):
+        return "'model_reads' needs counts 'gets' and 'bytes'"
+    return None
 
 
 def _gather(storage: Storage, prefix: str, n_workers: int, n_images: int, n_neurons: int, ymax):
@@ -396,6 +423,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
             if model_bytes is not None:
                 traffic["model_bytes_per_worker"] = model_bytes
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
+    traffic["batches"] = max(int(m.get("batches") or 1) for m in worker_metrics)  # the same on every worker
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
     result.pairs = mx.merge_pairs(worker_metrics)
     result.worker_metrics = worker_metrics

@@ -59,6 +59,7 @@ def test_synthetic_run_in_batches_is_bit_identical():
     assert_same(result, serial)
     assert serial.categories.size > 0
     assert result.traffic["chunks"] > result.traffic["messages"]    # small chunks really split
+    assert result.traffic["batches"] == 3                              # 400 images in runs of 150
 
 
 def test_forked_workers_are_bit_identical():
@@ -172,3 +173,30 @@ def test_metrics_merge_totals_and_files(tmp_path, monkeypatch):
         assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)              # the optional extra missing
     assert "png" not in mx.write(rows, str(tmp_path / "n"))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda r: r.pop("times"), "'times'"),
+    (lambda r: r["times"].update(finished="soon"), "'times'"),
+    (lambda r: r["times"].update(cpu_s=float("nan")), "'times'"),
+    (lambda r: r.update(batches=0), "'batches'"),
+    (lambda r: r.update(batches=True), "'batches'"),
+    (lambda r: r.update(requests={"sns_billed_requests": -1}), "'requests'"),
+    (lambda r: r.update(requests=[1, 2]), "'requests'"),
+    (lambda r: r.update(model_reads={"gets": "2", "bytes": 10}), "'model_reads'"),
+])
+def test_a_malformed_metrics_record_is_a_run_error_naming_its_worker(tmp_path, change, problem):
+    from fsd_runtime import events
+    from fsd_runtime.coordinator import RunError, _metrics_record
+    from fsd_runtime.storage import LocalStorage
+
+    store = LocalStorage(str(tmp_path / "store"))
+    good = {"times": {"started": 1.0, "ready": 2.0, "finished": 3.0, "cpu_s": 0.5}, "batches": 2,
+            "requests": {"sns_billed_requests": 4}, "model_reads": {"gets": 3, "bytes": 100, "segments": [0]}}
+    store.put(events.metrics_key("p", 0), json.dumps(good).encode())
+    assert _metrics_record(store, "p", 0) == good
+    bad = json.loads(json.dumps(good))
+    change(bad)
+    store.put(events.metrics_key("p", 5), json.dumps(bad).encode())
+    with pytest.raises(RunError, match=rf"worker 5: malformed metrics record: {problem}"):
+        _metrics_record(store, "p", 5)
