@@ -240,11 +240,12 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
 
     def seconds_at(mode: str, memory_mb: int) -> list[float]:
         # every term of cost.duration_terms: compute slowed to the memory's CPU share, the wait for
-        # the layer's slowest worker, one hop per layer with traffic, INIT, the launch tree's
+        # the layer's slowest worker, the hop of each layer with traffic (less what other batches'
+        # compute covers, with several batches), INIT, the launch tree's
         # skew and the model download (result upload: its requests only; result bytes not kept)
         latency = cost.SEED_MEASURED if mode == "conservative" else cost.LATENCY
         return cost.duration_terms(metrics, channel, latency=latency, memory_mb=memory_mb, fanout=FANOUT,
-                                   share_bytes=share_bytes)["per_worker"]
+                                   share_bytes=share_bytes, batches=row.get("batches") or 1)["per_worker"]
 
     def priced(mode: str, memory_mb: int, prices=cost.PRICES, counts=None) -> float:
         # conservative: the seed's measured median exchange per layer (0.481 s) and the most

@@ -188,3 +188,27 @@ def test_busy_time_is_cpu_time_where_the_metrics_have_it():
     rows = [{"worker": 0, "layer": 0, "messages_sent": 0, "messages_received": 0, **both}]
     [seconds] = cost.modelled_worker_seconds(rows, "local", memory_mb=cost.FULL_VCPU_MB)
     assert seconds == pytest.approx(1.0 + cost.LATENCY.init_s)
+
+
+def test_the_exchange_of_several_batches_is_what_the_other_batches_compute_does_not_hide():
+    # one worker, two layers with traffic and one without; 0.3 s of compute per layer over B batches
+    rows = [{"worker": 0, "layer": l, "compute_s": 0.3, "encode_s": 0.0, "decode_s": 0.0,
+             "messages_sent": int(l < 2), "messages_received": 0} for l in range(3)]
+    latency = cost.LatencyModel(hop_s={"queue": 0.5})
+
+    def exchange(batches):
+        return cost.duration_terms(rows, "queue", latency=latency, batches=batches)["terms"]["exchange_s"]
+
+    assert exchange(1) == pytest.approx(2 * 0.5)                       # one hop a layer with traffic
+    # B = 3: a batch's rows leave as soon as it is computed, and travel while the other two
+    # batches (0.1 s each) compute: each batch then waits 0.5 - 0.2 s, three batches a layer
+    assert exchange(3) == pytest.approx(2 * 3 * (0.5 - 0.2))
+    assert exchange(6) == pytest.approx(2 * 6 * (0.5 - 5 * 0.05))
+    assert exchange(30) == pytest.approx(2 * 30 * (0.5 - 29 * 0.01))  # a layer's compute < the hop
+    latency = cost.LatencyModel(hop_s={"queue": 0.2})
+    assert exchange(2) == pytest.approx(2 * 2 * (0.2 - 0.15))
+    assert exchange(3) == pytest.approx(0.0, abs=1e-12)                # 2 x 0.1 s covers the hop
+    assert exchange(4) == 0.0                                          # 3 x 0.075 s is more than it
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="batches"):
+            cost.duration_terms(rows, "queue", latency=latency, batches=bad)

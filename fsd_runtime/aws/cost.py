@@ -103,7 +103,8 @@ TERM_SOURCES = {
     "compute_s": "measured (kernels, encode, decode: the worker thread's CPU time on this machine's "
                  "core; divided by the CPU share of the memory size)",
     "straggler_wait_s": "measured (per layer: the slowest worker's compute minus this worker's)",
-    "exchange_s": "modelled (layers with traffic x the preset's hop)",
+    "exchange_s": "modelled (layers with traffic x the preset's hop; with B image batches, each batch "
+                  "waits what of the hop the other B - 1 batches' compute did not cover)",
     "init_s": "modelled (the preset's INIT)",
     "launch_skew_s": "modelled (waiting for the deepest worker of the launch tree: levels below x "
                      "(invoke + INIT + run check and claim))",
@@ -116,19 +117,28 @@ TERM_SOURCES = {
 def duration_terms(rows: Iterable[Mapping], channel_kind: str, *, latency: LatencyModel = LATENCY,
                    memory_mb: int = FULL_VCPU_MB, fanout: int = 2,
                    share_bytes: Mapping[int, int] | None = None,
-                   result_bytes: Mapping[int, int] | None = None) -> dict:
+                   result_bytes: Mapping[int, int] | None = None, batches: int = 1) -> dict:
     """Each worker's modelled Lambda duration, term by term (see :data:`TERM_SOURCES`):
-    ``{"per_worker": [seconds], "terms": {term: total seconds}, "sources": TERM_SOURCES}``."""
+    ``{"per_worker": [seconds], "terms": {term: total seconds}, "sources": TERM_SOURCES}``.
+
+    ``batches``: the image batches each layer ran in (rows sum them). The worker loop sends a
+    batch's rows for the next layer as soon as it has computed them, so they travel while the
+    other ``batches - 1`` batches compute; each batch then waits only for the rest of the hop:
+    a layer with traffic costs ``batches * max(0, hop - (batches - 1) * compute / batches)``,
+    one hop when there is one batch."""
     if channel_kind not in latency.hop_s:
         raise ValueError(f"no latency model for channel kind {channel_kind!r}; known: {sorted(latency.hop_s)}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be a positive integer, got {batches!r}")
     slow = 1.0 / cpu_share(memory_mb)
+    hop = latency.hop_s[channel_kind]
     compute: dict[tuple[int, int], float] = {}
-    hops: dict[int, int] = {}
+    talked: dict[tuple[int, int], bool] = {}
     for row in rows:
         w, layer = int(row["worker"]), int(row.get("layer", 0))
         compute[w, layer] = compute.get((w, layer), 0.0) + busy_seconds(row) * slow
-        hops[w] = hops.get(w, 0) + int(row["messages_sent"] > 0 or row["messages_received"] > 0)
-    workers = sorted(hops)
+        talked[w, layer] = talked.get((w, layer), False) or row["messages_sent"] > 0 or row["messages_received"] > 0
+    workers = sorted({w for w, _ in talked})
     layers = sorted({layer for _, layer in compute})
     slowest = {layer: max(compute.get((w, layer), 0.0) for w in workers) for layer in layers}
     depths = tree_depths(max(workers) + 1, fanout) if workers else []
@@ -140,7 +150,8 @@ def duration_terms(rows: Iterable[Mapping], channel_kind: str, *, latency: Laten
         mine = [compute.get((w, layer), 0.0) for layer in layers]
         per_term["compute_s"].append(sum(mine))
         per_term["straggler_wait_s"].append(sum(slowest[layer] - c for layer, c in zip(layers, mine)))
-        per_term["exchange_s"].append(hops[w] * latency.hop_s[channel_kind])
+        per_term["exchange_s"].append(sum(batches * max(0.0, hop - (batches - 1) * c / batches)
+                                          for layer, c in zip(layers, mine) if talked.get((w, layer))))
         per_term["init_s"].append(latency.init_s)
         per_term["launch_skew_s"].append((deepest - depths[w]) * level_s)
         per_term["share_download_s"].append(latency.s3_request_s

@@ -256,7 +256,8 @@ class AwsRun:
         bills, terms = {}, {}
         for name, preset in cost.PRESETS.items():
             model = cost.duration_terms(metrics, self.channel_kind, latency=preset, memory_mb=self.memory_mb,
-                                        fanout=self.fanout, share_bytes=share_bytes, result_bytes=result_bytes)
+                                        fanout=self.fanout, share_bytes=share_bytes, result_bytes=result_bytes,
+                                        batches=int(traffic.get("batches") or 1))
             terms[name] = model
             bills[name] = cost.run_cost(requests, model["per_worker"], n_images=n_images,
                                         memory_mb=self.memory_mb, architecture=self.architecture)
