@@ -228,6 +228,12 @@ def s3_counters(attempts: Mapping[str, int]) -> dict[str, int]:
             "s3_get_requests": get("GetObject", "HeadObject", "HeadBucket")}
 
 
+def billed_ms(seconds: float) -> int:
+    """Lambda's billed duration of ``seconds``: whole milliseconds, rounded up (2.007 s is 2,007 ms,
+    although ``2.007 * 1000`` is a hair above 2007 in floating point)."""
+    return math.ceil(round(seconds * 1000, 6))
+
+
 def run_cost(requests: Mapping[str, float], worker_seconds: Sequence[float], *, n_images: int,
              memory_mb: int = 2048, architecture: str = "x86_64", invocations: int | None = None,
              transfer_bytes: int | None = None, prices: Prices = PRICES) -> dict:
@@ -243,7 +249,7 @@ def run_cost(requests: Mapping[str, float], worker_seconds: Sequence[float], *, 
     if n_images <= 0 or any(s < 0 for s in worker_seconds):
         raise ValueError("n_images must be positive and durations non-negative")
     billed = billed_requests(requests)
-    gb_seconds = sum(math.ceil(s * 1000) / 1000 for s in worker_seconds) * memory_mb / 1024
+    gb_seconds = sum(billed_ms(s) for s in worker_seconds) / 1000 * memory_mb / 1024
     invocations = len(worker_seconds) if invocations is None else invocations
     if transfer_bytes is None:
         transfer_bytes = int(requests.get("bytes_sent", 0)) if billed["sns"] else 0
