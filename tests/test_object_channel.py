@@ -143,6 +143,9 @@ def test_throttled_puts_and_gets_are_retried(run, aws):
     channels[0].send(0, [(1, b"payload")])
     assert receive_all(channels[1], 1, 0) == [b"payload"]
     assert channels[0].call.retries["PutObject"] == 2 and channels[1].call.retries["GetObject"] == 2
+    # every attempt is priced as billed: the PUT's three, and two more GETs than were answered
+    assert channels[0].counts["s3_put_requests"] == aws.requests["PutObject"] == 3
+    assert channels[1].counts["s3_get_requests"] == aws.requests["GetObject"]
 
 
 def test_two_concurrent_runs_do_not_see_each_other(run):

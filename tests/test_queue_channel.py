@@ -190,6 +190,11 @@ def test_throttling_is_retried_with_backoff(run, aws):
     assert channels[0].call.retries["PublishBatch"] == 2
     assert channels[1].call.retries["ReceiveMessage"] == 3
     assert aws.requests["PublishBatch"] == 3
+    # every attempt is priced: three publishes of one 64 KiB unit; receives: the three throttled
+    # attempts beside the calls made (each billed at least one unit)
+    assert channels[0].counts["sns_publish_calls"] == 1 and channels[0].counts["sns_billed_requests"] == 3
+    received = channels[1].counts
+    assert received["sqs_billed_requests"] == received["sqs_receive_calls"] + 3
 
 
 def test_throttling_that_never_ends_is_a_channel_error(aws, aws_settings, run):

@@ -248,10 +248,11 @@ def list_keys(call: Caller, s3, bucket: str, prefix: str, counts: Counter | None
     page is counted in ``counts["s3_list_requests"]`` when given."""
     keys, token = [], {}
     while True:
+        before = call.retries["ListObjectsV2"]
         page = call("ListObjectsV2", s3.list_objects_v2, absent=frozenset({"NoSuchBucket"}),
                     Bucket=bucket, Prefix=prefix, **token)
-        if counts is not None:
-            counts["s3_list_requests"] += 1
+        if counts is not None:  # retried attempts too (priced as billed)
+            counts["s3_list_requests"] += 1 + call.retries["ListObjectsV2"] - before
         if page is None:
             return keys
         keys.extend(o["Key"] for o in page.get("Contents", []))
@@ -340,10 +341,11 @@ class ObjectChannel(Channel):
         key = object_key(self.config, self.run_id, step, self.worker, self._parts_sent[step])
         # create-only (the worker role allows nothing else); a 412 can only be our own PUT whose
         # answer was lost and then retried, since this worker is the only writer of its keys
+        before = self.call.retries["PutObject"]
         self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
                   IfNoneMatch="*", absent=frozenset({"PreconditionFailed", "412"}))
         self._parts_sent[step] += 1
-        self.counts["s3_put_requests"] += 1
+        self.counts["s3_put_requests"] += 1 + self.call.retries["PutObject"] - before  # retried ones too
         self.counts["messages_sent"] += len(chunks)
         self.counts["bytes_sent"] += len(body)
 
@@ -420,9 +422,10 @@ class ObjectChannel(Channel):
 
     def _get(self, key: str, first: int, last: int) -> tuple[bytes, int] | None:
         """Bytes ``first..last`` (inclusive) of ``key`` and the object's size; None if absent."""
+        before = self.call.retries["GetObject"]
         answer = self.call("GetObject", self.s3.get_object, absent=_MISSING, Bucket=self.config.bucket,
                            Key=key, Range=f"bytes={first}-{last}")
-        self.counts["s3_get_requests"] += 1
+        self.counts["s3_get_requests"] += 1 + self.call.retries["GetObject"] - before  # retried ones too
         if answer is None:
             self.counts["s3_get_misses"] += 1
             return None
