@@ -384,3 +384,29 @@ def test_read_gets_of_large_indexes_match_the_replay(run, aws):
         channels[reader].expect(0, [0])
         assert len(channels[reader].receive(0, timeout=2)) == 3
         assert channels[reader].counts["s3_get_requests"] == billing.object_read_gets(body, reader, 8, 64)[0]
+
+
+def _key_of(config: dict, run_id: str, step: int, worker: int) -> str:
+    from fsd_runtime.channels.object import object_key
+    return object_key(ObjectConfig.parse(config), run_id, step, worker, 0)
+
+
+def test_a_put_retried_after_its_answer_was_lost_is_accepted(run, aws_settings):
+    config, run_id, channels = run(2)
+    body = pack_object([(1, b"payload")], 2)
+    s3 = aws_client("s3", aws_settings)
+    s3.put_object(Bucket=config["bucket"], Key=_key_of(config, run_id, 3, 0), Body=body)  # the lost answer's PUT
+    channels[0].send(3, [(1, b"payload")])                                                 # gets 412, finds its own
+    assert receive_all(channels[1], 1, 3) == [b"payload"]
+
+
+@pytest.mark.parametrize("foreign", [b"", b"x" * 5, None])
+def test_a_strangers_object_at_a_workers_own_key_is_an_error_of_that_worker(run, aws_settings, foreign):
+    config, run_id, channels = run(2)
+    if foreign is None:  # as long as ours and one byte different
+        foreign = bytearray(pack_object([(1, b"payload")], 2))
+        foreign[-1] ^= 1
+    s3 = aws_client("s3", aws_settings)
+    s3.put_object(Bucket=config["bucket"], Key=_key_of(config, run_id, 3, 0), Body=bytes(foreign))
+    with pytest.raises(ChannelError, match="worker 0's key holds an object it did not write"):
+        channels[0].send(3, [(1, b"payload")])

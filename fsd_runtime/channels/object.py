@@ -339,11 +339,16 @@ class ObjectChannel(Channel):
             return
         body = pack_object(chunks, self.n_workers)
         key = object_key(self.config, self.run_id, step, self.worker, self._parts_sent[step])
-        # create-only (the worker role allows nothing else); a 412 can only be our own PUT whose
-        # answer was lost and then retried, since this worker is the only writer of its keys
+        # create-only (the worker role allows nothing else); a 412 is our own PUT whose answer was
+        # lost and then retried (this worker is the only writer of its keys), or a stranger's
+        # object at our key, which our readers would otherwise blame on this worker: read it back
         before = self.call.retries["PutObject"]
-        self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
-                  IfNoneMatch="*", absent=frozenset({"PreconditionFailed", "412"}))
+        if self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
+                     IfNoneMatch="*", absent=frozenset({"PreconditionFailed", "412"})) is None:
+            found = self._get(key, 0, len(body), absent=_MISSING | {"InvalidRange"})  # (empty: 416)
+            if found is None or found[1] != len(body) or found[0] != body:
+                raise ChannelError(f"s3://{self.config.bucket}/{key}: worker {self.worker}'s key holds an "
+                                   "object it did not write (another writer in this run's prefix?)")
         self._parts_sent[step] += 1
         self.counts["s3_put_requests"] += 1 + self.call.retries["PutObject"] - before  # retried ones too
         self.counts["messages_sent"] += len(chunks)
@@ -420,10 +425,10 @@ class ObjectChannel(Channel):
             self._hint = max(read)
         return chunks, bool(read)
 
-    def _get(self, key: str, first: int, last: int) -> tuple[bytes, int] | None:
+    def _get(self, key: str, first: int, last: int, absent: frozenset = _MISSING) -> tuple[bytes, int] | None:
         """Bytes ``first..last`` (inclusive) of ``key`` and the object's size; None if absent."""
         before = self.call.retries["GetObject"]
-        answer = self.call("GetObject", self.s3.get_object, absent=_MISSING, Bucket=self.config.bucket,
+        answer = self.call("GetObject", self.s3.get_object, absent=absent, Bucket=self.config.bucket,
                            Key=key, Range=f"bytes={first}-{last}")
         self.counts["s3_get_requests"] += 1 + self.call.retries["GetObject"] - before  # retried ones too
         if answer is None:
