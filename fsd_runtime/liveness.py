@@ -176,9 +176,19 @@ def open_worker_stderr(worker: int, environ=None) -> int | None:
         return None
 
 
+#: This process's beacon (a forked worker finds its tree parent's here).
+_beacon: Beacon | None = None
+
+
 def start_worker(worker: int) -> Beacon | None:
     """In a worker process launched by a local coordinator: send stderr to the record, start the
     beacon and the watcher. Returns None when there is no record (threads, Lambda, tests)."""
+    global _beacon
+    if _beacon is not None and _beacon.pid != os.getpid():
+        # forked from a worker: its beacon's descriptor, and so its lock, came along; held here,
+        # that worker's death would never free its beacon and go unseen by the coordinator
+        os.close(_beacon.fd)
+        _beacon = None
     record = os.environ.get(ENV)
     err = open_worker_stderr(worker)
     if err is None:
@@ -186,7 +196,7 @@ def start_worker(worker: int) -> Beacon | None:
     try:
         os.dup2(err, 2)
         os.close(err)
-        beacon = Beacon(record, worker)
+        beacon = _beacon = Beacon(record, worker)
     except OSError:
         return None
     threading.Thread(target=_watch, args=(record,), name="fsd-coordinator-watch", daemon=True).start()

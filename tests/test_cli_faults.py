@@ -366,6 +366,22 @@ def test_a_worker_dying_mid_run_is_reported_with_its_layer(runs, tmp_path):
     assert run.leftovers() == []
 
 
+def test_a_dead_forked_worker_with_children_is_reported_within_seconds(runs, tmp_path):
+    """Fork launcher (the CLI's): worker 1 forks workers 3 and 4 after taking its beacon's lock.
+    Its children must not hold that lock, or its death goes unseen until a receive timeout."""
+    run = runs(tmp_path, "--workers", "7", "--images", "500", "--receive-timeout", "40")
+    workers = run.workers_started(7)
+    os.kill(workers[2][0], signal.SIGSTOP)  # the run cannot finish before the death
+    os.kill(workers[1][0], signal.SIGKILL)
+    killed = time.monotonic()
+    rc, out, err = run.finish(60)
+    took = time.monotonic() - killed
+    assert rc == 3 and "worker 1: died" in err and "Traceback" not in err, err
+    assert took < 15, f"reported {took:.1f} s after the death"
+    assert _until(lambda: not _marked(run.marker), 10)
+    assert run.leftovers() == []
+
+
 # --- first run: the kernels never compile silently ---
 
 def test_kernel_cache_is_looked_for_where_numba_keeps_it(tmp_path, monkeypatch):
