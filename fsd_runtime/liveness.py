@@ -138,7 +138,7 @@ class RunRecord:
         """Remove the record (and the store inside it), then release the lock."""
         for path in self.info.get("paths", []):
             shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _discard(self.dir)
         os.close(self._lock)
 
 
@@ -178,12 +178,16 @@ def open_worker_stderr(worker: int, environ=None) -> int | None:
 
 #: This process's beacon (a forked worker finds its tree parent's here).
 _beacon: Beacon | None = None
+#: Held by the watcher while it removes the files of a run whose coordinator died: the worker
+#: process takes it before it ends (:func:`before_exit`), so its own end never cuts that short.
+_removing = threading.Lock()
 
 
 def start_worker(worker: int) -> Beacon | None:
     """In a worker process launched by a local coordinator: send stderr to the record, start the
     beacon and the watcher. Returns None when there is no record (threads, Lambda, tests)."""
-    global _beacon
+    global _beacon, _removing
+    _removing = threading.Lock()  # forked while the parent's watcher held it: not this process's
     if _beacon is not None and _beacon.pid != os.getpid():
         # forked from a worker: its beacon's descriptor, and so its lock, came along; held here,
         # that worker's death would never free its beacon and go unseen by the coordinator
@@ -203,6 +207,12 @@ def start_worker(worker: int) -> Beacon | None:
     return beacon
 
 
+def before_exit(timeout: float = 30.0) -> None:
+    """In a worker process about to end: if its watcher is removing the run's files (the
+    coordinator died), wait until it is done (the watcher then ends the process)."""
+    _removing.acquire(timeout=timeout)
+
+
 def _watch(record: str) -> None:
     lock = os.path.join(record, "lock")
     while not _free(lock):
@@ -212,6 +222,7 @@ def _watch(record: str) -> None:
             local = _is_local(json.load(f))
     except (OSError, ValueError):
         local = True
+    _removing.acquire()  # (never released: the process ends here, or is ending already)
     if local:  # an AWS run's record stays for `fsd-inference clean` (or its next run) to finish
         _remove_local(record)
     print("fsd_runtime.worker: the coordinator is gone; exiting", file=sys.stderr, flush=True)
@@ -227,7 +238,22 @@ def _remove_local(record: str) -> None:
     for path in paths if isinstance(paths, list) else []:
         if isinstance(path, str) and os.path.basename(path).startswith("fsd-"):
             shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(record, ignore_errors=True)
+    _discard(record)
+
+
+def _discard(record: str) -> None:
+    """Remove a record, moved aside first: workers of the run may still write into its store
+    (their error records) while it is removed, and a file or directory made inside a tree being
+    removed stays behind; once moved, their writes fail (the store never re-creates its root).
+    What a remover killed meanwhile leaves has a name :func:`sweep` removes at once."""
+    gone = f"{record}.gone-{os.getpid()}"
+    try:
+        os.rename(record, gone)
+    except FileNotFoundError:
+        return  # another process of the run is removing it
+    except OSError:
+        gone = record
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _is_local(info: dict) -> bool:
@@ -253,8 +279,8 @@ def sweep(base: str | None = None, *, aws: bool = False) -> list[str]:
             with open(os.path.join(record, "run.json")) as f:
                 info = json.load(f)
         except (OSError, ValueError):
-            try:
-                if time.time() - os.path.getmtime(record) < _STALE_SECONDS:
+            try:  # (one moved aside by a remover is not being created: see _discard)
+                if ".gone-" not in name and time.time() - os.path.getmtime(record) < _STALE_SECONDS:
                     continue  # a coordinator may be creating it right now
             except OSError:
                 continue

@@ -94,11 +94,27 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
 
+    def _parent(self, path: str) -> str:
+        """``path``'s directory, made where missing below the root, never the root or above: a
+        store its run's clean-up removes meanwhile is not re-created (StorageError)."""
+        parent, missing = os.path.dirname(path), []
+        while parent != self.root and not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                raise StorageError(f"local store {self.root} is gone (its run has ended)") from None
+        return os.path.dirname(path)
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         if not os.path.isdir(self.root):  # removed by its run's clean-up: never re-create it
             raise StorageError(f"local store {self.root} is gone (its run has ended)")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._parent(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -111,7 +127,7 @@ class LocalStorage(Storage):
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._parent(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:

@@ -843,6 +843,7 @@ class ForkLauncher(ProcessLauncher):
                 except BaseException as exc:  # the worker wrote its error record
                     print(f"fsd_runtime.worker: {type(exc).__name__}: {exc}", file=sys.stderr)
                 finally:
+                    liveness.before_exit()
                     os._exit(status)
             self._pids[event.worker_id] = pid
 
@@ -872,6 +873,8 @@ def main() -> int:
     except Exception as exc:
         print(f"fsd_runtime.worker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        liveness.before_exit()
     return 0
 
 

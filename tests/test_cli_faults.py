@@ -539,3 +539,136 @@ def test_a_beacon_is_locked_before_the_coordinator_can_see_it(tmp_path, monkeypa
         assert sorted(os.listdir(os.path.join(record.dir, "workers"))) == ["7"]
     finally:
         record.close()
+
+
+# --- a dead coordinator's record, removed while its workers still write ---
+
+def _dead_run_store(tmp_path):
+    """A run record whose coordinator is gone (lock free), its store with a share, and the store
+    as its workers open it."""
+    from fsd_runtime import liveness, storage
+
+    record = liveness.RunRecord("deadwrite" + "0" * 7, base=str(tmp_path))
+    store = storage.LocalStorage(record.store_dir)
+    store.put("runs/r/shares/0.npz", b"x" * 1000)
+    record.update(storage=store.config(), prefix="runs/r", n_workers=2)
+    os.close(record._lock)  # the coordinator is gone
+    return record, storage.make_storage(store.config())
+
+
+def test_a_worker_write_after_its_dead_runs_store_was_checked_does_not_recreate_it(tmp_path, monkeypatch):
+    """A worker's error record written just as another worker of the run (whose coordinator
+    died) removes the run's record: the store is not re-created, nothing stays behind."""
+    from fsd_runtime import liveness, storage
+
+    record, worker_store = _dead_run_store(tmp_path)
+    real_isdir, removed = os.path.isdir, []
+
+    def isdir(path):
+        answer = real_isdir(path)
+        if path == worker_store.root and answer and not removed:  # right after the check
+            removed.append(path)
+            liveness._remove_local(record.dir)
+        return answer
+
+    monkeypatch.setattr(os.path, "isdir", isdir)
+    with pytest.raises(storage.StorageError, match="is gone"):
+        worker_store.put("runs/r/errors/1.json", b"{}")
+    monkeypatch.undo()
+    assert removed and os.listdir(tmp_path) == []
+
+
+def test_a_worker_write_while_its_dead_runs_record_is_removed_leaves_nothing(tmp_path, monkeypatch):
+    """The same write landing while the removal walks the tree (after it listed the run's
+    directory): the record is moved aside first, so the write fails instead of staying."""
+    from fsd_runtime import liveness, storage
+
+    record, worker_store = _dead_run_store(tmp_path)
+    real_scandir, written = os.scandir, []
+
+    class Listed(list):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def close(self):
+            pass
+
+    def scandir(*args):
+        with real_scandir(*args) as it:
+            entries = Listed(it)
+        if not written and "shares" in [e.name for e in entries]:  # the run's directory, listed
+            try:
+                worker_store.put("runs/r/errors/1.json", b"{}")
+                written.append("stored")
+            except storage.StorageError:
+                written.append("refused")
+        return entries
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    liveness._remove_local(record.dir)
+    monkeypatch.undo()
+    assert written and os.listdir(tmp_path) == [], written
+
+
+def test_a_worker_ending_while_its_watcher_removes_the_dead_runs_files_waits_for_it(tmp_path):
+    """A worker whose coordinator died ends on its own too (its peers and sockets go): its end
+    must not cut short its watcher's removal of the run's files."""
+    from fsd_runtime import liveness
+
+    record = liveness.RunRecord("cutshort" + "0" * 8, base=str(tmp_path))
+    script = (
+        "import os, sys, threading, time\n"
+        "from fsd_runtime import liveness\n"
+        "removing, real = threading.Event(), liveness.shutil.rmtree\n"
+        "def slow(path, *args, **kwargs):\n"
+        "    removing.set(); time.sleep(0.5); return real(path, *args, **kwargs)\n"
+        "liveness.shutil.rmtree = slow\n"
+        "liveness.start_worker(0)\n"
+        "print('ready', flush=True)\n"
+        "removing.wait(30)\n"
+        "getattr(liveness, 'before_exit', lambda: None)()  # as a forked worker's end\n"
+        "os._exit(1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**_env(str(tmp_path), "cutshort"), liveness.ENV: record.dir})
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.close(record._lock)  # the coordinator dies
+        assert proc.wait(30) == liveness.ORPHAN_EXIT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dead_runs_record_left_half_removed_is_swept_at_once(tmp_path):
+    from fsd_runtime import liveness
+
+    left = tmp_path / "fsd-run-0123abcd-xyz.gone-123" / "store" / "runs"
+    left.mkdir(parents=True)
+    (left / "x").write_bytes(b"x")
+    assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
+
+
+def test_a_coordinator_killed_while_it_removes_its_record_leaves_what_the_next_sweep_removes(tmp_path):
+    from fsd_runtime import liveness
+
+    script = (
+        "import os, sys\n"
+        "from fsd_runtime import liveness\n"
+        "record = liveness.RunRecord('killedclose' + '0' * 5, base=sys.argv[1])\n"
+        "real = os.unlink\n"
+        "def unlink(path, *args, **kwargs):\n"
+        "    real(path, *args, **kwargs)\n"
+        "    if os.path.basename(str(path)) == 'run.json':\n"
+        "        os.kill(os.getpid(), 9)  # SIGKILL, half-way through the removal\n"
+        "os.unlink = unlink\n"
+        "record.close()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=_env(str(tmp_path), "killedclose"),
+                          timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert os.listdir(tmp_path) != []  # (what it left)
+    assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
