@@ -375,6 +375,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
                 storage.put(ev.share_key(prefix, w),
                             prep.inputs_share(model, w, in0[w], (indptr, indices, data), active, saturated))
         timings["plan_upload_s"] = time.perf_counter() - start
+        record.update(channel=channel)  # what `clean` deletes by name if this dies part-way
         run_channel = kind.create_run(channel, run_id, n_workers)
         record.update(channel=run_channel, paths=[run_channel["dir"]] if isinstance(run_channel.get("dir"), str)
                       and os.path.basename(run_channel["dir"]).startswith("fsd-") else [])

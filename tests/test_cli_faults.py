@@ -465,6 +465,33 @@ def test_a_queue_run_ended_by_a_signal_leaves_no_queue_subscription_or_object(aw
         deploy.teardown(deploy.DeploySettings(name=name, topics=1), settings)
 
 
+def test_a_queue_run_killed_while_it_creates_its_queues_leaves_what_clean_removes(aws, runs, tmp_path):
+    """The coordinator SIGKILLed inside the channel's create_run (its queues and subscriptions
+    made, the probes not yet through): its record must already say what to delete."""
+    from fsd_runtime.aws import deploy
+    from fsd_runtime.aws.clients import AwsSettings
+
+    settings = AwsSettings(region="us-east-1", endpoint_url=aws.endpoint_url)
+    name = f"fsd-mk-{uuid.uuid4().hex[:6]}"
+    deploy.deploy(deploy.DeploySettings(name=name, topics=1, lambda_function=False), settings)
+    aws.swallow_publishes(100_000)  # the probes never arrive: create_run waits for them
+    try:
+        run = runs(tmp_path, "--workers", "2", "--images", "20", "--channel", "queue", "--invoker", "local",
+                   "--deployment", name, "--endpoint-url", aws.endpoint_url, "--region", "us-east-1")
+        assert _until(lambda: len(_aws_leftovers(name, settings)["subscriptions"]) == 2, 120, step=0.05)
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.proc.wait(30)
+        aws.faults.clear()
+        done = subprocess.run([sys.executable, "-m", "fsd_runtime.cli", "clean"], capture_output=True,
+                              env=_env(run.tmp, run.marker), text=True, timeout=120)
+        assert done.returncode == 0 and "removed leftovers of dead run" in done.stdout, done
+        assert _aws_leftovers(name, settings) == {"objects": [], "queues": [], "subscriptions": []}
+        assert run.leftovers() == []
+    finally:
+        aws.faults.clear()
+        deploy.teardown(deploy.DeploySettings(name=name), settings)
+
+
 def test_planning_a_large_run_shows_progress_and_answers_sigint(tmp_path):
     """--workers 128: stage lines while planning; Ctrl-C there ends the run at once (exit 130)."""
     marker = uuid.uuid4().hex
@@ -672,3 +699,4 @@ def test_a_coordinator_killed_while_it_removes_its_record_leaves_what_the_next_s
     assert done.returncode == -signal.SIGKILL
     assert os.listdir(tmp_path) != []  # (what it left)
     assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
+

@@ -278,6 +278,22 @@ def test_a_run_starts_only_once_every_subscription_delivers(aws, aws_settings):
         resources.delete_run("never", 2)
 
 
+def test_a_run_whose_set_up_fails_part_way_leaves_no_queue_or_subscription(aws, aws_settings):
+    """create_run failing (or interrupted) after some queues and subscriptions exist: its
+    caller has no config to delete them with, so create_run deletes them itself."""
+    prefix = f"pf{uuid.uuid4().hex[:6]}"
+    config = QueueConfig.parse({"kind": "queue", "prefix": prefix, "topics": 2, "aws": aws_settings.to_dict()})
+    resources = QueueResources(config)
+    aws.swallow_publishes(100)  # every subscription made, none delivers
+    with pytest.raises(ChannelError, match="still not delivering"):
+        resources.create_run("halfway", 2, probe_timeout=1, probe_resend=0.5)
+    aws.faults.clear()
+    sqs, sns = aws_client("sqs", aws_settings), aws_client("sns", aws_settings)
+    assert sqs.list_queues(QueueNamePrefix=f"{prefix}_").get("QueueUrls", []) == []
+    queues = {f":{queue_name(prefix, 'halfway', w)}" for w in range(2)}
+    assert not [s for s in sns.list_subscriptions()["Subscriptions"] if any(s["Endpoint"].endswith(q) for q in queues)]
+
+
 def test_receive_times_out_empty_and_in_time(run):
     _, channels = run(2)
     start = time.monotonic()

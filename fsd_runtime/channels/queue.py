@@ -181,22 +181,29 @@ class QueueResources:
         every subscription delivers (see :meth:`await_subscriptions`)."""
         topic_arns = self.config.topic_arns or tuple(self.ensure_topics())
         queue_urls = []
-        for worker in range(n_workers):
-            url = self.call("CreateQueue", self.sqs.create_queue,
-                            QueueName=queue_name(self.config.prefix, run_id, worker),
-                            Attributes={"VisibilityTimeout": str(VISIBILITY_SECONDS),
-                                        "MaximumMessageSize": str(self.config.max_message_bytes),
-                                        "MessageRetentionPeriod": "86400"})["QueueUrl"]
-            arn = self._queue_arn(url)
-            self.call("SetQueueAttributes", self.sqs.set_queue_attributes, QueueUrl=url,
-                      Attributes={"Policy": _queue_policy(arn, topic_arns)})
-            policy = json.dumps({"run": [run_id], "target": [str(worker)]})
-            for topic in topic_arns:
-                self.call("Subscribe", self.sns.subscribe, TopicArn=topic, Protocol="sqs", Endpoint=arn,
-                          Attributes={"RawMessageDelivery": "true", "FilterPolicy": policy},
-                          ReturnSubscriptionArn=True)
-            queue_urls.append(url)
-        self.await_subscriptions(run_id, topic_arns, queue_urls, probe_timeout, probe_resend)
+        try:
+            for worker in range(n_workers):
+                url = self.call("CreateQueue", self.sqs.create_queue,
+                                QueueName=queue_name(self.config.prefix, run_id, worker),
+                                Attributes={"VisibilityTimeout": str(VISIBILITY_SECONDS),
+                                            "MaximumMessageSize": str(self.config.max_message_bytes),
+                                            "MessageRetentionPeriod": "86400"})["QueueUrl"]
+                arn = self._queue_arn(url)
+                self.call("SetQueueAttributes", self.sqs.set_queue_attributes, QueueUrl=url,
+                          Attributes={"Policy": _queue_policy(arn, topic_arns)})
+                policy = json.dumps({"run": [run_id], "target": [str(worker)]})
+                for topic in topic_arns:
+                    self.call("Subscribe", self.sns.subscribe, TopicArn=topic, Protocol="sqs", Endpoint=arn,
+                              Attributes={"RawMessageDelivery": "true", "FilterPolicy": policy},
+                              ReturnSubscriptionArn=True)
+                queue_urls.append(url)
+            self.await_subscriptions(run_id, topic_arns, queue_urls, probe_timeout, probe_resend)
+        except BaseException:  # failed or interrupted part-way: the caller has no config to delete
+            try:
+                self.delete_run(run_id, n_workers)
+            except Exception:  # noqa: BLE001 (the first error is the one to report)
+                pass
+            raise
         return QueueConfig(**{**self.config.__dict__, "topic_arns": tuple(topic_arns),
                               "queue_urls": tuple(queue_urls)})
 
