@@ -72,14 +72,27 @@ def _write_json(path: str, data: dict) -> None:
 @contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM wait until the block ends (a run's clean-up is never cut short; the
-    signal is handled right after)."""
+    signal is handled right after). Blocking them in this thread is not enough where the
+    process has other threads (the kernels' own): the kernel hands the signal to one of those,
+    and Python still runs its handler in the main thread. So the main thread's handlers only
+    note it here, and the first noted signal is raised again once the block is done."""
     blocked = hasattr(signal, "pthread_sigmask")
+    noted: list[int] = []
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            saved[signum] = signal.signal(signum, lambda signum, frame: noted.append(signum))
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if blocked else None
     try:
         yield
     finally:
         if blocked:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in saved.items():
+            if handler is not None:  # (None: set outside Python, cannot be put back)
+                signal.signal(signum, handler)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 class RunRecord:

@@ -700,3 +700,24 @@ def test_a_coordinator_killed_while_it_removes_its_record_leaves_what_the_next_s
     assert os.listdir(tmp_path) != []  # (what it left)
     assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
 
+
+def test_a_signal_during_the_clean_up_waits_for_it_in_a_process_with_threads():
+    """The coordinator has threads besides its main one once the kernels are loaded: a signal
+    handed to one of those must not cut the run's clean-up short (queues and objects stayed,
+    and the record that `clean` would have found was gone)."""
+    script = (
+        "import os, signal, threading, time\n"
+        "from fsd_runtime import liveness\n"
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "got = []\n"
+        "try:\n"
+        "    with liveness.signals_deferred():\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.3)\n"
+        "        got.append('cleaned up')\n"
+        "except KeyboardInterrupt:\n"
+        "    got.append('interrupted')\n"
+        "print(got)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_env(os.environ.get("TMPDIR", "/tmp"), "deferred"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "['cleaned up', 'interrupted']\n", done
