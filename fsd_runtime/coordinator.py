@@ -363,7 +363,8 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
         if model is None:
             say(f"storing {n_workers} shares (planned in {time.perf_counter() - start:.1f} s)")
             for share in shares:
-                storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
+                with liveness.signals_deferred():  # an upload cut off may still be stored after the clean-up
+                    storage.put(ev.share_key(prefix, share.worker), share.to_bytes())
         else:
             if not isinstance(storage, LocalStorage) and model.storage.config() != storage.config():
                 # workers elsewhere (Lambda) read the model from the run's store: put it there once
@@ -372,8 +373,9 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
             say(f"storing {n_workers} inputs shares of the prepared model in {model.where()}")
             active, saturated = initial_status(indptr, data, n_neurons, ymax)
             for w in range(n_workers):
-                storage.put(ev.share_key(prefix, w),
-                            prep.inputs_share(model, w, in0[w], (indptr, indices, data), active, saturated))
+                share = prep.inputs_share(model, w, in0[w], (indptr, indices, data), active, saturated)
+                with liveness.signals_deferred():  # (as above)
+                    storage.put(ev.share_key(prefix, w), share)
         timings["plan_upload_s"] = time.perf_counter() - start
         record.update(channel=channel)  # what `clean` deletes by name if this dies part-way
         run_channel = kind.create_run(channel, run_id, n_workers)

@@ -147,3 +147,33 @@ def test_a_killed_worker_process_fails_the_run_and_leaves_no_orphans(net_and_ser
     assert "died during start-up" in outcome["error"] or "died at layer" in outcome["error"]
     time.sleep(0.2)
     assert _processes_with_marker(marker) == []
+
+
+def test_an_interrupt_during_a_share_upload_lets_it_finish_before_the_clean_up(net_and_serial, tmp_path):
+    """SIGINT while the coordinator uploads a share: a request already sent may be stored by
+    the server after a clean-up that does not wait for it (seen on the S3 store: the share
+    stayed). The upload under way ends first; then the interrupt, then the clean-up."""
+    from fsd_runtime.storage import LocalStorage
+
+    ds, net, _ = net_and_serial
+    landed = []
+
+    class SlowServer(LocalStorage):
+        """The object is stored by a "server" thread shortly after the request went out."""
+
+        def put(self, key, data):
+            if "/shares/" not in key or landed:
+                return super().put(key, data)
+            server = threading.Thread(target=lambda: (time.sleep(0.3), super(SlowServer, self).put(key, data),
+                                                      landed.append(key)))
+            server.start()
+            os.kill(os.getpid(), signal.SIGINT)
+            server.join()  # the answer
+
+    store = SlowServer(str(tmp_path / "store"))
+    with pytest.raises(KeyboardInterrupt):
+        run_distributed(net, ds.images.arrays, 2, launcher={"kind": "thread"}, storage=store)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(10)
+    assert landed and store.list("runs") == []
