@@ -124,3 +124,36 @@ def _state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
+
+
+def test_an_rie_pool_whose_process_is_killed_leaves_what_the_next_sweep_removes(rie_binary, tmp_path):
+    """A coordinator SIGKILLed with an RIE pool (`run --invoker rie`): its RIEs (and so their
+    runtimes) end with it, and its log directory is a dead run's record for `clean`."""
+    import os
+    import subprocess
+    import sys
+
+    from fsd_runtime import liveness
+
+    pytest.importorskip("awslambdaric")
+    script = ("import os, sys\n"
+              "from fsd_runtime.aws import invokers\n"
+              "pool = invokers.RiePool(2, binary=sys.argv[1]).start()\n"
+              "pids = [p.pid for p in pool._procs]\n"
+              "pids += [c for p in pool._procs for c in invokers._children(p.pid)]\n"
+              "print(*pids, flush=True)\n"
+              "os.kill(os.getpid(), 9)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", script, rie_binary], env=env, capture_output=True, text=True,
+                          timeout=60)
+    pids = [int(p) for p in done.stdout.split()]
+    try:
+        assert done.returncode == -9 and len(pids) >= 2, done
+        assert _wait_for(lambda: all(_state(pid) in (None, "Z") for pid in pids), 10), "RIEs outlived their pool"
+    finally:
+        for pid in pids:
+            if _state(pid) not in (None, "Z"):
+                os.kill(pid, 9)
+    assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []

@@ -25,7 +25,6 @@ import http.client
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ import zipfile
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
+from fsd_runtime import liveness
 from fsd_runtime.events import WorkerEvent
 from fsd_runtime.launch import LaunchError, Launcher, ProcessLauncher, register_launcher
 from fsd_runtime.storage import register_storage
@@ -266,6 +266,20 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+#: Runs before each RIE (``python -c``, then exec): the RIE is SIGKILLed when the process that
+#: started the pool ends, however it ends (Linux; elsewhere nothing changes). An RIE's runtime
+#: exits by itself once its RIE is gone.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # its parent ended already\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
 class RiePool:
     """One ``aws-lambda-rie`` + ``awslambdaric`` per worker on 127.0.0.1; a context manager.
 
@@ -285,8 +299,10 @@ class RiePool:
         self.handler = handler
         self.env = {**os.environ, **(env or {}), "AWS_LAMBDA_FUNCTION_TIMEOUT": str(timeout_s),
                     "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb)}
-        self._own_log_dir = log_dir is None
-        self.log_dir = log_dir or tempfile.mkdtemp(prefix="fsd-rie-")
+        # its own log directory is a run record (locked while the pool lives): what a pool whose
+        # process was killed left is removed by the next run or `fsd-inference clean`
+        self._record = liveness.RunRecord("riepool0") if log_dir is None else None
+        self.log_dir = log_dir or self._record.dir
         self.endpoints: list[str] = []
         self._procs: list[subprocess.Popen] = []
 
@@ -299,7 +315,8 @@ class RiePool:
                 log = open(os.path.join(self.log_dir, f"rie-{index}.log"), "wb")
                 with log:
                     proc = subprocess.Popen(
-                        [self.binary, "--runtime-interface-emulator-address", f"127.0.0.1:{invoke_port}",
+                        [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+                         self.binary, "--runtime-interface-emulator-address", f"127.0.0.1:{invoke_port}",
                          "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--log-level", "error",
                          self.python, "-m", "awslambdaric", self.handler],
                         env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -319,7 +336,7 @@ class RiePool:
     def logs(self) -> str:
         """The pool's RIE and handler output, for error messages."""
         texts = []
-        for name in sorted(os.listdir(self.log_dir)):
+        for name in sorted(n for n in os.listdir(self.log_dir) if n.endswith(".log")):
             with open(os.path.join(self.log_dir, name), "rb") as f:
                 texts.append(f"--- {name}\n{f.read().decode(errors='replace')}")
         return "\n".join(texts)
@@ -336,8 +353,9 @@ class RiePool:
             proc.wait()
         self._procs.clear()
         self.endpoints.clear()
-        if self._own_log_dir:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
+        if self._record is not None:
+            self._record.close()
+            self._record = None
 
     def __enter__(self) -> "RiePool":
         return self.start()
