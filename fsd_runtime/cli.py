@@ -35,7 +35,7 @@ EXIT_TEXT = """exit status:
   3    the run failed (a worker, the channel, the launch or the store), or its metrics
        could not be written (the result is printed all the same)
   130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the run's processes,
-       sockets and stored objects are removed first"""
+       sockets and stored objects (prepare: the model's directory) are removed first"""
 
 #: Most workers a run may have. Planning takes time and memory growing with P^2 (on this
 #: project's 2-core machine: P=128 about 50 s and 1.3 GB, P=256 about 220 s and 4 GB).
@@ -781,7 +781,8 @@ def main(argv=None) -> int:
         except (Interrupted, KeyboardInterrupt) as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             name = signal.Signals(signum).name
-            done = "; the run's workers, sockets and stored objects are removed" if state.get("distributed") else ""
+            done = {"run": "; the run's workers, sockets and stored objects are removed",
+                    "prepare": "; the model being prepared is removed"}.get(state.get("interrupts", ""), "")
             print(f"fsd-inference: {'interrupted' if signum == signal.SIGINT else 'terminated'} ({name}){done}",
                   file=sys.stderr, flush=True)
             return 128 + signum
@@ -795,7 +796,9 @@ def _main(argv: list[str], state: dict) -> int:
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    state["distributed"] = bool(getattr(args, "workers", None) or getattr(args, "prepared", None))
+    # what an interrupt's message says was cleaned up: a distributed run's, or a model's
+    state["interrupts"] = ("prepare" if args.command == "prepare" else
+                           "run" if getattr(args, "workers", None) or getattr(args, "prepared", None) else "")
     if args.command == "clean":
         from fsd_runtime import liveness
 

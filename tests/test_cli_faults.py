@@ -721,3 +721,27 @@ def test_a_signal_during_the_clean_up_waits_for_it_in_a_process_with_threads():
     done = subprocess.run([sys.executable, "-c", script], env=_env(os.environ.get("TMPDIR", "/tmp"), "deferred"),
                           capture_output=True, text=True, timeout=60)
     assert done.stdout == "['cleaned up', 'interrupted']\n", done
+
+
+def test_an_interrupted_prepare_says_its_model_is_removed_and_leaves_no_directory(tmp_path):
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "fsd_runtime.cli", "prepare", "--synthetic", "4096x480",
+                             "--workers", "8", "--out", str(out)],
+                            env=_env(str(tmp_path), uuid.uuid4().hex), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if "prepared 100 of 480 layers" in line:  # under way: some segments are written
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(60)
+        assert proc.returncode == 130, rest
+        said = [line for line in rest.splitlines() if "interrupted" in line]
+        assert said == ["fsd-inference: interrupted (SIGINT); the model being prepared is removed"], rest
+        assert "Traceback" not in rest
+        assert not out.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
