@@ -528,6 +528,8 @@ def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
             n_images = int(max(float(t) for t in tokens))
         except (ValueError, OverflowError):
             raise DataError(_find_bad_line(path, text, 3, (limit, n_neurons, None))) from None
+        if n_images < 1:  # every image id is below 1: name the first such line, with a range that is not empty
+            raise DataError(_find_bad_line(path, text, 3, (limit, n_neurons, None)))
         if n_images > limit:
             raise DataError(_find_bad_line(path, text, 3, (limit, n_neurons, None))
                             + f" (the file has {lines} lines)")

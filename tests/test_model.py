@@ -222,6 +222,21 @@ def test_images_file_errors(tmp_path):
         model.read_images(str(path), 4)
 
 
+@pytest.mark.parametrize("first", ["0", "-1", "0.5"])
+def test_images_file_with_no_id_of_at_least_1_names_a_real_range(tmp_path, first):
+    # The image count is the largest id; when no id is >= 1 the message used to read
+    # "expected an integer in 1..0" (or "1..-1"), an empty range.
+    path = tmp_path / "images.tsv"
+    write_lines(path, [f"{first}\t1\t1", "0\t2\t1"])
+    with pytest.raises(model.DataError) as err:
+        model.read_images(str(path), 4)
+    message = str(err.value)
+    assert f"images.tsv, line 1, field 1: expected an integer in 1.." in message
+    upper = int(message.split("expected an integer in 1..")[1].split(",")[0])
+    assert upper >= 1, message
+    assert f"got '{first}'" in message
+
+
 @pytest.mark.parametrize("lines, match", [
     (["3", "x7"], r"line 2: expected a positive integer image id, got 'x7'"),
     (["0"], r"line 1: expected a positive integer image id, got '0'"),
