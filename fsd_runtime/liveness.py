@@ -312,11 +312,9 @@ def sweep(base: str | None = None, *, aws: bool = False) -> list[str]:
 
 
 def _remove_aws(info: dict) -> None:
-    from fsd_runtime.aws import invokers
     from fsd_runtime.channels import channel_class
     from fsd_runtime.storage import make_storage
 
-    invokers.register()
     run_id, n = info.get("run_id"), int(info.get("n_workers") or 0)
     if info.get("channel"):
         channel_class(info["channel"]).delete_run(info["channel"], run_id, n)

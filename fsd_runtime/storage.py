@@ -180,7 +180,9 @@ def _local(config: Mapping) -> Storage:
     return LocalStorage(root, create=bool(config.get("create", True)))
 
 
-_KINDS = Registry("storage", StorageError, {"local": _local})
+#: AWS kinds are ``"module:attribute"`` paths, imported on first use (boto3 only when asked for),
+#: as the channels' are.
+_KINDS = Registry("storage", StorageError, {"local": _local, "s3": "fsd_runtime.aws.s3storage:from_config"})
 
 
 def register_storage(kind: str, factory: Callable[[Mapping], Storage] | str) -> None:

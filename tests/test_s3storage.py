@@ -6,7 +6,6 @@ import uuid
 import numpy as np
 import pytest
 
-from fsd_runtime.aws import invokers
 from fsd_runtime.aws.clients import client
 from fsd_runtime.aws.s3storage import S3Storage
 from fsd_runtime.storage import LocalStorage, StorageError, make_storage, pack_arrays, unpack_arrays
@@ -66,7 +65,6 @@ def test_a_gone_bucket_holds_nothing_to_list_or_delete(aws_settings):
 
 
 def test_config_rebuilds_the_store_in_a_worker(store, aws_settings):
-    invokers.register()
     rebuilt = make_storage(store.config())
     store.put("runs/c/k", b"v")
     assert isinstance(rebuilt, S3Storage) and rebuilt.get("runs/c/k") == b"v"

@@ -39,7 +39,6 @@ from urllib.parse import urlsplit
 from fsd_runtime import liveness
 from fsd_runtime.events import WorkerEvent
 from fsd_runtime.launch import LaunchError, Launcher, ProcessLauncher, register_launcher
-from fsd_runtime.storage import register_storage
 
 HANDLER = "fsd_runtime.aws.handler.handler"
 #: Where RIE accepts invocations (the path Lambda's Invoke API uses).
@@ -53,11 +52,11 @@ class RieUnavailable(RuntimeError):
 
 
 def register() -> None:
-    """Make the AWS kinds known to ``make_launcher`` / ``make_storage`` (imported lazily)."""
+    """Make the AWS launcher kinds known to ``make_launcher`` (imported lazily; the storage and
+    channel registries know their AWS kinds by path from the start)."""
     register_launcher("lambda", "fsd_runtime.aws.invokers:LambdaInvoker")
     register_launcher("local", "fsd_runtime.aws.invokers:LocalInvoker")
     register_launcher("rie", "fsd_runtime.aws.invokers:RieInvoker")
-    register_storage("s3", "fsd_runtime.aws.s3storage:from_config")
 
 
 class LambdaInvoker(Launcher):
