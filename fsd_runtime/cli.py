@@ -812,6 +812,10 @@ def _main(argv: list[str], state: dict) -> int:
 
         return awsrun.cli_command(args)
     try:
+        for option in ("inputs", "categories"):  # files; a directory would fail as "[Errno 21]"
+            path = getattr(args, option, None)
+            if path and os.path.isdir(path):
+                raise UsageError(f"--{option} {path} is a directory; it takes a file (docs/formats.md)")
         if args.prepared:
             args.prepared_model = open_prepared(args)
             ds = load_prepared_data(args, args.prepared_model)

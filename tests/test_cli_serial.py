@@ -127,6 +127,10 @@ def _damage(tmp_path, case: str) -> tuple[list[str], str]:
     if case == "two files for a layer":
         (net / "n4-l01.tsv").write_text("1\t1\t1\n")
         return argv, f"{net}: several layer 1 files ['n4-l01.tsv', 'n4-l1.tsv']"
+    if case == "inputs a directory":
+        return argv[:2] + ["--inputs", str(tmp_path), "--bias", "0"], f"--inputs {tmp_path} is a directory"
+    if case == "categories a directory":
+        return argv + ["--categories", str(net)], f"--categories {net} is a directory"
     if case == "encrypted npz":
         path = tmp_path / "net.npz"
         model.save_network(model.load_network(str(net), 0.0), str(path))
@@ -142,7 +146,7 @@ def _damage(tmp_path, case: str) -> tuple[list[str], str]:
 
 
 CASES = ["input beyond float32", "weight beyond float32", "bias beyond float32", "huge category id",
-         "corrupt gzip", "two files for a layer", "encrypted npz"]
+         "corrupt gzip", "two files for a layer", "encrypted npz", "inputs a directory", "categories a directory"]
 
 
 @pytest.mark.parametrize("case", CASES)
