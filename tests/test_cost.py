@@ -199,16 +199,34 @@ def test_the_exchange_of_several_batches_is_what_the_other_batches_compute_does_
     def exchange(batches):
         return cost.duration_terms(rows, "queue", latency=latency, batches=batches)["terms"]["exchange_s"]
 
+    def simulated(batches, layers):
+        """The worker loop's schedule, step by step: batch b's rows for the next layer leave when
+        it has computed this one and arrive a hop later; the worker waits for them in its turn
+        (layer 0's inputs are in the share: no wait)."""
+        c, hop = 0.3 / batches, latency.hop_s["queue"]
+        now, waited, sent = 0.0, 0.0, [None] * batches
+        for _ in range(layers):
+            for b in range(batches):
+                arrival = 0.0 if sent[b] is None else sent[b] + hop
+                waited += max(0.0, arrival - now)
+                now = max(now, arrival) + c
+                sent[b] = now
+        return waited
+
     assert exchange(1) == pytest.approx(2 * 0.5)                       # one hop a layer with traffic
-    # B = 3: a batch's rows leave as soon as it is computed, and travel while the other two
-    # batches (0.1 s each) compute: each batch then waits 0.5 - 0.2 s, three batches a layer
-    assert exchange(3) == pytest.approx(2 * 3 * (0.5 - 0.2))
-    assert exchange(6) == pytest.approx(2 * 6 * (0.5 - 5 * 0.05))
-    assert exchange(30) == pytest.approx(2 * 30 * (0.5 - 29 * 0.01))  # a layer's compute < the hop
+    # B = 3: a batch's rows leave as soon as it is computed and travel while the other two
+    # batches (0.1 s each) compute: a layer's first batch waits 0.5 - 0.2 s, the later ones not
+    assert exchange(3) == pytest.approx(2 * (0.5 - 0.2))
+    assert exchange(6) == pytest.approx(2 * (0.5 - 5 * 0.05))
+    assert exchange(30) == pytest.approx(2 * (0.5 - 29 * 0.01))        # a layer's compute < the hop
+    for batches in (1, 2, 3, 6, 30):                                    # what the schedule waits
+        assert exchange(batches) == pytest.approx(simulated(batches, layers=3), abs=1e-9)
     latency = cost.LatencyModel(hop_s={"queue": 0.2})
-    assert exchange(2) == pytest.approx(2 * 2 * (0.2 - 0.15))
+    assert exchange(2) == pytest.approx(2 * (0.2 - 0.15))
     assert exchange(3) == pytest.approx(0.0, abs=1e-12)                # 2 x 0.1 s covers the hop
     assert exchange(4) == 0.0                                          # 3 x 0.075 s is more than it
+    for batches in (2, 3, 4):
+        assert exchange(batches) == pytest.approx(simulated(batches, layers=3), abs=1e-9)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="batches"):
             cost.duration_terms(rows, "queue", latency=latency, batches=bad)

@@ -103,8 +103,8 @@ TERM_SOURCES = {
     "compute_s": "measured (kernels, encode, decode: the worker thread's CPU time on this machine's "
                  "core; divided by the CPU share of the memory size)",
     "straggler_wait_s": "measured (per layer: the slowest worker's compute minus this worker's)",
-    "exchange_s": "modelled (layers with traffic x the preset's hop; with B image batches, each batch "
-                  "waits what of the hop the other B - 1 batches' compute did not cover)",
+    "exchange_s": "modelled (layers with traffic x the preset's hop; with B image batches, less what "
+                  "the other B - 1 batches' compute covers)",
     "init_s": "modelled (the preset's INIT)",
     "launch_skew_s": "modelled (waiting for the deepest worker of the launch tree: levels below x "
                      "(invoke + INIT + run check and claim))",
@@ -123,9 +123,10 @@ def duration_terms(rows: Iterable[Mapping], channel_kind: str, *, latency: Laten
 
     ``batches``: the image batches each layer ran in (rows sum them). The worker loop sends a
     batch's rows for the next layer as soon as it has computed them, so they travel while the
-    other ``batches - 1`` batches compute; each batch then waits only for the rest of the hop:
-    a layer with traffic costs ``batches * max(0, hop - (batches - 1) * compute / batches)``,
-    one hop when there is one batch."""
+    other ``batches - 1`` batches compute: a layer's first batch waits for the rest of the hop,
+    and each later one's rows, sent one batch's compute after the previous one's, are there
+    when its turn comes. A layer with traffic costs ``max(0, hop - (batches - 1) * compute /
+    batches)``: one hop when there is one batch."""
     if channel_kind not in latency.hop_s:
         raise ValueError(f"no latency model for channel kind {channel_kind!r}; known: {sorted(latency.hop_s)}")
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
@@ -150,7 +151,7 @@ def duration_terms(rows: Iterable[Mapping], channel_kind: str, *, latency: Laten
         mine = [compute.get((w, layer), 0.0) for layer in layers]
         per_term["compute_s"].append(sum(mine))
         per_term["straggler_wait_s"].append(sum(slowest[layer] - c for layer, c in zip(layers, mine)))
-        per_term["exchange_s"].append(sum(batches * max(0.0, hop - (batches - 1) * c / batches)
+        per_term["exchange_s"].append(sum(max(0.0, hop - (batches - 1) * c / batches)
                                           for layer, c in zip(layers, mine) if talked.get((w, layer))))
         per_term["init_s"].append(latency.init_s)
         per_term["launch_skew_s"].append((deepest - depths[w]) * level_s)
