@@ -410,3 +410,17 @@ def test_a_strangers_object_at_a_workers_own_key_is_an_error_of_that_worker(run,
     s3.put_object(Bucket=config["bucket"], Key=_key_of(config, run_id, 3, 0), Body=bytes(foreign))
     with pytest.raises(ChannelError, match="worker 0's key holds an object it did not write"):
         channels[0].send(3, [(1, b"payload")])
+
+
+def test_retried_reads_in_parallel_are_each_counted_once(run, aws):
+    """The reads of a step run in the channel's threads: a retry is priced with the read it
+    belongs to, never with another thread's (8 readers, 3 throttled GETs: 3 more, not up to 24)."""
+    _, _, channels = run(9, poll="get")
+    for w in range(1, 9):
+        channels[w].send(0, [(0, bytes([w]) * 50)])
+    aws.throttle("GetObject", 3)
+    before = dict(aws.requests)
+    assert len(receive_all(channels[0], 8, 0)) == 8
+    made = aws.requests["GetObject"] - before.get("GetObject", 0)
+    assert channels[0].call.retries["GetObject"] == 3
+    assert channels[0].counts["s3_get_requests"] == made

@@ -125,6 +125,12 @@ class Caller:
         self.attempts: Counter[str] = Counter()
         self.retries: Counter[str] = Counter()
         self._sleep = sleep
+        self._last = threading.local()  # this thread's last call (the channels call from several)
+        self._counting = threading.Lock()  # ``+=`` on a Counter is not atomic across threads
+
+    def last_retries(self) -> int:
+        """How many attempts this thread's last call retried (each is billed like the call)."""
+        return getattr(self._last, "retries", 0)
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
@@ -136,7 +142,9 @@ class Caller:
         error code in ``absent`` (e.g. NoSuchKey); ChannelError once it cannot succeed."""
         attempt = 0
         while True:
-            self.attempts[name] += 1
+            with self._counting:
+                self.attempts[name] += 1
+            self._last.retries = attempt
             try:
                 return operation(**kwargs)
             except (ClientError, BotoCoreError) as exc:
@@ -147,5 +155,6 @@ class Caller:
                     raise ChannelError(f"AWS {name} failed: {exc}") from exc
                 if attempt == self.settings.max_attempts:
                     raise ChannelError(f"AWS {name} still failing after {attempt} attempts: {exc}") from exc
-                self.retries[name] += 1
+                with self._counting:
+                    self.retries[name] += 1
                 self._sleep(self.backoff(attempt - 1))

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -248,11 +249,10 @@ def list_keys(call: Caller, s3, bucket: str, prefix: str, counts: Counter | None
     page is counted in ``counts["s3_list_requests"]`` when given."""
     keys, token = [], {}
     while True:
-        before = call.retries["ListObjectsV2"]
         page = call("ListObjectsV2", s3.list_objects_v2, absent=frozenset({"NoSuchBucket"}),
                     Bucket=bucket, Prefix=prefix, **token)
         if counts is not None:  # retried attempts too (priced as billed)
-            counts["s3_list_requests"] += 1 + call.retries["ListObjectsV2"] - before
+            counts["s3_list_requests"] += 1 + call.last_retries()
         if page is None:
             return keys
         keys.extend(o["Key"] for o in page.get("Contents", []))
@@ -315,6 +315,7 @@ class ObjectChannel(Channel):
         self._lead, self._lead_history = 0.0, ()   # next_poll_lead's state
         self._clock, self._sleep = time.monotonic, time.sleep     # (tests drive a fake clock)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"s3-w{worker_id}")
+        self._counting = threading.Lock()  # the pool's reads count into self.counts
 
     @classmethod
     def from_config(cls, config: Mapping, worker_id: int, n_workers: int, run_id: str) -> "ObjectChannel":
@@ -342,7 +343,6 @@ class ObjectChannel(Channel):
         # create-only (the worker role allows nothing else); a 412 is our own PUT whose answer was
         # lost and then retried (this worker is the only writer of its keys), or a stranger's
         # object at our key, which our readers would otherwise blame on this worker: read it back
-        before = self.call.retries["PutObject"]
         if self.call("PutObject", self.s3.put_object, Bucket=self.config.bucket, Key=key, Body=body,
                      IfNoneMatch="*", absent=frozenset({"PreconditionFailed", "412"})) is None:
             found = self._get(key, 0, len(body), absent=_MISSING | {"InvalidRange"})  # (empty: 416)
@@ -350,7 +350,7 @@ class ObjectChannel(Channel):
                 raise ChannelError(f"s3://{self.config.bucket}/{key}: worker {self.worker}'s key holds an "
                                    "object it did not write (another writer in this run's prefix?)")
         self._parts_sent[step] += 1
-        self.counts["s3_put_requests"] += 1 + self.call.retries["PutObject"] - before  # retried ones too
+        self.counts["s3_put_requests"] += 1 + self.call.last_retries()  # retried ones too
         self.counts["messages_sent"] += len(chunks)
         self.counts["bytes_sent"] += len(body)
 
@@ -427,16 +427,18 @@ class ObjectChannel(Channel):
 
     def _get(self, key: str, first: int, last: int, absent: frozenset = _MISSING) -> tuple[bytes, int] | None:
         """Bytes ``first..last`` (inclusive) of ``key`` and the object's size; None if absent."""
-        before = self.call.retries["GetObject"]
         answer = self.call("GetObject", self.s3.get_object, absent=absent, Bucket=self.config.bucket,
                            Key=key, Range=f"bytes={first}-{last}")
-        self.counts["s3_get_requests"] += 1 + self.call.retries["GetObject"] - before  # retried ones too
+        with self._counting:  # (reads run in the pool's threads)
+            self.counts["s3_get_requests"] += 1 + self.call.last_retries()  # retried ones too
+            if answer is None:
+                self.counts["s3_get_misses"] += 1
         if answer is None:
-            self.counts["s3_get_misses"] += 1
             return None
         size = int(answer["ContentRange"].rsplit("/", 1)[-1]) if "ContentRange" in answer else answer["ContentLength"]
         data = answer["Body"].read()
-        self.counts["s3_bytes_read"] += len(data)
+        with self._counting:
+            self.counts["s3_bytes_read"] += len(data)
         return data, size
 
     def _get_present(self, key: str, first: int, last: int) -> bytes:
@@ -465,8 +467,9 @@ class ObjectChannel(Channel):
             base = low
         else:
             body, base = head, 0
-        self.counts["bytes_received"] += high - low
-        self.counts["messages_received"] += len(index.ranges)
+        with self._counting:
+            self.counts["bytes_received"] += high - low
+            self.counts["messages_received"] += len(index.ranges)
         return [body[o - base:o - base + n] for o, n in index.ranges]
 
     def requests(self) -> dict[str, int]:

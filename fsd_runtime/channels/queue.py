@@ -376,12 +376,11 @@ class QueueChannel(Channel):
     def _publish(self, topic: str, indices: list[int], entries: list[_Entry]) -> list[int]:
         """One PublishBatch; the indices of entries SNS reports as failed (retryable ones)."""
         payload = sum(entries[i].size for i in indices)
-        before = self.call.retries["PublishBatch"]
         answer = self.call("PublishBatch", self.sns.publish_batch, TopicArn=topic,
                            PublishBatchRequestEntries=[self._request_entry(i, entries[i]) for i in indices])
         self.counts["sns_publish_calls"] += 1
         # every attempt is priced as billed, retried ones too (AWS may not bill a throttled one)
-        self.counts["sns_billed_requests"] += billed_chunks(payload) * (1 + self.call.retries["PublishBatch"] - before)
+        self.counts["sns_billed_requests"] += billed_chunks(payload) * (1 + self.call.last_retries())
         self.counts["bytes_sent"] += payload
         failed = answer.get("Failed", [])
         for failure in failed:
@@ -399,14 +398,13 @@ class QueueChannel(Channel):
         deadline = time.monotonic() + timeout
         while True:
             wait = max(0, min(MAX_WAIT_SECONDS, round(deadline - time.monotonic())))
-            before = self.call.retries["ReceiveMessage"]
             answer = self.call("ReceiveMessage", self.sqs.receive_message, QueueUrl=self.queue_url,
                                MaxNumberOfMessages=MAX_BATCH_ENTRIES, WaitTimeSeconds=wait,
                                MessageAttributeNames=["run", "target"])
             messages = answer.get("Messages", [])
             payload = sum(_received_bytes(m) for m in messages)
             self.counts["sqs_receive_calls"] += 1
-            self.counts["sqs_billed_requests"] += billed_chunks(payload) + self.call.retries["ReceiveMessage"] - before
+            self.counts["sqs_billed_requests"] += billed_chunks(payload) + self.call.last_retries()
             self.counts["messages_received"] += len(messages)
             self.counts["bytes_received"] += payload
             if messages and self.config.delete_messages:
@@ -442,11 +440,10 @@ class QueueChannel(Channel):
     def _delete(self, messages: list[dict]) -> None:
         pending = {str(i): m["ReceiptHandle"] for i, m in enumerate(messages)}
         for attempt in range(self.call.settings.max_attempts):
-            before = self.call.retries["DeleteMessageBatch"]
             answer = self.call("DeleteMessageBatch", self.sqs.delete_message_batch, QueueUrl=self.queue_url,
                                Entries=[{"Id": i, "ReceiptHandle": h} for i, h in pending.items()])
             self.counts["sqs_delete_calls"] += 1
-            self.counts["sqs_billed_requests"] += 1 + self.call.retries["DeleteMessageBatch"] - before
+            self.counts["sqs_billed_requests"] += 1 + self.call.last_retries()
             pending = {f["Id"]: pending[f["Id"]] for f in answer.get("Failed", [])}
             if not pending:
                 return
