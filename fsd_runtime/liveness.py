@@ -75,24 +75,38 @@ def signals_deferred():
     signal is handled right after). Blocking them in this thread is not enough where the
     process has other threads (the kernels' own): the kernel hands the signal to one of those,
     and Python still runs its handler in the main thread. So the main thread's handlers only
-    note it here, and the first noted signal is raised again once the block is done."""
-    blocked = hasattr(signal, "pthread_sigmask")
+    note it here, and the first noted signal is raised again once the block is done. Handlers
+    are swapped inside the ``try`` and put back one ``finally`` each, so a signal landing
+    midway never leaves one noting forever."""
+    signals = (signal.SIGINT, signal.SIGTERM)
     noted: list[int] = []
-    saved = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            saved[signum] = signal.signal(signum, lambda signum, frame: noted.append(signum))
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if blocked else None
+    saved: dict = {}
+    old = None
     try:
+        if hasattr(signal, "pthread_sigmask"):
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+        if threading.current_thread() is threading.main_thread():
+            for signum in signals:
+                if signal.getsignal(signum) is not None:  # (None: set outside Python, cannot be put back)
+                    saved[signum] = signal.signal(signum, lambda signum, frame: noted.append(signum))
         yield
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        for signum, handler in saved.items():
-            if handler is not None:  # (None: set outside Python, cannot be put back)
-                signal.signal(signum, handler)
+        try:
+            _put_back(list(saved.items()))
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if noted:
             signal.raise_signal(noted[0])
+
+
+def _put_back(handlers: list) -> None:
+    """Each ``(signum, handler)`` back in place, even if one put back first raises meanwhile."""
+    if handlers:
+        try:
+            signal.signal(*handlers[0])
+        finally:
+            _put_back(handlers[1:])
 
 
 class RunRecord:

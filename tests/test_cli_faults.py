@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from fsd_runtime import cli, events
+from fsd_runtime import cli, events, liveness
 
 from proc_helpers import processes_with_marker
 
@@ -721,6 +721,31 @@ def test_a_signal_during_the_clean_up_waits_for_it_in_a_process_with_threads():
     done = subprocess.run([sys.executable, "-c", script], env=_env(os.environ.get("TMPDIR", "/tmp"), "deferred"),
                           capture_output=True, text=True, timeout=60)
     assert done.stdout == "['cleaned up', 'interrupted']\n", done
+
+
+@pytest.mark.parametrize("lands_at", [2, 3, 4])  # the 2nd swap on entry, after the 1st / 2nd put back
+def test_a_signal_landing_while_handlers_are_swapped_leaves_the_real_ones(monkeypatch, lands_at):
+    """A signal whose handler raises can land between two ``signal.signal`` calls of
+    ``signals_deferred``: whatever it interrupts, both real handlers are in place afterwards
+    (SIGINT was left noting forever, silently ignored)."""
+    real, calls = signal.signal, []
+    originals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def landing(signum, handler):
+        calls.append(signum)
+        if len(calls) == lands_at == 2:  # before the swap: SIGTERM's own handler raises
+            raise KeyboardInterrupt
+        previous = real(signum, handler)
+        if len(calls) == lands_at:       # just after a handler is put back: it runs at once
+            raise KeyboardInterrupt
+        return previous
+
+    monkeypatch.setattr(signal, "signal", landing)
+    with pytest.raises(KeyboardInterrupt):
+        with liveness.signals_deferred():
+            pass
+    monkeypatch.undo()
+    assert {s: signal.getsignal(s) for s in originals} == originals
 
 
 def test_an_interrupted_prepare_says_its_model_is_removed_and_leaves_no_directory(tmp_path):
