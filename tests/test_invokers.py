@@ -127,8 +127,9 @@ def _state(pid: int) -> str | None:
 
 
 def test_an_rie_pool_whose_process_is_killed_leaves_what_the_next_sweep_removes(rie_binary, tmp_path):
-    """A coordinator SIGKILLed with an RIE pool (`run --invoker rie`): its RIEs (and so their
-    runtimes) end with it, and its log directory is a dead run's record for `clean`."""
+    """A coordinator SIGKILLed with an RIE pool (`run --invoker rie`): its RIEs (and any runtime
+    they started: RIE may start one only at the first invoke) end with it, and its log directory
+    is a dead run's record for `clean`."""
     import os
     import subprocess
     import sys

@@ -265,14 +265,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-#: Runs before each RIE (``python -c``, then exec): the RIE is SIGKILLed when the process that
-#: started the pool ends, however it ends (Linux; elsewhere nothing changes). An RIE's runtime
-#: exits by itself once its RIE is gone.
+#: Runs before each RIE (``python -I -c``, then exec): the RIE is SIGKILLed when the thread that
+#: started the pool ends, however it ends (Linux's PR_SET_PDEATHSIG follows the thread; pools are
+#: started from the coordinator's main thread, so that is the process; elsewhere nothing
+#: changes). An idle runtime exits by itself once its RIE is gone; one inside an invocation,
+#: when that returns.
 _DIE_WITH_PARENT = (
-    "import ctypes, os, signal, sys\n"
+    "import os, signal, sys\n"
     "try:\n"
+    "    import ctypes\n"
     "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
-    "except (OSError, AttributeError):\n"
+    "except (ImportError, OSError, AttributeError):\n"
     "    pass\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(1)  # its parent ended already\n"
@@ -314,7 +317,7 @@ class RiePool:
                 log = open(os.path.join(self.log_dir, f"rie-{index}.log"), "wb")
                 with log:
                     proc = subprocess.Popen(
-                        [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+                        [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid()),
                          self.binary, "--runtime-interface-emulator-address", f"127.0.0.1:{invoke_port}",
                          "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--log-level", "error",
                          self.python, "-m", "awslambdaric", self.handler],
