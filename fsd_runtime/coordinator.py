@@ -170,13 +170,22 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _real(value) -> bool:
+    """A finite number a float can hold (JSON integers have no bound)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _metrics_problem(record: dict) -> str | None:
     """What is wrong with the fields the coordinator reads from a metrics record (None: nothing;
     the per-layer table is checked by ``metrics.merge``)."""
     times = record.get("times")
-    if not isinstance(times, dict) or not all(
-            isinstance(times.get(k), (int, float)) and not isinstance(times.get(k), bool)
-            and math.isfinite(times[k]) for k in ("ready", "finished", "cpu_s") if k in times or k != "cpu_s"):
+    if not isinstance(times, dict) or not all(_real(times.get(k)) for k in ("ready", "finished", "cpu_s")
+                                              if k in times or k != "cpu_s"):
         return "'times' needs finite 'ready' and 'finished' (and 'cpu_s', if there)"
     if "batches" in record and not (_count(record["batches"]) and record["batches"] >= 1):
         return "'batches' must be a positive integer"
@@ -410,11 +419,15 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     timings["run_s"] = max(t["finished"] for t in times) - max(t["ready"] for t in times)
     if launcher_config.get("kind") != "thread":  # threads share one process clock
         timings["workers_cpu_s"] = sum(t.get("cpu_s", 0.0) for t in times)
-    rows = mx.merge(worker_metrics)
-    total = mx.totals(rows)
-    traffic = {"messages": int(total["messages_sent"]), "chunks": int(total["chunks_sent"]),
-               "bytes": int(total["bytes_sent"]), "requests": int(total["chunks_sent"]),
-               "messages_per_round": mx.messages_per_round(rows)}
+    try:  # the per-layer tables come from outside too: what is wrong in them fails the run, said so
+        rows = mx.merge(worker_metrics)
+        pairs = mx.merge_pairs(worker_metrics)
+        total = {k: int(v) for k, v in mx.totals(rows).items() if k in ("messages_sent", "chunks_sent", "bytes_sent")}
+        per_round = mx.messages_per_round(rows)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise RunError(f"malformed worker metrics: {type(exc).__name__}: {exc}") from None
+    traffic = {"messages": total["messages_sent"], "chunks": total["chunks_sent"],
+               "bytes": total["bytes_sent"], "requests": total["chunks_sent"], "messages_per_round": per_round}
     if model is not None:  # each worker's store reads of the model (model.json, its segments) and their bytes
         reads = [m.get("model_reads") for m in worker_metrics]
         if all(isinstance(r, dict) for r in reads):  # as read: segments are read as the run needs them
@@ -428,7 +441,7 @@ def run_distributed(net, images, n_workers: int | None = None, *, partition: str
     traffic["channel_requests"] = dict(sum((Counter(m.get("requests", {})) for m in worker_metrics), Counter()))
     traffic["batches"] = max(int(m.get("batches") or 1) for m in worker_metrics)  # the same on every worker
     result = RunResult(activations, rows, timings, traffic, run_id, partition, n_workers)
-    result.pairs = mx.merge_pairs(worker_metrics)
+    result.pairs = pairs
     result.worker_metrics = worker_metrics
     result.model = None if model is None else (model.storage.root if isinstance(model.storage, LocalStorage)
                                                else f"s3:{model.prefix}" if model.storage.config().get("kind") == "s3"

@@ -1,7 +1,8 @@
 """Byte storage by key: where shares, results, metrics and errors of a run live.
 
-``LocalStorage`` is a directory (the embedded default); the AWS adapters
-register an S3 kind with :func:`register_storage`. Keys are ``/``-separated
+``LocalStorage`` is a directory (the embedded default); the ``s3`` kind is the AWS
+adapters' ``S3Storage``, named by path and imported on first use (others can be added with
+:func:`register_storage`). Keys are ``/``-separated
 relative paths of plain characters (see :func:`check_key`); nothing is
 ever unpickled: shares and results are ``np.savez`` archives read with
 ``allow_pickle=False`` (:func:`pack_arrays` / :func:`unpack_arrays`).

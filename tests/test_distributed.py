@@ -179,6 +179,7 @@ def test_metrics_merge_totals_and_files(tmp_path, monkeypatch):
     (lambda r: r.pop("times"), "'times'"),
     (lambda r: r["times"].update(finished="soon"), "'times'"),
     (lambda r: r["times"].update(cpu_s=float("nan")), "'times'"),
+    (lambda r: r["times"].update(ready=10 ** 400), "'times'"),
     (lambda r: r.update(batches=0), "'batches'"),
     (lambda r: r.update(batches=True), "'batches'"),
     (lambda r: r.update(requests={"sns_billed_requests": -1}), "'requests'"),
@@ -200,3 +201,30 @@ def test_a_malformed_metrics_record_is_a_run_error_naming_its_worker(tmp_path, c
     store.put(events.metrics_key("p", 5), json.dumps(bad).encode())
     with pytest.raises(RunError, match=rf"worker 5: malformed metrics record: {problem}"):
         _metrics_record(store, "p", 5)
+
+
+@pytest.mark.parametrize("damage", ["a word for a count", "infinite bytes", "no layers"])
+def test_malformed_per_layer_metrics_fail_the_run_with_a_run_error(monkeypatch, damage):
+    """A worker's per-layer table comes from outside as well: nonsense in it is a RunError that
+    says so, not a ValueError, OverflowError or KeyError from the middle of the summary."""
+    from fsd_runtime import metrics
+    from fsd_runtime.coordinator import RunError
+
+    real = metrics.LayerMetrics.to_dict
+
+    def damaged(self):
+        out = real(self)
+        if self.worker == 1:
+            if damage == "a word for a count":
+                out["layers"][0][0] = "many"
+            elif damage == "infinite bytes":
+                out["layers"][0][metrics.FIELDS.index("bytes_sent")] = float("inf")
+            else:
+                del out["layers"]
+        return out
+
+    monkeypatch.setattr(metrics.LayerMetrics, "to_dict", damaged)
+    net = _identity_net(3)
+    images = (np.array([0, 1, 2], np.int64), np.array([0, 2], np.int32), np.array([1.0, 2.0], np.float32))
+    with pytest.raises(RunError, match="malformed worker metrics"):
+        run_distributed(net, images, 2, launcher={"kind": "thread"})
