@@ -166,8 +166,13 @@ def _metrics_record(storage: Storage, prefix: str, worker: int) -> dict:
     return record
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count(value, low: int = 0) -> bool:
+    """Whether ``value`` is an integer >= ``low`` (``_validate.integer``'s rule, as a test)."""
+    try:
+        _validate.integer("count", value, low)
+    except ValueError:
+        return False
+    return True
 
 
 def _real(value) -> bool:
@@ -187,7 +192,7 @@ def _metrics_problem(record: dict) -> str | None:
     if not isinstance(times, dict) or not all(_real(times.get(k)) for k in ("ready", "finished", "cpu_s")
                                               if k in times or k != "cpu_s"):
         return "'times' needs finite 'ready' and 'finished' (and 'cpu_s', if there)"
-    if "batches" in record and not (_count(record["batches"]) and record["batches"] >= 1):
+    if "batches" in record and not _count(record["batches"], 1):
         return "'batches' must be a positive integer"
     requests = record.get("requests", {})
     if not isinstance(requests, dict) or not all(isinstance(k, str) and _count(v) for k, v in requests.items()):
