@@ -543,8 +543,6 @@ def test_a_beacon_is_locked_before_the_coordinator_can_see_it(tmp_path, monkeypa
     a live forked worker "died during start-up")."""
     import fcntl
 
-    from fsd_runtime import liveness
-
     record = liveness.RunRecord("beaconrace" + "0" * 6, base=str(tmp_path))
     final = os.path.join(record.dir, "workers", "7")
     seen_before_lock = []
@@ -573,7 +571,7 @@ def test_a_beacon_is_locked_before_the_coordinator_can_see_it(tmp_path, monkeypa
 def _dead_run_store(tmp_path):
     """A run record whose coordinator is gone (lock free), its store with a share, and the store
     as its workers open it."""
-    from fsd_runtime import liveness, storage
+    from fsd_runtime import storage
 
     record = liveness.RunRecord("deadwrite" + "0" * 7, base=str(tmp_path))
     store = storage.LocalStorage(record.store_dir)
@@ -586,7 +584,7 @@ def _dead_run_store(tmp_path):
 def test_a_worker_write_after_its_dead_runs_store_was_checked_does_not_recreate_it(tmp_path, monkeypatch):
     """A worker's error record written just as another worker of the run (whose coordinator
     died) removes the run's record: the store is not re-created, nothing stays behind."""
-    from fsd_runtime import liveness, storage
+    from fsd_runtime import storage
 
     record, worker_store = _dead_run_store(tmp_path)
     real_isdir, removed = os.path.isdir, []
@@ -608,7 +606,7 @@ def test_a_worker_write_after_its_dead_runs_store_was_checked_does_not_recreate_
 def test_a_worker_write_while_its_dead_runs_record_is_removed_leaves_nothing(tmp_path, monkeypatch):
     """The same write landing while the removal walks the tree (after it listed the run's
     directory): the record is moved aside first, so the write fails instead of staying."""
-    from fsd_runtime import liveness, storage
+    from fsd_runtime import storage
 
     record, worker_store = _dead_run_store(tmp_path)
     real_scandir, written = os.scandir, []
@@ -643,8 +641,6 @@ def test_a_worker_write_while_its_dead_runs_record_is_removed_leaves_nothing(tmp
 def test_a_worker_ending_while_its_watcher_removes_the_dead_runs_files_waits_for_it(tmp_path):
     """A worker whose coordinator died ends on its own too (its peers and sockets go): its end
     must not cut short its watcher's removal of the run's files."""
-    from fsd_runtime import liveness
-
     record = liveness.RunRecord("cutshort" + "0" * 8, base=str(tmp_path))
     script = (
         "import os, sys, threading, time\n"
@@ -672,8 +668,6 @@ def test_a_worker_ending_while_its_watcher_removes_the_dead_runs_files_waits_for
 
 
 def test_a_dead_runs_record_left_half_removed_is_swept_at_once(tmp_path):
-    from fsd_runtime import liveness
-
     left = tmp_path / "fsd-run-0123abcd-xyz.gone-123" / "store" / "runs"
     left.mkdir(parents=True)
     (left / "x").write_bytes(b"x")
@@ -681,8 +675,6 @@ def test_a_dead_runs_record_left_half_removed_is_swept_at_once(tmp_path):
 
 
 def test_a_coordinator_killed_while_it_removes_its_record_leaves_what_the_next_sweep_removes(tmp_path):
-    from fsd_runtime import liveness
-
     script = (
         "import os, sys\n"
         "from fsd_runtime import liveness\n"

@@ -231,7 +231,7 @@ def test_images_file_with_no_id_of_at_least_1_names_a_real_range(tmp_path, first
     with pytest.raises(model.DataError) as err:
         model.read_images(str(path), 4)
     message = str(err.value)
-    assert f"images.tsv, line 1, field 1: expected an integer in 1.." in message
+    assert "images.tsv, line 1, field 1: expected an integer in 1.." in message
     upper = int(message.split("expected an integer in 1..")[1].split(",")[0])
     assert upper >= 1, message
     assert f"got '{first}'" in message
