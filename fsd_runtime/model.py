@@ -325,12 +325,13 @@ def _find_bad_line(path, text: bytes, n_fields: int, limits) -> str:
 
 
 def read_triples(path: str, shape: tuple[int, int]) -> Csr:
-    """Read a tab-separated file of 1-based ``row col value`` lines (gzipped or not)."""
+    """Read a tab-separated file of 1-based ``row col value`` lines (gzipped or not). A file with
+    no entries is an all-zero matrix of ``shape``, as an ``.npz`` layer with no entries is."""
     text = _open_text(path)
     limits = (shape[0], shape[1], None)
     tokens = text.split()
     if not tokens:
-        raise DataError(f"{path}: the file has no entries")
+        return from_coo([], [], np.zeros(0, np.float32), shape, where=path)
     lines = sum(1 for line in text.splitlines() if line.strip())
     if len(tokens) != 3 * lines:
         raise DataError(_find_bad_line(path, text, 3, limits))
@@ -519,7 +520,8 @@ def read_images(path: str, n_neurons: int, n_images: int | None = None) -> Csr:
         text = _open_text(path)
         tokens = text.split()[0::3]
         if not tokens:
-            raise DataError(f"{path}: the file has no entries")
+            raise DataError(f"{path}: the file has no entries, so no images (their number is the "
+                            f"largest image id)")
         lines = sum(1 for line in text.splitlines() if line.strip())
         # Image ids far beyond the lines read are refused before anything of their size is
         # allocated (an image may have no line, but not thousands of times more images than lines).

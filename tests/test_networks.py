@@ -166,6 +166,32 @@ def test_explicit_zero_weights_in_text_files_are_kept(tmp_path):
     assert net.ymax == 32.0 and np.all(net.biases[0] == np.float32(0.25))
 
 
+def test_text_files_with_no_entries_are_all_zero(case, tmp_path):
+    """An empty layer file is an all-zero layer and an empty bias file all-zero biases, as
+    docs/formats.md says (rows and columns may have no entries) and as the .npz file allows; an
+    input file with no entries has no image count and is refused."""
+    weights = [w.copy() for w in case["weights"]]
+    structure = [s.copy() for s in case["structure"]]
+    weights[3][:], structure[3][:] = 0, False
+    directory = write_layout(tmp_path / "net", weights, structure, np.zeros((L, N), np.float32))
+    (tmp_path / "net" / f"n{N}-l4.tsv").write_text("\n  \n")  # blank lines only
+    assert os.path.getsize(tmp_path / "net" / f"n{N}-bias.tsv") == 0
+    net = model.read_network(directory)
+    assert net.layers[3].nnz == 0 and net.layers[3].indptr.tolist() == [0] * (N + 1)
+    assert all(not b.any() for b in net.biases)
+    model.save_network(net, str(tmp_path / "net.npz"))
+    assert model.load_network(str(tmp_path / "net.npz")).layers[3].nnz == 0
+    x = case["x"]
+    want, _ = reference(weights, structure, np.zeros((L, N), np.float32), x)
+    assert not want.any(), "nothing passes an all-zero layer"
+    result = fsd_runtime.run(directory, model.read_images(case["images"], N, N_IMAGES), workers=3)
+    assert_matches(result, want)
+    (tmp_path / "none.tsv").write_text("")
+    with pytest.raises(model.DataError, match=r"none.tsv: the file has no entries, so no images"):
+        model.read_images(str(tmp_path / "none.tsv"), N)
+    assert model.read_images(str(tmp_path / "none.tsv"), N, n_images=4).shape == (4, N)
+
+
 @pytest.mark.parametrize("name, lines, match", [
     ("n4-bias.tsv", ["1\t1\t0.5", "3\t2\t0.5"], r"n4-bias.tsv, line 2, field 1: expected an integer in 1..2, got '3'"),
     ("n4-bias.tsv", ["1\t5\t0.5"], r"n4-bias.tsv, line 1, field 2: expected an integer in 1..4"),
