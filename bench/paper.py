@@ -23,9 +23,9 @@ per channel:
   download). ``usd`` is at AWS list prices (``cost.PRICES``), ``usd_seed_prices`` on the seed's
   own sheet (``cost.SEED_PRICES``: London prices, SNS bytes at $0.09/GB), the like-for-like
   figure beside the paper's $. ``usd`` /
-  ``requests`` use the conservative assumptions (the seed's measured median 0.481 s exchange per
+  ``requests`` use the conservative assumptions (the seed's measured mean 0.516 s exchange per
   round; one message per ReceiveMessage; S3: each worker reads only its senders' objects, each
-  of which arrives 0.481 s after its sender's measured, slowed compute (plus the launch-tree
+  of which arrives 0.516 s after its sender's measured, slowed compute (plus the launch-tree
   skew at the first receive), and the channel's polls, sentinel and poll lead are replayed
   against those arrivals), ``*_optimistic`` the other end (one poll, ten messages a
   ReceiveMessage). Lambda memory (``lambda_mb_modelled``):
@@ -248,7 +248,7 @@ def price(row: dict, worker_metrics: list[dict], metrics: list[dict], paper: dic
                                    share_bytes=share_bytes, batches=row.get("batches") or 1)["per_worker"]
 
     def priced(mode: str, memory_mb: int, prices=cost.PRICES, counts=None) -> float:
-        # conservative: the seed's measured median exchange per layer (0.481 s) and the most
+        # conservative: the seed's measured mean exchange per layer (0.516 s) and the most
         # requests the replay allows; optimistic: the cost model's default hop, the fewest requests
         return cost.run_cost(billing.with_mode(counts or req, mode), seconds_at(mode, memory_mb),
                              n_images=row["images"], memory_mb=memory_mb, prices=prices)["usd"]

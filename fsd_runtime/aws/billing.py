@@ -26,7 +26,7 @@ same chunks:
   prefix (``object.use_list``). Polls depend on timing, replayed poll by poll
   (``object_receive_requests``): ``optimistic`` finds every awaited object at the first poll;
   ``conservative`` has each source's object arrive ``latency``'s object hop (the seed's measured
-  0.481 s) after that source's measured compute of the layer ended (slowed to the Lambda CPU
+  mean, 0.516 s) after that source's measured compute of the layer ended (slowed to the Lambda CPU
   share), so a worker waits for its senders' hop plus how much longer they computed than it did
   (and at its first receive, their launch-tree depth); the lead each step's polls start from is
   learned as the channel learns it (``object.next_poll_lead``). This is exact for that timing; an arrival
