@@ -283,6 +283,25 @@ def _discard(record: str) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
+def _being_removed(name: str, record: str) -> bool:
+    """Whether a record moved aside by :func:`_discard` is still being removed: its remover lives
+    and the record changed lately (a long-lived process that took a dead remover's pid does not
+    keep the record forever)."""
+    pid = name.rpartition(".gone-")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        pass  # alive, another user's
+    try:
+        return time.time() - os.path.getmtime(record) < _STALE_SECONDS
+    except OSError:
+        return True  # gone meanwhile: its remover finished
+
+
 def _is_local(info: dict) -> bool:
     channel, storage = info.get("channel") or {}, info.get("storage") or {}
     return channel.get("kind", "local") == "local" and storage.get("kind", "local") == "local"
@@ -300,6 +319,8 @@ def sweep(base: str | None = None, *, aws: bool = False) -> list[str]:
         return removed
     for name in names:
         record = os.path.join(base, name)
+        if ".gone-" in name and _being_removed(name, record):
+            continue
         if not _free(os.path.join(record, "lock")):
             continue
         try:

@@ -668,9 +668,22 @@ def test_a_worker_ending_while_its_watcher_removes_the_dead_runs_files_waits_for
 
 
 def test_a_dead_runs_record_left_half_removed_is_swept_at_once(tmp_path):
-    left = tmp_path / "fsd-run-0123abcd-xyz.gone-123" / "store" / "runs"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its remover is gone
+    left = tmp_path / f"fsd-run-0123abcd-xyz.gone-{dead.pid}" / "store" / "runs"
     left.mkdir(parents=True)
     (left / "x").write_bytes(b"x")
+    assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
+
+
+def test_a_record_its_remover_is_still_removing_is_left_to_it(tmp_path):
+    """Moved aside by a live process (this one) a moment ago: not swept, nor reported as removed.
+    Untouched for the stale time, it is swept even so (its pid may be another process's now)."""
+    record = tmp_path / f"fsd-run-0123abcd-xyz.gone-{os.getpid()}"
+    (record / "store").mkdir(parents=True)
+    assert liveness.sweep(str(tmp_path)) == [] and record.exists()
+    old = time.time() - liveness._STALE_SECONDS - 5
+    os.utime(record, (old, old))
     assert len(liveness.sweep(str(tmp_path))) == 1 and os.listdir(tmp_path) == []
 
 
