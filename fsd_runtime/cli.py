@@ -425,6 +425,11 @@ def parse_synthetic(text: str) -> tuple[int, int]:
         raise UsageError(f"--synthetic expects NxL, e.g. 4096x480, got {text!r}") from None
     if n < 1 or l < 1:
         raise UsageError(f"--synthetic needs positive N and L, got {text!r}")
+    from fsd_runtime.model import synthetic_size_problem  # numpy: only once a synthetic net is asked for
+
+    problem = synthetic_size_problem(n)
+    if problem:
+        raise UsageError(f"--synthetic {text}: {problem}")
     return n, l
 
 

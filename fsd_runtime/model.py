@@ -954,9 +954,35 @@ def stream_synthetic(n_neurons: int, n_layers: int, seed: int = 0, bias: float |
     return LayerStream(f"synthetic-{n_neurons}x{n_layers}", n_neurons, n_layers, YMAX, layers)
 
 
+def _grid_width(n_neurons: int) -> int:
+    """2^ceil(log2(N) / 2), in integers (ceil(log2 N) is (N - 1).bit_length())."""
+    return 1 << ((int(n_neurons) - 1).bit_length() + 1) // 2
+
+
+def synthetic_size_problem(n_neurons: int) -> str | None:
+    """Why the synthetic net and images cannot have ``n_neurons`` (None: they can), with the
+    nearest sizes that work: the net needs a multiple of 16, at least 32, the images a multiple
+    of their grid's width."""
+    def fits(n):
+        return n >= CHALLENGE_DEGREE and n % _HIGH_RADIX == 0 and n % _grid_width(n) == 0
+
+    if fits(n_neurons):
+        return None
+    # the widths are powers of two: a multiple of the larger of 16 and N's width fits if it is at
+    # least 32 (a smaller N has a width that divides N's); going up, the width may grow once
+    step = max(_HIGH_RADIX, _grid_width(n_neurons))
+    below = n_neurons // step * step
+    above = -(-max(n_neurons, CHALLENGE_DEGREE) // step) * step
+    while not fits(above):
+        above = -(-above // max(_HIGH_RADIX, _grid_width(above))) * max(_HIGH_RADIX, _grid_width(above))
+    nearest = f"{below} or {above}" if below >= CHALLENGE_DEGREE else str(above)
+    return (f"N={n_neurons} does not fit the generator (a multiple of {_HIGH_RADIX}, at least "
+            f"{CHALLENGE_DEGREE}, and of its image grid's width, 2^ceil(log2(N)/2)); nearest: {nearest}")
+
+
 def image_grid(n_neurons: int) -> tuple[int, int]:
     """(height, width) of the pixel grid an input row is read as, row-major like MNIST."""
-    width = 2 ** int(np.ceil(np.log2(n_neurons) / 2))
+    width = _grid_width(n_neurons)
     if n_neurons % width:
         raise ValueError(f"n_neurons must be a multiple of {width} for a {width}-wide image grid")
     return n_neurons // width, width

@@ -223,6 +223,7 @@ def test_help_and_usage_errors_load_nothing_heavy():
     (["--weights", "w", "--inputs", "i", "--bias", "1e39"], "--bias: expected a finite number float32 can hold"),
     (["--synthetic", "foo"], "--synthetic expects NxL"),
     (["--synthetic", "0x3"], "positive N and L"),
+    (["--synthetic", "272x3"], "--synthetic 272x3: N=272 does not fit the generator"),  # 16 | 272, its grid is 32 wide
     (["--weights", "w"], "--weights and --inputs go together"),
     (["--categories", "junk.tsv"], "--categories applies to --weights/--inputs only"),
     (["--bias", "-0.3"], "--bias applies to --weights/--inputs only"),
