@@ -292,10 +292,10 @@ def _being_removed(name: str, record: str) -> bool:
         return False
     try:
         os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
+    except PermissionError:
         pass  # alive, another user's
+    except (OSError, OverflowError):
+        return False  # no such process (or no pid at all)
     try:
         return time.time() - os.path.getmtime(record) < _STALE_SECONDS
     except OSError:
