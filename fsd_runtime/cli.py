@@ -345,7 +345,7 @@ def add_prepare_command(sub) -> None:
 
 def check_prepare_options(args) -> None:
     if args.synthetic:
-        parse_synthetic(args.synthetic)
+        parse_synthetic(args.synthetic, images=False)
         for dest in ("weights", "bias"):
             if getattr(args, dest) is not None:
                 raise UsageError(f"--{dest} does not apply to --synthetic (a synthetic net has its own data)")
@@ -370,7 +370,7 @@ def prepare_command(args) -> int:
     from fsd_runtime import prepared
 
     if args.synthetic:
-        n, layers = parse_synthetic(args.synthetic)
+        n, layers = parse_synthetic(args.synthetic, images=False)
         source = f"synthetic:{n}x{layers}:{args.seed or 0}"
     else:
         source = args.weights or "embedded"
@@ -417,7 +417,9 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
-def parse_synthetic(text: str) -> tuple[int, int]:
+def parse_synthetic(text: str, images: bool = True) -> tuple[int, int]:
+    """``--synthetic NxL``; N must suit the generator, and its image grid where images are made
+    (``prepare`` makes only the net, which a run may feed its own inputs)."""
     parts = text.lower().split("x")
     try:
         n, l = (int(x) for x in parts)
@@ -427,7 +429,7 @@ def parse_synthetic(text: str) -> tuple[int, int]:
         raise UsageError(f"--synthetic needs positive N and L, got {text!r}")
     from fsd_runtime.model import synthetic_size_problem  # numpy: only once a synthetic net is asked for
 
-    problem = synthetic_size_problem(n)
+    problem = synthetic_size_problem(n, images)
     if problem:
         raise UsageError(f"--synthetic {text}: {problem}")
     return n, l

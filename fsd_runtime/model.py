@@ -959,25 +959,26 @@ def _grid_width(n_neurons: int) -> int:
     return 1 << ((int(n_neurons) - 1).bit_length() + 1) // 2
 
 
-def synthetic_size_problem(n_neurons: int) -> str | None:
-    """Why the synthetic net and images cannot have ``n_neurons`` (None: they can), with the
-    nearest sizes that work: the net needs a multiple of 16, at least 32, the images a multiple
-    of their grid's width."""
+def synthetic_size_problem(n_neurons: int, images: bool = True) -> str | None:
+    """Why the synthetic net (and, with ``images``, its images) cannot have ``n_neurons`` (None:
+    they can), with the nearest sizes that work: the net needs a multiple of 16, at least 32;
+    the images a multiple of their grid's width too."""
+    def step(n):  # every size that fits near n is a multiple of this (the widths are powers of 2)
+        return max(_HIGH_RADIX, _grid_width(n)) if images else _HIGH_RADIX
+
     def fits(n):
-        return n >= CHALLENGE_DEGREE and n % _HIGH_RADIX == 0 and n % _grid_width(n) == 0
+        return n >= CHALLENGE_DEGREE and n % step(n) == 0
 
     if fits(n_neurons):
         return None
-    # the widths are powers of two: a multiple of the larger of 16 and N's width fits if it is at
-    # least 32 (a smaller N has a width that divides N's); going up, the width may grow once
-    step = max(_HIGH_RADIX, _grid_width(n_neurons))
-    below = n_neurons // step * step
-    above = -(-max(n_neurons, CHALLENGE_DEGREE) // step) * step
-    while not fits(above):
-        above = -(-above // max(_HIGH_RADIX, _grid_width(above))) * max(_HIGH_RADIX, _grid_width(above))
+    below = n_neurons // step(n_neurons) * step(n_neurons)  # a smaller width divides N's: fits if >= 32
+    above = max(n_neurons, CHALLENGE_DEGREE)
+    while not fits(above):  # going up, the width may grow once
+        above = -(-above // step(above)) * step(above)
     nearest = f"{below} or {above}" if below >= CHALLENGE_DEGREE else str(above)
+    rule = ", and of its image grid's width, 2^ceil(log2(N)/2)" if images else ""
     return (f"N={n_neurons} does not fit the generator (a multiple of {_HIGH_RADIX}, at least "
-            f"{CHALLENGE_DEGREE}, and of its image grid's width, 2^ceil(log2(N)/2)); nearest: {nearest}")
+            f"{CHALLENGE_DEGREE}{rule}); nearest: {nearest}")
 
 
 def image_grid(n_neurons: int) -> tuple[int, int]:

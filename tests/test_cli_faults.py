@@ -264,6 +264,18 @@ def test_other_commands_check_their_options_first(capsys, argv, message):
     assert exc.value.code == 2 and out == "" and message in err and "Traceback" not in err
 
 
+def test_prepare_takes_any_synthetic_size_the_net_generator_takes(capsys, tmp_path):
+    """``prepare`` makes no images, so only the net's rule applies: 272 (a multiple of 16 whose
+    image grid would be 32 wide) prepares, 40 is refused naming the sizes that work."""
+    code = cli.main(["prepare", "--synthetic", "40x2", "--workers", "2", "--out", str(tmp_path / "a")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--synthetic 40x2: N=40 does not fit the generator" in err and "nearest: 32 or 48" in err
+    assert "image grid" not in err and not (tmp_path / "a").exists()
+    code = cli.main(["prepare", "--synthetic", "272x2", "--workers", "2", "--out", str(tmp_path / "b"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["n_neurons"] == 272, err
+
+
 def test_cleanup_refuses_a_non_finite_age():
     pytest.importorskip("botocore")
     from fsd_runtime.aws import deploy, run as awsrun
